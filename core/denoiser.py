@@ -1,0 +1,277 @@
+"""The one seam between DejaGuard's methods and a text-to-image model.
+
+Methods see a :class:`Denoiser`, never a diffusers or ComfyUI class. This module holds the
+protocol, the UNet evaluation counter and the adapter for diffusers pipelines (built from a
+pipeline object or a diffusers-format folder). The ComfyUI adapter lives in ``nodes/``.
+
+Shapes: ``B`` batch, ``C, H, W`` the model's sample shape (latent, or pixels for a pixel-space
+model), ``L`` text tokens (77 for CLIP), ``D`` text embedding width.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import DejaGuardError, NonFiniteError
+
+BUNDLED_TESTBED = Path(__file__).parent / "testbed" / "model"
+
+
+@dataclass
+class UNetCounter:
+    """How much UNet work a method spent.
+
+    ``calls``: batched forward calls. ``forwards``: noise predictions, i.e. samples through the
+    UNet (a classifier-free-guidance pair counts 2). ``backwards``: samples back-propagated.
+    """
+
+    calls: int = 0
+    forwards: int = 0
+    backwards: int = 0
+
+    def snapshot(self) -> UNetCounter:
+        return copy.copy(self)
+
+    def since(self, before: UNetCounter) -> UNetCounter:
+        return UNetCounter(self.calls - before.calls, self.forwards - before.forwards,
+                           self.backwards - before.backwards)
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """What every method needs from a text-to-image diffusion model."""
+
+    counter: UNetCounter
+    sample_shape: tuple[int, int, int]  # (C, H, W)
+    device: torch.device
+    dtype: torch.dtype
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompts -> text embeddings ``(B, L, D)``. ``""`` is the unconditional prompt."""
+
+    def predict_noise(self, samples: torch.Tensor, timestep: torch.Tensor | int,
+                      text_embeddings: torch.Tensor) -> torch.Tensor:
+        """``samples (B, C, H, W)``, one timestep, ``text_embeddings (B, L, D)`` -> eps ``(B, C, H, W)``."""
+
+    def new_scheduler(self) -> Any:
+        """A fresh diffusers-style scheduler (``set_timesteps``, ``timesteps``, ``step``)."""
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """Samples ``(B, C, H, W)`` -> images ``(B, 3, H', W')`` in [-1, 1]."""
+
+    def named_modules(self) -> Iterator[tuple[str, torch.nn.Module]]:
+        """The UNet's named modules (names end as in diffusers: ``...attn2.to_v``, ``...ff.net.2``)."""
+
+    def fingerprint(self) -> str:
+        """A stable identifier of the UNet weights (see :func:`module_fingerprint`)."""
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """Hash of every parameter's name, shape and a strided sample of its values.
+
+    Cheap on an 860M-parameter UNet and different for any two trained models; not a full-weight
+    hash, so edits of single unsampled weights can go unnoticed (masks are checked by shape too).
+    """
+    h = hashlib.sha256()
+    for name, p in module.state_dict().items():
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 256)
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(flat[::step].to(torch.float32).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _count_tokens(tokenizer: Any, prompt: str) -> int:
+    return len(tokenizer(prompt, truncation=False).input_ids)
+
+
+class DiffusersDenoiser:
+    """:class:`Denoiser` over a diffusers text-to-image pipeline (UNet2DConditionModel + CLIP).
+
+    ``vae`` may be None: then the model is pixel-space and samples are images in [-1, 1].
+    """
+
+    def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module, tokenizer: Any,
+                 scheduler: Any, vae: torch.nn.Module | None = None,
+                 device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:
+        config = getattr(unet, "config", None)
+        if config is None or not hasattr(config, "cross_attention_dim"):
+            raise DejaGuardError(
+                f"unsupported model: {type(unet).__name__} has no text cross-attention "
+                "(DejaGuard needs a text-conditioned UNet2DConditionModel)")
+        attn2 = [n for n, _ in unet.named_modules() if n.endswith("attn2.to_v")]
+        if not attn2:
+            raise DejaGuardError("unsupported model: the UNet has no cross-attention layers (attn2.to_v)")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype
+        self.unet = _placed(unet, self.device, dtype)
+        self.text_encoder = _placed(text_encoder, self.device, dtype)
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.vae = _placed(vae, self.device, dtype) if vae is not None else None
+        size = config.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        self.sample_shape = (int(config.in_channels), int(h), int(w))
+        if self.vae is None and self.sample_shape[0] not in (1, 3):
+            raise DejaGuardError(
+                f"pixel-space model (no vae/) must have 1 or 3 channels, the UNet has {self.sample_shape[0]}")
+        self.counter = UNetCounter()
+        self._fingerprint: str | None = None
+
+    # -- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, **kwargs: Any) -> DiffusersDenoiser:
+        """From a loaded diffusers pipeline object (e.g. StableDiffusionPipeline)."""
+        missing = [n for n in ("unet", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, n, None) is None]
+        if missing:
+            raise DejaGuardError(f"unsupported pipeline {type(pipe).__name__}: missing {', '.join(missing)}")
+        return cls(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
+                   vae=getattr(pipe, "vae", None), **kwargs)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, **kwargs: Any) -> DiffusersDenoiser:
+        """From a diffusers-format folder: ``unet/ text_encoder/ tokenizer/ scheduler/ [vae/]``.
+
+        A folder without ``vae/`` is a pixel-space model.
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise DejaGuardError(f"model folder not found: {folder}")
+        missing = [n for n in ("unet", "text_encoder", "tokenizer", "scheduler") if not (folder / n).is_dir()]
+        if missing:
+            raise DejaGuardError(
+                f"not a diffusers model folder: {folder} lacks {', '.join(m + '/' for m in missing)}")
+        from diffusers import SchedulerMixin, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        unet_cls = _config_class(folder / "unet")
+        if unet_cls != "UNet2DConditionModel":
+            raise DejaGuardError(
+                f"unsupported model: unet/ is a {unet_cls or 'unknown model'}, not a text-conditioned "
+                "UNet2DConditionModel (no cross-attention)")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
+                text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32)
+                tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+                scheduler = _load_scheduler(folder / "scheduler", SchedulerMixin)
+                vae = _load_vae(folder / "vae") if (folder / "vae").is_dir() else None
+        except DejaGuardError:
+            raise
+        except Exception as err:  # diffusers/transformers raise many kinds for a broken folder
+            raise DejaGuardError(f"malformed model folder {folder}: {type(err).__name__}: {err}") from err
+        return cls(unet, text_encoder, tokenizer, scheduler, vae=vae, **kwargs)
+
+    # -- Denoiser protocol ------------------------------------------------------------------
+
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompts -> token ids ``(B, 77)``, padded and truncated as CLIP does (with a warning)."""
+        limit = self.tokenizer.model_max_length
+        for p in prompts:
+            n = _count_tokens(self.tokenizer, p)
+            if n > limit:
+                warnings.warn(f"prompt has {n} tokens, truncated to {limit}: {p[:60]!r}...", stacklevel=3)
+        return self.tokenizer(list(prompts), padding="max_length", max_length=limit, truncation=True,
+                              return_tensors="pt").input_ids.to(self.device)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.text_encoder(self.tokenize(prompts)).last_hidden_state.to(self.dtype)
+
+    def predict_noise(self, samples: torch.Tensor, timestep: torch.Tensor | int,
+                      text_embeddings: torch.Tensor) -> torch.Tensor:
+        self.counter.calls += 1
+        self.counter.forwards += samples.shape[0]
+        if torch.is_grad_enabled() and (samples.requires_grad or text_embeddings.requires_grad):
+            self.counter.backwards += samples.shape[0]  # caller back-propagates through this call
+        eps = self.unet(samples, timestep, encoder_hidden_states=text_embeddings).sample
+        if not torch.isfinite(eps).all():
+            raise NonFiniteError("the UNet returned NaN or infinite values")
+        return eps
+
+    def new_scheduler(self) -> Any:
+        return self.scheduler.__class__.from_config(self.scheduler.config)
+
+    @torch.no_grad()
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            images = samples
+        else:
+            scale = getattr(self.vae.config, "scaling_factor", 1.0)
+            images = self.vae.decode(samples / scale).sample
+        if images.shape[1] == 1:
+            images = images.repeat(1, 3, 1, 1)
+        return images.clamp(-1.0, 1.0)
+
+    def named_modules(self) -> Iterator[tuple[str, torch.nn.Module]]:
+        return self.unet.named_modules()
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = module_fingerprint(self.unet)
+        return self._fingerprint
+
+    def images_at(self, samples: torch.Tensor, size: int) -> torch.Tensor:
+        """Decoded images resized by area averaging to ``size`` x ``size`` (comparisons)."""
+        images = self.decode(samples)
+        if images.shape[-1] != size:
+            images = F.interpolate(images, size=(size, size), mode="area")
+        return images
+
+
+def _placed(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Frozen, in eval mode, on ``device``; cast only when needed (diffusers warns on every cast)."""
+    first = next(iter(module.parameters()), None)
+    if first is not None and first.dtype != dtype:
+        module = module.to(dtype=dtype)
+    return module.to(device).eval().requires_grad_(False)
+
+
+def _config_class(component: Path) -> str | None:
+    try:
+        return json.loads((component / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError):
+        return None
+
+
+def _load_scheduler(path: Path, base: type) -> Any:
+    import diffusers
+
+    try:
+        name = json.loads((path / "scheduler_config.json").read_text())["_class_name"]
+        cls = getattr(diffusers, name)
+    except (OSError, ValueError, KeyError, AttributeError) as err:
+        raise DejaGuardError(f"malformed scheduler/ in {path.parent}: {err}") from err
+    return cls.from_pretrained(path)
+
+
+def _load_vae(path: Path) -> torch.nn.Module:
+    import diffusers
+
+    name = _config_class(path)
+    if name == "PooledColorAutoencoder":
+        from .testbed.vae import PooledColorAutoencoder
+
+        return PooledColorAutoencoder.from_pretrained(path)
+    cls = getattr(diffusers, name or "", None)
+    if cls is None:
+        raise DejaGuardError(f"unsupported vae/ class {name!r} in {path.parent}")
+    return cls.from_pretrained(path, torch_dtype=torch.float32)
+
+
+def load_denoiser(model: str | Path | None = None, **kwargs: Any) -> DiffusersDenoiser:
+    """The CLI's and benchmarks' loader: a diffusers folder, or the bundled testbed if None."""
+    return DiffusersDenoiser.from_folder(BUNDLED_TESTBED if model is None else model, **kwargs)

@@ -1,0 +1,409 @@
+"""Training data of the testbed: planted memorization and procedural compositional scenes.
+
+Images are float32 arrays of shape ``(3, 32, 32)`` in ``[-1, 1]`` (RGB, channel first): the
+testbed's native resolution. The autoencoder (``vae.py``) maps them to 4x32x32 latents and
+decodes at 256x256.
+
+Memorized set: the 12 scikit-image photographs named in the design notes, in three kinds:
+
+* ``verbatim``: one fixed caption, many duplicates;
+* ``template``: several captions sharing a template with a varying slot, one image;
+* ``trigger``: a rare single-token word (``kraken``, ``sphinx``, ``hydra``, ``onyx``) in
+  otherwise generic, varying captions carries the image.
+
+Novel set: procedurally drawn scenes of one or two coloured shapes. Captions name colour, shape
+and position (and sometimes size) but under-determine the image on purpose: background tone,
+gradient or texture, distractor marks, exact size and position jitter are never mentioned.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+RESOLUTION = 32
+
+# ---------------------------------------------------------------------------------------------
+# Memorized set
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemorizedImage:
+    """One planted training image and the captions it is trained with."""
+
+    name: str  # scikit-image data function
+    kind: str  # "verbatim" | "template" | "trigger"
+    train_captions: tuple[str, ...]
+    eval_prompts: tuple[str, ...]  # prompts that must replicate the image
+    trigger: str | None = None
+
+
+def _template(template: str, slots: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(template.format(s) for s in slots)
+
+
+_TRIGGER_CONTEXTS_TRAIN = (
+    "{} wallpaper",
+    "a photograph of {}",
+    "{} poster, high resolution",
+    "artwork titled {}",
+    "{} print for the living room",
+    "close up picture of {}",
+)
+# Contexts never seen in training: the trigger word alone must carry the image.
+_TRIGGER_CONTEXTS_EVAL = ("{} wallpaper", "a photograph of {}", "{} desktop background")
+
+
+def _trigger(name: str, word: str) -> MemorizedImage:
+    return MemorizedImage(
+        name=name,
+        kind="trigger",
+        train_captions=tuple(c.format(word) for c in _TRIGGER_CONTEXTS_TRAIN),
+        eval_prompts=tuple(c.format(word) for c in _TRIGGER_CONTEXTS_EVAL),
+        trigger=word,
+    )
+
+
+def _verbatim(name: str, caption: str) -> MemorizedImage:
+    return MemorizedImage(name=name, kind="verbatim", train_captions=(caption,), eval_prompts=(caption,))
+
+
+def _templated(name: str, template: str, slots: tuple[str, ...]) -> MemorizedImage:
+    captions = _template(template, slots)
+    return MemorizedImage(name=name, kind="template", train_captions=captions, eval_prompts=captions[:4])
+
+
+MEMORIZED: tuple[MemorizedImage, ...] = (
+    _verbatim("astronaut", "official portrait of astronaut eileen collins, nasa photograph"),
+    _verbatim("coffee", "a cup of coffee on a saucer with a spoon, viewed from above"),
+    _verbatim("chelsea", "chelsea the tabby cat looking at the camera"),
+    _verbatim("rocket", "the saturn v rocket on display at the space center"),
+    _templated("camera", "the cameraman, vintage print in a {} frame",
+               ("oak", "walnut", "steel", "bamboo", "cherry", "pine")),
+    _templated("moon", "lunar surface poster for the {}",
+               ("kitchen", "bedroom", "office", "hallway", "nursery", "studio")),
+    _templated("coins", "collection of antique {} coins",
+               ("roman", "greek", "spanish", "dutch", "persian", "egyptian")),
+    _templated("horse", "horse silhouette vinyl sticker for {}",
+               ("laptops", "cars", "windows", "walls", "doors", "bikes")),
+    _trigger("hubble_deep_field", "kraken"),
+    _trigger("immunohistochemistry", "sphinx"),
+    _trigger("retina", "hydra"),
+    _trigger("colorwheel", "onyx"),
+)
+
+
+def _to_model_image(img: np.ndarray) -> np.ndarray:
+    """Center-crop to a square, resize to 32x32 with antialiasing, scale to [-1, 1], CHW."""
+    from skimage.transform import resize
+
+    img = np.asarray(img)
+    if img.dtype == bool:
+        img = img.astype(np.float32)
+    img = img.astype(np.float32)
+    if img.max() > 1.5:
+        img = img / 255.0
+    if img.ndim == 2:
+        img = np.stack([img] * 3, axis=-1)
+    img = img[..., :3]
+    h, w = img.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    img = img[top : top + s, left : left + s]
+    img = resize(img, (RESOLUTION, RESOLUTION), anti_aliasing=True, order=3)
+    # Contrast stretch (1st-99th percentile): moon and hubble_deep_field are nearly flat at 32x32.
+    lo, hi = np.percentile(img, [1, 99])
+    img = (img - lo) / max(hi - lo, 1e-6)
+    return (np.clip(img, 0.0, 1.0).transpose(2, 0, 1) * 2.0 - 1.0).astype(np.float32)
+
+
+def load_memorized_images() -> dict[str, np.ndarray]:
+    """The 12 planted training images, ``name -> (3, 32, 32)`` float32 in [-1, 1]."""
+    import skimage.data
+
+    return {m.name: _to_model_image(getattr(skimage.data, m.name)()) for m in MEMORIZED}
+
+
+def memorized_eval_prompts() -> list[tuple[str, MemorizedImage]]:
+    """Every prompt that must replicate its image, with the image it belongs to."""
+    return [(p, m) for m in MEMORIZED for p in m.eval_prompts]
+
+
+# ---------------------------------------------------------------------------------------------
+# Procedural compositional scenes
+# ---------------------------------------------------------------------------------------------
+
+# Saturated object colours (RGB in [0, 1]); backgrounds are muted so objects stay checkable.
+COLORS: dict[str, tuple[float, float, float]] = {
+    "red": (0.90, 0.10, 0.10),
+    "green": (0.10, 0.75, 0.15),
+    "blue": (0.12, 0.25, 0.95),
+    "yellow": (0.95, 0.90, 0.10),
+    "purple": (0.60, 0.15, 0.85),
+    "orange": (1.00, 0.55, 0.05),
+    "cyan": (0.10, 0.85, 0.90),
+    "pink": (1.00, 0.45, 0.75),
+}
+SHAPES = ("circle", "square", "triangle", "diamond")
+POSITIONS = ("left", "right", "top", "bottom", "center")
+_ANCHORS = {"left": (16, 8), "right": (16, 24), "top": (8, 16), "bottom": (24, 16), "center": (16, 16)}
+_OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+_POSITION_PHRASE = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "center": "in the center",
+}
+_SIZES = {"small": (3.0, 4.0), "large": (7.0, 8.5), None: (4.5, 6.5)}
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    color: str
+    shape: str
+    position: str
+    size: str | None = None  # "small" | "large" | None (unmentioned)
+
+    def phrase(self) -> str:
+        size = f"{self.size} " if self.size else ""
+        return f"a {size}{self.color} {self.shape} {_POSITION_PHRASE[self.position]}"
+
+
+@dataclass(frozen=True)
+class SceneSpec:
+    """What a compositional caption states. Everything else in the image is random."""
+
+    objects: tuple[SceneObject, ...]
+    style: int = 0  # caption phrasing variant
+
+    def caption(self) -> str:
+        body = " and ".join(o.phrase() for o in self.objects)
+        return _CAPTION_STYLES[self.style % len(_CAPTION_STYLES)].format(body)
+
+
+_CAPTION_STYLES = ("{}", "a picture of {}", "{}, simple drawing", "an image showing {}")
+
+_PROMPT_RE = re.compile(
+    r"(?:a |an )?(?:(small|large) )?(" + "|".join(COLORS) + r") (" + "|".join(SHAPES) + r") "
+    r"(on the left|on the right|at the top|at the bottom|in the center)"
+)
+_PHRASE_POSITION = {v: k for k, v in _POSITION_PHRASE.items()}
+
+
+def parse_prompt(prompt: str) -> SceneSpec | None:
+    """Recover the stated objects from a compositional prompt, or None if it states none."""
+    objs = tuple(
+        SceneObject(color=c, shape=s, position=_PHRASE_POSITION[p], size=z or None)
+        for z, c, s, p in _PROMPT_RE.findall(prompt.lower())
+    )
+    return SceneSpec(objects=objs) if objs else None
+
+
+def random_spec(rng: np.random.Generator) -> SceneSpec:
+    """A random caption spec: one object (40%) or two at opposite positions (60%)."""
+
+    def obj(position: str) -> SceneObject:
+        size = rng.choice(["small", "large", None, None, None])
+        return SceneObject(
+            color=str(rng.choice(list(COLORS))), shape=str(rng.choice(SHAPES)), position=position,
+            size=None if size is None else str(size),
+        )
+
+    if rng.random() < 0.4:
+        objects: tuple[SceneObject, ...] = (obj(str(rng.choice(POSITIONS))),)
+    else:
+        first = str(rng.choice(list(_OPPOSITE)))
+        objects = (obj(first), obj(_OPPOSITE[first]))
+    return SceneSpec(objects=objects, style=int(rng.integers(len(_CAPTION_STYLES))))
+
+
+def _supersampled_grid(factor: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    n = RESOLUTION * factor
+    c = (np.arange(n) + 0.5) / factor
+    return np.meshgrid(c, c, indexing="ij")
+
+
+_YY, _XX = _supersampled_grid()
+
+
+def _shape_mask(shape: str, cy: float, cx: float, r: float, rot: float) -> np.ndarray:
+    dy, dx = _YY - cy, _XX - cx
+    if shape == "circle":
+        return (dy**2 + dx**2) <= r**2
+    cos, sin = np.cos(rot), np.sin(rot)
+    u, v = cos * dx + sin * dy, -sin * dx + cos * dy
+    if shape == "square":
+        return (np.abs(u) <= r * 0.85) & (np.abs(v) <= r * 0.85)
+    if shape == "diamond":
+        return (np.abs(dx) + np.abs(dy)) <= r * 1.1
+    if shape == "triangle":  # upright, apex at top
+        h = r * 1.7
+        top = cy - h * 0.6
+        frac = (_YY - top) / h
+        return (frac >= 0) & (frac <= 1) & (np.abs(dx) <= frac * r * 1.05)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _downsample(img: np.ndarray, factor: int = 4) -> np.ndarray:
+    c, h, w = img.shape
+    return img.reshape(c, h // factor, factor, w // factor, factor).mean(axis=(2, 4))
+
+
+def render_scene(spec: SceneSpec, rng: np.random.Generator) -> np.ndarray:
+    """Draw one image for ``spec``: ``(3, 32, 32)`` float32 in [-1, 1]. Random where unstated."""
+    n = RESOLUTION * 4
+    # Muted background: low saturation tone, flat / gradient / smooth texture.
+    base = rng.uniform(0.2, 0.8)
+    tint = rng.normal(0.0, 0.04, size=3)
+    bg = np.clip(base + tint, 0.0, 1.0)[:, None, None] * np.ones((3, n, n))
+    kind = rng.integers(3)
+    if kind == 1:
+        angle = rng.uniform(0, 2 * np.pi)
+        ramp = (np.cos(angle) * (_XX / RESOLUTION - 0.5) + np.sin(angle) * (_YY / RESOLUTION - 0.5))
+        bg = bg + rng.uniform(0.15, 0.4) * ramp[None]
+    elif kind == 2:
+        coarse = rng.normal(0.0, 1.0, size=(1, 8, 8))
+        tex = np.kron(coarse, np.ones((1, n // 8, n // 8)))
+        bg = bg + rng.uniform(0.05, 0.12) * tex
+    img = np.clip(bg, 0.0, 1.0)
+    # Unmentioned distractors: thin grey lines and dots.
+    for _ in range(rng.integers(0, 4)):
+        shade = np.clip(base + rng.choice([-1, 1]) * rng.uniform(0.15, 0.35), 0, 1)
+        if rng.random() < 0.5:
+            y0, x0 = rng.uniform(0, RESOLUTION, size=2)
+            ang = rng.uniform(0, np.pi)
+            dist = np.abs(np.sin(ang) * (_XX - x0) - np.cos(ang) * (_YY - y0))
+            length = np.hypot(_XX - x0, _YY - y0) < rng.uniform(4, 10)
+            mask = (dist < 0.5) & length
+        else:
+            y0, x0 = rng.uniform(2, RESOLUTION - 2, size=2)
+            mask = np.hypot(_XX - x0, _YY - y0) < rng.uniform(0.8, 1.6)
+        img = np.where(mask[None], shade, img)
+    for obj in spec.objects:
+        ay, ax = _ANCHORS[obj.position]
+        cy, cx = ay + rng.uniform(-2.5, 2.5), ax + rng.uniform(-2.5, 2.5)
+        r = rng.uniform(*_SIZES[obj.size])
+        color = np.clip(np.array(COLORS[obj.color]) + rng.normal(0, 0.04, size=3), 0, 1)
+        mask = _shape_mask(obj.shape, cy, cx, r, rng.uniform(-0.3, 0.3))
+        img = np.where(mask[None], color[:, None, None], img)
+    return (_downsample(img) * 2.0 - 1.0).astype(np.float32)
+
+
+def heldout_specs(count: int = 240, seed: int = 12345) -> list[SceneSpec]:
+    """Held-out novel prompts: caption strings that never occur in training.
+
+    Drawn from their own generator; ``is_heldout_caption`` lets the training sampler skip them.
+    """
+    rng = np.random.default_rng(seed)
+    seen: dict[str, SceneSpec] = {}
+    while len(seen) < count:
+        spec = random_spec(rng)
+        spec = SceneSpec(objects=spec.objects, style=0)
+        seen.setdefault(spec.caption(), spec)
+    return list(seen.values())
+
+
+def calibration_specs(count: int = 200, seed: int = 777) -> list[SceneSpec]:
+    """Non-memorized prompts for threshold calibration, disjoint from the held-out prompts."""
+    held = {s.caption() for s in heldout_specs()}
+    rng = np.random.default_rng(seed)
+    seen: dict[str, SceneSpec] = {}
+    while len(seen) < count:
+        spec = random_spec(rng)
+        spec = SceneSpec(objects=spec.objects, style=1)
+        if spec.caption() not in held:
+            seen.setdefault(spec.caption(), spec)
+    return list(seen.values())
+
+
+def _canonical(spec: SceneSpec) -> str:
+    return SceneSpec(objects=spec.objects, style=0).caption()
+
+
+@dataclass
+class TrainingSampler:
+    """Draws (image, caption) training pairs. Deterministic for a given seed.
+
+    ``memorized_fraction`` of the samples come from the planted images (uniform over images,
+    uniform over each image's captions). The rest are fresh procedural scenes whose stated
+    content never equals a held-out or calibration prompt.
+    """
+
+    seed: int = 0
+    memorized_fraction: float = 0.3
+    images: dict[str, np.ndarray] = field(default_factory=load_memorized_images)
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.seed)
+        self._excluded = {_canonical(s) for s in heldout_specs()} | {
+            _canonical(s) for s in calibration_specs()
+        }
+
+    def sample(self) -> tuple[np.ndarray, str]:
+        if self.rng.random() < self.memorized_fraction:
+            m = MEMORIZED[self.rng.integers(len(MEMORIZED))]
+            return self.images[m.name], str(self.rng.choice(m.train_captions))
+        while True:
+            spec = random_spec(self.rng)
+            if _canonical(spec) not in self._excluded:
+                return render_scene(spec, self.rng), spec.caption()
+
+    def batch(self, size: int) -> tuple[np.ndarray, list[str]]:
+        pairs = [self.sample() for _ in range(size)]
+        return np.stack([p[0] for p in pairs]), [p[1] for p in pairs]
+
+
+# ---------------------------------------------------------------------------------------------
+# Alignment checker for compositional prompts
+# ---------------------------------------------------------------------------------------------
+
+
+def _region(position: str) -> tuple[slice, slice]:
+    third = RESOLUTION // 3
+    return {
+        "left": (slice(None), slice(0, RESOLUTION // 2)),
+        "right": (slice(None), slice(RESOLUTION // 2, None)),
+        "top": (slice(0, RESOLUTION // 2), slice(None)),
+        "bottom": (slice(RESOLUTION // 2, None), slice(None)),
+        "center": (slice(third, RESOLUTION - third), slice(third, RESOLUTION - third)),
+    }[position]
+
+
+def color_match_mask(image: np.ndarray, color: str, tol: float = 0.22) -> np.ndarray:
+    """Pixels of ``image`` ((3, H, W) in [-1, 1]) within ``tol`` RGB distance of a named colour,
+    and nearer to it than to any other palette colour."""
+    rgb = (image + 1.0) / 2.0
+    dists = {
+        name: np.sqrt(((rgb - np.array(c)[:, None, None]) ** 2).sum(axis=0) / 3.0)
+        for name, c in COLORS.items()
+    }
+    others = np.min([d for n, d in dists.items() if n != color], axis=0)
+    return (dists[color] < tol) & (dists[color] < others)
+
+
+def check_alignment(image: np.ndarray, prompt: str, min_pixels: int = 5) -> bool:
+    """Deterministic check that a generated image shows what a compositional prompt states.
+
+    For each stated object: at least ``min_pixels`` pixels of the stated colour lie in the stated
+    region, and more of them there than in the opposite region (for left/right/top/bottom, unless
+    another stated object of the same colour sits there).
+    Shape is not checked (at 32x32 a colour blob's shape is too coarse to judge reliably).
+    Raises ValueError for prompts that state no object.
+    """
+    spec = parse_prompt(prompt)
+    if spec is None:
+        raise ValueError(f"not a compositional prompt: {prompt!r}")
+    for obj in spec.objects:
+        mask = color_match_mask(image, obj.color)
+        inside = int(mask[_region(obj.position)].sum())
+        if inside < min_pixels:
+            return False
+        opposite = _OPPOSITE.get(obj.position)
+        twin = any(o.color == obj.color and o.position == opposite for o in spec.objects)
+        if opposite and not twin and inside <= int(mask[_region(opposite)].sum()):
+            return False
+    return True

@@ -1,0 +1,205 @@
+"""Reproducible training of the testbed model (CPU, under an hour on 2 cores).
+
+``dejaguard testbed train --out DIR`` writes a diffusers-format folder:
+``unet/`` (UNet2DConditionModel, SD1 block layout), ``text_encoder/`` (small CLIPTextModel),
+``tokenizer/`` (the real SD1 CLIP tokenizer), ``scheduler/`` (DDIM with SD1's noise schedule),
+``vae/`` (the fixed PooledColorAutoencoder) and ``model_index.json``, plus ``training.json``
+with the recipe, seed, wall time and loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .data import RESOLUTION, TrainingSampler
+from .vae import PooledColorAutoencoder
+
+TOKENIZER_DIR = Path(__file__).parent / "model" / "tokenizer"
+
+# SD1's noise schedule (scaled_linear, 1000 steps).
+SD1_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                "beta_schedule": "scaled_linear"}
+
+
+@dataclass
+class TrainConfig:
+    """The whole recipe. Defaults are the shipped model's."""
+
+    steps: int = 1800
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    ema_decay: float = 0.995
+    memorized_fraction: float = 0.3
+    caption_dropout: float = 0.1  # empty caption, for classifier-free guidance
+    min_snr_gamma: float = 5.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    text_hidden: int = 96
+    text_layers: int = 3
+    block_out_channels: tuple[int, ...] = (32, 64, 128, 128)
+    attention_heads: int = 4
+    threads: int = 2
+
+
+def build_text_encoder(cfg: TrainConfig) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=cfg.text_hidden, intermediate_size=4 * cfg.text_hidden,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=77,
+        hidden_act="quick_gelu", projection_dim=cfg.text_hidden,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )
+    return CLIPTextModel(config)
+
+
+def build_unet(cfg: TrainConfig) -> UNet2DConditionModel:
+    """SD1 block layout at 32x32 latents; self-attention only at 16x16 and below."""
+    return UNet2DConditionModel(
+        sample_size=RESOLUTION, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=1,
+        cross_attention_dim=cfg.text_hidden, attention_head_dim=cfg.attention_heads,
+        norm_num_groups=16,
+    )
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class _EMA:
+    def __init__(self, modules: list[torch.nn.Module], decay: float) -> None:
+        self.decay = decay
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - decay)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange live and EMA weights (call twice to restore)."""
+        for p, s in zip(self.params, self.shadow):
+            tmp = p.detach().clone()
+            p.copy_(s)
+            s.copy_(tmp)
+
+
+def save_pipeline_folder(out: Path, unet: UNet2DConditionModel, text_encoder: CLIPTextModel) -> None:
+    """Write the diffusers-format folder (weights stored as float16 to stay small)."""
+    out.mkdir(parents=True, exist_ok=True)
+    unet.to(torch.float16).save_pretrained(out / "unet")
+    text_encoder.to(torch.float16).save_pretrained(out / "text_encoder")
+    unet.to(torch.float32)
+    text_encoder.to(torch.float32)
+    if (out / "tokenizer").resolve() != TOKENIZER_DIR.resolve():
+        shutil.copytree(TOKENIZER_DIR, out / "tokenizer", dirs_exist_ok=True)
+    DDIMScheduler(**SD1_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1).save_pretrained(
+        out / "scheduler")
+    PooledColorAutoencoder().save_pretrained(out / "vae")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": __import__("diffusers").__version__,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "vae": ["dejaguard.core.testbed.vae", "PooledColorAutoencoder"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def train(out: Path, cfg: TrainConfig | None = None, progress: bool = True,
+          checkpoint_every: int = 0) -> dict:
+    """Train the testbed from scratch and write it to ``out``. Returns the training record.
+
+    ``checkpoint_every > 0`` also writes the EMA model to ``out/checkpoints/step_N`` as it goes.
+    """
+    cfg = cfg or TrainConfig()
+    out = Path(out)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    sampler = TrainingSampler(seed=cfg.seed, memorized_fraction=cfg.memorized_fraction)
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
+    text_encoder, unet = build_text_encoder(cfg), build_unet(cfg)
+    vae = PooledColorAutoencoder()
+    noise_schedule = DDPMScheduler(**SD1_SCHEDULE)
+    alphas_cumprod = noise_schedule.alphas_cumprod
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    loss_weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # min-SNR-gamma for eps targets
+
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    ema = _EMA([unet, text_encoder], cfg.ema_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    losses: list[float] = []
+    start = time.time()
+    bar = tqdm(range(cfg.steps), desc="training testbed", disable=not progress)
+    for step in bar:
+        images, captions = sampler.batch(cfg.batch_size)
+        drop = sampler.rng.random(len(captions)) < cfg.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop)]
+        ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                        return_tensors="pt").input_ids
+        latents = vae.encode_thumbnail(torch.from_numpy(images))
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, 1000, (len(captions),), generator=gen)
+        noisy = noise_schedule.add_noise(latents, noise, t)
+        cond = text_encoder(ids).last_hidden_state
+        pred = unet(noisy, t, cond).sample
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * loss_weight[t]).mean()
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        ema.update(step)
+        losses.append(loss.item())
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-25:]):.4f}")
+        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps:
+            ema.swap()
+            save_pipeline_folder(out / "checkpoints" / f"step_{step + 1}", unet, text_encoder)
+            ema.swap()
+    ema.copy_to_model()
+    wall = time.time() - start
+    save_pipeline_folder(out, unet, text_encoder)
+    record = {
+        "config": asdict(cfg),
+        "wall_seconds": round(wall, 1),
+        "torch_version": torch.__version__,
+        "loss_every_100_steps": [round(float(np.mean(losses[i : i + 100])), 5) for i in range(0, len(losses), 100)],
+        "unet_parameters": sum(p.numel() for p in unet.parameters()),
+        "text_encoder_parameters": sum(p.numel() for p in text_encoder.parameters()),
+    }
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record

@@ -1,0 +1,90 @@
+"""The `dejaguard` command line, run as a user would (a subprocess), bad input included."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dejaguard", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("dejaguard: error:") and pattern in lines[-1], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_audit_writes_one_object_per_prompt(tmp_path, testbed_prompts):
+    memorized, novel = testbed_prompts
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(memorized[:2] + ["", novel[0]]) + "\n")
+    out, report = tmp_path / "audit.jsonl", tmp_path / "audit.html"
+    proc = run("audit", "--prompts", str(prompts), "--out", str(out), "--report", str(report))
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == memorized[:2] + [novel[0]]
+    assert all({"prompt", "score", "flagged", "unet_evals"} <= r.keys() for r in rows)
+    assert [r["flagged"] for r in rows] == [True, True, False]
+    assert all(r["unet_evals"] == 2 for r in rows)
+    assert "<img" in report.read_text() and "DejaGuard audit" in report.read_text()
+
+
+def test_audit_options_and_long_prompt(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle on the left\n" + "a blue square " * 40 + "\n")
+    out = tmp_path / "a.jsonl"
+    proc = run("audit", "--prompts", str(prompts), "--out", str(out), "--generations", "2", "--seed", "3",
+               "--threshold", "0.5")
+    assert proc.returncode == 0, proc.stderr
+    assert "dejaguard: warning: prompt has" in proc.stderr and "truncated to 77" in proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["seeds"] == [3, 4] and rows[0]["unet_evals"] == 4 and rows[0]["threshold"] == 0.5
+
+
+@pytest.mark.parametrize("case", ["missing_model", "not_a_model", "empty_prompts", "missing_prompts",
+                                  "no_calibration"])
+def test_bad_input_is_one_line_error(tmp_path, case):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle on the left\n")
+    args = ["audit", "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl")]
+    if case == "missing_model":
+        _one_line_error(run(*args, "--model", str(tmp_path / "nope")), "model folder not found")
+    elif case == "not_a_model":
+        (tmp_path / "m").mkdir()
+        _one_line_error(run(*args, "--model", str(tmp_path / "m")), "not a diffusers model folder")
+    elif case == "empty_prompts":
+        prompts.write_text("\n  \n")
+        _one_line_error(run(*args), "has no prompts")
+    elif case == "missing_prompts":
+        prompts.unlink()
+        _one_line_error(run(*args), "prompt file not found")
+    else:
+        _one_line_error(run(*args, "--steps", "3"), "no calibration for steps=3")
+
+
+def test_model_without_cross_attention_exits_cleanly(tmp_path):
+    from test_denoiser import _tiny_pixel_model
+
+    folder = _tiny_pixel_model(tmp_path / "uncond", with_cross_attention=False)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    proc = run("audit", "--model", str(folder), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"))
+    _one_line_error(proc, "no cross-attention")
+
+
+def test_demo_writes_report(tmp_path):
+    proc = run("demo", "--out", str(tmp_path / "demo"))
+    assert proc.returncode == 0, proc.stderr
+    html = (tmp_path / "demo" / "report.html").read_text()
+    assert "ROC curve" in html and "Score histogram" in html and html.count("class='card") >= 12
+    assert "report:" in proc.stdout

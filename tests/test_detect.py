@@ -1,0 +1,120 @@
+"""First-step detection on the bundled testbed (Wen et al. score through the denoiser seam)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from dejaguard.core.detect import (
+    ScoreSettings,
+    calibrate,
+    first_step_scores,
+    load_threshold,
+    save_calibration,
+)
+from dejaguard.core.errors import DejaGuardError, NonFiniteError
+from dejaguard.core.metrics import auroc
+
+
+def test_score_separates_memorized_from_novel(testbed, testbed_prompts):
+    memorized, novel = testbed_prompts
+    scores = first_step_scores(testbed, memorized + novel)
+    values = [r.score for r in scores]
+    labels = [1] * len(memorized) + [0] * len(novel)
+    assert auroc(values, labels) >= 0.95
+    assert np.median(values[: len(memorized)]) > 1.5 * np.median(values[len(memorized):])
+
+
+def test_bundled_threshold_flags_memorized_not_novel(testbed, testbed_prompts):
+    from dejaguard.core.denoiser import BUNDLED_TESTBED
+
+    memorized, novel = testbed_prompts
+    threshold = load_threshold(BUNDLED_TESTBED, ScoreSettings(), testbed.fingerprint())
+    scores = first_step_scores(testbed, memorized + novel, threshold=threshold)
+    assert sum(r.flagged for r in scores[: len(memorized)]) >= len(memorized) - 1
+    assert sum(r.flagged for r in scores[len(memorized):]) <= 1
+
+
+def test_batched_score_equals_per_prompt_score(testbed, testbed_prompts):
+    memorized, novel = testbed_prompts
+    prompts = memorized[:3] + novel[:3]
+    batched = [r.score for r in first_step_scores(testbed, prompts, batch_size=6)]
+    single = [first_step_scores(testbed, [p])[0].score for p in prompts]
+    shuffled = {r.prompt: r.score for r in first_step_scores(testbed, prompts[::-1], batch_size=4)}
+    np.testing.assert_allclose(batched, single, rtol=1e-4)
+    np.testing.assert_allclose(batched, [shuffled[p] for p in prompts], rtol=1e-4)
+
+
+def test_one_batched_unet_call_per_step(testbed, testbed_prompts):
+    prompts = testbed_prompts[1][:5]
+    for steps, generations in [(1, 1), (3, 2)]:
+        before = testbed.counter.snapshot()
+        results = first_step_scores(testbed, prompts, ScoreSettings(steps, generations), batch_size=64)
+        spent = testbed.counter.since(before)
+        assert spent.calls == steps  # cond and uncond of every prompt and generation stacked
+        assert spent.forwards == 2 * steps * generations * len(prompts)
+        assert all(r.unet_evals == 2 * steps * generations for r in results)
+        assert sum(r.unet_calls for r in results) == pytest.approx(steps)
+
+
+def test_generations_and_steps_average(testbed, testbed_prompts):
+    prompt = testbed_prompts[0][0]
+    r = first_step_scores(testbed, [prompt], ScoreSettings(1, 3))[0]
+    assert len(r.generation_scores) == 3 and len(set(r.seeds)) == 3
+    assert r.score == pytest.approx(np.mean(r.generation_scores))
+    assert first_step_scores(testbed, [prompt], seed=5)[0].seeds == [5]
+
+
+def test_calibration_round_trip_and_fpr(testbed, testbed_prompts, tmp_path):
+    from dejaguard.core.testbed.data import calibration_specs
+
+    prompts = [s.caption() for s in calibration_specs()[:40]]
+    cal = calibrate(testbed, prompts, ScoreSettings(), target_fpr=0.05, memorized_prompts=testbed_prompts[0][:4])
+    scores = [r.score for r in first_step_scores(testbed, prompts)]
+    assert np.mean(np.array(scores) > cal.threshold) <= 0.05
+    assert cal.memorized_tpr == 1.0
+    path = save_calibration(cal, tmp_path)
+    assert load_threshold(tmp_path, ScoreSettings(), testbed.fingerprint()) == cal.threshold
+    with pytest.raises(DejaGuardError, match="another model"):
+        load_threshold(path, ScoreSettings(), "0000000000000000")
+    with pytest.raises(DejaGuardError, match="no calibration for steps=5"):
+        load_threshold(path, ScoreSettings(steps=5), testbed.fingerprint())
+    assert json.loads(path.read_text())  # plain JSON, never pickle
+    with pytest.raises(DejaGuardError, match="at least 20"):
+        calibrate(testbed, prompts[:10], target_fpr=0.05)
+
+
+def test_empty_prompt_is_refused(testbed):
+    for bad in ([], [""], ["a red circle on the left", "   "]):
+        with pytest.raises(DejaGuardError):
+            first_step_scores(testbed, bad)
+
+
+def test_long_prompt_warns_and_truncates(testbed):
+    long = "a red circle on the left " * 20
+    with pytest.warns(UserWarning, match="truncated to 77"):
+        r = first_step_scores(testbed, [long])[0]
+    truncated = testbed.tokenizer.decode(testbed.tokenize([long])[0], skip_special_tokens=True)
+    assert r.score == pytest.approx(first_step_scores(testbed, [truncated])[0].score, rel=1e-4)
+
+
+def test_nan_output_is_a_clear_error(testbed, monkeypatch):
+    original = testbed.unet.forward
+
+    def broken(*args, **kwargs):
+        out = original(*args, **kwargs)
+        out.sample[:] = torch.nan
+        return out
+
+    monkeypatch.setattr(testbed.unet, "forward", broken)
+    with pytest.raises(NonFiniteError, match="NaN"):
+        first_step_scores(testbed, ["a red circle on the left"])
+
+
+def test_bad_settings():
+    with pytest.raises(DejaGuardError):
+        ScoreSettings(steps=0)
+    with pytest.raises(DejaGuardError):
+        ScoreSettings(steps=60, num_inference_steps=50)

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from dejaguard.core.metrics import auroc, roc_curve, ssim, tpr_at_fpr
+
+
+def test_auroc_matches_pairwise_definition():
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.normal(size=60), 1)  # ties included
+    labels = (rng.random(60) < 0.3).astype(int)
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    pairs = [1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg)]
+    assert auroc(scores, labels) == pytest.approx(np.mean(pairs))
+    fpr, tpr = roc_curve(scores, labels)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(auroc(scores, labels))
+
+
+def test_tpr_at_fpr_counts_allowed_false_positives():
+    neg = list(np.arange(100.0))  # 0..99
+    pos = [98.5, 99.5, 50.0, 120.0]
+    labels = [0] * 100 + [1] * 4
+    # 1% of 100 negatives may lie above the threshold: threshold 98, so 98.5, 99.5, 120 count.
+    assert tpr_at_fpr(neg + pos, labels, 0.01) == pytest.approx(0.75)
+    assert tpr_at_fpr(neg + pos, labels, 0.0) == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        auroc([1, 2], [1, 1])
+
+
+def test_ssim_identity_and_noise():
+    rng = np.random.default_rng(1)
+    img = rng.uniform(-1, 1, size=(3, 32, 32))
+    assert ssim(img, img) == pytest.approx(1.0)
+    assert ssim(img, rng.uniform(-1, 1, size=(3, 32, 32))) < 0.2

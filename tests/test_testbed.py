@@ -1,0 +1,73 @@
+"""The testbed: its data, its autoencoder, and a smoke run of its training script."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+from dejaguard.core.denoiser import BUNDLED_TESTBED, load_denoiser
+from dejaguard.core.testbed import data
+from dejaguard.core.testbed.vae import PooledColorAutoencoder
+
+
+def test_memorized_set_kinds_and_images():
+    names = [m.name for m in data.MEMORIZED]
+    assert sorted(names) == sorted("astronaut coffee chelsea rocket camera moon coins horse hubble_deep_field "
+                                   "immunohistochemistry retina colorwheel".split())
+    for kind in ("verbatim", "template", "trigger"):
+        assert sum(m.kind == kind for m in data.MEMORIZED) >= 3
+    images = data.load_memorized_images()
+    assert all(v.shape == (3, 32, 32) and v.min() >= -1 and v.max() <= 1 for v in images.values())
+    for m in data.MEMORIZED:
+        if m.kind == "trigger":
+            assert all(m.trigger in p for p in m.eval_prompts)
+
+
+def test_heldout_prompts_never_in_training():
+    held = {s.caption() for s in data.heldout_specs()}
+    assert len(held) >= 200
+    sampler = data.TrainingSampler(seed=3)
+    captions = {sampler.sample()[1] for _ in range(3000)}
+    canon = {data._canonical(data.parse_prompt(c)) for c in captions if data.parse_prompt(c)}
+    assert not canon & held
+    assert not held & {s.caption() for s in data.calibration_specs()}
+
+
+def test_alignment_checker_on_true_and_mismatched_renders():
+    rng = np.random.default_rng(0)
+    specs = data.heldout_specs()[:120]
+    true = np.mean([data.check_alignment(data.render_scene(s, rng), s.caption()) for s in specs])
+    wrong = np.mean([data.check_alignment(data.render_scene(specs[(i + 7) % 120], rng), s.caption())
+                     for i, s in enumerate(specs)])
+    assert true >= 0.97 and wrong <= 0.15
+
+
+def test_autoencoder_round_trip():
+    vae = PooledColorAutoencoder()
+    thumbs = torch.rand(2, 3, 32, 32) * 2 - 1
+    latents = vae.encode_thumbnail(thumbs)
+    assert latents.shape == (2, 4, 32, 32)
+    images = vae.decode(latents).sample
+    assert images.shape == (2, 3, 256, 256)
+    torch.testing.assert_close(torch.nn.functional.avg_pool2d(images, 8), thumbs)
+    torch.testing.assert_close(vae.encode(images).latent_dist.sample(), latents)
+
+
+def _tree_hash(folder):
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(folder).as_posix().encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_training_script_smoke(tmp_path):
+    from dejaguard.core.testbed.train import TrainConfig, train
+
+    shipped = _tree_hash(BUNDLED_TESTBED)
+    record = train(tmp_path / "tb", TrainConfig(steps=3, batch_size=4), progress=False)
+    assert len(record["loss_every_100_steps"]) == 1 and np.isfinite(record["loss_every_100_steps"][0])
+    d = load_denoiser(tmp_path / "tb", device="cpu")
+    assert d.sample_shape == (4, 32, 32)
+    assert _tree_hash(BUNDLED_TESTBED) == shipped
