@@ -1,4 +1,11 @@
-"""ComfyUI nodes: the only place that imports ComfyUI. One file per topic (added with the nodes issue)."""
+"""ComfyUI nodes: the only place that imports ComfyUI. One file per topic.
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+Importable only inside ComfyUI (it imports ``comfy`` and ``folder_paths``); the pack's top-level
+``__init__`` turns the ImportError outside ComfyUI into empty mappings.
+"""
+
+from .testbed import NODE_CLASS_MAPPINGS as _TESTBED_NODES
+from .testbed import NODE_DISPLAY_NAME_MAPPINGS as _TESTBED_NAMES
+
+NODE_CLASS_MAPPINGS: dict[str, type] = {**_TESTBED_NODES}
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {**_TESTBED_NAMES}

@@ -109,6 +109,13 @@ class _EMA:
             s.copy_(tmp)
 
 
+def sampling_scheduler() -> DDIMScheduler:
+    """DDIM on SD1's schedule with trailing timestep spacing: sampling starts at t = 999, the
+    timestep ComfyUI's samplers start at too, so first-step scores agree between the two."""
+    return DDIMScheduler(**SD1_SCHEDULE, clip_sample=False, set_alpha_to_one=False,
+                         timestep_spacing="trailing")
+
+
 def save_pipeline_folder(out: Path, unet: UNet2DConditionModel, text_encoder: CLIPTextModel) -> None:
     """Write the diffusers-format folder (weights stored as float16 to stay small)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -118,8 +125,7 @@ def save_pipeline_folder(out: Path, unet: UNet2DConditionModel, text_encoder: CL
     text_encoder.to(torch.float32)
     if (out / "tokenizer").resolve() != TOKENIZER_DIR.resolve():
         shutil.copytree(TOKENIZER_DIR, out / "tokenizer", dirs_exist_ok=True)
-    DDIMScheduler(**SD1_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1).save_pretrained(
-        out / "scheduler")
+    sampling_scheduler().save_pretrained(out / "scheduler")
     PooledColorAutoencoder().save_pretrained(out / "vae")
     index = {
         "_class_name": "StableDiffusionPipeline",
