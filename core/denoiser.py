@@ -59,6 +59,11 @@ class Denoiser(Protocol):
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """Prompts -> text embeddings ``(B, L, D)``. ``""`` is the unconditional prompt."""
 
+    def prompt_tokens(self, prompt: str) -> list[str]:
+        """The BPE pieces of ``prompt`` in the order they occupy positions ``1..n`` of its
+        embedding (BOS at 0; EOS and padding after), truncated as the encoder truncates.
+        A piece ending in ``</w>`` ends a word."""
+
     def predict_noise(self, samples: torch.Tensor, timestep: torch.Tensor | int,
                       text_embeddings: torch.Tensor) -> torch.Tensor:
         """``samples (B, C, H, W)``, one timestep, ``text_embeddings (B, L, D)`` -> eps ``(B, C, H, W)``."""
@@ -190,6 +195,10 @@ class DiffusersDenoiser:
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         return self.text_encoder(self.tokenize(prompts)).last_hidden_state.to(self.dtype)
+
+    def prompt_tokens(self, prompt: str) -> list[str]:
+        ids = self.tokenizer(prompt, truncation=True, max_length=self.tokenizer.model_max_length).input_ids
+        return self.tokenizer.convert_ids_to_tokens(ids[1:-1])
 
     def predict_noise(self, samples: torch.Tensor, timestep: torch.Tensor | int,
                       text_embeddings: torch.Tensor) -> torch.Tensor:

