@@ -88,7 +88,7 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     hash, so edits of single unsampled weights can go unnoticed (masks are checked by shape too).
     """
     h = hashlib.sha256()
-    for name, p in module.state_dict().items():
+    for name, p in sorted(module.state_dict().items()):  # by name: ComfyUI orders modules differently
         flat = p.detach().reshape(-1)
         step = max(1, flat.numel() // 256)
         h.update(name.encode())

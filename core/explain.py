@@ -88,7 +88,7 @@ def token_significance(
         if not torch.isfinite(grad).all():
             raise NonFiniteError("token gradients are NaN or infinite")
         grad_norms += grad[0, 1 : 1 + len(tokens)].norm(dim=-1).double().cpu()
-        magnitude += float(mag)
+        magnitude += float(mag.detach())
         with torch.no_grad():
             guided = eps_uncond + guidance_scale * (eps_cond.detach() - eps_uncond)
             x = scheduler.step(guided, t, x).prev_sample

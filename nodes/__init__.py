@@ -4,8 +4,12 @@ Importable only inside ComfyUI (it imports ``comfy`` and ``folder_paths``); the 
 ``__init__`` turns the ImportError outside ComfyUI into empty mappings.
 """
 
+from .explain import NODE_CLASS_MAPPINGS as _EXPLAIN_NODES
+from .explain import NODE_DISPLAY_NAME_MAPPINGS as _EXPLAIN_NAMES
+from .guard import NODE_CLASS_MAPPINGS as _GUARD_NODES
+from .guard import NODE_DISPLAY_NAME_MAPPINGS as _GUARD_NAMES
 from .testbed import NODE_CLASS_MAPPINGS as _TESTBED_NODES
 from .testbed import NODE_DISPLAY_NAME_MAPPINGS as _TESTBED_NAMES
 
-NODE_CLASS_MAPPINGS: dict[str, type] = {**_TESTBED_NODES}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {**_TESTBED_NAMES}
+NODE_CLASS_MAPPINGS: dict[str, type] = {**_TESTBED_NODES, **_GUARD_NODES, **_EXPLAIN_NODES}
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {**_TESTBED_NAMES, **_GUARD_NAMES, **_EXPLAIN_NAMES}

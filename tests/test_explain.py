@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from dejaguard.core.errors import DejaGuardError
 from dejaguard.core.explain import group_words, token_significance
 from dejaguard.core.testbed.data import MEMORIZED

@@ -1,0 +1,318 @@
+"""Core's :class:`~core.denoiser.Denoiser` protocol over a ComfyUI MODEL (ModelPatcher) and CLIP.
+
+Every DejaGuard method written against the protocol (token significance, detection, ...) runs on
+whatever UNet a graph has loaded: the testbed from the DejaGuard loader, or an SD1.x / SD2.x
+checkpoint from the stock CheckpointLoaderSimple (eps or v-prediction).
+
+Spaces and parametrization (shapes: ``B`` batch, ``C, H, W`` latent, ``L = 77``, ``D`` text width):
+
+- **Samples** are in the UNet's input space, as in diffusers: ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``
+  with ``x_0`` a *scaled* latent. ComfyUI's LATENT dicts hold unscaled VAE latents; the model's
+  latent format maps them: ``x_0 = latent_format.process_in(latent)`` (``latent * scale_factor``,
+  0.18215 for SD1/SD2), ``latent = process_out(x_0)``. :meth:`ComfyDenoiser.decode` applies
+  ``process_out`` before the VAE.
+- **Noise prediction**: ComfyUI samplers use the k-diffusion (sigma) parametrization,
+  ``x_k = x_0 + sigma eps`` with ``sigma_t = sqrt((1 - abar_t) / abar_t)``, so ``x_k = x_t * sqrt(1 + sigma^2)``.
+  :meth:`predict_noise` maps ``t -> sigma = model_sampling.sigma(t)``, calls
+  ``model.model.apply_model(x_k, sigma, c_crossattn=emb)`` (which feeds the UNet ``x_k / sqrt(1 + sigma^2)``
+  and the timestep ``model_sampling.timestep(sigma) = t``) and returns ``eps = (x_k - denoised) / sigma``.
+  ``denoised`` is the x_0 estimate whatever the model predicts, so this is the raw UNet output for an
+  eps model and ``sqrt(abar_t) v + sqrt(1 - abar_t) x_t`` for a v-prediction model (SD2.x 768, or a model
+  switched by the stock ModelSamplingDiscrete node): core's epsilon-based schedulers and scores apply unchanged.
+- **Schedule**: :meth:`new_scheduler` is a diffusers ``DDIMScheduler`` with the model's own
+  ``alphas_cumprod = 1 / (1 + sigmas^2)`` (so patched schedules are honoured), trailing spacing,
+  epsilon prediction: its first timestep is 999, the first timestep of ComfyUI's "normal" scheduler.
+
+What is honoured from the ModelPatcher: weight patches (LoRA, DejaGuard neuron masks), object
+patches and ``transformer_options`` patches (attention patches), because the model is loaded with
+``comfy.model_management.load_models_gpu`` exactly as a sampler loads it. Sampler-level hooks (CFG
+functions, post-CFG functions, the UNet function wrapper) are not applied: they belong to sampling.
+
+Gradients: ComfyUI executes graphs under ``torch.inference_mode()``. Every method here steps out
+of it with ``torch.inference_mode(False)`` (which also switches grad mode on; the caller's grad mode
+is restored). Two things in ComfyUI stop back-propagation, and the adapter handles both without
+modifying the cached model other graphs use:
+
+- A checkpoint loaded by the stock loader (and weights patched during a graph) are *inference
+  tensors*, which autograd cannot save for backward. The adapter makes ordinary copies of those
+  once (held by the adapter only: one extra copy of the affected weights, freed with it) and calls
+  the model through ``torch.func.functional_call`` with them.
+- ComfyUI's UNet adds to activations in place (``x += n`` in its transformer blocks), which
+  invalidates tensors autograd saved earlier. The adapter copies each tensor autograd saves
+  (``saved_tensors_hooks``; weights excepted): extra activation memory, on the grad path only.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import comfy.model_base
+import comfy.model_management
+import comfy.model_sampling
+import comfy.utils
+import torch
+
+from ..core.denoiser import UNetCounter, module_fingerprint
+from ..core.errors import DejaGuardError, NonFiniteError
+
+
+class _ApplyModel(torch.nn.Module):
+    """Wraps ``BaseModel.apply_model`` as a ``forward`` so ``functional_call`` can swap its weights."""
+
+    def __init__(self, base: torch.nn.Module) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
+                transformer_options: dict[str, Any]) -> torch.Tensor:
+        return self.base.apply_model(x, sigma, c_crossattn=context, transformer_options=transformer_options)
+
+
+def diffusers_names(unet: torch.nn.Module, unet_config: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """ComfyUI -> diffusers names of the UNet's parameters and modules (``comfy.utils.unet_to_diffusers``).
+
+    Parameters: those the map covers and the model has. Modules: the owners of those parameters
+    (``input_blocks.1.1.transformer_blocks.0.attn2.to_v`` ->
+    ``down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v``), their parents while both names
+    share their tail, and the block where they differ (``input_blocks.1.1`` -> ``down_blocks.0.attentions.0``).
+    Modules without a diffusers twin (``input_blocks.1``) are not mapped. Empty if the config cannot be mapped.
+    """
+    try:
+        mapping = comfy.utils.unet_to_diffusers(unet_config)  # diffusers param -> comfy param
+    except (KeyError, TypeError, IndexError):
+        return {}, {}
+    present = set(unet.state_dict())
+    params = {c: d for d, c in mapping.items() if c in present}
+    modules: dict[str, str] = {}
+    for c_param, d_param in params.items():
+        c_parts, d_parts = c_param.split(".")[:-1], d_param.split(".")[:-1]
+        while c_parts and d_parts:
+            modules.setdefault(".".join(c_parts), ".".join(d_parts))
+            same = c_parts[-1] == d_parts[-1] and (not c_parts[-1].isdigit() or c_parts[-2:-1] == d_parts[-2:-1])
+            if not same:  # an index counts as shared only with the same list name before it
+                break
+            c_parts, d_parts = c_parts[:-1], d_parts[:-1]
+    return params, modules
+
+
+def model_sampling(model: Any) -> Any:
+    """The model's sampling object (sigmas, timestep <-> sigma), object patches included
+    (e.g. the stock ModelSamplingDiscrete node switching to v-prediction)."""
+    if hasattr(model, "get_model_object"):  # newer ComfyUI
+        return model.get_model_object("model_sampling")
+    return getattr(model, "object_patches", {}).get("model_sampling", model.model.model_sampling)
+
+
+def default_sample_shape(model: Any) -> tuple[int, int, int]:
+    """The model's native latent shape ``(C, H, W)``: the testbed's configured size, 96x96 for
+    v-prediction SD2 (768 px), 64x64 otherwise (512 px)."""
+    from .diffusers_folder import DiffusersModelConfig
+
+    base = model.model
+    channels = int(getattr(base.diffusion_model, "in_channels", 4))
+    config = base.model_config
+    if isinstance(config, DiffusersModelConfig):
+        size = config.unet_config.get("image_size", 64)
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return channels, int(h), int(w)
+    side = 96 if base.model_type == comfy.model_base.ModelType.V_PREDICTION else 64
+    return channels, side, side
+
+
+class ComfyDenoiser:
+    """:class:`~core.denoiser.Denoiser` over ComfyUI's MODEL (``ModelPatcher``) and CLIP (see module doc).
+
+    ``vae`` (ComfyUI VAE) is only needed by :meth:`decode`. ``sample_shape`` ``(C, H, W)`` defaults to
+    :func:`default_sample_shape`. ``callback(counter)`` runs after every :meth:`predict_noise` (progress
+    bars, interruption).
+    """
+
+    def __init__(self, model: Any, clip: Any, vae: Any = None, sample_shape: tuple[int, int, int] | None = None,
+                 callback: Callable[[UNetCounter], None] | None = None) -> None:
+        base = getattr(model, "model", None)
+        if base is None or not hasattr(base, "diffusion_model") or not hasattr(base, "apply_model"):
+            raise DejaGuardError(f"unsupported MODEL {type(model).__name__}: expected a ComfyUI ModelPatcher of "
+                                 "a UNet diffusion model")
+        sampling = model_sampling(model)
+        if not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete) or len(sampling.sigmas) != 1000:
+            raise DejaGuardError(f"unsupported model: {base.model_type.name} with {type(sampling).__name__}"
+                                 " (DejaGuard handles discrete-time eps or v-prediction models: SD1.x, SD2.x)")
+        if base.is_adm():
+            raise DejaGuardError(f"unsupported model {type(base).__name__}: it needs pooled/ADM conditioning "
+                                 "(SDXL-class); DejaGuard handles SD1.x and SD2.x UNets")
+        if not any(n.endswith("attn2.to_v") for n, _ in base.diffusion_model.named_modules()):
+            raise DejaGuardError("unsupported model: the UNet has no cross-attention layers (attn2.to_v)")
+        if clip is None or not hasattr(clip, "tokenize"):
+            raise DejaGuardError("a CLIP text encoder is required (connect the loader's CLIP output)")
+        self.model = model
+        self.clip = clip
+        self.vae = vae
+        self.device = torch.device(model.load_device)
+        self.dtype = torch.float32  # apply_model casts to the UNet's dtype and returns float32
+        self.sample_shape = tuple(sample_shape) if sample_shape else default_sample_shape(model)
+        self.counter = UNetCounter()
+        self.callback = callback
+        self._weights: dict[str, torch.Tensor] | None = None
+        self._wrapper = _ApplyModel(base)
+        self._param_names, self._names = diffusers_names(base.diffusion_model, base.model_config.unet_config)
+        self._fingerprint: str | None = None
+
+    # -- text ----------------------------------------------------------------------------------
+
+    def _first_chunk(self, prompt: str, word_ids: bool = False) -> dict[str, list[list[tuple[Any, ...]]]]:
+        """ComfyUI tokens of ``prompt`` (weights parsed), cut to the first 77-token chunk."""
+        tokens = self.clip.tokenize(prompt, return_word_ids=word_ids)
+        if any(len(chunks) > 1 for chunks in tokens.values()):
+            warnings.warn(f"prompt longer than one 77-token chunk, truncated: {prompt[:60]!r}...", stacklevel=3)
+        return {key: chunks[:1] for key, chunks in tokens.items()}
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompts -> conditioning ``(B, 77, D)`` as CLIPTextEncode makes it (first chunk only)."""
+        with torch.inference_mode(False), torch.no_grad():
+            conds = [self.clip.encode_from_tokens(self._first_chunk(p)) for p in prompts]
+            return torch.cat(conds).to(self.device, self.dtype).clone()
+
+    def _sub_tokenizer(self) -> Any:
+        tokenizer = self.clip.tokenizer
+        sub = getattr(tokenizer, getattr(tokenizer, "clip", ""), None)
+        if sub is None or not hasattr(sub, "inv_vocab"):
+            raise DejaGuardError(f"unsupported tokenizer {type(tokenizer).__name__} "
+                                 "(expected an SD1/SD2 CLIP tokenizer)")
+        if getattr(sub, "start_token", None) is None:
+            raise DejaGuardError("unsupported tokenizer: no start (BOS) token")
+        return sub
+
+    def prompt_tokens(self, prompt: str) -> list[str]:
+        """BPE pieces at embedding positions ``1..n`` (``"</w>"`` ends a word); a textual-inversion
+        vector is ``"<embedding>"``."""
+        sub = self._sub_tokenizer()
+        (chunk,) = next(iter(self._first_chunk(prompt, word_ids=True).values()))
+        body = []
+        for token, _weight, word in chunk[1:]:
+            if word == 0:  # EOS, then padding
+                break
+            body.append((token, word))
+        pieces = []
+        for i, (token, word) in enumerate(body):
+            if isinstance(token, int):
+                pieces.append(sub.inv_vocab[token])
+            else:
+                last = i + 1 == len(body) or body[i + 1][1] != word
+                pieces.append("<embedding>" + ("</w>" if last else ""))
+        return pieces
+
+    # -- UNet ----------------------------------------------------------------------------------
+
+    def _load(self) -> dict[str, torch.Tensor]:
+        """Load (and patch) the model as a sampler does; ordinary copies of inference-tensor weights."""
+        comfy.model_management.load_models_gpu([self.model])
+        if self._weights is None:
+            base = self.model.model
+            tensors = [*base.named_parameters(), *base.named_buffers()]
+            with torch.no_grad():
+                self._weights = {f"base.{n}": t.detach().clone() for n, t in tensors if t.is_inference()}
+        return self._weights
+
+    def predict_noise(self, samples: torch.Tensor, timestep: torch.Tensor | int,
+                      text_embeddings: torch.Tensor) -> torch.Tensor:
+        """``samples (B, C, H, W)`` = ``x_t``, one timestep ``t`` in [0, 999], ``text_embeddings (B, 77, D)``
+        -> eps ``(B, C, H, W)`` (see module doc for the sigma mapping)."""
+        self.counter.calls += 1
+        self.counter.forwards += samples.shape[0]
+        if torch.is_grad_enabled() and (samples.requires_grad or text_embeddings.requires_grad):
+            self.counter.backwards += samples.shape[0]  # caller back-propagates through this call
+        grad = torch.is_grad_enabled()
+        with torch.inference_mode(False), torch.set_grad_enabled(grad):  # leaving inference mode enables grad
+            weights = self._load()
+            base = self.model.model
+            batch = samples.shape[0]
+            t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(batch)
+            sigma = base.model_sampling.sigma(t).to(self.device, torch.float32)  # patched after _load()
+            x = samples.to(self.device, torch.float32)
+            x_k = x * (1.0 + sigma.view(-1, 1, 1, 1) ** 2).sqrt()
+            options = dict(self.model.model_options.get("transformer_options", {}))
+            options.update(cond_or_uncond=[0] * batch, sigmas=sigma)
+            context = text_embeddings.to(self.device)
+            with _clone_saved_activations([*weights.values(), *base.parameters(), *base.buffers()]):
+                if weights:
+                    denoised = torch.func.functional_call(self._wrapper, weights, (x_k, sigma, context, options))
+                else:
+                    denoised = self._wrapper(x_k, sigma, context, options)
+            eps = (x_k - denoised) / sigma.view(-1, 1, 1, 1)
+        if not torch.isfinite(eps).all():
+            raise NonFiniteError("the UNet returned NaN or infinite values")
+        if self.callback is not None:
+            self.callback(self.counter)
+        return eps
+
+    def new_scheduler(self) -> Any:
+        """DDIM (eta 0, trailing spacing, epsilon) over the model's own ``alphas_cumprod``."""
+        from diffusers import DDIMScheduler
+
+        with torch.inference_mode(False):
+            sigmas = model_sampling(self.model).sigmas.detach().double().cpu()
+        alphas_cumprod = 1.0 / (1.0 + sigmas**2)
+        betas = 1.0 - alphas_cumprod / torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+        return DDIMScheduler(num_train_timesteps=len(betas), trained_betas=betas.numpy(), clip_sample=False,
+                             set_alpha_to_one=False, steps_offset=0, timestep_spacing="trailing",
+                             prediction_type="epsilon")
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """Samples ``(B, C, H, W)`` (scaled latents) -> images ``(B, 3, H', W')`` in [-1, 1] via the VAE."""
+        if self.vae is None:
+            raise DejaGuardError("decoding needs a VAE: this denoiser was built without one")
+        with torch.inference_mode(False), torch.no_grad():
+            latent = self.model.model.process_latent_out(samples.detach().float().cpu())
+            images = self.vae.decode(latent)  # (B, H', W', 3) in [0, 1]
+            return (images.float().movedim(-1, 1) * 2.0 - 1.0).clamp(-1.0, 1.0).to(self.device)
+
+    def named_modules(self) -> Iterator[tuple[str, torch.nn.Module]]:
+        """The UNet's modules under diffusers names where a diffusers twin exists
+        (``down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v``), else ComfyUI's own names."""
+        for name, module in self.model.model.diffusion_model.named_modules():
+            yield self._names.get(name, name), module
+
+    def comfy_name(self, name: str) -> str:
+        """A name from :meth:`named_modules` -> the ComfyUI module name (for ``add_patches`` keys:
+        ``"diffusion_model." + comfy_name(name) + ".weight"``)."""
+        inverse = {d: c for c, d in self._names.items()}
+        return inverse.get(name, name)
+
+    def fingerprint(self) -> str:
+        """:func:`~core.denoiser.module_fingerprint` of the UNet's *unpatched* weights (weight patches
+        such as a neuron mask do not change it) under their diffusers names, in sorted name order."""
+        if self._fingerprint is None:
+            with torch.inference_mode(False):
+                backup = getattr(self.model, "backup", {})
+                state = {self._param_names.get(name, name): backup.get(f"diffusion_model.{name}", tensor)
+                         for name, tensor in self.model.model.diffusion_model.state_dict().items()}
+                self._fingerprint = module_fingerprint(StateView(state))
+        return self._fingerprint
+
+
+def _clone_saved_activations(weights: list[torch.Tensor]) -> Any:
+    """Autograd saves copies of activations, not the tensors themselves.
+
+    ComfyUI's UNet updates activations in place (``x += n`` in its transformer blocks), which
+    breaks back-propagation through tensors autograd saved earlier. Copying each saved tensor when
+    it is saved (weights excepted) keeps the values the backward pass needs. No effect without grad.
+    """
+    keep = {w.data_ptr() for w in weights}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        return t if t.data_ptr() in keep else t.clone()
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
+class StateView(torch.nn.Module):
+    """A module whose ``state_dict()`` is ``state`` sorted by name (for :func:`module_fingerprint`)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self._state = dict(sorted(state.items()))
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return self._state

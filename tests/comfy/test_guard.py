@@ -1,0 +1,223 @@
+"""The Memorization Guard and Verdict nodes in a real ComfyUI (skipped unless ``bash tests/comfy/setup_comfy.sh`` ran).
+
+- ``workflows/detect_*.json`` (UI format) and their ``_api`` twins describe the same graph.
+- In process (``check_guard.py`` with the .comfy venv): unsupported models refused with the reason, scores ==
+  core library, no extra UNet evaluation at CFG 7.5, CFG 1 handling, cached model unchanged, progress message.
+- On a real server: both API twins validate against ``/object_info``; ``detect_testbed_api.json`` runs via
+  POST /prompt and /history holds, per verdict, the score of its prompt, equal to the core library's score on
+  the same seed's noise within 1e-3 relative; the memorized prompt is flagged and the novel one is not; a guard
+  with no usable threshold fails with a node error that says what to do.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+
+from server import COMFY_PYTHON, REPO, ComfyError, ComfyServer, comfy_available  # noqa: E402
+
+BUNDLED = REPO / "core" / "testbed" / "model"
+CHECKPOINTS = [Path("/tmp/runs/main/checkpoints/step_900"), Path("/tmp/runs/main/checkpoints/step_450")]
+WORKFLOWS = REPO / "workflows"
+CALIBRATION = "dejaguard_calibration.json"
+MEMORIZED_VERDICT, NOVEL_VERDICT = "9", "10"  # node ids in workflows/detect_testbed*.json
+needs_comfy = pytest.mark.skipif(not comfy_available(), reason="ComfyUI not set up (bash tests/comfy/setup_comfy.sh)")
+
+
+def model_folder() -> Path | None:
+    """The bundled testbed, or (before it is trained) a partially trained checkpoint of the same format."""
+    for folder in (BUNDLED, *CHECKPOINTS):
+        if (folder / "unet").is_dir():
+            return folder
+    return None
+
+
+def load(name: str) -> dict[str, Any]:
+    return json.loads((WORKFLOWS / name).read_text())
+
+
+# -- workflows -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["detect_testbed", "detect_sd15"])
+def test_detect_workflows_consistent(name: str) -> None:
+    """UI and API formats hold the same nodes (the UI's Note is front-end only), links and widget values."""
+    ui, api = load(f"{name}.json"), load(f"{name}_api.json")
+    nodes = {str(n["id"]): n for n in ui["nodes"] if n["type"] != "Note"}
+    assert {k: v["class_type"] for k, v in api.items()} == {k: n["type"] for k, n in nodes.items()}
+    links = {link[0]: link for link in ui["links"]}
+    for node_id, node in nodes.items():
+        for slot in node.get("inputs", []):
+            _, src, src_slot, dst, _, kind = links[slot["link"]]
+            assert str(dst) == node_id and kind == slot["type"]
+            assert api[node_id]["inputs"][slot["name"]] == [str(src), src_slot]
+        values = [v for v in node.get("widgets_values", []) if v not in ("fixed", "randomize")]
+        assert values == [v for v in api[node_id]["inputs"].values() if not isinstance(v, list)], node_id
+    guards = [k for k, v in api.items() if v["class_type"] == "DejaGuardMemorizationGuard"]
+    verdicts = [k for k, v in api.items() if v["class_type"] == "DejaGuardMemorizationVerdict"]
+    assert len(guards) == 1 and len(verdicts) == 2
+    samplers = [k for k, v in api.items() if v["class_type"] == "KSampler"]
+    assert all(api[k]["inputs"]["model"] == [guards[0], 0] for k in samplers)  # both samplers share the guard
+    assert sorted(api[k]["inputs"]["samples"][0] for k in verdicts) == sorted(samplers)
+
+
+def validate_api_graph(graph: dict[str, Any], info: dict[str, Any]) -> list[str]:
+    """Problems of an API graph against ``/object_info`` (what POST /prompt would check, without running it).
+
+    Combo widgets with an empty choice list (no checkpoint files on this server) accept any value.
+    """
+    problems = []
+    for node_id, node in graph.items():
+        spec = info.get(node["class_type"])
+        if spec is None:
+            problems.append(f"{node_id}: unknown node type {node['class_type']}")
+            continue
+        declared = {**spec["input"].get("required", {}), **spec["input"].get("optional", {})}
+        for name in spec["input"].get("required", {}):
+            if name not in node["inputs"]:
+                problems.append(f"{node_id}: required input {name} missing")
+        for name, value in node["inputs"].items():
+            if name not in declared:
+                problems.append(f"{node_id}: unknown input {name}")
+                continue
+            kind, options = declared[name][0], (declared[name][1] if len(declared[name]) > 1 else {})
+            if isinstance(value, list):
+                src = graph.get(value[0])
+                out_types = info.get(src["class_type"], {}).get("output", []) if src else []
+                if value[1] >= len(out_types) or out_types[value[1]] != kind:
+                    problems.append(f"{node_id}.{name}: linked to a {out_types[value[1:2]]!r} output, needs {kind}")
+            elif isinstance(kind, list):
+                if kind and value not in kind:
+                    problems.append(f"{node_id}.{name}: {value!r} not among {kind[:5]}")
+            elif kind in ("INT", "FLOAT"):
+                if not (options.get("min", -float("inf")) <= value <= options.get("max", float("inf"))):
+                    problems.append(f"{node_id}.{name}: {value} out of range")
+            elif kind == "STRING" and not isinstance(value, str):
+                problems.append(f"{node_id}.{name}: not a string")
+    return problems
+
+
+# -- in process ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@needs_comfy
+def test_guard_in_process(tmp_path: Path) -> None:
+    folder = model_folder()
+    if folder is None:
+        pytest.skip("no testbed weights (core/testbed/model/unet) to load")
+    out = tmp_path / "guard.json"
+    proc = subprocess.run([str(COMFY_PYTHON), str(HERE / "check_guard.py"), "--model", str(folder), "--json", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["failures"] == []
+    assert results["unet_calls"]["plain"] == results["unet_calls"]["guarded"]
+    for key in ("memorized", "novel", "batch"):
+        assert results["scores"][key]["rel_err"] <= 1e-3
+    messages = results["unsupported_messages"]
+    assert "SDXL" in messages["sdxl"] and "attn2" in messages["no_attn2"]
+
+
+# -- real server ---------------------------------------------------------------------------------
+
+
+def core_first_step_scores(folder: Path, prompts: list[str], seed: int) -> list[float]:
+    """The core library's first-step magnitude for each prompt on the noise ComfyUI draws for ``seed``.
+
+    ComfyUI (``comfy.sample.prepare_noise``): ``torch.randn(latent.size(), generator=torch.manual_seed(seed))``,
+    here a batch of 1 per sampler, ``(1, 4, 32, 32)``.
+    """
+    import torch
+    from dejaguard.core.denoiser import load_denoiser
+    from dejaguard.core.sampling import guided_denoise
+
+    den = load_denoiser(folder, device="cpu")
+    scores = []
+    with torch.no_grad():
+        uncond = den.encode_prompts([""])
+        for prompt in prompts:
+            noise = torch.randn((1, *den.sample_shape), generator=torch.Generator().manual_seed(seed))
+            _, mags = guided_denoise(den, noise, den.encode_prompts([prompt]), uncond, stop_after=1)
+            scores.append(float(mags[0, 0]))
+    return scores
+
+
+def _node_error(server: ComfyServer, graph: dict[str, Any]) -> str:
+    """Run a graph that must fail; the error message the server recorded for it."""
+    with pytest.raises(ComfyError) as info:
+        server.run(graph, timeout=300)
+    return str(info.value)
+
+
+@pytest.mark.slow
+@needs_comfy
+def test_detect_workflow_on_server() -> None:
+    folder = model_folder()
+    if folder is None:
+        pytest.skip("no testbed weights (core/testbed/model/unet) to load")
+    graph = copy.deepcopy(load("detect_testbed_api.json"))
+    prompts = [graph["3"]["inputs"]["text"], graph["4"]["inputs"]["text"]]
+    seed = graph["7"]["inputs"]["seed"]
+    assert graph["8"]["inputs"]["seed"] == seed
+    core = core_first_step_scores(folder, prompts, seed)
+    calibrated = folder == BUNDLED and (folder / CALIBRATION).is_file()
+    if folder != BUNDLED:
+        graph["1"]["inputs"]["folder"] = str(folder)
+    if not calibrated:  # a checkpoint without calibration: a threshold between the two core scores
+        graph["2"]["inputs"]["threshold"] = round((core[0] * core[1]) ** 0.5, 3)
+    with ComfyServer(threads=1) as server:
+        info = server.object_info()
+        for name in ("detect_testbed_api.json", "detect_sd15_api.json"):
+            assert validate_api_graph(load(name), info) == [], name
+        guard_info = info["DejaGuardMemorizationGuard"]
+        assert guard_info["category"] == "DejaGuard" and guard_info["output"] == ["MODEL", "DEJAGUARD_GUARD"]
+        assert info["DejaGuardMemorizationVerdict"]["output"] == ["LATENT", "FLOAT", "BOOLEAN", "STRING"]
+        assert "IMPORT FAILED" not in server.log()
+
+        entry = server.run(graph, timeout=900)
+        verdicts = {k: entry["outputs"][k]["dejaguard"][0] for k in (MEMORIZED_VERDICT, NOVEL_VERDICT)}
+        images = server.output_files(entry)
+
+        bad = copy.deepcopy(graph)
+        bad["2"]["inputs"].update(threshold=0.0, calibration="/nonexistent/dejaguard_calibration.json")
+        error = _node_error(server, bad)
+    mem, nov = verdicts[MEMORIZED_VERDICT], verdicts[NOVEL_VERDICT]
+    print(f"scores ComfyUI {mem['scores'] + nov['scores']} core {core} threshold {mem['threshold']} "
+          f"({mem['threshold_source']})")
+    assert len(mem["scores"]) == 1 and len(nov["scores"]) == 1
+    assert abs(mem["scores"][0] - core[0]) <= 1e-3 * core[0]
+    assert abs(nov["scores"][0] - core[1]) <= 1e-3 * core[1]
+    assert mem["flagged"] == [True] and mem["any_flagged"] and "MEMORIZED" in mem["summary"]
+    assert nov["flagged"] == [False] and not nov["any_flagged"]
+    assert mem["matched"] and nov["matched"] and mem["run"] != nov["run"]
+    assert mem["full_noise"] and mem["extra_unet_evals"] == 0
+    if calibrated:
+        assert mem["threshold_source"] == "testbed calibration"
+    assert len(images) == 2 and all(p.name.endswith(".png") for p in images)
+    assert "DejaGuardMemorizationGuard" in error and "dejaguard calibrate" in error
+
+
+@pytest.mark.slow
+@needs_comfy
+def test_overhead_bench_runs() -> None:
+    """``python -m bench.comfy_overhead`` (a short run): its last line is the JSON summary; no extra UNet calls."""
+    if model_folder() is None:
+        pytest.skip("no testbed weights (core/testbed/model/unet) to load")
+    cmd = [sys.executable, "-m", "bench.comfy_overhead", "--steps", "3", "--reps", "2"]
+    if model_folder() != BUNDLED:
+        cmd += ["--model", str(model_folder())]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)  # re-execs with .comfy venv
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["extra_unet_evals"] == 0 and result["unet_calls_per_run"] == {"plain": 3, "guarded": 3}
+    assert len(result["plain_s"]) == len(result["guarded_s"]) == 2 and result["overhead_ratio"] > 0

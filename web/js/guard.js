@@ -1,0 +1,87 @@
+// DejaGuard memorization badge: a green (ok) / red (memorized) / grey (no score) label on the
+// Memorization Guard node while sampling (the "dejaguard.score" message nodes/guard.py sends at the
+// first step) and on the Memorization Verdict node when it has run (its ui {"dejaguard": [{...}]}).
+// Text is set with textContent only, never innerHTML.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const GUARD = "DejaGuardMemorizationGuard";
+const VERDICT = "DejaGuardMemorizationVerdict";
+const EVENT = "dejaguard.score";
+const WIDGET = "dejaguard_badge";
+const COLORS = { memorized: "#b3261e", ok: "#1e7b34", none: "#5f6368" };
+
+/** {kind, lines} for a score payload: {scores, flagged, threshold, status, summary}. */
+export function badgeState(data) {
+	const scores = Array.isArray(data?.scores) ? data.scores.map(Number) : [];
+	const flagged = Array.isArray(data?.flagged) ? data.flagged.map(Boolean) : [];
+	const threshold = Number(data?.threshold);
+	if (!scores.length) {
+		return { kind: "none", lines: ["no score", String(data?.status ?? "waiting for sampling")] };
+	}
+	const n = flagged.filter(Boolean).length;
+	const head = n ? `MEMORIZED (${n} of ${scores.length})` : `ok: no memorization (${scores.length})`;
+	const lines = scores.map((s, i) =>
+		`image ${i + 1}: ${s.toFixed(3)} ${flagged[i] ? ">" : "≤"} ${Number.isFinite(threshold) ? threshold.toFixed(3) : "?"}`);
+	return { kind: n ? "memorized" : "ok", lines: [head, ...lines] };
+}
+
+/** The node's badge element, created once (a DOM widget where the front end has them). */
+function badgeElement(node) {
+	const existing = node.widgets?.find((w) => w.name === WIDGET);
+	if (existing?.element) return existing.element;
+	const element = document.createElement("div");
+	element.className = "dejaguard-badge";
+	Object.assign(element.style, {
+		fontFamily: "sans-serif", fontSize: "12px", lineHeight: "1.4", color: "#fff", borderRadius: "6px",
+		padding: "4px 8px", background: COLORS.none, overflow: "hidden", whiteSpace: "pre-line",
+	});
+	element.textContent = "no score yet";
+	if (typeof node.addDOMWidget === "function") {
+		const widget = node.addDOMWidget(WIDGET, "dejaguard_badge", element, {
+			serialize: false, hideOnZoom: false, getMinHeight: () => 44, getValue: () => undefined, setValue: () => {},
+		});
+		widget.serializeValue = () => undefined; // never part of the API graph
+	}
+	return element;
+}
+
+/** Paint the badge of ``node`` from a score payload and keep it on the node for scripts and tests. */
+function paint(node, data) {
+	const state = badgeState(data);
+	const element = badgeElement(node);
+	element.textContent = state.lines.join("\n");
+	element.style.background = COLORS[state.kind];
+	element.title = String(data?.summary ?? "");
+	element.dataset.kind = state.kind;
+	node.dejaguardBadge = { ...state, summary: String(data?.summary ?? "") };
+	node.setDirtyCanvas?.(true, true);
+}
+
+app.registerExtension({
+	name: "DejaGuard.MemorizationBadge",
+	async beforeRegisterNodeDef(nodeType, nodeData) {
+		if (nodeData?.name !== GUARD && nodeData?.name !== VERDICT) return;
+		const onNodeCreated = nodeType.prototype.onNodeCreated;
+		nodeType.prototype.onNodeCreated = function () {
+			const r = onNodeCreated?.apply(this, arguments);
+			badgeElement(this);
+			return r;
+		};
+		if (nodeData.name === VERDICT) {
+			const onExecuted = nodeType.prototype.onExecuted;
+			nodeType.prototype.onExecuted = function (message) {
+				onExecuted?.apply(this, arguments);
+				const data = message?.dejaguard?.[0];
+				if (data) paint(this, data);
+			};
+		}
+	},
+	async setup() {
+		// During sampling: the guard node shows the scores of the run that just started.
+		api.addEventListener(EVENT, ({ detail }) => {
+			const node = app.graph?.getNodeById(Number(detail?.node));
+			if (node && node.type === GUARD) paint(node, detail);
+		});
+	},
+});
