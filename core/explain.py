@@ -4,6 +4,11 @@ Significance of token ``i`` = norm of the gradient of the text-conditional magni
 ``||eps(x_t, c) - eps(x_t, 0)||`` with respect to that token's conditioning embedding ``c_i``
 (row ``i`` of the ``(77, D)`` text embedding), averaged over the first sampling steps. BOS, EOS
 and padding positions are excluded. Pieces are grouped back into the prompt's words.
+
+Known limitation: these rows are the causal text encoder's contextualized outputs, so later
+positions also carry earlier tokens; on the testbed a trigger word ranks first when it ends the
+prompt but not when another word follows it. Gradients w.r.t. the input token embeddings (as in
+Wen et al.) avoid that and need the encoder in the Denoiser protocol.
 """
 
 from __future__ import annotations

@@ -101,9 +101,9 @@ def test_empty_prompt_is_refused(testbed):
 def test_long_prompt_warns_and_truncates(testbed):
     long = "a red circle on the left " * 20
     with pytest.warns(UserWarning, match="truncated to 77"):
-        r = first_step_scores(testbed, [long])[0]
+        r = first_step_scores(testbed, [long], seed=0)[0]
     truncated = testbed.tokenizer.decode(testbed.tokenize([long])[0], skip_special_tokens=True)
-    assert r.score == pytest.approx(first_step_scores(testbed, [truncated])[0].score, rel=1e-4)
+    assert r.score == pytest.approx(first_step_scores(testbed, [truncated], seed=0)[0].score, rel=1e-4)
 
 
 def test_nan_output_is_a_clear_error(testbed, monkeypatch):
