@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 
 from .errors import DejaGuardError, NonFiniteError
 
@@ -158,7 +157,7 @@ class DiffusersDenoiser:
         if missing:
             raise DejaGuardError(
                 f"not a diffusers model folder: {folder} lacks {', '.join(m + '/' for m in missing)}")
-        from diffusers import SchedulerMixin, UNet2DConditionModel
+        from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         unet_cls = _config_class(folder / "unet")
@@ -172,7 +171,7 @@ class DiffusersDenoiser:
                 unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
                 text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32)
                 tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-                scheduler = _load_scheduler(folder / "scheduler", SchedulerMixin)
+                scheduler = _load_scheduler(folder / "scheduler")
                 vae = _load_vae(folder / "vae") if (folder / "vae").is_dir() else None
         except DejaGuardError:
             raise
@@ -233,13 +232,6 @@ class DiffusersDenoiser:
             self._fingerprint = module_fingerprint(self.unet)
         return self._fingerprint
 
-    def images_at(self, samples: torch.Tensor, size: int) -> torch.Tensor:
-        """Decoded images resized by area averaging to ``size`` x ``size`` (comparisons)."""
-        images = self.decode(samples)
-        if images.shape[-1] != size:
-            images = F.interpolate(images, size=(size, size), mode="area")
-        return images
-
 
 def _placed(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """Frozen, in eval mode, on ``device``; cast only when needed (diffusers warns on every cast)."""
@@ -256,7 +248,7 @@ def _config_class(component: Path) -> str | None:
         return None
 
 
-def _load_scheduler(path: Path, base: type) -> Any:
+def _load_scheduler(path: Path) -> Any:
     import diffusers
 
     try:
