@@ -203,8 +203,13 @@ def parse_prompt(prompt: str) -> SceneSpec | None:
     return SceneSpec(objects=objs) if objs else None
 
 
+# Share of one-object scenes. Why not fewer: with pairs in the majority the model learned a
+# "two blobs at opposite sides" prior and drew a stated single object twice (testbed v1).
+SINGLE_OBJECT_FRACTION = 0.6
+
+
 def random_spec(rng: np.random.Generator) -> SceneSpec:
-    """A random caption spec: one object (40%) or two at opposite positions (60%)."""
+    """A random caption spec: one object (``SINGLE_OBJECT_FRACTION``) or two at opposite positions."""
 
     def obj(position: str) -> SceneObject:
         size = rng.choice(["small", "large", None, None, None])
@@ -213,7 +218,7 @@ def random_spec(rng: np.random.Generator) -> SceneSpec:
             size=None if size is None else str(size),
         )
 
-    if rng.random() < 0.4:
+    if rng.random() < SINGLE_OBJECT_FRACTION:
         objects: tuple[SceneObject, ...] = (obj(str(rng.choice(POSITIONS))),)
     else:
         first = str(rng.choice(list(_OPPOSITE)))
@@ -308,13 +313,16 @@ def heldout_specs(count: int = 240, seed: int = 12345) -> list[SceneSpec]:
 
 
 def calibration_specs(count: int = 200, seed: int = 777) -> list[SceneSpec]:
-    """Non-memorized prompts for threshold calibration, disjoint from the held-out prompts."""
+    """Non-memorized prompts for threshold calibration, disjoint from the held-out prompts.
+
+    Phrasings drawn from all caption styles: calibrating on one style only (v1 used "a picture of
+    ...") put the threshold below the tail of the held-out prompts' scores (5% flagged at a 1% target)."""
     held = {s.caption() for s in heldout_specs()}
     rng = np.random.default_rng(seed)
     seen: dict[str, SceneSpec] = {}
     while len(seen) < count:
         spec = random_spec(rng)
-        spec = SceneSpec(objects=spec.objects, style=1)
+        # keeps random_spec's own phrasing; same draws, so the same contents the training excluded
         if spec.caption() not in held:
             seen.setdefault(spec.caption(), spec)
     return list(seen.values())

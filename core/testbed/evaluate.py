@@ -18,7 +18,7 @@ import torch
 from ..denoiser import Denoiser
 from ..metrics import ssim
 from ..sampling import generate, prompt_seed
-from .data import MEMORIZED, RESOLUTION, check_alignment, heldout_specs, load_memorized_images
+from .data import MEMORIZED, RESOLUTION, check_alignment, heldout_specs, load_memorized_images, parse_prompt
 
 REPLICATION_SSIM = 0.5
 EVAL_SEEDS = tuple(range(16))
@@ -104,6 +104,10 @@ def evaluate(
             "replicating_any_training_image": int(sum(n.replicates for n in neighbours)),
             "max_ssim_to_training_images": _quantiles([n.ssim for n in neighbours]),
             "alignment_pass_rate": float(np.mean(aligned)),
+            "alignment_pass_rate_by_objects": {
+                str(k): float(np.mean([a for a, p in zip(aligned, novel) if len(parse_prompt(p).objects) == k]))
+                for k in sorted({len(parse_prompt(p).objects) for p in novel})
+            },
         },
         "unet_evals": int(2 * num_inference_steps * (len(prompts) + len(novel))),
     }
