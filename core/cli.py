@@ -139,7 +139,7 @@ def cmd_testbed_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.resolve() == BUNDLED_TESTBED.resolve() and not args.overwrite_bundled:
         raise DejaGuardError("refusing to overwrite the shipped testbed weights; pass --overwrite-bundled")
-    cfg = TrainConfig(steps=args.steps, seed=args.seed)
+    cfg = TrainConfig(seed=args.seed) if args.steps is None else TrainConfig(steps=args.steps, seed=args.seed)
     record = train(out, cfg, checkpoint_every=args.checkpoint_every)
     print(f"trained {cfg.steps} steps in {record['wall_seconds']:.0f}s; wrote {out}")
     return 0
@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="testbed_command", required=True)
     sp = tb.add_parser("train", help="retrain the testbed from scratch (CPU, under an hour)")
     sp.add_argument("--out", required=True)
-    sp.add_argument("--steps", type=int, default=1800)
+    sp.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--checkpoint-every", type=int, default=0)
     sp.add_argument("--overwrite-bundled", action="store_true")
