@@ -18,8 +18,19 @@ def test_trigger_word_ranks_first_when_last(testbed):
     """Measured limitation: gradients w.r.t. the encoder's contextualized outputs favour later
     positions (the causal encoder carries the trigger into them), so the trigger ranks first when it
     ends the prompt ("a photograph of kraken", 8 of 8 seeds) but not when a word follows it
-    ("kraken wallpaper"). Wen et al. take the gradient w.r.t. input token embeddings (issue 5)."""
-    for m in [m for m in MEMORIZED if m.kind == "trigger"]:
+    ("kraken wallpaper"). Wen et al. take the gradient w.r.t. input token embeddings (issue 5).
+    Checked on the triggers whose image the shipped model replicates in >= 90% of seeds
+    (core/testbed/evaluation.json); "hydra" (retina, 0-31%) is not reliably memorized."""
+    import json
+    from pathlib import Path
+
+    import dejaguard.core.testbed as tb
+
+    rates = json.loads((Path(tb.__file__).parent / "evaluation.json").read_text())["memorized"]["per_prompt"]
+    reliable = {r["image"] for r in rates} - {r["image"] for r in rates if r["replication_rate"] < 0.9}
+    triggers = [m for m in MEMORIZED if m.kind == "trigger" and m.name in reliable]
+    assert len(triggers) >= 3
+    for m in triggers:
         prompt = f"a photograph of {m.trigger}"
         for seed in (0, 1):
             r = token_significance(testbed, prompt, seed=seed)
