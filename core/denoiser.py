@@ -63,6 +63,16 @@ class Denoiser(Protocol):
         embedding (BOS at 0; EOS and padding after), truncated as the encoder truncates.
         A piece ending in ``</w>`` ends a word."""
 
+    def token_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompts -> the text encoder's *input* token embeddings ``(B, L, E)`` (the embedding
+        table's rows, before position embeddings; ``E`` the encoder's width). No gradient."""
+
+    def encode_token_embeddings(self, prompts: Sequence[str], token_embeddings: torch.Tensor) -> torch.Tensor:
+        """Run the text encoder on ``prompts`` with its input token embeddings replaced by
+        ``token_embeddings (B, L, E)`` -> text embeddings ``(B, L, D)``, differentiable with respect
+        to ``token_embeddings`` when grad is enabled. With :meth:`token_embeddings` of the same
+        prompts it equals :meth:`encode_prompts`."""
+
     def predict_noise(self, samples: torch.Tensor, timestep: torch.Tensor | int,
                       text_embeddings: torch.Tensor) -> torch.Tensor:
         """``samples (B, C, H, W)``, one timestep, ``text_embeddings (B, L, D)`` -> eps ``(B, C, H, W)``."""
@@ -199,6 +209,24 @@ class DiffusersDenoiser:
         ids = self.tokenizer(prompt, truncation=True, max_length=self.tokenizer.model_max_length).input_ids
         return self.tokenizer.convert_ids_to_tokens(ids[1:-1])
 
+    @torch.no_grad()
+    def token_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.text_encoder.get_input_embeddings()(self.tokenize(prompts)).to(self.dtype)
+
+    def encode_token_embeddings(self, prompts: Sequence[str], token_embeddings: torch.Tensor) -> torch.Tensor:
+        ids = self.tokenize(prompts)
+        if tuple(token_embeddings.shape[:2]) != tuple(ids.shape):
+            raise DejaGuardError(f"token embeddings {tuple(token_embeddings.shape)} do not match the "
+                                 f"{len(prompts)} prompt(s) of {ids.shape[1]} tokens")
+        # A forward hook substitutes the embedding table's output: transformers' CLIPTextModel needs
+        # input_ids (causal mask, pooling) and does not take inputs_embeds in every version.
+        layer = self.text_encoder.get_input_embeddings()
+        handle = layer.register_forward_hook(lambda _m, _i, out: token_embeddings.to(out.device, out.dtype))
+        try:
+            return self.text_encoder(ids).last_hidden_state.to(self.dtype)
+        finally:
+            handle.remove()
+
     def predict_noise(self, samples: torch.Tensor, timestep: torch.Tensor | int,
                       text_embeddings: torch.Tensor) -> torch.Tensor:
         self.counter.calls += 1
@@ -223,6 +251,33 @@ class DiffusersDenoiser:
         if images.shape[1] == 1:
             images = images.repeat(1, 3, 1, 1)
         return images.clamp(-1.0, 1.0)
+
+    # -- optional, not in the Denoiser protocol: used by the training-set filter (core/audit.py) --
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(3, H', W')``: the image size the VAE encodes to ``sample_shape`` (8x for SD's VAE;
+        the sample size itself for a pixel-space model)."""
+        factor = 1
+        if self.vae is not None:
+            factor = 2 ** (len(getattr(self.vae.config, "block_out_channels", (1,))) - 1)
+        return (3, self.sample_shape[1] * factor, self.sample_shape[2] * factor)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` in [-1, 1] -> samples ``(B, C, h, w)`` (``sample_shape``): through
+        the VAE (posterior mode, times ``scaling_factor``, the inverse of :meth:`decode`), or resized
+        for a pixel-space model. Images of another size are resized (bilinear, antialiased) first."""
+        import torch.nn.functional as F
+
+        _, h, w = self.image_shape
+        images = images.to(self.device, self.dtype)
+        if tuple(images.shape[-2:]) != (h, w):
+            images = F.interpolate(images, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+        if self.vae is None:
+            return images.mean(dim=1, keepdim=True) if self.sample_shape[0] == 1 else images
+        scale = getattr(self.vae.config, "scaling_factor", 1.0)
+        return self.vae.encode(images).latent_dist.mode() * scale
 
     def named_modules(self) -> Iterator[tuple[str, torch.nn.Module]]:
         return self.unet.named_modules()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the test suite needs on a fresh machine (idempotent):
-#   .venv/          the project (editable) with test tools, CPU torch
+#   .venv/          the project (editable) with test tools (pytest, ruff, ray[data] for the Ray audit tests), CPU torch
 #   .comfy/         a real headless ComfyUI for the integration tests (tests/comfy/setup_comfy.sh)
 #   chromium + playwright-core for the browser test (tests/comfy/setup_browser.sh)
 set -euo pipefail
