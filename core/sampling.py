@@ -87,17 +87,28 @@ def generate(
     guidance_scale: float = DEFAULT_GUIDANCE,
     batch_size: int = 32,
     progress: bool = False,
+    cond_embeddings: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Full generations, one per (prompt, seed) pair: final samples ``(B, C, H, W)``."""
+    """Full generations, one per (prompt, seed) pair: final samples ``(B, C, H, W)``.
+
+    ``cond_embeddings`` ``(B, L, D)``, if given, replaces the prompts' own text embeddings (e.g. a
+    mitigated embedding from :mod:`core.mitigate`); ``prompts`` then only set the count.
+    """
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
+    if cond_embeddings is not None and cond_embeddings.shape[0] != len(prompts):
+        raise ValueError("one conditional embedding per prompt")
     uncond = denoiser.encode_prompts([""])
     out = []
     bar = tqdm(total=len(prompts), desc="generating", disable=not progress)
     for i in range(0, len(prompts), batch_size):
         chunk = list(prompts[i : i + batch_size])
+        if cond_embeddings is None:
+            cond = denoiser.encode_prompts(chunk)
+        else:
+            cond = cond_embeddings[i : i + batch_size].to(denoiser.device, denoiser.dtype)
         x, _ = guided_denoise(denoiser, initial_noise(denoiser, seeds[i : i + batch_size]),
-                              denoiser.encode_prompts(chunk), uncond, num_inference_steps, guidance_scale)
+                              cond, uncond, num_inference_steps, guidance_scale)
         out.append(x)
         bar.update(len(chunk))
     bar.close()

@@ -2,9 +2,9 @@
 
 Runs :func:`core.explain.token_significance` on the graph's MODEL and CLIP through
 :class:`~nodes.comfy_denoiser.ComfyDenoiser`: the gradient of ``||eps(x_t, c) - eps(x_t, "")||`` with respect to
-each token's conditioning row, averaged over the first ``steps`` DDIM steps (BOS, EOS and padding
-excluded), normalized to sum to 1, pieces grouped into words. For a memorized prompt the trigger
-words carry most of it.
+each token's input embedding (its token-embedding row, before position embeddings), averaged over the first
+``steps`` DDIM steps (BOS, EOS and padding excluded), normalized to sum to 1, pieces grouped into words. For a
+memorized prompt the trigger words carry most of it.
 
 Output: a readable ranking (STRING), and ``{"ui": {"dejaguard_tokens": [{...}]}}`` that
 ``web/js/tokens.js`` draws as the prompt's words shaded by score. With the same seed as a KSampler
@@ -21,30 +21,15 @@ import torch
 
 from ..core.denoiser import UNetCounter
 from ..core.errors import DejaGuardError
-from ..core.explain import TokenSignificance, token_significance
+from ..core.explain import TokenSignificance, ranking_text, to_json, token_significance
 from .comfy_denoiser import ComfyDenoiser
 
 UI_KEY = "dejaguard_tokens"
 
 
-def ranking_text(result: TokenSignificance, steps: int) -> str:
-    """A plain-text ranking of the words, most significant first (one line each, with a bar)."""
-    lines = [f"DejaGuard token significance: {result.prompt!r}",
-             f"first {steps} step(s), seed {result.seed}, text-conditional magnitude {result.magnitude:.4f}, "
-             f"{result.unet_evals} UNet evaluations"]
-    order = sorted(range(len(result.words)), key=lambda w: -result.word_scores[w])
-    width = max(len(w) for w in result.words)
-    for rank, w in enumerate(order, 1):
-        score = result.word_scores[w]
-        lines.append(f"{rank:2d}. {result.words[w]:<{width}}  {100 * score:5.1f}%  {'#' * round(40 * score)}")
-    return "\n".join(lines)
-
-
 def ui_payload(result: TokenSignificance, steps: int) -> dict[str, Any]:
     """The JSON the front end receives for one prompt (lists parallel to ``words`` / ``tokens``)."""
-    return {"prompt": result.prompt, "words": result.words, "word_scores": result.word_scores,
-            "tokens": result.tokens, "scores": result.scores, "word_ids": result.word_ids,
-            "magnitude": result.magnitude, "steps": steps, "seed": result.seed, "unet_evals": result.unet_evals}
+    return to_json(result, steps)
 
 
 class DejaGuardTokenHighlight:

@@ -63,6 +63,7 @@ class TrainConfig:
     # Training-time mitigation (issue 5, core.mitigate.LossFilter): drop samples whose text-conditional
     # magnitude exceeds this from the loss (one extra UNet forward without grad per step). None = off.
     filter_threshold: float | None = None
+    filter_min_timestep: int = 0  # samples drawn below this timestep are never dropped (LossFilter.min_timestep)
 
 
 def build_text_encoder(cfg: TrainConfig) -> CLIPTextModel:
@@ -267,7 +268,7 @@ def _loss_filter(cfg: TrainConfig):  # -> core.mitigate.LossFilter | None
         return None
     from ..mitigate import LossFilter
 
-    return LossFilter(cfg.filter_threshold)
+    return LossFilter(cfg.filter_threshold, min_timestep=cfg.filter_min_timestep)
 
 
 def _filtered_loss(loss_filter, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
@@ -282,8 +283,8 @@ def _filtered_loss(loss_filter, unet: UNet2DConditionModel, text_encoder: CLIPTe
     with torch.no_grad():
         ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
         uncond = text_encoder(ids).last_hidden_state
-    has_caption = torch.from_numpy(~np.asarray(dropped, dtype=bool))
-    mags = conditional_magnitudes(unet, noisy, t, pred, uncond, has_caption)
+    judged = torch.from_numpy(~np.asarray(dropped, dtype=bool)) & loss_filter.checked(t)
+    mags = conditional_magnitudes(unet, noisy, t, pred, uncond, judged)
     groups = ["uncond" if not c else "memorized" if c in memorized else "novel" for c in captions]
-    return loss_filter.reduce(weighted, loss_filter.keep(mags, groups))
+    return loss_filter.reduce(weighted, loss_filter.keep(mags, groups, timesteps=t))
 

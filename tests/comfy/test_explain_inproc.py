@@ -243,3 +243,42 @@ def test_inproc_v_prediction_mapping(comfy_env: Any, testbed_pair: tuple[Any, ..
         # the object patch is gone once the plain model is loaded again
         plain = ComfyDenoiser(model, clip).predict_noise(x, 999, context)
         assert _rel(plain, den.predict_noise(x, 999, context)) <= TOL
+
+
+def test_inproc_token_embeddings_match_diffusers(comfy_env: Any, testbed_pair: tuple[Any, ...]) -> None:
+    """The adapter's input token embeddings and the encoder run from them (what token significance differentiates)
+    equal DiffusersDenoiser's, gradients included, also with inference-tensor CLIP weights (as a checkpoint loaded
+    inside a graph has them; the cached CLIP is not modified); a weighted prompt re-encodes to CLIPTextEncode's
+    conditioning."""
+    torch = comfy_env
+    import comfy.model_patcher
+    from DejaGuard.nodes.comfy_denoiser import ComfyDenoiser
+
+    model, clip, _, den = testbed_pair
+    with torch.inference_mode():
+        stage = copy.deepcopy(clip.cond_stage_model)
+    assert all(p.is_inference() for p in stage.parameters())
+    inference_clip = clip.clone()
+    inference_clip.cond_stage_model = stage
+    inference_clip.patcher = comfy.model_patcher.ModelPatcher(stage, load_device=clip.patcher.load_device,
+                                                              offload_device=clip.patcher.offload_device)
+    cd = ComfyDenoiser(model, clip)
+    for prompt in PROMPTS:
+        ours, ref = cd.token_embeddings([prompt]), den.token_embeddings([prompt])
+        assert ours.shape == ref.shape == (1, 77, ref.shape[-1])
+        assert float((ours - ref).abs().max()) <= TOL, prompt
+    for prompt in (TRIGGER_PROMPT, f"a photograph of ({TRIGGER}:1.3)"):
+        with torch.inference_mode(False), torch.no_grad():
+            again = cd.encode_token_embeddings([prompt], cd.token_embeddings([prompt]))
+        assert float((again - cd.encode_prompts([prompt])).abs().max()) <= 1e-6, prompt
+    params = dict(stage.named_parameters())
+    grads = []
+    for d in (cd, ComfyDenoiser(model, inference_clip), den):
+        with torch.inference_mode(False), torch.enable_grad():
+            leaf = d.token_embeddings([TRIGGER_PROMPT]).clone().requires_grad_(True)
+            cond = d.encode_token_embeddings([TRIGGER_PROMPT], leaf)
+            (grad,) = torch.autograd.grad(cond[0, 1:6].square().sum(), leaf)
+        grads.append(grad)
+    assert _rel(grads[0], grads[2]) <= TOL and _rel(grads[1], grads[2]) <= TOL
+    assert float(grads[0][0, 1:5].norm()) > 0 and float(grads[0][0, 6:].abs().max()) == 0.0  # causal encoder
+    assert all(p is params[n] and p.is_inference() for n, p in stage.named_parameters())

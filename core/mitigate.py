@@ -1,0 +1,349 @@
+"""Switching memorization off by changing the prompt's conditioning or the training loss (Wen et al., ICLR 2024).
+
+Inference time (:func:`mitigate_embedding`, :func:`mitigate_prompt`): optimize the conditional text embedding
+``c`` ``(1, L, D)`` at the first sampling step, on the same seeded ``x_T`` the generation will start from, so
+that the text-conditional magnitude ``||eps(x_T, c) - eps(x_T, "")||`` (the detector's score,
+:func:`core.sampling.text_conditional_magnitude`) falls to a target. The unconditional prediction does not
+depend on ``c``: it is computed once. AdamW on the whole ``(L, D)`` embedding, early stop as soon as the
+score is at or below the target. A prompt whose score is at or below ``threshold`` (default: the target)
+costs one batched UNet call (the detector's) and is returned unchanged: the same tensor object, zero
+iterations.
+
+Two levels, ``threshold`` >= ``target``: which prompts to touch, and how far to push them. Measured on the
+testbed (weights fingerprint 3aa36c9f50a49137; 12 memorized prompts, one per image, x 2 seeds, 50-step
+generations, CFG 7.5, scripts not kept; ``bench/mitigation.py`` re-measures on any model):
+pushing a memorized prompt just below the calibrated detection threshold did *not* stop replication (87.5% of
+generations replicated before, 95.8% after), so the target has to lie well inside the range of non-memorized
+prompts, while touching only prompts above the detection threshold keeps 99% of non-memorized prompts (the
+calibrated FPR) bit-identical. :func:`default_levels`: threshold = calibrated detection threshold, target =
+the median score of the calibration's non-memorized prompts ("as text-driven as a typical novel prompt").
+
+Settings: AdamW, at most 10 iterations, early stop (Wen et al.), but lr 0.1 instead of their 0.05. The
+testbed's conditioning rows are layer-normed like SD's CLIP outputs (per-element std 0.97), so lr means the
+same step size; yet with lr 0.05 the memorized prompts' scores only fell from 2.6 to 1.09 on average in
+10 iterations (target 0.77 reached by almost none; replication 79%), with 0.1 to 0.73 in 8.6 iterations
+(replication 37.5%), with 0.2 to 0.70 in 5.5 (25%, at a larger departure from the prompt). 0.1 is the
+smallest tested step that reaches the target within the iteration budget for most prompts. Lower targets
+(0.2, lr 0.2, 20 iterations) stopped every replication on that sample, but then no generation kept its
+prompt's subject (nearest training image no longer its own): on the testbed a memorized prompt has no
+meaning besides its image, so there is no free lunch. Optimizing the mean score over the first 5 steps
+instead of the first was no better (41.7% at target 0.77, lr 0.1) at 5x the cost.
+
+Training time (:class:`LossFilter`): drop the samples whose text-conditional magnitude exceeds a threshold
+from the loss. The magnitude is read at the sample's own noised latent and timestep from the conditional
+prediction the loss already computes, against an unconditional prediction of the same latent: one extra
+UNet forward without gradient per kept-caption sample (caption-dropout samples have ``c = ""`` and
+magnitude 0 by definition, so they need none).
+
+Shapes: ``L`` text tokens (77), ``D`` text embedding width, ``N`` initial noises, ``C, H, W`` sample shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .denoiser import Denoiser
+from .errors import DejaGuardError, NonFiniteError
+from .explain import content_tokens
+from .sampling import DEFAULT_STEPS, initial_noise, text_conditional_magnitude
+
+DEFAULT_LR = 0.1
+DEFAULT_MAX_ITERATIONS = 10
+
+
+@dataclass
+class MitigationResult:
+    """What :func:`mitigate_embedding` did.
+
+    ``embedding``: the conditioning to sample with, ``(1, L, D)``; the input tensor itself when
+    ``iterations == 0``. ``score_before`` / ``score_after``: mean text-conditional magnitude over the
+    ``N`` noises before / after; ``scores``: the score at every evaluated iterate (``scores[0]`` is
+    ``score_before``). ``unet_forwards`` / ``unet_backwards``: samples through the UNet (the counter).
+    """
+
+    embedding: torch.Tensor
+    iterations: int
+    score_before: float
+    score_after: float
+    target: float
+    threshold: float
+    scores: list[float] = field(default_factory=list)
+    unet_forwards: int = 0
+    unet_backwards: int = 0
+    prompt: str | None = None
+    seeds: list[int] | None = None
+
+    @property
+    def reached(self) -> bool:
+        """Whether the score ended at or below the target (or the prompt was left untouched)."""
+        return self.iterations == 0 and self.score_after <= self.threshold or self.score_after <= self.target
+
+    def summary(self) -> dict:
+        """JSON-safe figures (no tensors)."""
+        return {"prompt": self.prompt, "seeds": self.seeds, "iterations": self.iterations,
+                "score_before": self.score_before, "score_after": self.score_after, "target": self.target,
+                "threshold": self.threshold,
+                "reached": self.reached, "scores": self.scores, "unet_forwards": self.unet_forwards,
+                "unet_backwards": self.unet_backwards}
+
+
+def first_step_input(denoiser: Denoiser, noise: torch.Tensor,
+                     num_inference_steps: int = DEFAULT_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet input and timestep of the first sampling step from unscaled ``x_T`` ``(N, C, H, W)``:
+    exactly what :func:`core.sampling.guided_denoise` (and so the detector) feeds the UNet first."""
+    scheduler = denoiser.new_scheduler()
+    scheduler.set_timesteps(num_inference_steps)
+    t = scheduler.timesteps[0]
+    return scheduler.scale_model_input(noise * scheduler.init_noise_sigma, t), t
+
+
+def mitigate_embedding(
+    denoiser: Denoiser,
+    cond: torch.Tensor,
+    noise: torch.Tensor,
+    target: float,
+    uncond: torch.Tensor | None = None,
+    threshold: float | None = None,
+    lr: float = DEFAULT_LR,
+    max_iterations: int = DEFAULT_MAX_ITERATIONS,
+    num_inference_steps: int = DEFAULT_STEPS,
+    on_iteration: Callable[[int, float], None] | None = None,
+) -> MitigationResult:
+    """Optimize ``cond`` ``(1, L, D)`` until the first-step magnitude on ``noise`` ``(N, C, H, W)`` (unscaled
+    x_T, as :func:`core.sampling.initial_noise` makes it; the mean over the ``N`` noises) is <= ``target``.
+    Untouched (zero iterations, ``cond`` itself returned) when the score is already <= ``threshold``
+    (default ``target``; must be >= ``target``).
+
+    ``uncond``: the unconditional embedding ``(1, L', D)`` (default: ``encode_prompts([""])``; a sampler's
+    negative conditioning can stand in for it, as the ComfyUI node does). Works on
+    cloned tensors outside inference mode with grad enabled, so it also runs inside ComfyUI's graph
+    execution; ``cond`` and ``noise`` are never modified. ``on_iteration(i, score)`` is called after the
+    score of iterate ``i`` is known (progress bars). Raises :class:`NonFiniteError` if a score, gradient or
+    iterate becomes NaN/inf (nothing is returned then, the input is untouched).
+    """
+    if cond.dim() != 3 or cond.shape[0] != 1:
+        raise DejaGuardError(f"expected one conditional embedding (1, L, D), got {tuple(cond.shape)}")
+    if noise.dim() != 4 or noise.shape[0] < 1:
+        raise DejaGuardError(f"expected initial noise (N, C, H, W), got {tuple(noise.shape)}")
+    if not (target >= 0):  # also rejects NaN
+        raise DejaGuardError(f"target magnitude must be a number >= 0, got {target}")
+    threshold = target if threshold is None else threshold
+    if not (threshold >= target):
+        raise DejaGuardError(f"threshold ({threshold}) must be >= target ({target}): prompts between the two "
+                             "would be optimized toward a score they already beat")
+    if max_iterations < 0 or not (lr > 0):
+        raise DejaGuardError("max_iterations must be >= 0 and lr > 0")
+    n = noise.shape[0]
+    before = denoiser.counter.snapshot()
+    with torch.inference_mode(False):
+        with torch.no_grad():
+            c0 = cond.detach().clone().to(denoiser.device, denoiser.dtype)
+            u = (denoiser.encode_prompts([""]) if uncond is None else uncond.detach().clone())
+            u = u.to(denoiser.device, denoiser.dtype).expand(n, -1, -1)
+            model_in, t = first_step_input(denoiser, noise.detach().clone().to(denoiser.device, denoiser.dtype),
+                                           num_inference_steps)
+            if u.shape[1] == c0.shape[1]:  # the detector's call: unconditional and conditional halves in one batch
+                eps_uncond, eps_cond = denoiser.predict_noise(torch.cat([model_in, model_in]), t,
+                                                              torch.cat([u, c0.expand(n, -1, -1)])).chunk(2)
+            else:  # e.g. a ComfyUI negative prompt longer than one 77-token chunk
+                eps_uncond = denoiser.predict_noise(model_in, t, u)
+                eps_cond = denoiser.predict_noise(model_in, t, c0.expand(n, -1, -1))
+            score = float(text_conditional_magnitude(eps_cond, eps_uncond).mean())
+        _check_finite(score, "the first-step score", 0)
+        scores = [score]
+        if on_iteration:
+            on_iteration(0, score)
+        if score <= threshold or max_iterations == 0:
+            spent = denoiser.counter.since(before)
+            return MitigationResult(cond, 0, score, score, target, threshold, scores, spent.forwards,
+                                    spent.backwards)
+        emb = c0.clone().requires_grad_(True)
+        opt = torch.optim.AdamW([emb], lr=lr)
+        iterations = 0
+        try:
+            with torch.enable_grad():
+                while True:
+                    eps_c = denoiser.predict_noise(model_in, t, emb.expand(n, -1, -1))
+                    loss = text_conditional_magnitude(eps_c, eps_uncond).mean()
+                    if iterations > 0:  # iterate 0's score is already known (no-grad call above)
+                        score = float(loss.detach())
+                        _check_finite(score, "the score", iterations)
+                        scores.append(score)
+                        if on_iteration:
+                            on_iteration(iterations, score)
+                        if score <= target or iterations == max_iterations:
+                            # counters count a backward with every grad-enabled forward; this one is not back-propagated
+                            denoiser.counter.backwards -= n
+                            break
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if not torch.isfinite(emb.grad).all():
+                        raise NonFiniteError(f"embedding mitigation: the gradient became NaN or infinite at "
+                                             f"iteration {iterations + 1}; the conditioning was left unchanged")
+                    opt.step()
+                    iterations += 1
+                    if not torch.isfinite(emb).all():
+                        raise NonFiniteError(f"embedding mitigation: the embedding became NaN or infinite at "
+                                             f"iteration {iterations}; the conditioning was left unchanged")
+        except NonFiniteError as err:
+            if "left unchanged" in str(err):
+                raise
+            raise NonFiniteError(f"embedding mitigation, iteration {iterations + 1}: {err}; the conditioning was "
+                                 "left unchanged") from err
+    spent = denoiser.counter.since(before)
+    out = emb.detach().to(cond.dtype).to(cond.device)
+    return MitigationResult(out, iterations, scores[0], scores[-1], target, threshold, scores, spent.forwards,
+                            spent.backwards)
+
+
+def mitigate_prompt(
+    denoiser: Denoiser,
+    prompt: str,
+    seeds: Sequence[int],
+    target: float,
+    threshold: float | None = None,
+    lr: float = DEFAULT_LR,
+    max_iterations: int = DEFAULT_MAX_ITERATIONS,
+    num_inference_steps: int = DEFAULT_STEPS,
+    on_iteration: Callable[[int, float], None] | None = None,
+) -> MitigationResult:
+    """:func:`mitigate_embedding` for ``prompt``'s embedding on the x_T of ``seeds`` (one embedding for all
+    of them: the score is their mean). Generate with ``core.sampling.generate(..., cond_embeddings=...)``
+    from the same seeds."""
+    content_tokens(denoiser, prompt)
+    if not seeds:
+        raise DejaGuardError("at least one seed is needed")
+    with torch.no_grad():
+        cond = denoiser.encode_prompts([prompt])
+    result = mitigate_embedding(denoiser, cond, initial_noise(denoiser, seeds), target, threshold=threshold, lr=lr,
+                                max_iterations=max_iterations, num_inference_steps=num_inference_steps,
+                                on_iteration=on_iteration)
+    result.prompt, result.seeds = prompt, [int(s) for s in seeds]
+    return result
+
+
+def default_levels(calibration: str | Path, fingerprint: str) -> tuple[float, float]:
+    """``(threshold, target)`` from the model's calibration (first step, 1 generation: the setting
+    :func:`mitigate_embedding` scores with), a calibration file or model folder: the detection threshold
+    (touch only prompts the detector flags) and the median score of the non-memorized calibration prompts
+    (push them to where a typical novel prompt lies). See the module doc for the measurements behind it."""
+    import json
+
+    from .detect import CALIBRATION_FILE, ScoreSettings, load_threshold
+
+    threshold = load_threshold(calibration, ScoreSettings(), fingerprint)  # checks file, settings, fingerprint
+    path = Path(calibration)
+    entry = json.loads((path / CALIBRATION_FILE if path.is_dir() else path).read_text())[ScoreSettings().key()]
+    median = (entry.get("nonmemorized_quantiles") or {}).get("0.5")
+    if median is None:
+        raise DejaGuardError(f"the calibration in {path} has no non-memorized median: recalibrate or give a target")
+    return threshold, min(float(median), threshold)
+
+
+def _check_finite(score: float, what: str, iteration: int) -> None:
+    if score != score or score in (float("inf"), float("-inf")):
+        raise NonFiniteError(f"embedding mitigation: {what} is NaN or infinite at iteration {iteration}; "
+                             "the conditioning was left unchanged")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training time
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LossFilter:
+    """Training-time mitigation: drop samples whose text-conditional magnitude exceeds ``threshold``.
+
+    Use in any diffusers training loop (``unet`` a ``UNet2DConditionModel``)::
+
+        loss_filter = LossFilter(threshold)
+        pred = unet(noisy, t, cond).sample                              # the loss's own prediction
+        per_sample = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        judged = has_caption & loss_filter.checked(t)        # caption-dropout / low-t samples: no extra forward
+        mags = conditional_magnitudes(unet, noisy, t, pred, uncond, judged)  # one extra forward, no grad
+        loss = loss_filter.reduce(per_sample, loss_filter.keep(mags, timesteps=t))
+
+    The magnitude is taken at each sample's own timestep, so it carries the timestep's scale too: the
+    threshold is a property of the model and of the timestep distribution, chosen from magnitudes measured on
+    training samples (``dejaguard testbed train --filter`` records how many it dropped, memorized and
+    not). ``min_timestep``: samples drawn below it are always kept (and need no extra forward). Why: at low
+    noise the text changes every sample's prediction a lot, memorized or not. Measured on the shipped testbed
+    (256 training samples, half memorized): at uniformly drawn t a threshold of 2.0 dropped 80% of the
+    memorized samples and 61% of the novel ones; at t >= 750 it dropped 93% and 15%. NaN/inf magnitudes are
+    dropped. ``seen`` / ``dropped`` count samples over the filter's lifetime, ``by_group`` per label when
+    :meth:`keep` is given labels.
+    """
+
+    threshold: float
+    min_timestep: int = 0
+    seen: int = 0
+    dropped: int = 0
+    by_group: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (self.threshold > 0):
+            raise DejaGuardError(f"loss filter threshold must be > 0, got {self.threshold}")
+
+    def checked(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Which samples ``(B,)`` the filter judges (``timesteps >= min_timestep``); the others are kept."""
+        return timesteps >= self.min_timestep
+
+    def keep(self, magnitudes: torch.Tensor, groups: Sequence[str] | None = None,
+             timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample magnitudes ``(B,)`` -> boolean mask ``(B,)`` of the samples to keep in the loss.
+        ``groups``: an optional label per sample (e.g. "memorized" / "novel") for the statistics;
+        ``timesteps`` ``(B,)``: samples below ``min_timestep`` are kept whatever their magnitude."""
+        mask = torch.isfinite(magnitudes) & (magnitudes <= self.threshold)
+        if timesteps is not None:
+            mask = mask | ~self.checked(timesteps.to(mask.device))
+        self.seen += int(mask.numel())
+        self.dropped += int((~mask).sum())
+        for label, kept in zip(groups or (), mask.tolist()):
+            entry = self.by_group.setdefault(label, {"seen": 0, "dropped": 0})
+            entry["seen"] += 1
+            entry["dropped"] += int(not kept)
+        return mask
+
+    @staticmethod
+    def reduce(per_sample_loss: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Mean of ``per_sample_loss`` ``(B,)`` over the kept samples (0, still differentiable, if none is)."""
+        kept = keep.to(per_sample_loss.dtype)
+        return (per_sample_loss * kept).sum() / kept.sum().clamp_min(1.0)
+
+    @property
+    def dropped_fraction(self) -> float:
+        return self.dropped / self.seen if self.seen else 0.0
+
+    def summary(self) -> dict:
+        return {"threshold": self.threshold, "min_timestep": self.min_timestep, "seen": self.seen,
+                "dropped": self.dropped,
+                "dropped_fraction": round(self.dropped_fraction, 5), "by_group": self.by_group}
+
+
+def conditional_magnitudes(unet: Callable[..., object], noisy: torch.Tensor, timesteps: torch.Tensor,
+                           pred_cond: torch.Tensor, uncond: torch.Tensor,
+                           has_caption: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample ``||eps(x_t, c) - eps(x_t, "")||`` ``(B,)`` in a training step.
+
+    ``pred_cond`` ``(B, C, H, W)`` is the loss's own conditional prediction at ``noisy`` ``(B, C, H, W)`` and
+    ``timesteps`` ``(B,)``; the unconditional one is one extra UNet forward without gradient with ``uncond``
+    ``(1, L, D)``, only for the samples with a caption (``has_caption`` ``(B,)`` bool; caption-dropout samples
+    are conditioned on ``""`` already: magnitude 0). ``unet(x, t, encoder_hidden_states=...)`` returns an
+    object with ``.sample`` (diffusers) or the prediction itself.
+    """
+    mags = torch.zeros(noisy.shape[0], device=noisy.device, dtype=torch.float32)
+    rows = torch.arange(noisy.shape[0], device=noisy.device)
+    if has_caption is not None:
+        rows = rows[has_caption.to(noisy.device)]
+    if len(rows) == 0:
+        return mags
+    with torch.no_grad():
+        out = unet(noisy[rows], timesteps[rows], encoder_hidden_states=uncond.expand(len(rows), -1, -1))
+        pred_uncond = getattr(out, "sample", out)
+        mags[rows] = text_conditional_magnitude(pred_cond.detach()[rows], pred_uncond).float()
+    return mags

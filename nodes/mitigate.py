@@ -1,0 +1,156 @@
+"""The DejaGuard Mitigate Embedding node: CONDITIONING -> CONDITIONING whose memorization score is at most a target.
+
+Runs :func:`core.mitigate.mitigate_embedding` on the graph's MODEL through
+:class:`~nodes.comfy_denoiser.ComfyDenoiser`: AdamW on the positive conditioning ``(1, L, D)`` at the first
+sampling step, on the very x_T the following KSampler starts from (``comfy.sample.prepare_noise(latent, seed)``,
+the same seed and latent): if the text-conditional magnitude ``||eps(x_T, positive) - eps(x_T, negative)||``
+(mean over the latent batch) exceeds the threshold, until it is at or below the target. Conditioning at or
+below the threshold comes back unchanged (the same tensors, zero iterations). Defaults (0) come from the
+model's calibration: threshold = detection threshold, target = median score of non-memorized prompts
+(``core.mitigate.default_levels``). The negative conditioning plays the unconditional prompt; the calibration
+assumes an empty negative prompt, as the Memorization Guard does.
+
+Runs outside inference mode on cloned tensors (graphs execute under ``torch.inference_mode()``); the cached model
+and the input conditioning are not modified. Reports iterations, score before/after and UNet passes in its ``ui``
+(``dejaguard_mitigation``) and as a STRING.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import comfy.model_management
+import comfy.sample
+import comfy.utils
+import torch
+
+from ..core.denoiser import BUNDLED_TESTBED
+from ..core.detect import CALIBRATION_FILE, ScoreSettings
+from ..core.errors import DejaGuardError
+from ..core.mitigate import DEFAULT_LR, DEFAULT_MAX_ITERATIONS, MitigationResult, mitigate_embedding
+from .comfy_denoiser import ComfyDenoiser
+from .guard import resolve_threshold
+
+UI_KEY = "dejaguard_mitigation"
+
+
+def resolve_levels(model: Any, threshold: float, target: float, calibration: str = "") -> tuple[float, float, str]:
+    """(threshold, target, where they came from): values > 0 set on the node win; 0 = from the calibration that
+    matches this model (as the guard finds its threshold): detection threshold / non-memorized median score."""
+    if threshold > 0 and target > 0:
+        if threshold < target:
+            raise DejaGuardError(f"threshold ({threshold}) must be >= target ({target})")
+        return float(threshold), float(target), "set on the node"
+    calibrated, source = resolve_threshold(model, 0.0, calibration)  # checks the file and the fingerprint
+    path = Path(calibration.strip()).expanduser() if calibration.strip() else BUNDLED_TESTBED
+    file = path / CALIBRATION_FILE if path.is_dir() else path
+    median = (json.loads(file.read_text())[ScoreSettings().key()].get("nonmemorized_quantiles") or {}).get("0.5")
+    if target <= 0 and median is None:
+        raise DejaGuardError(f"{file} has no non-memorized median score: set the target on the node")
+    threshold = float(threshold) if threshold > 0 else calibrated
+    target = float(target) if target > 0 else min(float(median), threshold)
+    return max(threshold, target), target, source
+
+
+def summary_text(entries: list[dict[str, Any]], threshold: float, target: float, source: str) -> str:
+    lines = [f"DejaGuard embedding mitigation: threshold {threshold:.4g}, target {target:.4g} ({source})"]
+    for i, e in enumerate(entries):
+        state = "unchanged (at or below the threshold)" if e["iterations"] == 0 else (
+            "target met" if e["reached"] else "target NOT met")
+        lines.append(f"conditioning {i + 1}: score {e['score_before']:.4g} -> {e['score_after']:.4g}, "
+                     f"{e['iterations']} iterations, {e['unet_forwards']} UNet forwards / "
+                     f"{e['unet_backwards']} backwards: {state}")
+    return "\n".join(lines)
+
+
+class DejaGuardMitigateEmbedding:
+    """Optimizes the positive conditioning so the memorization score of the next KSampler run falls to a target."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:  # noqa: N802 (ComfyUI's name)
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model the KSampler uses (SD1.x / SD2.x UNet or the "
+                                               "DejaGuard testbed). It is not modified."}),
+                "positive": ("CONDITIONING", {"tooltip": "The prompt's conditioning (from CLIPTextEncode)."}),
+                "negative": ("CONDITIONING", {
+                    "tooltip": "The KSampler's negative conditioning; it stands for the unconditional prediction "
+                               "(an empty prompt matches the calibrated threshold)."}),
+                "latent_image": ("LATENT", {"tooltip": "The KSampler's latent (e.g. Empty Latent Image): its size "
+                                                       "and batch set the initial noise."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                 "tooltip": "The KSampler's seed: the optimization runs on that seed's initial "
+                                            "noise, so it targets the image the KSampler makes."}),
+                "threshold": ("FLOAT", {
+                    "default": 0.0, "min": 0.0, "max": 10000.0, "step": 0.001,
+                    "tooltip": "Mitigate only if the first-step score exceeds this. 0 = this model's calibrated "
+                               "detection threshold (found automatically for the bundled testbed; else see "
+                               "'calibration')."}),
+                "target": ("FLOAT", {
+                    "default": 0.0, "min": 0.0, "max": 10000.0, "step": 0.001,
+                    "tooltip": "First-step score to push a mitigated prompt to. 0 = the calibrated median score of "
+                               "non-memorized prompts. Just below the detection threshold is not enough to stop a "
+                               "memorized image on the testbed."}),
+                "lr": ("FLOAT", {"default": DEFAULT_LR, "min": 0.0001, "max": 10.0, "step": 0.001,
+                                 "tooltip": "AdamW learning rate on the embedding (Wen et al.: 0.05; 0.1 reaches "
+                                            "the target within 10 iterations more often on the testbed)."}),
+                "max_iterations": ("INT", {"default": DEFAULT_MAX_ITERATIONS, "min": 0, "max": 200,
+                                           "tooltip": "At most this many optimizer steps (each one UNet forward and "
+                                                      "backward); stops early at the target."}),
+            },
+            "optional": {
+                "calibration": ("STRING", {
+                    "default": "",
+                    "tooltip": "Used when threshold or target is 0: a dejaguard_calibration.json or the diffusers "
+                               "model folder holding it. Empty = the bundled testbed."}),
+            },
+        }
+
+    RETURN_TYPES = ("CONDITIONING", "STRING")
+    RETURN_NAMES = ("positive", "report")
+    OUTPUT_TOOLTIPS = ("The mitigated conditioning: connect it to the KSampler's positive input.",
+                       "Iterations and score before/after, as text.")
+    FUNCTION = "mitigate"
+    CATEGORY = "DejaGuard"
+    DESCRIPTION = ("Switches memorization off at inference (Wen et al., ICLR 2024): optimizes the prompt embedding "
+                   "at the first sampling step until its memorization score is at most the target. Prompts already "
+                   "below the target pass through unchanged.")
+
+    def mitigate(self, model: Any, positive: list, negative: list, latent_image: dict[str, torch.Tensor], seed: int,
+                 threshold: float, target: float, lr: float, max_iterations: int,
+                 calibration: str = "") -> dict[str, Any]:
+        if not positive or not negative:
+            raise DejaGuardError("DejaGuard Mitigate Embedding: empty conditioning; connect CLIPTextEncode outputs")
+        threshold, target, source = resolve_levels(model, threshold, target, calibration)
+        samples = latent_image["samples"]
+        noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))  # KSampler's own x_T
+        progress = comfy.utils.ProgressBar(len(positive) * (max_iterations + 1))
+        done = [0]
+
+        def on_iteration(_i: int, _score: float) -> None:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            done[0] += 1
+            progress.update_absolute(done[0])
+
+        denoiser = ComfyDenoiser(model, None, sample_shape=tuple(samples.shape[1:]))
+        uncond = negative[0][0]
+        out, entries = [], []
+        with torch.inference_mode(False):  # graphs run under inference mode; core clones what it optimizes
+            for cond, extra in positive:
+                result: MitigationResult = mitigate_embedding(
+                    denoiser, cond, noise, target, uncond=uncond, threshold=threshold, lr=lr,
+                    max_iterations=max_iterations,
+                    on_iteration=on_iteration)
+                entries.append(result.summary())
+                out.append([result.embedding, extra.copy()] if result.iterations else [cond, extra])
+                done[0] = (len(entries)) * (max_iterations + 1)
+                progress.update_absolute(done[0])
+        report = summary_text(entries, threshold, target, source)
+        ui = [{**e, "levels_source": source} for e in entries]
+        return {"ui": {UI_KEY: ui}, "result": (out if any(e["iterations"] for e in entries) else positive, report)}
+
+
+NODE_CLASS_MAPPINGS = {"DejaGuardMitigateEmbedding": DejaGuardMitigateEmbedding}
+NODE_DISPLAY_NAME_MAPPINGS = {"DejaGuardMitigateEmbedding": "DejaGuard Mitigate Embedding"}
