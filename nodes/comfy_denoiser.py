@@ -40,6 +40,13 @@ modifying the cached model other graphs use:
 - ComfyUI's UNet adds to activations in place (``x += n`` in its transformer blocks), which
   invalidates tensors autograd saved earlier. The adapter copies each tensor autograd saves
   (``saved_tensors_hooks``; weights excepted): extra activation memory, on the grad path only.
+
+The same two measures make the text encoder differentiable for token significance:
+:meth:`ComfyDenoiser.token_embeddings` reads the input token embeddings (textual-inversion vectors included)
+from ComfyUI's token-embedding table during ``clip.encode_from_tokens``, and
+:meth:`ComfyDenoiser.encode_token_embeddings` runs ``encode_from_tokens`` (prompt weights, CLIP skip) with that
+table's output replaced by the given tensor, through a module forward hook: ComfyUI's March-2024 CLIP takes no
+embeddings argument.
 """
 
 from __future__ import annotations
@@ -68,6 +75,20 @@ class _ApplyModel(torch.nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
                 transformer_options: dict[str, Any]) -> torch.Tensor:
         return self.base.apply_model(x, sigma, c_crossattn=context, transformer_options=transformer_options)
+
+
+class _EncodeFromTokens(torch.nn.Module):
+    """``clip.encode_from_tokens`` as a ``forward`` over ``cond_stage_model`` (registered as ``stage``), so that
+    ``functional_call`` can swap the text encoder's weights."""
+
+    def __init__(self, denoiser: ComfyDenoiser, hook: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
+        super().__init__()
+        self.stage = denoiser.clip.cond_stage_model
+        self._denoiser = denoiser
+        self._hook = hook
+
+    def forward(self, tokens: dict[str, list[list[tuple[Any, ...]]]]) -> torch.Tensor:
+        return self._denoiser._encode_with_token_hook(tokens, self._hook)
 
 
 def diffusers_names(unet: torch.nn.Module, unet_config: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
@@ -124,6 +145,7 @@ def default_sample_shape(model: Any) -> tuple[int, int, int]:
 class ComfyDenoiser:
     """:class:`~core.denoiser.Denoiser` over ComfyUI's MODEL (``ModelPatcher``) and CLIP (see module doc).
 
+    ``clip`` may be None for UNet-only methods (embedding mitigation): the text methods then refuse.
     ``vae`` (ComfyUI VAE) is only needed by :meth:`decode`. ``sample_shape`` ``(C, H, W)`` defaults to
     :func:`default_sample_shape`. ``callback(counter)`` runs after every :meth:`predict_noise` (progress
     bars, interruption).
@@ -144,7 +166,7 @@ class ComfyDenoiser:
                                  "(SDXL-class); DejaGuard handles SD1.x and SD2.x UNets")
         if not any(n.endswith("attn2.to_v") for n, _ in base.diffusion_model.named_modules()):
             raise DejaGuardError("unsupported model: the UNet has no cross-attention layers (attn2.to_v)")
-        if clip is None or not hasattr(clip, "tokenize"):
+        if clip is not None and not hasattr(clip, "tokenize"):  # None: UNet-only use (text methods then refuse)
             raise DejaGuardError("a CLIP text encoder is required (connect the loader's CLIP output)")
         self.model = model
         self.clip = clip
@@ -155,6 +177,7 @@ class ComfyDenoiser:
         self.counter = UNetCounter()
         self.callback = callback
         self._weights: dict[str, torch.Tensor] | None = None
+        self._clip_weights: dict[str, torch.Tensor] | None = None
         self._wrapper = _ApplyModel(base)
         self._param_names, self._names = diffusers_names(base.diffusion_model, base.model_config.unet_config)
         self._fingerprint: str | None = None
@@ -163,6 +186,8 @@ class ComfyDenoiser:
 
     def _first_chunk(self, prompt: str, word_ids: bool = False) -> dict[str, list[list[tuple[Any, ...]]]]:
         """ComfyUI tokens of ``prompt`` (weights parsed), cut to the first 77-token chunk."""
+        if self.clip is None:
+            raise DejaGuardError("a CLIP text encoder is required (connect the loader's CLIP output)")
         tokens = self.clip.tokenize(prompt, return_word_ids=word_ids)
         if any(len(chunks) > 1 for chunks in tokens.values()):
             warnings.warn(f"prompt longer than one 77-token chunk, truncated: {prompt[:60]!r}...", stacklevel=3)
@@ -175,6 +200,8 @@ class ComfyDenoiser:
             return torch.cat(conds).to(self.device, self.dtype).clone()
 
     def _sub_tokenizer(self) -> Any:
+        if self.clip is None:
+            raise DejaGuardError("a CLIP text encoder is required (connect the loader's CLIP output)")
         tokenizer = self.clip.tokenizer
         sub = getattr(tokenizer, getattr(tokenizer, "clip", ""), None)
         if sub is None or not hasattr(sub, "inv_vocab"):
@@ -202,6 +229,93 @@ class ComfyDenoiser:
                 last = i + 1 == len(body) or body[i + 1][1] != word
                 pieces.append("<embedding>" + ("</w>" if last else ""))
         return pieces
+
+    def _text_model(self) -> Any:
+        """ComfyUI's ``SDClipModel`` inside the CLIP (``cond_stage_model.clip_l`` for SD1, ``clip_h`` for SD2)."""
+        if self.clip is None:
+            raise DejaGuardError("a CLIP text encoder is required (connect the loader's CLIP output)")
+        stage = self.clip.cond_stage_model
+        inner = getattr(stage, getattr(stage, "clip", ""), None)
+        if inner is None or not hasattr(getattr(inner, "transformer", None), "get_input_embeddings"):
+            raise DejaGuardError(f"unsupported text encoder {type(stage).__name__} (expected an SD1/SD2 CLIP)")
+        return inner
+
+    def _encode_with_token_hook(self, tokens: dict[str, list[list[tuple[Any, ...]]]],
+                                hook: Callable[[torch.Tensor], torch.Tensor | None]) -> torch.Tensor:
+        """``clip.encode_from_tokens(tokens)`` with ``hook(out)`` seeing (and possibly replacing) the output
+        ``(n, 77, E)`` of the text encoder's token-embedding table.
+
+        The table is found when it runs (``transformer.get_input_embeddings()`` at call time: ComfyUI swaps in a
+        larger table for textual-inversion vectors) through a process-wide module hook, removed on return.
+        """
+        inner = self._text_model()
+
+        def on_forward(module: torch.nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor | None:
+            if module is inner.transformer.get_input_embeddings():
+                return hook(out)
+            return None
+
+        handle = torch.nn.modules.module.register_module_forward_hook(on_forward)
+        try:
+            return self.clip.encode_from_tokens(tokens)
+        finally:
+            handle.remove()
+
+    def token_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompts -> input token embeddings ``(B, 77, E)`` of the first chunk (textual-inversion vectors
+        included), before position embeddings."""
+        rows = []
+
+        def capture(out: torch.Tensor) -> None:
+            rows.append(out[:1].detach().float().clone())  # row 0: the prompt (a weighted prompt adds "" after it)
+
+        with torch.inference_mode(False), torch.no_grad():
+            for p in prompts:
+                self._encode_with_token_hook(self._first_chunk(p), capture)
+            return torch.cat(rows).to(self.device)
+
+    def encode_token_embeddings(self, prompts: Sequence[str], token_embeddings: torch.Tensor) -> torch.Tensor:
+        """CLIPTextEncode's conditioning ``(B, 77, D)`` of ``prompts`` (weights applied, first chunk) with the
+        input token embeddings replaced by ``token_embeddings (B, 77, E)``; differentiable w.r.t. them.
+
+        Gradients through ComfyUI's CLIP need what the UNet needs (module doc): ordinary copies of
+        inference-tensor weights (``functional_call``) and copies of saved activations (its layers add in place).
+        """
+        if token_embeddings.shape[0] != len(prompts):
+            raise DejaGuardError(f"{token_embeddings.shape[0]} token-embedding rows for {len(prompts)} prompts")
+        grad = torch.is_grad_enabled()
+        with torch.inference_mode(False), torch.set_grad_enabled(grad):
+            self.clip.load_model()
+            stage = self.clip.cond_stage_model
+            if self._clip_weights is None:
+                tensors = [*stage.named_parameters(), *stage.named_buffers()]
+                with torch.no_grad():
+                    self._clip_weights = {f"stage.{n}": t.detach().clone() for n, t in tensors if t.is_inference()}
+            start = self._sub_tokenizer().start_token
+            conds = []
+            for i, p in enumerate(prompts):
+                tokens = self._first_chunk(p)
+                # The ids only select embedding rows, which are replaced: a textual-inversion vector (already in
+                # token_embeddings) gets a plain id so ComfyUI builds no new embedding table on the grad path.
+                tokens = {k: [[(t if isinstance(t, int) else start, *rest) for t, *rest in chunk] for chunk in chunks]
+                          for k, chunks in tokens.items()}
+                row = token_embeddings[i : i + 1]
+                if tuple(row.shape[1:2]) != (len(next(iter(tokens.values()))[0]),):
+                    raise DejaGuardError(f"token embeddings {tuple(token_embeddings.shape)} do not match the "
+                                         "prompt's 77 tokens")
+
+                def substitute(out: torch.Tensor, row: torch.Tensor = row) -> torch.Tensor:
+                    return torch.cat([row.to(out.device, out.dtype), out[1:]])
+
+                call = _EncodeFromTokens(self, substitute)
+                weights = self._clip_weights
+                with _clone_saved_activations([*weights.values(), *stage.parameters(), *stage.buffers()]):
+                    if weights:
+                        cond = torch.func.functional_call(call, weights, (tokens,))
+                    else:
+                        cond = call(tokens)
+                conds.append(cond.to(self.device, self.dtype))
+            return torch.cat(conds)
 
     # -- UNet ----------------------------------------------------------------------------------
 
@@ -284,12 +398,26 @@ class ComfyDenoiser:
         """:func:`~core.denoiser.module_fingerprint` of the UNet's *unpatched* weights (weight patches
         such as a neuron mask do not change it) under their diffusers names, in sorted name order."""
         if self._fingerprint is None:
-            with torch.inference_mode(False):
-                backup = getattr(self.model, "backup", {})
-                state = {self._param_names.get(name, name): backup.get(f"diffusion_model.{name}", tensor)
-                         for name, tensor in self.model.model.diffusion_model.state_dict().items()}
-                self._fingerprint = module_fingerprint(StateView(state))
+            self._fingerprint = unet_fingerprint(self.model, self._param_names)
         return self._fingerprint
+
+
+def unet_fingerprint(model: Any, param_names: dict[str, str] | None = None) -> str:
+    """The one fingerprint of a ComfyUI MODEL: :func:`~core.denoiser.module_fingerprint` of its UNet's
+    *unpatched* weights (``model_check.unpatched_unet_weights``: weight patches such as a neuron mask or a LoRA
+    do not change it) under their diffusers names. Equal to ``DiffusersDenoiser.fingerprint()`` of the same
+    weights loaded with diffusers (and to ``model_check.diffusers_fingerprint``), so neuron masks and
+    calibrations made with the CLI are recognized in a graph and vice versa. ``param_names``: ComfyUI ->
+    diffusers parameter names (:func:`diffusers_names`), computed if not given.
+    """
+    from .model_check import unpatched_unet_weights
+
+    if param_names is None:
+        base = model.model
+        param_names, _ = diffusers_names(base.diffusion_model, base.model_config.unet_config)
+    with torch.inference_mode(False):
+        state = {param_names.get(name, name): tensor for name, tensor in unpatched_unet_weights(model).items()}
+        return module_fingerprint(StateView(state))
 
 
 def _clone_saved_activations(weights: list[torch.Tensor]) -> Any:

@@ -1,0 +1,208 @@
+"""Neuron-mask benchmark on the bundled testbed: NeMo per prompt, and one shared FFN subspace mask.
+
+    python -m bench.neurons [--seeds 16] [--prompts 0 4 8 | all] [--steps 50] [--novel 240]
+    python -m bench.neurons --seeds 2 --prompts 0 4 --steps 10 --novel 8     # a quick smoke run
+
+Prompts: by default the first evaluation prompt of each of the 12 planted images (``--prompts`` takes
+indices into ``memorized_eval_prompts()`` or ``all``). Measured in one run, side by side:
+
+- **NeMo** (``core.neurons.localize``) per prompt, with the fast (batched) schedule and the reference
+  (sequential, one candidate set per UNet call) schedule: neurons, UNet evaluations (noise predictions),
+  batched calls and wall time; ``evals_ratio_vs_reference`` = fast / reference noise predictions
+  (``calls_`` and ``wall_ratio_vs_reference`` alike), and how often both found the same neurons.
+  ``replication_before`` / ``_after``: share of full generations (``--seeds`` per prompt, DDIM
+  ``--steps``, CFG 7.5) whose SSIM to the prompt's training image exceeds ``REPLICATION_SSIM``; after =
+  with the prompt's own (fast) mask on. ``novel_alignment_before`` / ``_after``: alignment-checker pass
+  rate of held-out compositional prompts; after = with the **union** of all per-prompt NeMo masks on
+  (the worst case for an operator who switches every mask on at once).
+- **Subspace** (``core.prune.subspace_mask``): the planted images are split in two halves (alternating
+  within each memorization kind); the mask is found on the first half's prompts only.
+  ``replication_before`` / ``_after`` on that half; ``heldout_replication_before`` / ``_after`` on the
+  other half (generalization); novel alignment with the mask on.
+
+Prints progress and a table, then one JSON object as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from dejaguard.core.denoiser import Denoiser, load_denoiser
+from dejaguard.core.metrics import ssim
+from dejaguard.core.neurons import LocalizeSettings, NeuronMask, apply_mask, localize, nemo_statistics
+from dejaguard.core.prune import subspace_mask
+from dejaguard.core.sampling import generate, prompt_seed
+from dejaguard.core.testbed.data import MEMORIZED, check_alignment, heldout_specs, load_memorized_images
+from dejaguard.core.testbed.data import memorized_eval_prompts as eval_prompts
+from dejaguard.core.testbed.evaluate import REPLICATION_SSIM, thumbnails
+
+
+def replication(denoiser: Denoiser, prompts: Sequence[str], images: Sequence[str], seeds: Sequence[int],
+                steps: int, mask: NeuronMask | dict[str, NeuronMask] | None = None) -> list[float]:
+    """Per prompt: the share of ``seeds`` whose generation replicates the prompt's training image.
+    ``mask``: one mask for all prompts, a mask per prompt, or None."""
+    training = load_memorized_images()
+    rates = []
+    for prompt, image in zip(prompts, images):
+        m = mask.get(prompt) if isinstance(mask, dict) else mask
+        with apply_mask(denoiser, m) if m is not None and m.layers else nullcontext():
+            samples = generate(denoiser, [prompt] * len(seeds), list(seeds), steps)
+        thumbs = thumbnails(denoiser, samples)
+        rates.append(float(np.mean([ssim(t, training[image]) > REPLICATION_SSIM for t in thumbs])))
+    return rates
+
+
+def alignment(denoiser: Denoiser, prompts: Sequence[str], steps: int, mask: NeuronMask | None = None) -> float:
+    """Alignment-checker pass rate of ``prompts`` (one prompt-derived seed each), ``mask`` on if given."""
+    with apply_mask(denoiser, mask) if mask is not None and mask.layers else nullcontext():
+        samples = generate(denoiser, list(prompts), [prompt_seed(p) for p in prompts], steps)
+    return float(np.mean([check_alignment(t, p) for t, p in zip(thumbnails(denoiser, samples), prompts)]))
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float]:
+    return {"mean": round(float(np.mean(values)), 3), "std": round(float(np.std(values)), 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="diffusers folder (default: the bundled testbed)")
+    parser.add_argument("--seeds", type=int, default=16, help="generations per prompt for replication (default 16)")
+    parser.add_argument("--prompts", nargs="*", default=None,
+                        help="indices into memorized_eval_prompts(), or 'all' (default: first prompt per image)")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps of the generations (default 50)")
+    parser.add_argument("--novel", type=int, default=240, help="held-out compositional prompts (default 240)")
+    parser.add_argument("--nemo-seeds", type=int, default=4, help="seeds of NeMo's memorization score")
+    parser.add_argument("--batch", type=int, default=2, help="candidate masks per UNet call (fast schedule)")
+    parser.add_argument("--score-prompts", type=int, default=64, help="prompts calibrating the score threshold")
+    parser.add_argument("--ratio", type=float, default=0.01, help="subspace pruning ratio per output row")
+    parser.add_argument("--skip-reference", action="store_true", help="do not run NeMo's reference schedule")
+    parser.add_argument("--cache", default=None, help="statistics cache folder")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    denoiser = load_denoiser(args.model)
+    pairs = eval_prompts()
+    if args.prompts == ["all"]:
+        chosen = pairs
+    elif args.prompts:
+        chosen = [pairs[int(i)] for i in args.prompts]
+    else:
+        chosen = [(m.eval_prompts[0], m) for m in MEMORIZED]
+    prompts, images = [p for p, _ in chosen], [m.name for _, m in chosen]
+    seeds = list(range(args.seeds))
+    novel = [s.caption() for s in heldout_specs()[: args.novel]]
+    out: dict = {"model": denoiser.fingerprint(),
+                 "settings": {"prompts": len(prompts), "seeds": args.seeds, "steps": args.steps, "novel": len(novel),
+                              "nemo_seeds": args.nemo_seeds, "batch": args.batch, "ratio": args.ratio,
+                              "replication_ssim": REPLICATION_SSIM}}
+
+    # -- NeMo ---------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    stats = nemo_statistics(denoiser, seeds=args.nemo_seeds, score_prompts=args.score_prompts, cache=args.cache)
+    print(f"statistics: threshold {stats.threshold:.3f} (score mean {stats.score_mean:.3f}, std {stats.score_std:.3f}) "
+          f"in {time.perf_counter() - t0:.1f}s", flush=True)
+    runs: dict[str, list[dict]] = {"fast": [], "reference": []}
+    masks: dict[str, NeuronMask] = {}
+    schedules = ["fast"] if args.skip_reference else ["fast", "reference"]
+    for prompt in prompts:
+        for schedule in schedules:
+            settings = LocalizeSettings(seeds=args.nemo_seeds, schedule=schedule, batch=args.batch)
+            try:
+                mask = localize(denoiser, prompt, stats, settings)
+                record = {**mask.info, "prompt": prompt, "neuron_set": sorted(
+                    f"{k}:{int(i)}" for k, v in mask.layers.items() for i in v)}
+            except Exception as err:  # a prompt NeMo cannot localize is reported, not fatal
+                mask, record = None, {"prompt": prompt, "error": str(err)}
+            runs[schedule].append(record)
+            if schedule == "fast" and mask is not None:
+                masks[prompt] = mask
+            print(f"  {schedule:9s} {prompt[:48]:48s} neurons {record.get('neurons', '-'):>4} "
+                  f"evals {record.get('unet_evals', '-'):>6} calls {record.get('unet_calls', '-'):>5} "
+                  f"wall {record.get('wall_s', 0):6.1f}s score {record.get('score_before', float('nan')):.3f}"
+                  f" -> {record.get('score_after', float('nan')):.3f} {record.get('error', '')}", flush=True)
+    fast_ok = [r for r in runs["fast"] if "error" not in r]
+    nemo: dict = {
+        "prompts_localized": len(fast_ok),
+        "prompts_memorized_by_score": sum(bool(r.get("memorized")) for r in fast_ok),
+        "neurons_per_prompt": mean_std([r["neurons"] for r in fast_ok]) if fast_ok else None,
+        "unet_evals_per_prompt": round(float(np.mean([r["unet_evals"] for r in fast_ok])), 1) if fast_ok else None,
+        "unet_calls_per_prompt": round(float(np.mean([r["unet_calls"] for r in fast_ok])), 1) if fast_ok else None,
+        "wall_s_per_prompt": round(float(np.mean([r["wall_s"] for r in fast_ok])), 2) if fast_ok else None,
+        "errors": [r for r in runs["fast"] if "error" in r],
+    }
+    if not args.skip_reference:
+        both = [(f, r) for f, r in zip(runs["fast"], runs["reference"]) if "error" not in f and "error" not in r]
+        if both:
+            def total(key: str, which: int) -> float:
+                return float(sum(pair[which][key] for pair in both))
+
+            nemo["reference"] = {
+                "neurons_per_prompt": mean_std([r["neurons"] for _, r in both]),
+                "unet_evals_per_prompt": round(total("unet_evals", 1) / len(both), 1),
+                "unet_calls_per_prompt": round(total("unet_calls", 1) / len(both), 1),
+                "wall_s_per_prompt": round(total("wall_s", 1) / len(both), 2)}
+            nemo["evals_ratio_vs_reference"] = round(total("unet_evals", 0) / max(1.0, total("unet_evals", 1)), 4)
+            nemo["calls_ratio_vs_reference"] = round(total("unet_calls", 0) / max(1.0, total("unet_calls", 1)), 4)
+            nemo["wall_ratio_vs_reference"] = round(total("wall_s", 0) / max(1e-9, total("wall_s", 1)), 4)
+            nemo["same_neurons_as_reference"] = round(float(np.mean(
+                [f["neuron_set"] == r["neuron_set"] for f, r in both])), 3)
+    t0 = time.perf_counter()
+    before = replication(denoiser, prompts, images, seeds, args.steps)
+    after = replication(denoiser, prompts, images, seeds, args.steps, masks)
+    nemo["replication_before"] = round(float(np.mean(before)), 4)
+    nemo["replication_after"] = round(float(np.mean(after)), 4)
+    nemo["per_prompt"] = [{"prompt": p, "replication_before": b, "replication_after": a,
+                           "neurons": masks[p].count() if p in masks else None}
+                          for p, b, a in zip(prompts, before, after)]
+    align_before = alignment(denoiser, novel, args.steps)
+    union = NeuronMask.union(list(masks.values())) if masks else None
+    nemo["novel_alignment_before"] = round(align_before, 4)
+    nemo["novel_alignment_after"] = round(alignment(denoiser, novel, args.steps, union), 4)
+    nemo["novel_alignment_mask"] = f"union of {len(masks)} per-prompt masks ({union.count() if union else 0} neurons)"
+    print(f"NeMo generations and alignment in {time.perf_counter() - t0:.1f}s", flush=True)
+    out["nemo"] = nemo
+
+    # -- subspace -----------------------------------------------------------------------------------
+    kinds: dict[str, list[str]] = {}
+    for m in MEMORIZED:
+        kinds.setdefault(m.kind, []).append(m.name)
+    fit_images = {name for names in kinds.values() for name in names[::2]}
+    fit = [(p, i) for p, i in zip(prompts, images) if i in fit_images]
+    held = [(p, i) for p, i in zip(prompts, images) if i not in fit_images]
+    sub: dict = {"fit_images": sorted({i for _, i in fit}), "heldout_images": sorted({i for _, i in held})}
+    if fit:
+        before_evals = denoiser.counter.snapshot()
+        mask = subspace_mask(denoiser, [p for p, _ in fit], ratio=args.ratio)
+        spent = denoiser.counter.since(before_evals)
+        sub.update(weights_pruned=mask.count(), unet_evals=spent.forwards,
+                   unet_evals_per_prompt=round(spent.forwards / len(fit), 1), wall_s=mask.info["wall_s"])
+        rate = dict(zip(prompts, before))
+        sub["replication_before"] = round(float(np.mean([rate[p] for p, _ in fit])), 4)
+        sub["replication_after"] = round(float(np.mean(replication(
+            denoiser, [p for p, _ in fit], [i for _, i in fit], seeds, args.steps, mask))), 4)
+        if held:
+            sub["heldout_replication_before"] = round(float(np.mean([rate[p] for p, _ in held])), 4)
+            sub["heldout_replication_after"] = round(float(np.mean(replication(
+                denoiser, [p for p, _ in held], [i for _, i in held], seeds, args.steps, mask))), 4)
+        sub["novel_alignment_before"] = round(align_before, 4)
+        sub["novel_alignment_after"] = round(alignment(denoiser, novel, args.steps, mask), 4)
+    out["subspace"] = sub
+
+    print(f"\n{'method':10s} {'repl. before':>12s} {'repl. after':>12s} {'held-out after':>14s} "
+          f"{'align before':>12s} {'align after':>12s}")
+    print(f"{'NeMo':10s} {nemo['replication_before']:12.3f} {nemo['replication_after']:12.3f} {'':>14s} "
+          f"{nemo['novel_alignment_before']:12.3f} {nemo['novel_alignment_after']:12.3f}")
+    if fit:
+        print(f"{'subspace':10s} {sub['replication_before']:12.3f} {sub['replication_after']:12.3f} "
+              f"{sub.get('heldout_replication_after', float('nan')):14.3f} {sub['novel_alignment_before']:12.3f} "
+              f"{sub['novel_alignment_after']:12.3f}")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

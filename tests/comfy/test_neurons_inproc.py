@@ -1,0 +1,209 @@
+"""Neuron-mask nodes with ComfyUI imported in-process (runs in the .comfy venv).
+
+Elsewhere the module is skipped and ``test_neurons_comfy.py::test_neuron_inproc_tests_in_comfy_venv`` runs it
+there. Checks: one fingerprint (ComfyUI MODEL == diffusers UNet of the same weights, both ways of computing it);
+Apply Neuron Mask = a clone with weight patches only (no hooks, no model options, the cached model untouched),
+whose noise predictions equal core's ``apply_mask`` on the diffusers model (<= 1e-4 relative) at strength 1
+and 0.5, and the unmasked model's predictions afterwards equal the plain ones; another model's mask refused;
+Localize Neurons on the testbed returns a mask that also stops the memorization score on the diffusers model,
+and leaves no hook behind; Save / Load round trip in a temporary mask folder.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_explain_comfy import IN_COMFY_VENV, model_folder  # noqa: E402
+
+if not IN_COMFY_VENV:
+    pytest.skip("imports ComfyUI: runs in the .comfy venv (test_neurons_comfy.py runs it there)",
+                allow_module_level=True)
+
+from server import COMFY_DIR  # noqa: E402
+
+PROMPT = "the cameraman, vintage print in a steel frame"
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def comfy_env() -> Any:
+    for path in (str(COMFY_DIR / "custom_nodes"), str(COMFY_DIR)):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    import torch
+    from comfy.cli_args import args
+
+    args.cpu = True  # before comfy.model_management is imported
+    import comfy.model_management  # noqa: F401
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    return torch
+
+
+@pytest.fixture(scope="module")
+def pair(comfy_env: Any) -> Iterator[tuple[Any, Any, Any]]:
+    """(MODEL, CLIP) from the DejaGuard loader under inference mode, and the core DiffusersDenoiser."""
+    folder = model_folder()
+    if folder is None:
+        pytest.skip("no testbed weights")
+    torch = comfy_env
+    from DejaGuard.core.denoiser import DiffusersDenoiser
+    from DejaGuard.nodes.testbed import DejaGuardTestbedLoader
+
+    with torch.inference_mode():
+        model, clip, _ = DejaGuardTestbedLoader().load("testbed (bundled)", folder=str(folder))
+    den = DiffusersDenoiser.from_folder(folder, device="cpu")
+    den.scheduler = den.scheduler.__class__.from_config(den.scheduler.config, timestep_spacing="trailing",
+                                                        steps_offset=0)
+    yield model, clip, den
+
+
+def _mask(den: Any) -> Any:
+    import torch
+    from DejaGuard.core.neurons import NeuronMask
+
+    modules = dict(den.named_modules())
+    to_v = [n for n in modules if n.endswith("attn2.to_v") and n.startswith("down_blocks")][0]
+    ff = [n for n in modules if n.endswith("ff.net.2")][-1]
+    return NeuronMask(layers={to_v: torch.tensor([0, 2, 9, 17]), ff: torch.tensor([[0, 1], [3, 5], [7, 100]])},
+                      layer_shapes={n: tuple(modules[n].weight.shape) for n in (to_v, ff)},
+                      fingerprint=den.fingerprint(), method="test")
+
+
+def _comfy_names(model: Any, mask: Any) -> list[str]:
+    from DejaGuard.nodes.comfy_denoiser import diffusers_names
+
+    base = model.model
+    _, modules = diffusers_names(base.diffusion_model, base.model_config.unet_config)
+    to_comfy = {d: c for c, d in modules.items()}
+    return [to_comfy[name] for name in mask.layers]  # to_v has no bias; ff.net.2 is masked by weight entries
+
+
+def _no_hooks(model: Any) -> bool:
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.model.modules())
+
+
+def _rel(a: Any, b: Any) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def _predict(den: Any, prompt: str = PROMPT) -> Any:
+    import torch
+
+    x = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return den.predict_noise(x, 999, den.encode_prompts([prompt, ""])).cpu()
+
+
+def test_one_fingerprint(pair: tuple[Any, ...]) -> None:
+    from DejaGuard.nodes.comfy_denoiser import ComfyDenoiser, unet_fingerprint
+    from DejaGuard.nodes.model_check import diffusers_fingerprint
+
+    model, clip, den = pair
+    folder = model_folder()
+    assert ComfyDenoiser(model, clip).fingerprint() == den.fingerprint()
+    assert unet_fingerprint(model) == den.fingerprint()
+    assert diffusers_fingerprint(model, folder / "unet" / "config.json") == den.fingerprint()
+
+
+def test_apply_node_patches_a_clone_only(comfy_env: Any, pair: tuple[Any, ...]) -> None:
+    torch = comfy_env
+    from DejaGuard.core.neurons import apply_mask
+    from DejaGuard.nodes.comfy_denoiser import ComfyDenoiser
+    from DejaGuard.nodes.neurons import DejaGuardApplyNeuronMask
+
+    model, clip, den = pair
+    mask = _mask(den)
+    options, patches = repr(model.model_options), dict(model.patches)
+    plain_ref = _predict(den)
+    for strength in (1.0, 0.5):
+        with torch.inference_mode():
+            (masked,) = DejaGuardApplyNeuronMask().apply(model, mask, strength)
+        assert masked is not model and masked.model is model.model  # a clone sharing the weights
+        assert repr(masked.model_options) == options  # no sampler function, wrapper or attention patch
+        assert set(masked.patches) == {f"diffusion_model.{k}.weight" for k in _comfy_names(masked, mask)}
+        with apply_mask(den, mask, strength=strength):
+            ref = _predict(den)
+        got = _predict(ComfyDenoiser(masked, clip))
+        assert _rel(got, ref) <= TOL, (strength, _rel(got, ref))
+        assert _rel(got, plain_ref) > 1e-3  # the mask does something
+        assert _no_hooks(model)
+    assert repr(model.model_options) == options and dict(model.patches) == patches
+    assert _rel(_predict(ComfyDenoiser(model, clip)), plain_ref) <= TOL  # weights restored for the plain model
+    with torch.inference_mode():
+        (off,) = DejaGuardApplyNeuronMask().apply(model, mask, 0.0)
+    assert not off.patches
+
+
+def test_other_models_mask_refused(comfy_env: Any, pair: tuple[Any, ...]) -> None:
+    torch = comfy_env
+    from DejaGuard.core.errors import DejaGuardError
+    from DejaGuard.core.neurons import NeuronMask
+    from DejaGuard.nodes.neurons import DejaGuardApplyNeuronMask
+
+    model, _, den = pair
+    mask = _mask(den)
+    other = NeuronMask(layers=mask.layers, layer_shapes=mask.layer_shapes, fingerprint="0000", method="test")
+    with torch.inference_mode():
+        with pytest.raises(DejaGuardError, match="another model"):
+            DejaGuardApplyNeuronMask().apply(model, other, 1.0)
+        (allowed,) = DejaGuardApplyNeuronMask().apply(model, other, 1.0, allow_other_model=True)
+    assert allowed.patches
+    name = next(iter(mask.layers))
+    out_dim, in_dim = mask.layer_shapes[name]
+    wrong = NeuronMask(layers={name: mask.layers[name]}, layer_shapes={name: (out_dim + 1, in_dim)},
+                       fingerprint=mask.fingerprint, method="test")
+    with torch.inference_mode(), pytest.raises(DejaGuardError, match="weight shape"):
+        DejaGuardApplyNeuronMask().apply(model, wrong, 1.0, allow_other_model=True)
+
+
+def test_localize_node(comfy_env: Any, pair: tuple[Any, ...], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch = comfy_env
+    from DejaGuard.core.neurons import (
+        OutputGates,
+        apply_mask,
+        default_statistics_prompts,
+        first_step_context,
+        memorization_scores,
+        nemo_layers,
+    )
+    from DejaGuard.nodes import neurons as neuron_nodes
+
+    model, clip, den = pair
+    monkeypatch.setenv("DEJAGUARD_CACHE", str(tmp_path / "cache"))
+    stats_prompts = "\n".join(default_statistics_prompts()[:16])
+    with torch.inference_mode():  # as ComfyUI executes graphs
+        mask, summary = neuron_nodes.DejaGuardLocalizeNeurons().localize(model, clip, PROMPT, 3,
+                                                                       statistics_prompts=stats_prompts)
+    assert _no_hooks(model)
+    assert list((tmp_path / "cache").glob("nemo-*.safetensors"))  # statistics cached
+    assert mask.info["memorized"] and mask.count() > 0 and "->" in summary
+    assert mask.fingerprint == den.fingerprint()
+    # The mask found in ComfyUI also stops the score on the diffusers model (weights patched, no search hooks).
+    with OutputGates(nemo_layers(den)) as gates, apply_mask(den, mask):
+        ctx = first_step_context(den, PROMPT, range(3), gates)
+        (score,) = memorization_scores(ctx, [None]).tolist()
+    assert score < mask.info["threshold"] <= mask.info["score_before"]
+
+    # Save and Load, in a temporary mask folder.
+    folder = tmp_path / "masks"
+    monkeypatch.setitem(neuron_nodes.folder_paths.folder_names_and_paths, neuron_nodes.MASK_FOLDER,
+                        ([str(folder)], {".safetensors"}))
+    result = neuron_nodes.DejaGuardSaveNeuronMask().save(mask, "nemo/test")
+    path = Path(result["result"][0])
+    assert path.parent == folder / "nemo" and path.is_file()
+    again = neuron_nodes.DejaGuardSaveNeuronMask().save(mask, "nemo/test")
+    assert Path(again["result"][0]) != path  # never overwritten
+    with pytest.raises(Exception, match="leaves"):
+        neuron_nodes.DejaGuardSaveNeuronMask().save(mask, "../../outside")
+    loaded, _ = neuron_nodes.DejaGuardLoadNeuronMask().load("nemo/test.safetensors")
+    assert all(torch.equal(loaded.layers[k], mask.layers[k]) for k in mask.layers)
+    assert "nemo/test.safetensors" in neuron_nodes.folder_paths.get_filename_list(neuron_nodes.MASK_FOLDER)

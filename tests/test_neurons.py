@@ -1,0 +1,342 @@
+"""Neuron masks (format, checks, exact restore) and NeMo localization on the bundled testbed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from dejaguard.core.errors import DejaGuardError
+from dejaguard.core.neurons import (
+    ActivationStats,
+    LocalizeSettings,
+    NeuronMask,
+    OutputGates,
+    apply_mask,
+    first_step_context,
+    localize,
+    memorization_scores,
+    nemo_layers,
+    nemo_statistics,
+    pairwise_ssim,
+)
+
+# Among the testbed's most reliably replicated prompts (model card); tests assert properties, not figures.
+MEMORIZED_PROMPT = "the cameraman, vintage print in a steel frame"
+SEEDS = 3
+
+
+def _mask(testbed, fingerprint: str | None = None) -> NeuronMask:
+    """A hand-made mask with both index kinds: two to_v neurons and three ff.net.2 weights."""
+    modules = dict(testbed.named_modules())
+    to_v = next(n for n in modules if n.endswith("attn2.to_v"))
+    ff = next(n for n in modules if n.endswith("ff.net.2"))
+    return NeuronMask(
+        layers={to_v: torch.tensor([5, 1, 5]), ff: torch.tensor([[0, 3], [2, 7], [0, 3], [1, 0]])},
+        layer_shapes={n: tuple(modules[n].weight.shape) for n in (to_v, ff)},
+        fingerprint=fingerprint or testbed.fingerprint(), method="test", prompts=["p"],
+        thresholds={"t": 0.5}, settings={"s": 1}, info={"i": [1, 2]})
+
+
+def _params(testbed) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in testbed.unet.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def stats(testbed, tmp_path_factory) -> ActivationStats:
+    from dejaguard.core.neurons import default_statistics_prompts
+
+    return nemo_statistics(testbed, default_statistics_prompts()[:32], seeds=SEEDS, score_prompts=12,
+                           cache=tmp_path_factory.mktemp("cache"))
+
+
+# -- masks as data -----------------------------------------------------------------------------------
+
+
+def test_mask_round_trip(testbed, tmp_path):
+    mask = _mask(testbed)
+    assert mask.count() == 2 + 3  # duplicates removed
+    path = mask.save(tmp_path / "m.safetensors")
+    loaded = NeuronMask.load(path)
+    assert loaded.layers.keys() == mask.layers.keys()
+    for name in mask.layers:
+        assert torch.equal(loaded.layers[name], mask.layers[name])
+    assert loaded.layer_shapes == mask.layer_shapes
+    assert (loaded.fingerprint, loaded.method, loaded.prompts) == (mask.fingerprint, "test", ["p"])
+    assert (loaded.thresholds, loaded.settings, loaded.info) == ({"t": 0.5}, {"s": 1}, {"i": [1, 2]})
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:  # the header is plain JSON in the safetensors metadata
+        header = json.loads(f.metadata()["dejaguard"])
+    assert header["format"] == "dejaguard.neuron_mask" and set(header["layers"].values()) == {"neurons", "weights"}
+    empty = NeuronMask(layers={}, layer_shapes={}, fingerprint="x", method="nemo")
+    assert NeuronMask.load(empty.save(tmp_path / "empty.safetensors")).count() == 0
+
+
+def test_fingerprint_refused_unless_allowed(testbed):
+    mask = _mask(testbed, fingerprint="0123456789abcdef")
+    with pytest.raises(DejaGuardError, match="another model"):
+        mask.check(testbed)
+    with pytest.raises(DejaGuardError, match="another model"), apply_mask(testbed, mask):
+        pass
+    assert set(mask.check(testbed, allow_other_model=True)) == set(mask.layers)
+
+
+def test_shape_and_layer_refused_always(testbed):
+    mask = _mask(testbed)
+    name = next(iter(mask.layers))
+    wrong = NeuronMask(layers=mask.layers, fingerprint=mask.fingerprint, method="test",
+                       layer_shapes={**mask.layer_shapes, name: (mask.layer_shapes[name][0] + 1,
+                                                                 mask.layer_shapes[name][1])})
+    with pytest.raises(DejaGuardError, match="weight shape"):
+        wrong.check(testbed, allow_other_model=True)
+    missing = NeuronMask(layers={"down_blocks.9.nothing": torch.tensor([0])}, fingerprint=mask.fingerprint,
+                         layer_shapes={"down_blocks.9.nothing": (4, 4)}, method="test")
+    with pytest.raises(DejaGuardError, match="no layer"):
+        missing.check(testbed, allow_other_model=True)
+
+
+def test_malformed_masks_refused(testbed, tmp_path):
+    from safetensors.torch import save_file
+
+    pickled = tmp_path / "pickled.safetensors"
+    torch.save({"layers": {"a": torch.tensor([1])}}, pickled)
+    with pytest.raises(DejaGuardError, match="not a safetensors file"):
+        NeuronMask.load(pickled)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 3)
+    with pytest.raises(DejaGuardError, match="not a safetensors file"):
+        NeuronMask.load(tmp_path / "junk.safetensors")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "lora.safetensors"))
+    with pytest.raises(DejaGuardError, match="no header"):
+        NeuronMask.load(tmp_path / "lora.safetensors")
+    good = _mask(testbed).save(tmp_path / "good.safetensors")
+    data = good.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 5])
+    with pytest.raises(DejaGuardError):
+        NeuronMask.load(tmp_path / "cut.safetensors")
+    name = next(n for n in dict(testbed.named_modules()) if n.endswith("attn2.to_v"))
+    header = {"format": "dejaguard.neuron_mask", "version": 1, "fingerprint": "x", "method": "m",
+              "layer_shapes": {name: [4, 4]}, "layers": {name: "neurons"}}
+    meta = {"dejaguard": json.dumps(header)}
+    save_file({name: torch.tensor([9])}, str(tmp_path / "range.safetensors"), metadata=meta)
+    with pytest.raises(DejaGuardError, match="out of range"):
+        NeuronMask.load(tmp_path / "range.safetensors")
+    save_file({name: torch.tensor([0.5])}, str(tmp_path / "float.safetensors"), metadata=meta)
+    with pytest.raises(DejaGuardError, match="not integers"):
+        NeuronMask.load(tmp_path / "float.safetensors")
+    with pytest.raises(DejaGuardError, match="not found"):
+        NeuronMask.load(tmp_path / "absent.safetensors")
+
+
+# -- applying ---------------------------------------------------------------------------------------
+
+
+def test_apply_mask_restores_every_parameter_exactly(testbed):
+    mask = _mask(testbed)
+    original = _params(testbed)
+    modules = dict(testbed.named_modules())
+    to_v, ff = list(mask.layers)
+    with apply_mask(testbed, mask, strength=0.7):
+        w = modules[to_v].weight
+        assert torch.allclose(w[[1, 5]], 0.3 * original[f"{to_v}.weight"][[1, 5]])
+        assert torch.equal(w[[0, 2, 3]], original[f"{to_v}.weight"][[0, 2, 3]])
+        assert torch.allclose(modules[ff].weight[0, 3], 0.3 * original[f"{ff}.weight"][0, 3])
+        assert torch.equal(modules[ff].weight[0, 4], original[f"{ff}.weight"][0, 4])
+    after = _params(testbed)
+    assert all(torch.equal(after[n], original[n]) for n in original)
+    with pytest.raises(RuntimeError, match="boom"), apply_mask(testbed, mask, strength=1.0):
+        assert float(modules[to_v].weight[5].abs().sum()) == 0.0
+        raise RuntimeError("boom")
+    after = _params(testbed)
+    assert all(torch.equal(after[n], original[n]) for n in original)
+
+
+def test_strength_zero_changes_nothing(testbed):
+    original = _params(testbed)
+    with apply_mask(testbed, _mask(testbed), strength=0.0):
+        inside = _params(testbed)
+    assert all(torch.equal(inside[n], original[n]) for n in original)
+    with pytest.raises(DejaGuardError, match="strength"), apply_mask(testbed, _mask(testbed), strength=1.5):
+        pass
+
+
+def test_weight_mask_equals_output_gates(testbed):
+    """Switching neurons off by weight patch (apply_mask) and by per-sample output gates (the batched search)
+    give the same noise prediction; the gates only touch the samples they are given for."""
+    layers = nemo_layers(testbed)
+    name = list(layers)[-1]
+    rows = torch.tensor([0, 3, 7])
+    mask = NeuronMask(layers={name: rows}, layer_shapes={name: tuple(layers[name].weight.shape)},
+                      fingerprint=testbed.fingerprint(), method="test")
+    x = torch.randn(2, *testbed.sample_shape, generator=torch.Generator().manual_seed(0))
+    emb = testbed.encode_prompts([MEMORIZED_PROMPT] * 2)
+    with torch.no_grad():
+        plain = testbed.predict_noise(x, 999, emb)
+        with apply_mask(testbed, mask):
+            patched = testbed.predict_noise(x, 999, emb)
+        gate = torch.ones(2, layers[name].weight.shape[0])
+        gate[0, rows] = 0.0  # sample 0 masked, sample 1 not
+        with OutputGates(layers) as gates:
+            gates.set({name: gate})
+            gated = testbed.predict_noise(x, 999, emb)
+    assert not torch.allclose(plain[0], patched[0])
+    torch.testing.assert_close(gated[0], patched[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gated[1], plain[1], rtol=1e-5, atol=1e-6)
+    assert all(not m._forward_hooks for _, m in testbed.named_modules())
+
+
+def test_pairwise_ssim_basic():
+    a = torch.randn(3, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(pairwise_ssim(a, a), torch.ones(3), atol=1e-5)
+    b = torch.randn(3, 4, 32, 32, generator=torch.Generator().manual_seed(2))
+    assert float(pairwise_ssim(a, b).abs().max()) < 0.2
+
+
+# -- NeMo on the testbed -------------------------------------------------------------------------------
+
+
+def test_statistics_cached_per_model(testbed, stats, tmp_path):
+    from dejaguard.core.neurons import default_statistics_prompts
+
+    prompts = default_statistics_prompts()[:8]
+    first = nemo_statistics(testbed, prompts, seeds=2, score_prompts=4, cache=tmp_path)
+    files = list(tmp_path.glob(f"nemo-{testbed.fingerprint()}-*.safetensors"))
+    assert len(files) == 1
+    before = testbed.counter.snapshot()
+    again = nemo_statistics(testbed, prompts, seeds=2, score_prompts=4, cache=tmp_path)
+    assert testbed.counter.since(before).forwards == 0  # from the cache: no UNet call
+    assert again.threshold == first.threshold
+    assert all(torch.equal(again.mean[k], first.mean[k]) for k in first.mean)
+    assert 0 < stats.threshold < 1 and set(stats.mean) == set(nemo_layers(testbed))
+
+
+@pytest.mark.slow
+def test_nemo_localizes_a_memorized_prompt(testbed, stats):
+    before = testbed.counter.snapshot()
+    mask = localize(testbed, MEMORIZED_PROMPT, stats, LocalizeSettings(seeds=SEEDS))
+    spent = testbed.counter.since(before)
+    info = mask.info
+    assert info["memorized"], "the test prompt must score above NeMo's threshold on the testbed"
+    assert 0 < mask.count() <= info["initial_candidates"]
+    assert info["score_after"] < info["threshold"] <= info["score_before"]
+    assert info["unet_evals"] == spent.forwards == 2 * SEEDS * info["candidate_evaluations"]
+    assert mask.fingerprint == testbed.fingerprint() and mask.method == "nemo"
+    assert all(name.endswith("attn2.to_v") and not name.startswith("up_blocks") for name in mask.layers)
+    assert all(not m._forward_hooks for _, m in testbed.named_modules())  # no hook left behind
+    # Independently of the search's hooks: with the mask patched into the weights the score is below threshold.
+    with OutputGates(nemo_layers(testbed)) as gates, apply_mask(testbed, mask):
+        ctx = first_step_context(testbed, MEMORIZED_PROMPT, range(SEEDS), gates)
+        (patched,) = memorization_scores(ctx, [None]).tolist()
+    assert patched < info["threshold"] <= info["score_before"]
+
+
+@pytest.mark.slow
+def test_reference_schedule_satisfies_the_same_criterion(testbed, stats):
+    fast = localize(testbed, MEMORIZED_PROMPT, stats, LocalizeSettings(seeds=SEEDS))
+    ref = localize(testbed, MEMORIZED_PROMPT, stats, LocalizeSettings(seeds=SEEDS, schedule="reference"))
+    assert ref.info["score_after"] < ref.info["threshold"] and ref.count() > 0
+    assert ref.info["unet_calls"] == ref.info["candidate_evaluations"]  # one candidate per UNet call
+    assert fast.info["unet_calls"] < ref.info["unet_calls"]
+    assert ref.info["initial_candidates"] == fast.info["initial_candidates"]  # same initial selection
+
+
+def test_not_memorized_gives_an_empty_mask(testbed, stats):
+    mask = localize(testbed, "a red circle on the left", stats, LocalizeSettings(seeds=SEEDS), threshold=1.01)
+    assert mask.count() == 0 and mask.info["memorized"] is False
+    assert mask.info["unet_evals"] == 2 * SEEDS  # the unmasked score only
+
+
+@pytest.mark.slow
+def test_cli_localize(tmp_path):
+    out = tmp_path / "mask.safetensors"
+    cmd = [sys.executable, "-m", "dejaguard", "localize", "--prompt", "a red circle on the left", "--out",
+           str(out), "--seeds", "2", "--score-prompts", "2", "--threshold", "1.01", "--cache", str(tmp_path),
+           "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "not memorized" in proc.stdout and NeuronMask.load(out).count() == 0
+    bad = subprocess.run([sys.executable, "-m", "dejaguard", "localize", "--prompt", "p", "--out",
+                          str(tmp_path / "x.safetensors"), "--stats-prompts", str(tmp_path / "absent.txt")],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "dejaguard: error: prompt file not found" in bad.stderr
+
+
+def test_empty_prompt_refused(testbed, stats):
+    with pytest.raises(DejaGuardError, match="empty"):
+        localize(testbed, "  ", stats)
+
+
+def test_statistics_of_another_model_refused(testbed, stats):
+    other = ActivationStats(mean=stats.mean, std=stats.std, fingerprint="ffff", threshold=0.2, score_mean=0.1,
+                            score_std=0.1, settings={}, prompts_sha="", n_prompts=2)
+    with pytest.raises(DejaGuardError, match="statistics"):
+        localize(testbed, MEMORIZED_PROMPT, other)
+
+
+class _FakeSearch:
+    """A score that is monotone in the set of switched-off neurons: passes iff their weights sum to >= k."""
+
+    def __init__(self, weights: dict, k: float) -> None:
+        self.weights, self.k, self.calls, self.trials = weights, k, 0, set()
+
+    def passes(self, sets):
+        self.calls += 1
+        self.trials.update(sets)
+        return [sum(self.weights[n] for n in s) >= self.k for s in sets]
+
+
+@pytest.mark.parametrize("batch", [1, 2, 4, 8])
+def test_fast_refinement_makes_the_sequential_scans_decisions(batch):
+    """On monotone scores the batched refinement keeps exactly the neurons the one-by-one scan keeps, in fewer
+    UNet calls (sparse and dense keeps alike)."""
+    import random
+
+    from dejaguard.core.neurons import _refine_neurons
+
+    rng = random.Random(batch)
+    calls = {"fast": 0, "reference": 0}
+    for _ in range(60):
+        n = rng.randint(1, 80)
+        skew = rng.choice([1, 3, 8])  # few to many neurons needed
+        weights = {("layer", i): rng.random() ** skew for i in range(n)}
+        queue = sorted(weights, key=weights.get)
+        k = sum(weights.values()) * rng.uniform(0.3, 0.95)
+        ref, fast = _FakeSearch(weights, k), _FakeSearch(weights, k)
+        assert _refine_neurons(queue, fast, batch, True) == _refine_neurons(queue, ref, 1, False)
+        calls["fast"] += fast.calls
+        calls["reference"] += ref.calls
+    assert calls["fast"] <= calls["reference"]
+    if batch > 1:
+        assert calls["fast"] < 0.5 * calls["reference"]
+
+
+def test_first_true_search():
+    import random
+
+    from dejaguard.core.neurons import _first_true
+
+    rng = random.Random(0)
+    for _ in range(500):
+        n, batch = rng.randint(1, 60), rng.randint(1, 6)
+        answer = rng.randint(0, n)  # n: no true index
+        known = rng.randint(answer, n - 1) if answer < n and rng.random() < 0.5 else None
+        got = _first_true(n, lambda ps, a=answer: [p >= a for p in ps], batch, known_true=known)
+        assert got == (None if answer == n else answer)
+
+
+def test_magnitude_score_option(testbed, tmp_path):
+    """The detector's magnitude as the search criterion: its own statistics; mixing them up is refused."""
+    from dejaguard.core.neurons import default_statistics_prompts
+
+    prompts = default_statistics_prompts()[:6]
+    mag = nemo_statistics(testbed, prompts, seeds=2, score_prompts=3, cache=tmp_path, score="magnitude")
+    assert mag.settings["score"] == "magnitude" and mag.threshold > 1.0  # a norm, not an SSIM
+    mask = localize(testbed, "a red circle on the left", mag, LocalizeSettings(seeds=2, score="magnitude"),
+                    threshold=1e9)
+    assert mask.count() == 0 and "||eps(c)" in mask.thresholds["score"]
+    with pytest.raises(DejaGuardError, match="statistics calibrate"):
+        localize(testbed, "a red circle on the left", mag, LocalizeSettings(seeds=2))
+    with pytest.raises(DejaGuardError, match="unknown memorization score"):
+        LocalizeSettings(score="sscd")
