@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,8 +29,9 @@ import pytest
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from server import COMFY_DIR, COMFY_PYTHON, REPO, comfy_available  # noqa: E402
+from server import COMFY_DIR, comfy_available  # noqa: E402
 from test_explain_comfy import IN_COMFY_VENV  # noqa: E402
+from workflow_checks import run_in_comfy_venv  # noqa: E402
 
 # comfy/model_detection.py's SD15 entry: what detect_unet_config finds in an SD1.5 checkpoint.
 SD15_UNET_CONFIG: dict[str, Any] = {
@@ -147,10 +147,5 @@ def test_sd15_architecture_through_adapter() -> None:
 @pytest.mark.skipif(IN_COMFY_VENV, reason="already running inside the .comfy venv")
 def test_arch_smoke_in_comfy_venv() -> None:
     """Runs the test above with the .comfy venv's python (it has ComfyUI's dependencies)."""
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    proc = subprocess.run([str(COMFY_PYTHON), "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
-                           f"{Path(__file__)}::test_sd15_architecture_through_adapter"],
-                          capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
-    print(proc.stdout[-2000:])
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert "1 passed" in proc.stdout
+    out = run_in_comfy_venv(Path(f"{Path(__file__)}::test_sd15_architecture_through_adapter"), 600, "-s")
+    assert "1 passed" in out

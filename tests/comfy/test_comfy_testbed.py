@@ -18,6 +18,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
 from server import COMFY_PYTHON, REPO, comfy_available  # noqa: E402
+from workflow_checks import assert_formats_agree  # noqa: E402
 
 BUNDLED = REPO / "core" / "testbed" / "model"
 SMOKE = Path("/tmp/tb_smoke")
@@ -50,15 +51,4 @@ def test_workflows_are_consistent() -> None:
     """The UI-format workflow and the API graph describe the same graph (types, widgets, links)."""
     api = json.loads((REPO / "workflows" / "testbed_generate_api.json").read_text())
     ui = json.loads((REPO / "workflows" / "testbed_generate.json").read_text())
-    nodes = {str(n["id"]): n for n in ui["nodes"]}
-    assert {k: v["class_type"] for k, v in api.items()} == {k: n["type"] for k, n in nodes.items()}
-    links = {link[0]: link for link in ui["links"]}
-    for node_id, node in nodes.items():
-        for slot in node.get("inputs", []):
-            _, src, src_slot, dst, _, _ = links[slot["link"]]
-            assert str(dst) == node_id
-            assert api[node_id]["inputs"][slot["name"]] == [str(src), src_slot]
-    widgets = {k: [v for v in a["inputs"].values() if not isinstance(v, list)] for k, a in api.items()}
-    for node_id, node in nodes.items():
-        values = [v for v in node.get("widgets_values", []) if v not in ("fixed", "randomize")]
-        assert values == widgets[node_id], node_id
+    assert_formats_agree(ui, api)

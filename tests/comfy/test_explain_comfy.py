@@ -16,8 +16,6 @@ Model: the bundled testbed, else a training checkpoint (``/tmp/runs/main/checkpo
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,8 @@ import pytest
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from server import COMFY_PYTHON, REPO, ComfyError, ComfyServer, comfy_available  # noqa: E402
+from server import REPO, ComfyError, ComfyServer, comfy_available  # noqa: E402
+from workflow_checks import assert_formats_agree, run_in_comfy_venv  # noqa: E402
 
 BUNDLED = REPO / "core" / "testbed" / "model"
 CHECKPOINTS = [Path("/tmp/runs/main/checkpoints") / f"step_{n}" for n in (900, 450)]
@@ -61,20 +60,7 @@ def test_explain_workflows_are_consistent() -> None:
     """The UI-format workflow and its API twin describe the same graph (types, links, widget values)."""
     api = json.loads((REPO / "workflows" / "explain_testbed_api.json").read_text())
     ui = json.loads((REPO / "workflows" / "explain_testbed.json").read_text())
-    nodes = {str(n["id"]): n for n in ui["nodes"]}
-    assert {k: v["class_type"] for k, v in api.items()} == {k: n["type"] for k, n in nodes.items()}
-    links = {link[0]: link for link in ui["links"]}
-    for node_id, node in nodes.items():
-        for slot in node.get("inputs", []):
-            if slot["link"] is None:
-                assert slot["name"] not in api[node_id]["inputs"]
-                continue
-            _, src, src_slot, dst, _, _ = links[slot["link"]]
-            assert str(dst) == node_id
-            assert api[node_id]["inputs"][slot["name"]] == [str(src), src_slot]
-    for node_id, node in nodes.items():
-        widgets = [v for v in api[node_id]["inputs"].values() if not isinstance(v, list)]
-        assert [v for v in node.get("widgets_values", []) if v not in ("fixed", "randomize")] == widgets
+    assert_formats_agree(ui, api)
 
 
 @pytest.mark.slow
@@ -84,13 +70,7 @@ def test_inproc_tests_in_comfy_venv() -> None:
     """Runs test_explain_inproc.py with the .comfy venv's python (it has ComfyUI's dependencies)."""
     if model_folder() is None:
         pytest.skip("no testbed weights (core/testbed/model/unet or a training checkpoint)")
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    proc = subprocess.run([str(COMFY_PYTHON), "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           str(HERE / "test_explain_inproc.py")], capture_output=True, text=True, timeout=900,
-                          cwd=REPO, env=env)
-    print(proc.stdout[-3000:])
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]
+    run_in_comfy_venv(HERE / "test_explain_inproc.py", timeout=900)
 
 
 # -- the node on a real server ------------------------------------------------------------------------

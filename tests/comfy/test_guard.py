@@ -24,6 +24,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
 from server import COMFY_PYTHON, REPO, ComfyError, ComfyServer, comfy_available  # noqa: E402
+from workflow_checks import assert_formats_agree  # noqa: E402
 
 BUNDLED = REPO / "core" / "testbed" / "model"
 CHECKPOINTS = [Path("/tmp/runs/main/checkpoints/step_900"), Path("/tmp/runs/main/checkpoints/step_450")]
@@ -52,16 +53,7 @@ def load(name: str) -> dict[str, Any]:
 def test_detect_workflows_consistent(name: str) -> None:
     """UI and API formats hold the same nodes (the UI's Note is front-end only), links and widget values."""
     ui, api = load(f"{name}.json"), load(f"{name}_api.json")
-    nodes = {str(n["id"]): n for n in ui["nodes"] if n["type"] != "Note"}
-    assert {k: v["class_type"] for k, v in api.items()} == {k: n["type"] for k, n in nodes.items()}
-    links = {link[0]: link for link in ui["links"]}
-    for node_id, node in nodes.items():
-        for slot in node.get("inputs", []):
-            _, src, src_slot, dst, _, kind = links[slot["link"]]
-            assert str(dst) == node_id and kind == slot["type"]
-            assert api[node_id]["inputs"][slot["name"]] == [str(src), src_slot]
-        values = [v for v in node.get("widgets_values", []) if v not in ("fixed", "randomize")]
-        assert values == [v for v in api[node_id]["inputs"].values() if not isinstance(v, list)], node_id
+    assert_formats_agree(ui, api)
     guards = [k for k, v in api.items() if v["class_type"] == "DejaGuardMemorizationGuard"]
     verdicts = [k for k, v in api.items() if v["class_type"] == "DejaGuardMemorizationVerdict"]
     assert len(guards) == 1 and len(verdicts) == 2

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,8 +24,9 @@ import pytest
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from server import COMFY_PYTHON, REPO, ComfyServer, comfy_available  # noqa: E402
+from server import REPO, ComfyServer, comfy_available  # noqa: E402
 from test_explain_comfy import IN_COMFY_VENV, model_folder  # noqa: E402
+from workflow_checks import assert_formats_agree, run_in_comfy_venv  # noqa: E402
 
 BUNDLED = REPO / "core" / "testbed" / "model"
 WORKFLOWS = REPO / "workflows"
@@ -44,16 +43,7 @@ def test_mitigate_workflows_consistent() -> None:
     """UI and API formats hold the same nodes (the Note is front-end only), links and widget values; the node's
     seed equals the KSamplers' and both samplers share everything but the positive conditioning."""
     ui, api = load("mitigate_testbed.json"), load("mitigate_testbed_api.json")
-    nodes = {str(n["id"]): n for n in ui["nodes"] if n["type"] != "Note"}
-    assert {k: v["class_type"] for k, v in api.items()} == {k: n["type"] for k, n in nodes.items()}
-    links = {link[0]: link for link in ui["links"]}
-    for node_id, node in nodes.items():
-        for slot in node.get("inputs", []):
-            _, src, src_slot, dst, _, kind = links[slot["link"]]
-            assert str(dst) == node_id and kind == slot["type"]
-            assert api[node_id]["inputs"][slot["name"]] == [str(src), src_slot]
-        values = [v for v in node.get("widgets_values", []) if v not in ("fixed", "randomize")]
-        assert values == [v for v in api[node_id]["inputs"].values() if not isinstance(v, list)], node_id
+    assert_formats_agree(ui, api)
     samplers = [v for v in api.values() if v["class_type"] == "KSampler"]
     assert len(samplers) == 2
     assert len({json.dumps({k: x for k, x in s["inputs"].items() if k != "positive"}) for s in samplers}) == 1
@@ -69,13 +59,7 @@ def test_mitigate_workflows_consistent() -> None:
 def test_mitigate_inproc_tests_in_comfy_venv() -> None:
     if model_folder() is None:
         pytest.skip("no testbed weights")
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    proc = subprocess.run([str(COMFY_PYTHON), "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           str(HERE / "test_mitigate_inproc.py")], capture_output=True, text=True, timeout=900,
-                          cwd=REPO, env=env)
-    print(proc.stdout[-3000:])
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]
+    run_in_comfy_venv(HERE / "test_mitigate_inproc.py", timeout=900)
 
 
 # -- real server ---------------------------------------------------------------------------------------

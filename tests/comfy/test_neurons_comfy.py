@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,8 +24,9 @@ import pytest
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from server import COMFY_PYTHON, REPO, ComfyServer, comfy_available  # noqa: E402
+from server import REPO, ComfyServer, comfy_available  # noqa: E402
 from test_explain_comfy import IN_COMFY_VENV, model_folder  # noqa: E402
+from workflow_checks import assert_formats_agree, run_in_comfy_venv  # noqa: E402
 
 BUNDLED = REPO / "core" / "testbed" / "model"
 WORKFLOWS = REPO / "workflows"
@@ -42,16 +41,7 @@ def load(name: str) -> dict[str, Any]:
 def test_neuron_workflows_consistent() -> None:
     """UI and API formats hold the same nodes (the Note is front-end only), links and widget values."""
     ui, api = load("neuron_mask_testbed.json"), load("neuron_mask_testbed_api.json")
-    nodes = {str(n["id"]): n for n in ui["nodes"] if n["type"] != "Note"}
-    assert {k: v["class_type"] for k, v in api.items()} == {k: n["type"] for k, n in nodes.items()}
-    links = {link[0]: link for link in ui["links"]}
-    for node_id, node in nodes.items():
-        for slot in node.get("inputs", []):
-            _, src, src_slot, dst, _, kind = links[slot["link"]]
-            assert str(dst) == node_id and kind == slot["type"]
-            assert api[node_id]["inputs"][slot["name"]] == [str(src), src_slot]
-        values = [v for v in node.get("widgets_values", []) if v not in ("fixed", "randomize")]
-        assert values == [v for v in api[node_id]["inputs"].values() if not isinstance(v, list)], node_id
+    assert_formats_agree(ui, api)
     applies = {k: v for k, v in api.items() if v["class_type"] == "DejaGuardApplyNeuronMask"}
     assert sorted(v["inputs"]["strength"] for v in applies.values()) == [0.0, 1.0]
     samplers = [v for v in api.values() if v["class_type"] == "KSampler"]
@@ -68,13 +58,7 @@ def test_neuron_workflows_consistent() -> None:
 def test_neuron_inproc_tests_in_comfy_venv() -> None:
     if model_folder() is None:
         pytest.skip("no testbed weights")
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    proc = subprocess.run([str(COMFY_PYTHON), "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           str(HERE / "test_neurons_inproc.py")], capture_output=True, text=True, timeout=1800,
-                          cwd=REPO, env=env)
-    print(proc.stdout[-3000:])
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]
+    run_in_comfy_venv(HERE / "test_neurons_inproc.py", timeout=1800)
 
 
 # -- real server ---------------------------------------------------------------------------------------
