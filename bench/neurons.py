@@ -80,7 +80,11 @@ def main() -> None:
     parser.add_argument("--nemo-seeds", type=int, default=4, help="seeds of NeMo's memorization score")
     parser.add_argument("--batch", type=int, default=2, help="candidate masks per UNet call (fast schedule)")
     parser.add_argument("--score-prompts", type=int, default=64, help="prompts calibrating the score threshold")
-    parser.add_argument("--ratio", type=float, default=0.01, help="subspace pruning ratio per output row")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.01, 0.05],
+                        help="subspace pruning ratios per output row, each measured (default: 0.01, the paper's, "
+                        "and 0.05)")
+    parser.add_argument("--blocks", choices=["down_mid", "all"], default="down_mid",
+                        help="NeMo's search space (default: the paper's down and mid blocks)")
     parser.add_argument("--skip-reference", action="store_true", help="do not run NeMo's reference schedule")
     parser.add_argument("--cache", default=None, help="statistics cache folder")
     args = parser.parse_args()
@@ -98,12 +102,14 @@ def main() -> None:
     novel = [s.caption() for s in heldout_specs()[: args.novel]]
     out: dict = {"model": denoiser.fingerprint(),
                  "settings": {"prompts": len(prompts), "seeds": args.seeds, "steps": args.steps, "novel": len(novel),
-                              "nemo_seeds": args.nemo_seeds, "batch": args.batch, "ratio": args.ratio,
+                              "nemo_seeds": args.nemo_seeds, "batch": args.batch, "ratios": args.ratios,
+                              "blocks": args.blocks,
                               "replication_ssim": REPLICATION_SSIM}}
 
     # -- NeMo ---------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    stats = nemo_statistics(denoiser, seeds=args.nemo_seeds, score_prompts=args.score_prompts, cache=args.cache)
+    stats = nemo_statistics(denoiser, seeds=args.nemo_seeds, score_prompts=args.score_prompts, cache=args.cache,
+                            blocks=args.blocks)
     print(f"statistics: threshold {stats.threshold:.3f} (score mean {stats.score_mean:.3f}, std {stats.score_std:.3f}) "
           f"in {time.perf_counter() - t0:.1f}s", flush=True)
     runs: dict[str, list[dict]] = {"fast": [], "reference": []}
@@ -111,7 +117,8 @@ def main() -> None:
     schedules = ["fast"] if args.skip_reference else ["fast", "reference"]
     for prompt in prompts:
         for schedule in schedules:
-            settings = LocalizeSettings(seeds=args.nemo_seeds, schedule=schedule, batch=args.batch)
+            settings = LocalizeSettings(seeds=args.nemo_seeds, schedule=schedule, batch=args.batch,
+                                        blocks=args.blocks)
             try:
                 mask = localize(denoiser, prompt, stats, settings)
                 record = {**mask.info, "prompt": prompt, "neuron_set": sorted(
@@ -174,33 +181,36 @@ def main() -> None:
     fit_images = {name for names in kinds.values() for name in names[::2]}
     fit = [(p, i) for p, i in zip(prompts, images) if i in fit_images]
     held = [(p, i) for p, i in zip(prompts, images) if i not in fit_images]
-    sub: dict = {"fit_images": sorted({i for _, i in fit}), "heldout_images": sorted({i for _, i in held})}
-    if fit:
-        before_evals = denoiser.counter.snapshot()
-        mask = subspace_mask(denoiser, [p for p, _ in fit], ratio=args.ratio)
-        spent = denoiser.counter.since(before_evals)
-        sub.update(weights_pruned=mask.count(), unet_evals=spent.forwards,
-                   unet_evals_per_prompt=round(spent.forwards / len(fit), 1), wall_s=mask.info["wall_s"])
-        rate = dict(zip(prompts, before))
-        sub["replication_before"] = round(float(np.mean([rate[p] for p, _ in fit])), 4)
-        sub["replication_after"] = round(float(np.mean(replication(
-            denoiser, [p for p, _ in fit], [i for _, i in fit], seeds, args.steps, mask))), 4)
-        if held:
-            sub["heldout_replication_before"] = round(float(np.mean([rate[p] for p, _ in held])), 4)
-            sub["heldout_replication_after"] = round(float(np.mean(replication(
-                denoiser, [p for p, _ in held], [i for _, i in held], seeds, args.steps, mask))), 4)
-        sub["novel_alignment_before"] = round(align_before, 4)
-        sub["novel_alignment_after"] = round(alignment(denoiser, novel, args.steps, mask), 4)
-    out["subspace"] = sub
+    rate = dict(zip(prompts, before))
+    out["subspace"] = {}
+    for ratio in args.ratios:
+        sub: dict = {"fit_images": sorted({i for _, i in fit}), "heldout_images": sorted({i for _, i in held})}
+        if fit:
+            before_evals = denoiser.counter.snapshot()
+            mask = subspace_mask(denoiser, [p for p, _ in fit], ratio=ratio)
+            spent = denoiser.counter.since(before_evals)
+            sub.update(weights_pruned=mask.count(), unet_evals=spent.forwards,
+                       unet_evals_per_prompt=round(spent.forwards / len(fit), 1), wall_s=mask.info["wall_s"])
+            sub["replication_before"] = round(float(np.mean([rate[p] for p, _ in fit])), 4)
+            sub["replication_after"] = round(float(np.mean(replication(
+                denoiser, [p for p, _ in fit], [i for _, i in fit], seeds, args.steps, mask))), 4)
+            if held:
+                sub["heldout_replication_before"] = round(float(np.mean([rate[p] for p, _ in held])), 4)
+                sub["heldout_replication_after"] = round(float(np.mean(replication(
+                    denoiser, [p for p, _ in held], [i for _, i in held], seeds, args.steps, mask))), 4)
+            sub["novel_alignment_before"] = round(align_before, 4)
+            sub["novel_alignment_after"] = round(alignment(denoiser, novel, args.steps, mask), 4)
+        out["subspace"][f"ratio_{ratio:g}"] = sub
+        print(f"subspace ratio {ratio:g} measured", flush=True)
 
     print(f"\n{'method':10s} {'repl. before':>12s} {'repl. after':>12s} {'held-out after':>14s} "
           f"{'align before':>12s} {'align after':>12s}")
     print(f"{'NeMo':10s} {nemo['replication_before']:12.3f} {nemo['replication_after']:12.3f} {'':>14s} "
           f"{nemo['novel_alignment_before']:12.3f} {nemo['novel_alignment_after']:12.3f}")
-    if fit:
+    for key, sub in out["subspace"].items() if fit else ():
         print(f"{'subspace':10s} {sub['replication_before']:12.3f} {sub['replication_after']:12.3f} "
               f"{sub.get('heldout_replication_after', float('nan')):14.3f} {sub['novel_alignment_before']:12.3f} "
-              f"{sub['novel_alignment_after']:12.3f}")
+              f"{sub['novel_alignment_after']:12.3f}  {key}")
     print(json.dumps(out))
 
 

@@ -200,10 +200,10 @@ def cmd_localize(args: argparse.Namespace) -> int:
         print("dejaguard: note: activation statistics from the testbed's compositional captions; pass "
               "--stats-prompts with prompts typical for this model that are not memorized", file=sys.stderr)
     settings = LocalizeSettings(seeds=args.seeds, schedule="reference" if args.reference else "fast",
-                                batch=args.batch, score=args.score)
+                                batch=args.batch, score=args.score, blocks=args.blocks)
     update, close = _bar_progress("statistics")
     stats = nemo_statistics(denoiser, stats_prompts, seeds=settings.seeds, score_prompts=args.score_prompts,
-                            cache=args.cache, progress=update, score=args.score)
+                            cache=args.cache, progress=update, score=args.score, blocks=args.blocks)
     close()
     update, close = _bar_progress("localizing")
     try:
@@ -388,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="candidate masks per batched UNet call (default 2; more on a GPU)")
     sp.add_argument("--score", choices=["ssim", "magnitude"], default="ssim",
                     help="memorization score: NeMo's seed-consistency SSIM (default) or the detector's magnitude")
+    sp.add_argument("--blocks", choices=["down_mid", "all"], default="down_mid",
+                    help="attn2.to_v layers searched: down and mid blocks (the paper's, default) or all, up blocks too")
     sp.add_argument("--reference", action="store_true",
                     help="the paper's sequential schedule, one candidate per UNet call (slower; for comparison)")
     sp.add_argument("--threshold", type=float, default=None,

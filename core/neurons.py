@@ -35,6 +35,12 @@ restores the saved values exactly on exit. The ComfyUI nodes apply the same mask
    the score stays below the threshold. *Refinement by neuron*: in ascending z order (least
    suspicious first), re-enable each remaining neuron; keep it enabled if the score stays below.
 
+*Search space* (``LocalizeSettings.blocks``): the paper's ``attn2.to_v`` of the down and mid blocks
+(``"down_mid"``, the default), or every ``attn2.to_v`` (``"all"``, the up blocks too). Measured on the
+testbed (4 seeds, 20 DDIM steps): switching off every down/mid value neuron stops the astronaut and
+cameraman prompts from replicating but not "chelsea the tabby cat looking at the camera" (SSIM to its
+training image 0.67 -> 0.80); that image is carried by the up blocks.
+
 Two schedules compute these steps; both score each distinct candidate set once (memoized). ``"reference"``
 is the straightforward one: one candidate set per UNet call (its ``S`` seeds, conditional and
 unconditional, in that call), sequential as written above. ``"fast"`` evaluates up to ``batch``
@@ -389,13 +395,21 @@ class OutputGates:
 # ---------------------------------------------------------------------------------------------
 
 
-def nemo_layers(denoiser: Denoiser) -> dict[str, torch.nn.Module]:
-    """``attn2.to_v`` of the down and mid blocks, in model order (NeMo's search space)."""
+NEMO_BLOCKS = {"down_mid": ("down_blocks.", "mid_block."), "all": ("down_blocks.", "mid_block.", "up_blocks.")}
+
+
+def nemo_layers(denoiser: Denoiser, blocks: str = "down_mid") -> dict[str, torch.nn.Module]:
+    """``attn2.to_v`` layers in model order: NeMo's search space.
+
+    ``blocks``: ``"down_mid"`` (the paper's: down and mid blocks) or ``"all"`` (up blocks too).
+    """
+    if blocks not in NEMO_BLOCKS:
+        raise DejaGuardError(f"unknown NeMo blocks {blocks!r} (one of {', '.join(NEMO_BLOCKS)})")
     layers = {name: m for name, m in denoiser.named_modules()
-              if name.endswith("attn2.to_v") and name.startswith(("down_blocks.", "mid_block."))}
+              if name.endswith("attn2.to_v") and name.startswith(NEMO_BLOCKS[blocks])}
     if not layers:
-        raise DejaGuardError("this UNet has no cross-attention value layers (attn2.to_v) in its down or mid "
-                             "blocks under diffusers names: NeMo cannot run on it")
+        raise DejaGuardError(f"this UNet has no cross-attention value layers (attn2.to_v) in its {blocks} blocks "
+                             "under diffusers names: NeMo cannot run on it")
     return layers
 
 
@@ -618,6 +632,7 @@ def nemo_statistics(
     progress: Progress | None = None,
     max_batch: int = 64,
     score: str = "ssim",
+    blocks: str = "down_mid",
 ) -> ActivationStats:
     """Activation statistics and the memorization-score threshold for ``denoiser``, cached per model.
 
@@ -631,7 +646,7 @@ def nemo_statistics(
         raise DejaGuardError("activation statistics need at least 2 non-memorized prompts")
     settings = {"seeds": int(seeds), "score_prompts": min(int(score_prompts), len(prompts)),
                 "num_inference_steps": int(num_inference_steps), "score": _check_kind(score),
-                "threshold_rule": "mean + 1 std"}
+                "threshold_rule": "mean + 1 std", "blocks": blocks}
     sha = _prompts_sha(prompts)
     key = hashlib.sha256(json.dumps([settings, sha], sort_keys=True).encode()).hexdigest()[:12]
     path = cache_dir(cache) / f"nemo-{denoiser.fingerprint()}-{key}.safetensors"
@@ -642,7 +657,7 @@ def nemo_statistics(
                 return stats
         except DejaGuardError:
             pass  # a broken cache entry is recomputed
-    layers = nemo_layers(denoiser)
+    layers = nemo_layers(denoiser, blocks)
     sums = {k: torch.zeros(layer_shape(m)[0], dtype=torch.float64) for k, m in layers.items()}
     squares = {k: torch.zeros_like(v) for k, v in sums.items()}
     chunk = 32
@@ -698,6 +713,7 @@ class LocalizeSettings:
     batch: int = 2  # candidate masks per UNet call in the fast searches (more: fewer calls, more wasted trials)
     max_batch: int = 64  # samples per UNet call
     score: str = "ssim"  # memorization score: "ssim" (NeMo) or "magnitude" (see SCORES)
+    blocks: str = "down_mid"  # search space (NEMO_BLOCKS): the paper's down and mid blocks, or "all"
 
     def __post_init__(self) -> None:
         _check_kind(self.score)
@@ -888,16 +904,17 @@ def localize(
     if not prompt.strip():
         raise DejaGuardError("the prompt is empty: nothing to localize")
     stats = stats or nemo_statistics(denoiser, seeds=settings.seeds, num_inference_steps=settings.num_inference_steps,
-                                     score=settings.score)
+                                     score=settings.score, blocks=settings.blocks)
     if stats.settings.get("score", "ssim") != settings.score:
         raise DejaGuardError(f"the statistics calibrate the {stats.settings.get('score')!r} score, the search uses "
                              f"{settings.score!r}: compute statistics with score={settings.score!r}")
     if stats.fingerprint != denoiser.fingerprint():
         raise DejaGuardError(f"activation statistics are for model {stats.fingerprint}, not {denoiser.fingerprint()}")
     tau = float(stats.threshold if threshold is None else threshold)
-    layers = nemo_layers(denoiser)
+    layers = nemo_layers(denoiser, settings.blocks)
     if set(layers) != set(stats.mean):
-        raise DejaGuardError("activation statistics were computed on other layers: recompute them")
+        raise DejaGuardError(f"activation statistics were computed on other layers than the {settings.blocks!r} "
+                             "blocks: recompute them with the same blocks")
     start_time = time.perf_counter()
     before = denoiser.counter.snapshot()
     fast = settings.schedule == "fast"
@@ -943,9 +960,9 @@ def localize(
                 j_star = next((j for j in range(n_steps) if test_steps([j])[0]), None)
             if j_star is None:
                 raise DejaGuardError(
-                    f"switching off all {sum(len(v) for v in z.values())} neurons of the {len(layers)} down/mid "
-                    f"attn2.to_v layers leaves the memorization score above the threshold {tau:.3f}: this "
-                    "prompt's memorization is not localized in these neurons")
+                    f"switching off all {sum(len(v) for v in z.values())} neurons of the {len(layers)} "
+                    f"{settings.blocks} attn2.to_v layers leaves the memorization score above the threshold "
+                    f"{tau:.3f}: this prompt's memorization is not localized in these neurons")
             current = candidates(j_star)
             info.update(initial_step=j_star, initial_z_threshold=settings.z_start - j_star * settings.z_step,
                         initial_candidates=len(current), evaluations_initial=search.evaluations - 1)

@@ -135,6 +135,11 @@ class DejaGuardLocalizeNeurons:
                     "tooltip": "The memorization score the mask must bring below its threshold: 'ssim' = NeMo's "
                                "(how alike the first-step predictions of different seeds are), 'magnitude' = the "
                                "guard's first-step text-conditional magnitude. Both are first-step proxies."}),
+                "blocks": (["down_mid", "all"], {
+                    "default": "down_mid",
+                    "tooltip": "Where to search: 'down_mid' = the cross-attention value layers of the down and mid "
+                               "blocks (the paper's choice for Stable Diffusion); 'all' = the up blocks too (needed "
+                               "where a memorized image is carried by the up blocks, as for some testbed prompts)."}),
                 "statistics_prompts": ("STRING", {
                     "multiline": True, "default": "",
                     "tooltip": "Prompts this model has not memorized, one per line, for the activation statistics "
@@ -153,7 +158,8 @@ class DejaGuardLocalizeNeurons:
                    "reproducing its training image (NeMo, Hintersdorf et al. 2024).")
 
     def localize(self, model: Any, clip: Any, prompt: str, seeds: int, threshold: float = 0.0,
-                 score: str = "ssim", statistics_prompts: str = "") -> tuple[NeuronMask, str]:
+                 score: str = "ssim", statistics_prompts: str = "", blocks: str = "down_mid",
+                 ) -> tuple[NeuronMask, str]:
         if not prompt.strip():
             raise DejaGuardError("DejaGuard Localize Neurons: the prompt is empty; enter the memorized prompt")
         check_supported(model)
@@ -167,10 +173,10 @@ class DejaGuardLocalizeNeurons:
 
         denoiser = ComfyDenoiser(model, clip, callback=on_unet_call)
         prompts = [p.strip() for p in statistics_prompts.splitlines() if p.strip()] or None
-        settings = LocalizeSettings(seeds=seeds, score=score)
+        settings = LocalizeSettings(seeds=seeds, score=score, blocks=blocks)
         with torch.inference_mode(False), torch.no_grad():
             comfy.model_management.load_models_gpu([model])  # the to_v weights are read directly for activations
-            stats = nemo_statistics(denoiser, prompts, seeds=seeds, score=score,
+            stats = nemo_statistics(denoiser, prompts, seeds=seeds, score=score, blocks=blocks,
                                     progress=lambda f, s: on_progress(0.3 * f, s))
             mask = localize(denoiser, prompt, stats, settings, threshold=threshold or None,
                             progress=lambda f, s: on_progress(0.3 + 0.7 * f, s))

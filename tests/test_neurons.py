@@ -275,6 +275,17 @@ def test_statistics_of_another_model_refused(testbed, stats):
         localize(testbed, MEMORIZED_PROMPT, other)
 
 
+def test_blocks_option_searches_the_up_blocks_too(testbed, stats):
+    """The paper's space is down + mid; "all" adds the up blocks. Statistics of one space are refused for the other."""
+    paper, everything = nemo_layers(testbed), nemo_layers(testbed, "all")
+    assert set(paper) < set(everything)
+    assert {n for n in everything if n not in paper} == {n for n in everything if n.startswith("up_blocks.")}
+    with pytest.raises(DejaGuardError, match="blocks"):
+        nemo_layers(testbed, "up")
+    with pytest.raises(DejaGuardError, match="other layers"):
+        localize(testbed, MEMORIZED_PROMPT, stats, LocalizeSettings(blocks="all"))
+
+
 class _FakeSearch:
     """A score that is monotone in the set of switched-off neurons: passes iff their weights sum to >= k."""
 
