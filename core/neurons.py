@@ -765,9 +765,12 @@ def _first_true(n: int, test: Callable[[list[int]], list[bool]], batch: int,
     ``test`` takes a list of indices and evaluates them together (one batched UNet call). While no true
     index is known, probes gallop (0, 1, 3, 7, ..., and finally ``n - 1``), ``batch`` per call: cheap when
     the answer is small. Once a bracket ``(lo, hi]`` is known (or ``known_true`` is given), each call
-    splits it into ``batch + 1`` parts. With non-monotone data the index returned is still a true one.
+    splits it into ``batch + 1`` parts. With non-monotone data the index returned is still a true one, and
+    None is exact: if the gallop reaches ``n - 1`` without a true index, the indices it skipped are scanned
+    in order, ``batch`` per call (a memorization score can rise again when more neurons are switched off).
     """
     lo, hi = -1, known_true
+    tested: set[int] = set()
     while hi is None or hi - lo > 1:
         if hi is None:
             points: list[int] = []
@@ -786,12 +789,19 @@ def _first_true(n: int, test: Callable[[list[int]], list[bool]], batch: int,
             k = min(batch, gap)
             points = sorted({lo + max(1, round((j + 1) * (gap + 1) / (k + 1))) for j in range(k)})
             points = [q for q in points if lo < q < hi] or [lo + 1]
+        tested.update(points)
         for q, ok in zip(points, test(points)):
             if ok:
                 hi = q if hi is None else min(hi, q)
                 break
             lo = max(lo, q)
         if hi is None and lo >= n - 1:
+            skipped = [i for i in range(n) if i not in tested]
+            for start in range(0, len(skipped), batch):
+                chunk = skipped[start:start + batch]
+                for q, ok in zip(chunk, test(chunk)):
+                    if ok:
+                        return q
             return None
     return hi
 

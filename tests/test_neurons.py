@@ -337,6 +337,21 @@ def test_first_true_search():
         assert got == (None if answer == n else answer)
 
 
+def test_first_true_search_never_misses_a_passing_index():
+    """Non-monotone predicates (a score that rises again as more neurons go off): a true index among those the
+    gallop skipped is still found, and None means no index is true (measured case: 'kraken wallpaper')."""
+    import random
+
+    from dejaguard.core.neurons import _first_true
+
+    rng = random.Random(1)
+    for _ in range(500):
+        n, batch = rng.randint(1, 40), rng.randint(1, 6)
+        truth = [rng.random() < 0.15 for _ in range(n)]
+        got = _first_true(n, lambda ps, t=truth: [t[p] for p in ps], batch)
+        assert (got is None) == (not any(truth)) and (got is None or truth[got])
+
+
 def test_magnitude_score_option(testbed, tmp_path):
     """The detector's magnitude as the search criterion: its own statistics; mixing them up is refused."""
     from dejaguard.core.neurons import default_statistics_prompts
