@@ -11,7 +11,6 @@ and leaves no hook behind; Save / Load round trip in a temporary mask folder.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,25 +26,14 @@ if not IN_COMFY_VENV:
     pytest.skip("imports ComfyUI: runs in the .comfy venv (test_neurons_comfy.py runs it there)",
                 allow_module_level=True)
 
-from server import COMFY_DIR  # noqa: E402
+import test_explain_inproc  # noqa: E402
 
 PROMPT = "the cameraman, vintage print in a steel frame"
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def comfy_env() -> Any:
-    for path in (str(COMFY_DIR / "custom_nodes"), str(COMFY_DIR)):
-        if path not in sys.path:
-            sys.path.insert(0, path)
-    import torch
-    from comfy.cli_args import args
-
-    args.cpu = True  # before comfy.model_management is imported
-    import comfy.model_management  # noqa: F401
-
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    return torch
+# ComfyUI on the CPU, the pack importable as DejaGuard: the explain tests' fixture.
+comfy_env = test_explain_inproc.comfy_env
 
 
 @pytest.fixture(scope="module")
