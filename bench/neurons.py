@@ -85,6 +85,9 @@ def main() -> None:
                         "and 0.05)")
     parser.add_argument("--blocks", choices=["down_mid", "all"], default="down_mid",
                         help="NeMo's search space (default: the paper's down and mid blocks)")
+    parser.add_argument("--score", choices=["ssim", "magnitude", "generation"], default="ssim",
+                        help="NeMo's memorization score (default: the paper's first-step seed-consistency SSIM)")
+    parser.add_argument("--generation-steps", type=int, default=10, help="steps of the 'generation' score")
     parser.add_argument("--skip-reference", action="store_true", help="do not run NeMo's reference schedule")
     parser.add_argument("--cache", default=None, help="statistics cache folder")
     args = parser.parse_args()
@@ -103,13 +106,13 @@ def main() -> None:
     out: dict = {"model": denoiser.fingerprint(),
                  "settings": {"prompts": len(prompts), "seeds": args.seeds, "steps": args.steps, "novel": len(novel),
                               "nemo_seeds": args.nemo_seeds, "batch": args.batch, "ratios": args.ratios,
-                              "blocks": args.blocks,
+                              "blocks": args.blocks, "score": args.score, "generation_steps": args.generation_steps,
                               "replication_ssim": REPLICATION_SSIM}}
 
     # -- NeMo ---------------------------------------------------------------------------------------
     t0 = time.perf_counter()
     stats = nemo_statistics(denoiser, seeds=args.nemo_seeds, score_prompts=args.score_prompts, cache=args.cache,
-                            blocks=args.blocks)
+                            blocks=args.blocks, score=args.score, generation_steps=args.generation_steps)
     print(f"statistics: threshold {stats.threshold:.3f} (score mean {stats.score_mean:.3f}, std {stats.score_std:.3f}) "
           f"in {time.perf_counter() - t0:.1f}s", flush=True)
     runs: dict[str, list[dict]] = {"fast": [], "reference": []}
@@ -118,7 +121,8 @@ def main() -> None:
     for prompt in prompts:
         for schedule in schedules:
             settings = LocalizeSettings(seeds=args.nemo_seeds, schedule=schedule, batch=args.batch,
-                                        blocks=args.blocks)
+                                        blocks=args.blocks, score=args.score,
+                                        generation_steps=args.generation_steps)
             try:
                 mask = localize(denoiser, prompt, stats, settings)
                 record = {**mask.info, "prompt": prompt, "neuron_set": sorted(

@@ -200,10 +200,12 @@ def cmd_localize(args: argparse.Namespace) -> int:
         print("dejaguard: note: activation statistics from the testbed's compositional captions; pass "
               "--stats-prompts with prompts typical for this model that are not memorized", file=sys.stderr)
     settings = LocalizeSettings(seeds=args.seeds, schedule="reference" if args.reference else "fast",
-                                batch=args.batch, score=args.score, blocks=args.blocks)
+                                batch=args.batch, score=args.score, blocks=args.blocks,
+                                generation_steps=args.generation_steps)
     update, close = _bar_progress("statistics")
     stats = nemo_statistics(denoiser, stats_prompts, seeds=settings.seeds, score_prompts=args.score_prompts,
-                            cache=args.cache, progress=update, score=args.score, blocks=args.blocks)
+                            cache=args.cache, progress=update, score=args.score, blocks=args.blocks,
+                            generation_steps=args.generation_steps)
     close()
     update, close = _bar_progress("localizing")
     try:
@@ -386,8 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seeds", type=int, default=4, help="fixed initial noises of the memorization score (default 4)")
     sp.add_argument("--batch", type=int, default=2,
                     help="candidate masks per batched UNet call (default 2; more on a GPU)")
-    sp.add_argument("--score", choices=["ssim", "magnitude"], default="ssim",
-                    help="memorization score: NeMo's seed-consistency SSIM (default) or the detector's magnitude")
+    sp.add_argument("--score", choices=["ssim", "magnitude", "generation"], default="ssim",
+                    help="memorization score: NeMo's first-step seed-consistency SSIM (default), the detector's "
+                    "first-step magnitude, or 'generation': short generations of the masked model compared with "
+                    "the unmasked model's (catches memorization that re-forms after the first step; slower)")
+    sp.add_argument("--generation-steps", type=int, default=10,
+                    help="steps of the 'generation' score's short generations (default 10)")
     sp.add_argument("--blocks", choices=["down_mid", "all"], default="down_mid",
                     help="attn2.to_v layers searched: down and mid blocks (the paper's, default) or all, up blocks too")
     sp.add_argument("--reference", action="store_true",

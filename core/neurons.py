@@ -91,7 +91,7 @@ import torch.nn.functional as F
 
 from .denoiser import Denoiser
 from .errors import DejaGuardError
-from .sampling import DEFAULT_STEPS, initial_noise
+from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, guided_denoise, initial_noise
 
 MASK_FORMAT = "dejaguard.neuron_mask"
 MASK_VERSION = 1
@@ -477,7 +477,28 @@ def seed_consistency(differences: torch.Tensor) -> torch.Tensor:
 
 
 SCORES = {"ssim": "max pairwise SSIM of first-step eps(c) - eps('') over seeds (NeMo)",
-          "magnitude": "mean over seeds of ||eps(c) - eps('')||_2 at the first step (Wen et al., core.detect)"}
+          "magnitude": "mean over seeds of ||eps(c) - eps('')||_2 at the first step (Wen et al., core.detect)",
+          "generation": "max SSIM between the masked model's short guided generation from one seed and the "
+                        "unmasked model's from another seed"}
+GENERATION_STEPS = 10  # schedule of the "generation" score's short generations
+
+
+def cross_seed_similarity(generations: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """The "generation" score: ``(B, S, C, H, W)`` masked generations and ``(S, C, H, W)`` unmasked ones ->
+    ``(B,)``, the max over seed pairs ``i != j`` of SSIM(generations[b, i], reference[j]).
+
+    Different seeds, because the same seed with no mask is trivially identical: for the unmasked model the
+    score is the seed consistency of its generations (NeMo's idea, on the final sample), which calibrates the
+    threshold on non-memorized prompts. A masked model that still replicates draws every seed to the image the
+    unmasked model draws from every other seed; one that collapses to some other common image does not count.
+    """
+    b, s = generations.shape[:2]
+    if s < 2:
+        raise DejaGuardError("the memorization score compares seeds: at least 2 seeds are needed")
+    pairs = [(i, j) for i in range(s) for j in range(s) if i != j]
+    first = generations[:, [i for i, _ in pairs]].flatten(0, 1)
+    second = reference[[j for _, j in pairs]].repeat(b, 1, 1, 1)
+    return pairwise_ssim(first, second).view(b, len(pairs)).max(dim=1).values
 
 
 def _check_kind(kind: str) -> str:
@@ -497,7 +518,10 @@ class ScoreContext:
     noise: torch.Tensor  # (S, C, H, W), already scaled by the scheduler's init sigma
     timestep: Any
     max_batch: int = 64  # samples per UNet call (uncond + cond); more candidates are split into calls
-    kind: str = "ssim"  # SCORES: "ssim" (NeMo's seed consistency) or "magnitude" (our detector's quantity)
+    kind: str = "ssim"  # SCORES: "ssim" (NeMo's), "magnitude" (our detector's quantity) or "generation"
+    generation_steps: int = GENERATION_STEPS  # "generation": steps of its short guided generations
+    guidance_scale: float = DEFAULT_GUIDANCE  # "generation": their CFG scale
+    reference: torch.Tensor | None = None  # "generation": the unmasked model's generations (S, C, H, W), lazily
 
     @property
     def seeds(self) -> int:
@@ -506,14 +530,26 @@ class ScoreContext:
 
 def first_step_context(denoiser: Denoiser, prompt: str | torch.Tensor, seeds: Sequence[int],
                        gates: OutputGates, num_inference_steps: int = DEFAULT_STEPS,
-                       max_batch: int = 64, kind: str = "ssim") -> ScoreContext:
+                       max_batch: int = 64, kind: str = "ssim",
+                       generation_steps: int = GENERATION_STEPS) -> ScoreContext:
     """Fixed noise for ``seeds`` and the first timestep of the sampling schedule (trailing spacing: t = 999)."""
+    if generation_steps < 1:
+        raise DejaGuardError(f"generation_steps must be at least 1, got {generation_steps}")
     scheduler = denoiser.new_scheduler()
     scheduler.set_timesteps(num_inference_steps)
     noise = initial_noise(denoiser, list(seeds)) * scheduler.init_noise_sigma
     cond = denoiser.encode_prompts([prompt]) if isinstance(prompt, str) else prompt
     return ScoreContext(denoiser, gates, cond, denoiser.encode_prompts([""]), noise, scheduler.timesteps[0],
-                        max_batch=max_batch, kind=_check_kind(kind))
+                        max_batch=max_batch, kind=_check_kind(kind), generation_steps=int(generation_steps))
+
+
+def _short_generations(ctx: ScoreContext, x: torch.Tensor) -> torch.Tensor:
+    """``ctx.generation_steps``-step guided generations from the scaled noise ``x`` ``(n, C, H, W)``, with
+    whatever gates are set (guided_denoise's batch layout, [uncond, cond], is the gates')."""
+    scheduler = ctx.denoiser.new_scheduler()
+    samples, _ = guided_denoise(ctx.denoiser, x / scheduler.init_noise_sigma, ctx.cond.expand(x.shape[0], -1, -1),
+                                ctx.uncond, ctx.generation_steps, ctx.guidance_scale)
+    return samples.float()
 
 
 def memorization_scores(ctx: ScoreContext, masks: Sequence[dict[str, torch.Tensor] | None]) -> torch.Tensor:
@@ -540,6 +576,19 @@ def memorization_scores(ctx: ScoreContext, masks: Sequence[dict[str, torch.Tenso
                 rows = torch.stack([(m or {}).get(name, ones).float() for m in chunk])  # (b, N)
                 rows = rows.repeat_interleave(s, dim=0)
                 gates[name] = torch.cat([rows, rows])
+            if ctx.kind == "generation":
+                if ctx.reference is None:
+                    ctx.gates.set({})
+                    ctx.reference = _short_generations(ctx, ctx.noise)
+                if all(m is None for m in chunk):  # the unmasked model: its generations are the reference
+                    samples = ctx.reference.repeat(len(chunk), 1, 1, 1)
+                else:
+                    ctx.gates.set(gates)
+                    samples = _short_generations(ctx, x)
+                    ctx.gates.set({})
+                scores.append(cross_seed_similarity(samples.view(len(chunk), s, *samples.shape[1:]),
+                                                    ctx.reference).cpu())
+                continue
             ctx.gates.set(gates)
             context = torch.cat([ctx.uncond.expand(n, -1, -1), ctx.cond.expand(n, -1, -1)])
             eps = ctx.denoiser.predict_noise(torch.cat([x, x]), ctx.timestep, context)
@@ -633,6 +682,7 @@ def nemo_statistics(
     max_batch: int = 64,
     score: str = "ssim",
     blocks: str = "down_mid",
+    generation_steps: int = GENERATION_STEPS,
 ) -> ActivationStats:
     """Activation statistics and the memorization-score threshold for ``denoiser``, cached per model.
 
@@ -647,6 +697,8 @@ def nemo_statistics(
     settings = {"seeds": int(seeds), "score_prompts": min(int(score_prompts), len(prompts)),
                 "num_inference_steps": int(num_inference_steps), "score": _check_kind(score),
                 "threshold_rule": "mean + 1 std", "blocks": blocks}
+    if score == "generation":
+        settings["generation_steps"] = int(generation_steps)
     sha = _prompts_sha(prompts)
     key = hashlib.sha256(json.dumps([settings, sha], sort_keys=True).encode()).hexdigest()[:12]
     path = cache_dir(cache) / f"nemo-{denoiser.fingerprint()}-{key}.safetensors"
@@ -677,7 +729,8 @@ def nemo_statistics(
     scores = []
     with OutputGates(layers) as gates:
         for p in prompts[: settings["score_prompts"]]:
-            ctx = first_step_context(denoiser, p, range(seeds), gates, num_inference_steps, max_batch, score)
+            ctx = first_step_context(denoiser, p, range(seeds), gates, num_inference_steps, max_batch, score,
+                                     generation_steps)
             scores.append(float(memorization_scores(ctx, [None])[0]))
             done += 1
             if progress:
@@ -714,6 +767,7 @@ class LocalizeSettings:
     max_batch: int = 64  # samples per UNet call
     score: str = "ssim"  # memorization score: "ssim" (NeMo) or "magnitude" (see SCORES)
     blocks: str = "down_mid"  # search space (NEMO_BLOCKS): the paper's down and mid blocks, or "all"
+    generation_steps: int = GENERATION_STEPS  # score "generation": steps of its short generations
 
     def __post_init__(self) -> None:
         _check_kind(self.score)
@@ -914,10 +968,14 @@ def localize(
     if not prompt.strip():
         raise DejaGuardError("the prompt is empty: nothing to localize")
     stats = stats or nemo_statistics(denoiser, seeds=settings.seeds, num_inference_steps=settings.num_inference_steps,
-                                     score=settings.score, blocks=settings.blocks)
+                                     score=settings.score, blocks=settings.blocks,
+                                     generation_steps=settings.generation_steps)
     if stats.settings.get("score", "ssim") != settings.score:
         raise DejaGuardError(f"the statistics calibrate the {stats.settings.get('score')!r} score, the search uses "
                              f"{settings.score!r}: compute statistics with score={settings.score!r}")
+    if settings.score == "generation" and stats.settings.get("generation_steps") != settings.generation_steps:
+        raise DejaGuardError(f"the statistics calibrate {stats.settings.get('generation_steps')}-step generations, "
+                             f"the search uses {settings.generation_steps}: recompute them with those steps")
     if stats.fingerprint != denoiser.fingerprint():
         raise DejaGuardError(f"activation statistics are for model {stats.fingerprint}, not {denoiser.fingerprint()}")
     tau = float(stats.threshold if threshold is None else threshold)
@@ -943,7 +1001,7 @@ def localize(
 
     with OutputGates(layers) as gates:
         ctx = first_step_context(denoiser, cond, range(settings.seeds), gates, settings.num_inference_steps,
-                                 settings.max_batch, settings.score)
+                                 settings.max_batch, settings.score, settings.generation_steps)
         search = _Search(ctx, tau, progress=report)
         (score_before,) = search.scores([frozenset()])
         info: dict[str, Any] = {"score_before": score_before, "threshold": tau, "memorized": score_before >= tau}

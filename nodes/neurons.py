@@ -130,11 +130,17 @@ class DejaGuardLocalizeNeurons:
                     "default": 0.0, "min": 0.0, "max": 1000.0, "step": 0.001,
                     "tooltip": "Memorization-score threshold the mask must reach. 0 = NeMo's rule: mean + 1 std of "
                                "the score over the non-memorized statistics prompts."}),
-                "score": (["ssim", "magnitude"], {
+                "score": (["ssim", "magnitude", "generation"], {
                     "default": "ssim",
                     "tooltip": "The memorization score the mask must bring below its threshold: 'ssim' = NeMo's "
                                "(how alike the first-step predictions of different seeds are), 'magnitude' = the "
-                               "guard's first-step text-conditional magnitude. Both are first-step proxies."}),
+                               "guard's first-step text-conditional magnitude (both first-step proxies), "
+                               "'generation' = short generations of the masked model compared with the unmasked "
+                               "model's from other seeds (catches memorization that re-forms after the first step; "
+                               "each candidate costs generation_steps x 2 x seeds noise predictions)."}),
+                "generation_steps": ("INT", {
+                    "default": 10, "min": 1, "max": 50,
+                    "tooltip": "Steps of the short generations of the 'generation' score (ignored by the others)."}),
                 "blocks": (["down_mid", "all"], {
                     "default": "down_mid",
                     "tooltip": "Where to search: 'down_mid' = the cross-attention value layers of the down and mid "
@@ -159,7 +165,7 @@ class DejaGuardLocalizeNeurons:
 
     def localize(self, model: Any, clip: Any, prompt: str, seeds: int, threshold: float = 0.0,
                  score: str = "ssim", statistics_prompts: str = "", blocks: str = "down_mid",
-                 ) -> tuple[NeuronMask, str]:
+                 generation_steps: int = 10) -> tuple[NeuronMask, str]:
         if not prompt.strip():
             raise DejaGuardError("DejaGuard Localize Neurons: the prompt is empty; enter the memorized prompt")
         check_supported(model)
@@ -173,10 +179,11 @@ class DejaGuardLocalizeNeurons:
 
         denoiser = ComfyDenoiser(model, clip, callback=on_unet_call)
         prompts = [p.strip() for p in statistics_prompts.splitlines() if p.strip()] or None
-        settings = LocalizeSettings(seeds=seeds, score=score, blocks=blocks)
+        settings = LocalizeSettings(seeds=seeds, score=score, blocks=blocks, generation_steps=generation_steps)
         with torch.inference_mode(False), torch.no_grad():
             comfy.model_management.load_models_gpu([model])  # the to_v weights are read directly for activations
             stats = nemo_statistics(denoiser, prompts, seeds=seeds, score=score, blocks=blocks,
+                                    generation_steps=generation_steps,
                                     progress=lambda f, s: on_progress(0.3 * f, s))
             mask = localize(denoiser, prompt, stats, settings, threshold=threshold or None,
                             progress=lambda f, s: on_progress(0.3 + 0.7 * f, s))

@@ -366,3 +366,43 @@ def test_magnitude_score_option(testbed, tmp_path):
         localize(testbed, "a red circle on the left", mag, LocalizeSettings(seeds=2))
     with pytest.raises(DejaGuardError, match="unknown memorization score"):
         LocalizeSettings(score="sscd")
+
+
+def test_cross_seed_similarity_compares_different_seeds_only():
+    """The generation score: identical seeds never count; a masked model drawing every seed to the reference image
+    scores high, one collapsing to another common image scores low."""
+    from dejaguard.core.neurons import cross_seed_similarity
+
+    g = torch.Generator().manual_seed(0)
+    reference = torch.randn(3, 4, 16, 16, generator=g)
+    same = reference[None]  # masked = unmasked, per seed: only cross-seed pairs are compared
+    copy_of_seed0 = reference[[0, 0, 0]][None]  # every seed reproduces the reference's seed-0 image
+    collapsed = torch.randn(1, 4, 16, 16, generator=g).expand(3, -1, -1, -1)[None]
+    scores = cross_seed_similarity(torch.cat([same, copy_of_seed0, collapsed]), reference)
+    assert scores.shape == (3,)
+    assert scores[0] < 0.2 and scores[1] > 0.99 and scores[2] < 0.2
+    with pytest.raises(DejaGuardError, match="at least 2 seeds"):
+        cross_seed_similarity(reference[None, :1], reference[:1])
+
+
+def test_generation_score_and_its_statistics(testbed, tmp_path):
+    """score="generation": the unmasked model scores the seed consistency of its own short generations, switching
+    off every value neuron (no text left) scores lower, statistics record their generation steps and statistics
+    for other steps are refused."""
+    from dejaguard.core.neurons import cross_seed_similarity, default_statistics_prompts, layer_shape
+
+    prompts = default_statistics_prompts()[:6]
+    stats = nemo_statistics(testbed, prompts, seeds=2, score_prompts=3, cache=tmp_path, score="generation",
+                            blocks="all", generation_steps=3)
+    assert stats.settings["generation_steps"] == 3 and 0 < stats.threshold < 1
+    layers = nemo_layers(testbed, "all")
+    with OutputGates(layers) as gates:
+        ctx = first_step_context(testbed, MEMORIZED_PROMPT, range(2), gates, kind="generation", generation_steps=3)
+        all_off = {name: torch.zeros(layer_shape(m)[0]) for name, m in layers.items()}
+        counter = testbed.counter.snapshot()
+        unmasked, masked = memorization_scores(ctx, [None, all_off]).tolist()
+        assert testbed.counter.since(counter).forwards == 3 * 2 * 2 + 3 * 2 * 4  # the reference, then both masks
+    assert unmasked == pytest.approx(float(cross_seed_similarity(ctx.reference[None], ctx.reference)[0]))
+    assert masked < unmasked
+    with pytest.raises(DejaGuardError, match="3-step generations"):
+        localize(testbed, MEMORIZED_PROMPT, stats, LocalizeSettings(seeds=2, score="generation", blocks="all"))
