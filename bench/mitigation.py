@@ -115,7 +115,8 @@ def mitigate_all(denoiser, jobs: list[tuple[str, int]], args, label: str) -> lis
     t0 = time.perf_counter()
     for i, (prompt, seed) in enumerate(jobs):
         results.append(mitigate_prompt(denoiser, prompt, [seed], target, threshold=threshold, lr=args.lr,
-                                       max_iterations=args.max_iterations))
+                                       max_iterations=args.max_iterations, trajectory_steps=args.trajectory_steps,
+                                       num_inference_steps=args.trajectory_schedule, guidance_scale=args.cfg))
         if (i + 1) % 16 == 0 or i + 1 == len(jobs):
             print(f"  mitigated {i + 1}/{len(jobs)} {label} pairs ({time.perf_counter() - t0:.0f}s)", flush=True)
     return results
@@ -149,7 +150,13 @@ def main() -> None:
                         help="score to push them to (default: the calibrated median of non-memorized prompts)")
     parser.add_argument("--lr", type=float, default=DEFAULT_LR)
     parser.add_argument("--max-iterations", type=int, default=DEFAULT_MAX_ITERATIONS)
+    parser.add_argument("--trajectory-steps", type=int, default=1,
+                        help="optimize the mean magnitude over the first K guided steps (default 1: the first step)")
+    parser.add_argument("--trajectory-schedule", type=int, default=50,
+                        help="schedule those K steps are taken from (default 50)")
     args = parser.parse_args()
+    if args.trajectory_steps > 1 and args.target is None:
+        parser.error("--trajectory-steps > 1 needs --target: a level of the K-step score, not of the first step")
     denoiser = load_denoiser(args.model)
     threshold, target = args.threshold, args.target
     if threshold is None or target is None:
@@ -160,7 +167,7 @@ def main() -> None:
     args.levels = (threshold, target)
     out: dict = {"settings": {"seeds": args.seeds, "novel": args.novel, "steps": args.steps, "cfg": args.cfg,
                               "explain_seeds": args.explain_seeds, "threshold": threshold, "target": target,
-                              "lr": args.lr,
+                              "lr": args.lr, "trajectory_steps": args.trajectory_steps,
                               "max_iterations": args.max_iterations, "replication_ssim": REPLICATION_SSIM}}
     t0 = time.perf_counter()
     explain_section(denoiser, list(range(args.explain_seeds)), out)

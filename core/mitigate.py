@@ -43,13 +43,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .denoiser import Denoiser
 from .errors import DejaGuardError, NonFiniteError
 from .explain import content_tokens
-from .sampling import DEFAULT_STEPS, initial_noise, text_conditional_magnitude
+from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, initial_noise, text_conditional_magnitude
+
+if TYPE_CHECKING:
+    from .detect import ScoreSettings
 
 DEFAULT_LR = 0.1
 DEFAULT_MAX_ITERATIONS = 10
@@ -61,8 +65,10 @@ class MitigationResult:
 
     ``embedding``: the conditioning to sample with, ``(1, L, D)``; the input tensor itself when
     ``iterations == 0``. ``score_before`` / ``score_after``: mean text-conditional magnitude over the
-    ``N`` noises before / after; ``scores``: the score at every evaluated iterate (``scores[0]`` is
-    ``score_before``). ``unet_forwards`` / ``unet_backwards``: samples through the UNet (the counter).
+    ``N`` noises before / after (with ``trajectory_steps`` > 1: the mean over the trajectory's steps too);
+    ``scores``: the score at every evaluated iterate (``scores[0]`` is ``score_before``). ``first_step_score``:
+    the input's first-step magnitude, which ``threshold`` is compared with (``score_before`` when
+    ``trajectory_steps`` is 1). ``unet_forwards`` / ``unet_backwards``: samples through the UNet (the counter).
     """
 
     embedding: torch.Tensor
@@ -76,11 +82,14 @@ class MitigationResult:
     unet_backwards: int = 0
     prompt: str | None = None
     seeds: list[int] | None = None
+    first_step_score: float | None = None
+    trajectory_steps: int = 1
 
     @property
     def reached(self) -> bool:
         """Whether the score ended at or below the target (or the prompt was left untouched)."""
-        return self.iterations == 0 and self.score_after <= self.threshold or self.score_after <= self.target
+        gate = self.score_before if self.first_step_score is None else self.first_step_score
+        return self.iterations == 0 and gate <= self.threshold or self.score_after <= self.target
 
     def summary(self) -> dict:
         """JSON-safe figures (no tensors)."""
@@ -88,7 +97,8 @@ class MitigationResult:
                 "score_before": self.score_before, "score_after": self.score_after, "target": self.target,
                 "threshold": self.threshold,
                 "reached": self.reached, "scores": self.scores, "unet_forwards": self.unet_forwards,
-                "unet_backwards": self.unet_backwards}
+                "unet_backwards": self.unet_backwards, "first_step_score": self.first_step_score,
+                "trajectory_steps": self.trajectory_steps}
 
 
 def first_step_input(denoiser: Denoiser, noise: torch.Tensor,
@@ -112,6 +122,8 @@ def mitigate_embedding(
     max_iterations: int = DEFAULT_MAX_ITERATIONS,
     num_inference_steps: int = DEFAULT_STEPS,
     on_iteration: Callable[[int, float], None] | None = None,
+    trajectory_steps: int = 1,
+    guidance_scale: float = DEFAULT_GUIDANCE,
 ) -> MitigationResult:
     """Optimize ``cond`` ``(1, L, D)`` until the first-step magnitude on ``noise`` ``(N, C, H, W)`` (unscaled
     x_T, as :func:`core.sampling.initial_noise` makes it; the mean over the ``N`` noises) is <= ``target``.
@@ -124,19 +136,23 @@ def mitigate_embedding(
     execution; ``cond`` and ``noise`` are never modified. ``on_iteration(i, score)`` is called after the
     score of iterate ``i`` is known (progress bars). Raises :class:`NonFiniteError` if a score, gradient or
     iterate becomes NaN/inf (nothing is returned then, the input is untouched).
+
+    ``trajectory_steps`` ``K`` > 1: the optimized score is instead the mean magnitude over the first ``K``
+    steps of the ``num_inference_steps``-step schedule of guided sampling (CFG ``guidance_scale``) under the
+    current embedding: the detector's score for ``ScoreSettings(steps=K, num_inference_steps=...)``, so
+    ``target`` must be a level of that setting (:func:`default_levels` with it). ``threshold`` stays a level of
+    the *first-step* score (the first of those ``K`` magnitudes; default: no gate, every prompt whose
+    trajectory score exceeds ``target`` is optimized): the trajectory mean separates memorized from
+    non-memorized prompts far worse than the first step (see the module doc). Each iteration: the ``K``
+    guided steps without gradient (the detector's batched calls; they also give the iterate's score, so the
+    early stop costs no gradient), then one conditional forward with gradient per step at the detached
+    ``x_t``, back-propagated at once (one UNet graph in memory at a time). Cost of ``I`` iterations:
+    ``N K (2 + 3 I)`` forwards, ``N K I`` backwards.
     """
-    if cond.dim() != 3 or cond.shape[0] != 1:
-        raise DejaGuardError(f"expected one conditional embedding (1, L, D), got {tuple(cond.shape)}")
-    if noise.dim() != 4 or noise.shape[0] < 1:
-        raise DejaGuardError(f"expected initial noise (N, C, H, W), got {tuple(noise.shape)}")
-    if not (target >= 0):  # also rejects NaN
-        raise DejaGuardError(f"target magnitude must be a number >= 0, got {target}")
-    threshold = target if threshold is None else threshold
-    if not (threshold >= target):
-        raise DejaGuardError(f"threshold ({threshold}) must be >= target ({target}): prompts between the two "
-                             "would be optimized toward a score they already beat")
-    if max_iterations < 0 or not (lr > 0):
-        raise DejaGuardError("max_iterations must be >= 0 and lr > 0")
+    if trajectory_steps != 1:
+        return _mitigate_trajectory(denoiser, cond, noise, target, uncond, threshold, lr, max_iterations,
+                                    num_inference_steps, on_iteration, trajectory_steps, guidance_scale)
+    threshold = _check_arguments(cond, noise, target, threshold, lr, max_iterations)
     n = noise.shape[0]
     before = denoiser.counter.snapshot()
     with torch.inference_mode(False):
@@ -200,6 +216,118 @@ def mitigate_embedding(
                             spent.backwards)
 
 
+def _check_arguments(cond: torch.Tensor, noise: torch.Tensor, target: float, threshold: float | None, lr: float,
+                     max_iterations: int) -> float:
+    """Validate :func:`mitigate_embedding`'s inputs; returns the threshold (default: the target)."""
+    if cond.dim() != 3 or cond.shape[0] != 1:
+        raise DejaGuardError(f"expected one conditional embedding (1, L, D), got {tuple(cond.shape)}")
+    if noise.dim() != 4 or noise.shape[0] < 1:
+        raise DejaGuardError(f"expected initial noise (N, C, H, W), got {tuple(noise.shape)}")
+    if not (target >= 0):  # also rejects NaN
+        raise DejaGuardError(f"target magnitude must be a number >= 0, got {target}")
+    threshold = target if threshold is None else threshold
+    if not (threshold >= target):
+        raise DejaGuardError(f"threshold ({threshold}) must be >= target ({target}): prompts between the two "
+                             "would be optimized toward a score they already beat")
+    if max_iterations < 0 or not (lr > 0):
+        raise DejaGuardError("max_iterations must be >= 0 and lr > 0")
+    return threshold
+
+
+def _mitigate_trajectory(denoiser: Denoiser, cond: torch.Tensor, noise: torch.Tensor, target: float,
+                         uncond: torch.Tensor | None, threshold: float | None, lr: float, max_iterations: int,
+                         num_inference_steps: int, on_iteration: Callable[[int, float], None] | None,
+                         trajectory_steps: int, guidance_scale: float) -> MitigationResult:
+    """:func:`mitigate_embedding` with ``trajectory_steps`` > 1 (see there)."""
+    if not 1 <= trajectory_steps <= num_inference_steps:
+        raise DejaGuardError(f"trajectory_steps must lie in [1, num_inference_steps = {num_inference_steps}], "
+                             f"got {trajectory_steps}")
+    if not (guidance_scale >= 0):
+        raise DejaGuardError(f"guidance_scale must be a number >= 0, got {guidance_scale}")
+    if threshold is not None and not (threshold >= 0):
+        raise DejaGuardError(f"threshold must be a number >= 0, got {threshold}")
+    # the threshold gates on the first-step score, the target is a trajectory level: no order between them
+    _check_arguments(cond, noise, target, None, lr, max_iterations)
+    n, k = noise.shape[0], trajectory_steps
+    before = denoiser.counter.snapshot()
+    with torch.inference_mode(False):
+        with torch.no_grad():
+            c0 = cond.detach().clone().to(denoiser.device, denoiser.dtype)
+            u = (denoiser.encode_prompts([""]) if uncond is None else uncond.detach().clone())
+            u = u.to(denoiser.device, denoiser.dtype).expand(n, -1, -1)
+            scheduler = denoiser.new_scheduler()
+            scheduler.set_timesteps(num_inference_steps)
+            timesteps = scheduler.timesteps[:k]
+            x_start = noise.detach().clone().to(denoiser.device, denoiser.dtype) * scheduler.init_noise_sigma
+
+        def trajectory(emb: torch.Tensor) -> tuple[float, float, list[torch.Tensor], list[torch.Tensor]]:
+            """Guided sampling as :func:`core.sampling.guided_denoise` (one batched call per step) for ``k``
+            steps, no gradient: the score (mean magnitude), the first step's mean magnitude, the UNet inputs
+            ``(N, C, H, W)`` and the unconditional predictions at the ``k`` timesteps."""
+            with torch.no_grad():
+                x, inputs, eps_uncond, mags = x_start, [], [], []
+                c = emb.detach().expand(n, -1, -1)
+                for i, t in enumerate(timesteps):
+                    model_in = scheduler.scale_model_input(x, t)
+                    if u.shape[1] == c.shape[1]:
+                        eps_u, eps_c = denoiser.predict_noise(torch.cat([model_in, model_in]), t,
+                                                              torch.cat([u, c])).chunk(2)
+                    else:  # e.g. a ComfyUI negative prompt longer than one 77-token chunk
+                        eps_u = denoiser.predict_noise(model_in, t, u)
+                        eps_c = denoiser.predict_noise(model_in, t, c)
+                    inputs.append(model_in)
+                    eps_uncond.append(eps_u)
+                    mags.append(text_conditional_magnitude(eps_c, eps_u))
+                    if i + 1 < k:
+                        x = scheduler.step(eps_u + guidance_scale * (eps_c - eps_u), t, x).prev_sample
+                return float(torch.stack(mags).mean()), float(mags[0].mean()), inputs, eps_uncond
+
+        score, first, inputs, eps_uncond = trajectory(c0)
+        _check_finite(score, "the trajectory score", 0)
+        scores = [score]
+        if on_iteration:
+            on_iteration(0, score)
+        gate = target if threshold is None else threshold
+        if (first if threshold is not None else score) <= gate or score <= target or max_iterations == 0:
+            spent = denoiser.counter.since(before)
+            return MitigationResult(cond, 0, score, score, target, gate, scores, spent.forwards, spent.backwards,
+                                    first_step_score=first if threshold is not None else None,
+                                    trajectory_steps=k)
+        emb = c0.clone().requires_grad_(True)
+        opt = torch.optim.AdamW([emb], lr=lr)
+        iterations = 0
+        try:
+            while score > target and iterations < max_iterations:
+                opt.zero_grad(set_to_none=True)
+                with torch.enable_grad():
+                    for model_in, t, eps_u in zip(inputs, timesteps, eps_uncond):
+                        eps_c = denoiser.predict_noise(model_in, t, emb.expand(n, -1, -1))
+                        (text_conditional_magnitude(eps_c, eps_u).mean() / k).backward()
+                if not torch.isfinite(emb.grad).all():
+                    raise NonFiniteError(f"embedding mitigation: the gradient became NaN or infinite at "
+                                         f"iteration {iterations + 1}; the conditioning was left unchanged")
+                opt.step()
+                iterations += 1
+                if not torch.isfinite(emb).all():
+                    raise NonFiniteError(f"embedding mitigation: the embedding became NaN or infinite at "
+                                         f"iteration {iterations}; the conditioning was left unchanged")
+                score, _, inputs, eps_uncond = trajectory(emb)
+                _check_finite(score, "the trajectory score", iterations)
+                scores.append(score)
+                if on_iteration:
+                    on_iteration(iterations, score)
+        except NonFiniteError as err:
+            if "left unchanged" in str(err):
+                raise
+            raise NonFiniteError(f"embedding mitigation, iteration {iterations + 1}: {err}; the conditioning was "
+                                 "left unchanged") from err
+    spent = denoiser.counter.since(before)
+    out = emb.detach().to(cond.dtype).to(cond.device)
+    return MitigationResult(out, iterations, scores[0], scores[-1], target, gate, scores, spent.forwards,
+                            spent.backwards, first_step_score=first if threshold is not None else None,
+                            trajectory_steps=k)
+
+
 def mitigate_prompt(
     denoiser: Denoiser,
     prompt: str,
@@ -210,6 +338,8 @@ def mitigate_prompt(
     max_iterations: int = DEFAULT_MAX_ITERATIONS,
     num_inference_steps: int = DEFAULT_STEPS,
     on_iteration: Callable[[int, float], None] | None = None,
+    trajectory_steps: int = 1,
+    guidance_scale: float = DEFAULT_GUIDANCE,
 ) -> MitigationResult:
     """:func:`mitigate_embedding` for ``prompt``'s embedding on the x_T of ``seeds`` (one embedding for all
     of them: the score is their mean). Generate with ``core.sampling.generate(..., cond_embeddings=...)``
@@ -221,26 +351,39 @@ def mitigate_prompt(
         cond = denoiser.encode_prompts([prompt])
     result = mitigate_embedding(denoiser, cond, initial_noise(denoiser, seeds), target, threshold=threshold, lr=lr,
                                 max_iterations=max_iterations, num_inference_steps=num_inference_steps,
-                                on_iteration=on_iteration)
+                                on_iteration=on_iteration, trajectory_steps=trajectory_steps,
+                                guidance_scale=guidance_scale)
     result.prompt, result.seeds = prompt, [int(s) for s in seeds]
     return result
 
 
-def default_levels(calibration: str | Path, fingerprint: str) -> tuple[float, float]:
-    """``(threshold, target)`` from the model's calibration (first step, 1 generation: the setting
-    :func:`mitigate_embedding` scores with), a calibration file or model folder: the detection threshold
-    (touch only prompts the detector flags) and the median score of the non-memorized calibration prompts
-    (push them to where a typical novel prompt lies). See the module doc for the measurements behind it."""
+def default_levels(calibration: str | Path, fingerprint: str,
+                   settings: ScoreSettings | None = None) -> tuple[float, float]:
+    """``(threshold, target)`` from the model's calibration for ``settings`` (default: first step,
+    1 generation, the setting :func:`mitigate_embedding` scores with; ``ScoreSettings(steps=K,
+    num_inference_steps=N)`` for ``trajectory_steps=K`` of an ``N``-step schedule), a calibration file or model
+    folder: the detection threshold (touch only prompts the detector flags) and the median score of the
+    non-memorized calibration prompts (push them to where a typical novel prompt lies). See the module doc for
+    the measurements behind it."""
     import json
 
     from .detect import CALIBRATION_FILE, ScoreSettings, load_threshold
 
-    threshold = load_threshold(calibration, ScoreSettings(), fingerprint)  # checks file, settings, fingerprint
+    settings = settings or ScoreSettings()
+    load_threshold(calibration, settings, fingerprint)  # checks file, settings, fingerprint
     path = Path(calibration)
-    entry = json.loads((path / CALIBRATION_FILE if path.is_dir() else path).read_text())[ScoreSettings().key()]
+    entry = json.loads((path / CALIBRATION_FILE if path.is_dir() else path).read_text())[settings.key()]
+    return levels_from_calibration(entry, str(path))
+
+
+def levels_from_calibration(entry: dict, source: str = "the calibration") -> tuple[float, float]:
+    """``(threshold, target)`` of :func:`default_levels` from one calibration entry (a stored entry or
+    ``dataclasses.asdict`` of a :class:`core.detect.Calibration`)."""
     median = (entry.get("nonmemorized_quantiles") or {}).get("0.5")
     if median is None:
-        raise DejaGuardError(f"the calibration in {path} has no non-memorized median: recalibrate or give a target")
+        raise DejaGuardError(f"the calibration in {source} has no non-memorized median: recalibrate or give a "
+                             "target")
+    threshold = float(entry["threshold"])
     return threshold, min(float(median), threshold)
 
 

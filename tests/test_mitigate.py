@@ -174,3 +174,72 @@ def test_threshold_and_target_levels(testbed):
     if (BUNDLED_TESTBED / "dejaguard_calibration.json").is_file():
         threshold, target = default_levels(BUNDLED_TESTBED, testbed.fingerprint())
         assert 0 < target <= threshold
+
+
+def test_trajectory_lowers_the_trajectory_score(testbed):
+    """trajectory_steps=K of an N-step schedule: iterate 0's score is the detector's ScoreSettings(steps=K,
+    num_inference_steps=N) score, the score falls, the returned embedding really has the reported score, the input
+    is not modified, and every UNet pass is counted: K batched cond+uncond calls per iterate, K conditional
+    forwards with gradient per iteration."""
+    from dejaguard.core.detect import ScoreSettings
+    from dejaguard.core.sampling import guided_denoise
+
+    seed, k, n = 0, 3, 10
+    (start,) = first_step_scores(testbed, [MEMORIZED_PROMPT], ScoreSettings(steps=k, num_inference_steps=n),
+                                 seed=seed)
+    cond = testbed.encode_prompts([MEMORIZED_PROMPT])
+    copy = cond.clone()
+    r = mitigate_embedding(testbed, cond, initial_noise(testbed, [seed]), target=0.5 * start.score,
+                           trajectory_steps=k, num_inference_steps=n, max_iterations=4, lr=0.2)
+    assert r.score_before == pytest.approx(start.score, rel=1e-6)
+    assert torch.equal(cond, copy) and r.embedding is not cond
+    assert 1 <= r.iterations <= 4 and len(r.scores) == r.iterations + 1
+    assert r.score_after < r.score_before
+    assert (r.unet_forwards, r.unet_backwards) == (k * (2 + 3 * r.iterations), k * r.iterations)
+    with torch.no_grad():
+        _, mags = guided_denoise(testbed, initial_noise(testbed, [seed]), r.embedding, testbed.encode_prompts([""]),
+                                 n, stop_after=k)
+    assert float(mags.mean()) == pytest.approx(r.score_after, rel=1e-4)
+
+
+def test_trajectory_below_threshold_is_untouched_and_bad_values(testbed):
+    cond = testbed.encode_prompts([NOVEL_PROMPT])
+    noise = initial_noise(testbed, [1])
+    before = testbed.counter.snapshot()
+    r = mitigate_embedding(testbed, cond, noise, target=1e6, trajectory_steps=4, num_inference_steps=10)
+    spent = testbed.counter.since(before)
+    assert r.iterations == 0 and r.embedding is cond and r.reached and r.score_before == r.score_after
+    assert (spent.calls, spent.forwards, spent.backwards) == (4, 8, 0) == (4, r.unet_forwards, r.unet_backwards)
+    for bad in ({"trajectory_steps": 0}, {"trajectory_steps": -1}, {"trajectory_steps": 11},
+                {"trajectory_steps": 2, "guidance_scale": float("nan")}):
+        with pytest.raises(DejaGuardError):
+            mitigate_embedding(testbed, cond, noise, target=1.0, num_inference_steps=10, **bad)
+    r = mitigate_prompt(testbed, NOVEL_PROMPT, [1], target=1e6, trajectory_steps=2, num_inference_steps=10)
+    assert r.iterations == 0 and r.seeds == [1]
+    # the threshold gates on the first-step score (the detector's default), even above the trajectory target
+    mem = testbed.encode_prompts([MEMORIZED_PROMPT])
+    (first,) = first_step_scores(testbed, [MEMORIZED_PROMPT], seed=1)
+    r = mitigate_embedding(testbed, mem, noise, target=1e-3, threshold=first.score + 1e-3, trajectory_steps=3,
+                           num_inference_steps=10)
+    assert r.iterations == 0 and r.embedding is mem and r.reached and r.score_before > r.target
+    assert r.first_step_score == pytest.approx(first.score, rel=1e-6)
+    r = mitigate_embedding(testbed, mem, noise, target=1e-3, threshold=first.score - 1e-3, trajectory_steps=3,
+                           num_inference_steps=10, max_iterations=1)
+    assert r.iterations == 1 and not r.reached
+
+
+def test_levels_for_trajectory_settings(tmp_path: Path, testbed):
+    """default_levels reads the entry of the given ScoreSettings; a missing setting is a clear error."""
+    from dejaguard.core.detect import ScoreSettings
+    from dejaguard.core.mitigate import default_levels, levels_from_calibration
+
+    settings = ScoreSettings(steps=4, num_inference_steps=10)
+    entry = {"threshold": 2.0, "fingerprint": testbed.fingerprint(), "nonmemorized_quantiles": {"0.5": 1.25}}
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps({settings.key(): entry}))
+    assert default_levels(path, testbed.fingerprint(), settings) == (2.0, 1.25) == levels_from_calibration(entry)
+    assert levels_from_calibration({"threshold": 1.0, "nonmemorized_quantiles": {"0.5": 3.0}}) == (1.0, 1.0)
+    with pytest.raises(DejaGuardError, match="no calibration for"):
+        default_levels(path, testbed.fingerprint())
+    with pytest.raises(DejaGuardError, match="median"):
+        levels_from_calibration({"threshold": 1.0})
