@@ -138,6 +138,8 @@ class DejaGuardLocalizeNeurons:
                                "'generation' = short generations of the masked model compared with the unmasked "
                                "model's from other seeds (catches memorization that re-forms after the first step; "
                                "each candidate costs generation_steps x 2 x seeds noise predictions)."}),
+                "vae": ("VAE", {"tooltip": "The model's VAE: needed by the 'generation' score, which compares "
+                                           "decoded images; ignored by the others."}),
                 "generation_steps": ("INT", {
                     "default": 10, "min": 1, "max": 50,
                     "tooltip": "Steps of the short generations of the 'generation' score (ignored by the others)."}),
@@ -165,7 +167,7 @@ class DejaGuardLocalizeNeurons:
 
     def localize(self, model: Any, clip: Any, prompt: str, seeds: int, threshold: float = 0.0,
                  score: str = "ssim", statistics_prompts: str = "", blocks: str = "down_mid",
-                 generation_steps: int = 10) -> tuple[NeuronMask, str]:
+                 generation_steps: int = 10, vae: Any = None) -> tuple[NeuronMask, str]:
         if not prompt.strip():
             raise DejaGuardError("DejaGuard Localize Neurons: the prompt is empty; enter the memorized prompt")
         check_supported(model)
@@ -177,7 +179,10 @@ class DejaGuardLocalizeNeurons:
         def on_unet_call(_counter: Any) -> None:
             comfy.model_management.throw_exception_if_processing_interrupted()
 
-        denoiser = ComfyDenoiser(model, clip, callback=on_unet_call)
+        if score == "generation" and vae is None:
+            raise DejaGuardError("DejaGuard Localize Neurons: the 'generation' score compares decoded images; "
+                                 "connect the model's VAE")
+        denoiser = ComfyDenoiser(model, clip, vae=vae, callback=on_unet_call)
         prompts = [p.strip() for p in statistics_prompts.splitlines() if p.strip()] or None
         settings = LocalizeSettings(seeds=seeds, score=score, blocks=blocks, generation_steps=generation_steps)
         with torch.inference_mode(False), torch.no_grad():
