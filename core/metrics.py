@@ -1,4 +1,4 @@
-"""Detection metrics (AUROC, TPR at a fixed FPR, ROC curve) and image similarity (SSIM)."""
+"""Detection metrics (AUROC, TPR at a fixed FPR, ROC curve) and image similarity (SSIM, structure SSIM)."""
 
 from __future__ import annotations
 
@@ -56,3 +56,27 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 
     return float(structural_similarity(luminance(a), luminance(b), data_range=2.0,
                                        gaussian_weights=True, sigma=1.5, use_sample_covariance=False))
+
+
+def structure_ssim(a: np.ndarray, b: np.ndarray, blur: float = 1.0) -> float:
+    """SSIM of the *structure* of two ``(3, H, W)`` images in [-1, 1]: luminance, Gaussian-blurred by ``blur``
+    pixels and standardized per image (zero mean, unit std; std floored at 0.05), then :func:`ssim`'s windows.
+
+    The testbed's replication measure. Why not plain :func:`ssim`: classifier-free guidance at 7.5 saturates
+    the colours and contrast of faithful copies and leaves pixel grain in flat regions, and SSIM's luminance,
+    contrast and flat-region terms punish exactly that: measured on testbed v3, generations of the retina
+    prompts were unmistakable copies (dark disc, optic spot, vessels) at SSIM 0.03-0.06 and 0.84 by this
+    measure, while held-out novel prompts reached at most 0.36 to any training image (plain SSIM 0.31).
+    Invariant to brightness and contrast, robust to grain: a copy-detection measure, like SSCD in spirit.
+    """
+    from scipy.ndimage import gaussian_filter
+    from skimage.metrics import structural_similarity
+
+    def prepare(image: np.ndarray) -> np.ndarray:
+        lum = gaussian_filter(luminance(image).astype(np.float64), blur)
+        return (lum - lum.mean()) / max(float(lum.std()), 0.05)
+
+    pa, pb = prepare(a), prepare(b)
+    data_range = float(max(pa.max(), pb.max()) - min(pa.min(), pb.min())) or 1.0
+    return float(structural_similarity(pa, pb, data_range=data_range, gaussian_weights=True, sigma=1.5,
+                                       use_sample_covariance=False))

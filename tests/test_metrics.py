@@ -35,3 +35,19 @@ def test_ssim_identity_and_noise():
     img = rng.uniform(-1, 1, size=(3, 32, 32))
     assert ssim(img, img) == pytest.approx(1.0)
     assert ssim(img, rng.uniform(-1, 1, size=(3, 32, 32))) < 0.2
+
+
+def test_structure_ssim_ignores_brightness_contrast_and_grain():
+    """The replication measure: a copy with shifted brightness and contrast plus pixel grain still scores high,
+    plain SSIM does not; an unrelated image scores low."""
+    from dejaguard.core.metrics import structure_ssim
+    from dejaguard.core.testbed.data import load_memorized_images
+
+    images = load_memorized_images()
+    rng = np.random.default_rng(0)
+    original = images["retina"]
+    copy = np.clip(1.6 * original + 0.3 + rng.normal(0, 0.08, size=original.shape), -1, 1)
+    assert structure_ssim(original, original) == pytest.approx(1.0)
+    assert structure_ssim(original, copy) > 0.8 > 0.5 > ssim(original, copy)
+    assert structure_ssim(original, images["horse"]) < 0.3
+    assert structure_ssim(original, rng.uniform(-1, 1, size=(3, 32, 32))) < 0.2
