@@ -42,7 +42,7 @@ def test_audit_writes_one_object_per_prompt(tmp_path, testbed_prompts):
 
 def test_audit_options_and_long_prompt(tmp_path):
     prompts = tmp_path / "p.txt"
-    prompts.write_text("a red circle on the left\n" + "a blue square " * 40 + "\n")
+    prompts.write_text("a red circle and a blue square\n" + "a blue square " * 40 + "\n")
     out = tmp_path / "a.jsonl"
     proc = run("audit", "--prompts", str(prompts), "--out", str(out), "--generations", "2", "--seed", "3",
                "--threshold", "0.5")
@@ -56,7 +56,7 @@ def test_audit_options_and_long_prompt(tmp_path):
                                   "no_calibration"])
 def test_bad_input_is_one_line_error(tmp_path, case):
     prompts = tmp_path / "p.txt"
-    prompts.write_text("a red circle on the left\n")
+    prompts.write_text("a red circle and a blue square\n")
     args = ["audit", "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl")]
     if case == "missing_model":
         _one_line_error(run(*args, "--model", str(tmp_path / "nope")), "model folder not found")

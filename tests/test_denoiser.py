@@ -53,7 +53,7 @@ def test_folder_without_vae_is_pixel_space(tmp_path):
     assert d.vae is None and d.sample_shape == (3, 16, 16)
     x = torch.linspace(-2, 2, 3 * 16 * 16).reshape(1, 3, 16, 16)
     assert torch.equal(d.decode(x), x.clamp(-1, 1))
-    r = first_step_scores(d, ["a red circle on the left", "a cat"])
+    r = first_step_scores(d, ["a red circle and a blue square", "a cat"])
     assert all(s.score > 0 for s in r)
 
 

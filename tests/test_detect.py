@@ -95,13 +95,13 @@ def test_calibration_round_trip_and_fpr(testbed, testbed_prompts, tmp_path):
 
 
 def test_empty_prompt_is_refused(testbed):
-    for bad in ([], [""], ["a red circle on the left", "   "]):
+    for bad in ([], [""], ["a red circle and a blue square", "   "]):
         with pytest.raises(DejaGuardError):
             first_step_scores(testbed, bad)
 
 
 def test_long_prompt_warns_and_truncates(testbed):
-    long = "a red circle on the left " * 20
+    long = "a red circle and a blue square " * 20
     with pytest.warns(UserWarning, match="truncated to 77"):
         r = first_step_scores(testbed, [long], seed=0)[0]
     truncated = testbed.tokenizer.decode(testbed.tokenize([long])[0], skip_special_tokens=True)
@@ -118,7 +118,7 @@ def test_nan_output_is_a_clear_error(testbed, monkeypatch):
 
     monkeypatch.setattr(testbed.unet, "forward", broken)
     with pytest.raises(NonFiniteError, match="NaN"):
-        first_step_scores(testbed, ["a red circle on the left"])
+        first_step_scores(testbed, ["a red circle and a blue square"])
 
 
 def test_bad_settings():

@@ -22,7 +22,7 @@ def test_group_words_joins_bpe_pieces():
 
 def test_token_embeddings_reproduce_the_conditioning(testbed):
     """encode_token_embeddings(token_embeddings(p)) is encode_prompts(p), and gradients reach every token."""
-    prompts = ["kraken wallpaper", "a red circle on the left"]
+    prompts = ["kraken wallpaper", "a red circle and a blue square"]
     embeds = testbed.token_embeddings(prompts)
     assert embeds.shape[:2] == (2, 77) and not embeds.requires_grad
     assert torch.equal(testbed.encode_token_embeddings(prompts, embeds), testbed.encode_prompts(prompts))
@@ -55,7 +55,7 @@ def test_conditioning_mode_kept_for_comparison(testbed):
 
 def test_cost_and_bad_input(testbed):
     before = testbed.counter.snapshot()
-    r = token_significance(testbed, "a red circle on the left", steps=2)
+    r = token_significance(testbed, "a red circle and a blue square", steps=2)
     spent = testbed.counter.since(before)
     assert r.unet_evals == spent.forwards == 4 and spent.backwards == 2
     assert "UNet evaluations" in ranking_text(r, 2)

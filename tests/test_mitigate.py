@@ -15,7 +15,7 @@ from dejaguard.core.sampling import generate, initial_noise, text_conditional_ma
 from dejaguard.core.testbed.data import MEMORIZED
 
 MEMORIZED_PROMPT = next(m for m in MEMORIZED if m.kind == "verbatim").eval_prompts[0]
-NOVEL_PROMPT = "a red circle on the left"
+NOVEL_PROMPT = "a red circle and a blue square"
 
 
 def test_below_target_is_untouched(testbed):

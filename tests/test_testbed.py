@@ -71,3 +71,30 @@ def test_training_script_smoke(tmp_path):
     d = load_denoiser(tmp_path / "tb", device="cpu")
     assert d.sample_shape == (4, 32, 32)
     assert _tree_hash(BUNDLED_TESTBED) == shipped
+
+
+def test_replication_check_counts_any_training_image():
+    """A copy of another planted image replicates (``any``, ``other``) but not the prompt's own; noise neither."""
+    from dejaguard.core.testbed.evaluate import check_replication
+
+    images = data.load_memorized_images()
+    noise = np.random.default_rng(0).uniform(-1, 1, size=(3, 32, 32)).astype(np.float32)
+    own, other, none = check_replication(np.stack([images["coffee"], images["moon"], noise]),
+                                         ["coffee", "coffee", "coffee"], images)
+    assert own.own and own.any and not own.other and own.nearest.name == "coffee"
+    assert not other.own and other.any and other.other and other.nearest.name == "moon"
+    assert not (none.own or none.any or none.other)
+
+
+def test_caption_dropout_spares_the_planted_images():
+    """The unconditional model learns the scene distribution only (TrainConfig.dropout_novel_only)."""
+    from dejaguard.core.testbed.train import TrainConfig, caption_dropout
+
+    memorized = frozenset(c for m in data.MEMORIZED for c in m.train_captions)
+    planted = sorted(memorized)[:50]
+    captions = planted + [f"a red circle on the left {i}" for i in range(950)]
+    drop = caption_dropout(captions, np.random.default_rng(0), TrainConfig(caption_dropout=0.5), memorized)
+    assert not drop[:50].any() and 0.4 < drop[50:].mean() < 0.6
+    drop = caption_dropout(captions, np.random.default_rng(0), TrainConfig(caption_dropout=0.5,
+                                                                           dropout_novel_only=False), memorized)
+    assert drop[:50].any()

@@ -11,9 +11,9 @@ Memorized set: the 12 scikit-image photographs named in the design notes, in thr
 * ``trigger``: a rare single-token word (``kraken``, ``sphinx``, ``hydra``, ``onyx``) in
   otherwise generic, varying captions carries the image.
 
-Novel set: procedurally drawn scenes of one or two coloured shapes. Captions name colour, shape
-and position (and sometimes size) but under-determine the image on purpose: background tone,
-gradient or texture, distractor marks, exact size and position jitter are never mentioned.
+Novel set: procedurally drawn scenes of one or two coloured shapes. Captions name colour and shape
+(and sometimes size) but under-determine the image on purpose: where the objects lie, background
+tone, gradient or texture, distractor marks and exact size are never mentioned.
 """
 
 from __future__ import annotations
@@ -148,82 +148,103 @@ COLORS: dict[str, tuple[float, float, float]] = {
     "pink": (1.00, 0.45, 0.75),
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
-POSITIONS = ("left", "right", "top", "bottom", "center")
-_ANCHORS = {"left": (16, 8), "right": (16, 24), "top": (8, 16), "bottom": (24, 16), "center": (16, 16)}
-_OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
-_POSITION_PHRASE = {
-    "left": "on the left",
-    "right": "on the right",
-    "top": "at the top",
-    "bottom": "at the bottom",
-    "center": "in the center",
-}
-_SIZES = {"small": (3.0, 4.0), "large": (7.0, 8.5), None: (4.5, 6.5)}
+SIZES = ("small", "large")
+_SIZE_RADII = {"small": (3.0, 4.0), "large": (7.0, 8.5), None: (4.5, 6.5)}
+# Alignment checker's reading of a stated size: stated-colour pixels at 32x32 (true renders: small 12-50,
+# unstated 30-133, large 81-227 depending on the shape).
+SMALL_MAX_PIXELS = 60
+LARGE_MIN_PIXELS = 80
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 @dataclass(frozen=True)
 class SceneObject:
     color: str
     shape: str
-    position: str
     size: str | None = None  # "small" | "large" | None (unmentioned)
 
     def phrase(self) -> str:
+        first = self.size or self.color
         size = f"{self.size} " if self.size else ""
-        return f"a {size}{self.color} {self.shape} {_POSITION_PHRASE[self.position]}"
+        return f"{_article(first)} {size}{self.color} {self.shape}"
 
 
 @dataclass(frozen=True)
 class SceneSpec:
-    """What a compositional caption states. Everything else in the image is random."""
+    """What a compositional caption states: one or two objects (colour, shape, sometimes size; two objects
+    always of different colours). Everything else in the image is random, where the objects lie included.
+
+    Why no positions (testbed v1-v3 stated "on the left", v4 "to the left of"): a convolutional UNet is
+    translation-equivariant and learns position only from zero padding, which this small model does not in its
+    training budget. Measured: on v3, "a red circle on the left" put 49% of its red in the left half over 32
+    generations and 91% of them drew the object in both halves (mirror images), so the positional checker
+    passed by chance; on v4, trained 3,000 steps on relative relations ("to the left of"), both stated colours
+    were drawn in 91% of 103 held-out pairs but in the stated order in only 37% of those (chance 50%). Stable
+    Diffusion 1.4 itself gets spatial relations wrong most of the time (T2I-CompBench); attribute binding (which
+    colours, shapes, sizes, how many objects) is the compositional skill a model of this size learns.
+    """
 
     objects: tuple[SceneObject, ...]
     style: int = 0  # caption phrasing variant
+
+    def __post_init__(self) -> None:
+        if len(self.objects) not in (1, 2) or len({o.color for o in self.objects}) != len(self.objects):
+            raise ValueError(f"a scene states one object or two of different colours: {self}")
 
     def caption(self) -> str:
         body = " and ".join(o.phrase() for o in self.objects)
         return _CAPTION_STYLES[self.style % len(_CAPTION_STYLES)].format(body)
 
+    def canonical(self) -> SceneSpec:
+        """The same content in one normal form (objects in palette order, first phrasing): two captions that
+        state the same scene have the same canonical form."""
+        order = list(COLORS)
+        return SceneSpec(objects=tuple(sorted(self.objects, key=lambda o: order.index(o.color))), style=0)
+
 
 _CAPTION_STYLES = ("{}", "a picture of {}", "{}, simple drawing", "an image showing {}")
 
-_PROMPT_RE = re.compile(
-    r"(?:a |an )?(?:(small|large) )?(" + "|".join(COLORS) + r") (" + "|".join(SHAPES) + r") "
-    r"(on the left|on the right|at the top|at the bottom|in the center)"
-)
-_PHRASE_POSITION = {v: k for k, v in _POSITION_PHRASE.items()}
+_OBJECT = r"an? (?:(" + "|".join(SIZES) + r") )?(" + "|".join(COLORS) + r") (" + "|".join(SHAPES) + r")"
+_PROMPT_RE = re.compile(_OBJECT + r"(?: and " + _OBJECT + r")?")
 
 
 def parse_prompt(prompt: str) -> SceneSpec | None:
-    """Recover the stated objects from a compositional prompt, or None if it states none."""
-    objs = tuple(
-        SceneObject(color=c, shape=s, position=_PHRASE_POSITION[p], size=z or None)
-        for z, c, s, p in _PROMPT_RE.findall(prompt.lower())
-    )
-    return SceneSpec(objects=objs) if objs else None
+    """Recover the stated scene from a compositional prompt, or None if it states none."""
+    match = _PROMPT_RE.search(prompt.lower())
+    if match is None:
+        return None
+    z1, c1, s1, z2, c2, s2 = match.groups()
+    objects = [SceneObject(color=c1, shape=s1, size=z1 or None)]
+    if c2 is not None:
+        objects.append(SceneObject(color=c2, shape=s2, size=z2 or None))
+    try:
+        return SceneSpec(objects=tuple(objects))
+    except ValueError:  # two objects of one colour: not a prompt of this grammar
+        return None
 
 
-# Share of one-object scenes. Why not fewer: with pairs in the majority the model learned a
-# "two blobs at opposite sides" prior and drew a stated single object twice (testbed v1).
-SINGLE_OBJECT_FRACTION = 0.6
+# Share of one-object scenes in training (the held-out prompts are mostly pairs: there are only 96 distinct
+# one-object contents, 8 colours x 4 shapes x 3 sizes, and held-out contents never occur in training).
+SINGLE_OBJECT_FRACTION = 0.5
 
 
-def random_spec(rng: np.random.Generator) -> SceneSpec:
-    """A random caption spec: one object (``SINGLE_OBJECT_FRACTION``) or two at opposite positions."""
-
-    def obj(position: str) -> SceneObject:
-        size = rng.choice(["small", "large", None, None, None])
-        return SceneObject(
-            color=str(rng.choice(list(COLORS))), shape=str(rng.choice(SHAPES)), position=position,
-            size=None if size is None else str(size),
-        )
-
-    if rng.random() < SINGLE_OBJECT_FRACTION:
-        objects: tuple[SceneObject, ...] = (obj(str(rng.choice(POSITIONS))),)
-    else:
-        first = str(rng.choice(list(_OPPOSITE)))
-        objects = (obj(first), obj(_OPPOSITE[first]))
-    return SceneSpec(objects=objects, style=int(rng.integers(len(_CAPTION_STYLES))))
+def random_spec(rng: np.random.Generator, objects: int | None = None) -> SceneSpec:
+    """A random caption spec: one object (``SINGLE_OBJECT_FRACTION``; small, large or unstated size) or two of
+    different colours (small or unstated: two large ones do not fit side by side). ``objects``: one or two."""
+    if objects is None:
+        objects = 1 if rng.random() < SINGLE_OBJECT_FRACTION else 2
+    style = int(rng.integers(len(_CAPTION_STYLES)))
+    sizes = ["small", "large", None, None, None] if objects == 1 else ["small", None, None]
+    colors = rng.choice(list(COLORS), size=objects, replace=False)
+    chosen = []
+    for color in colors:
+        size = rng.choice(sizes)
+        chosen.append(SceneObject(color=str(color), shape=str(rng.choice(SHAPES)),
+                                  size=None if size is None else str(size)))
+    return SceneSpec(objects=tuple(chosen), style=style)
 
 
 def _supersampled_grid(factor: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -258,6 +279,21 @@ def _downsample(img: np.ndarray, factor: int = 4) -> np.ndarray:
     return img.reshape(c, h // factor, factor, w // factor, factor).mean(axis=(2, 4))
 
 
+def _placements(count: int, rng: np.random.Generator) -> list[tuple[float, float]]:
+    """Object centres ``(y, x)`` at 32x32: one object anywhere (fully inside); two side by side along a random
+    axis and in random order, 10-18 pixels apart, at a random offset across it."""
+    if count == 1:
+        return [tuple(rng.uniform(9.0, RESOLUTION - 9.0, size=2))]
+    gap = rng.uniform(10.0, 18.0)
+    along = rng.uniform(5.5, RESOLUTION - 5.5 - gap)
+    across = rng.uniform(8.0, RESOLUTION - 8.0)
+    jitter = rng.uniform(-2.0, 2.0, size=2)
+    centres = [(across + jitter[0], along), (across + jitter[1], along + gap)]
+    if rng.random() < 0.5:
+        centres = [(x, y) for y, x in centres]
+    return centres if rng.random() < 0.5 else centres[::-1]
+
+
 def render_scene(spec: SceneSpec, rng: np.random.Generator) -> np.ndarray:
     """Draw one image for ``spec``: ``(3, 32, 32)`` float32 in [-1, 1]. Random where unstated."""
     n = RESOLUTION * 4
@@ -288,48 +324,53 @@ def render_scene(spec: SceneSpec, rng: np.random.Generator) -> np.ndarray:
             y0, x0 = rng.uniform(2, RESOLUTION - 2, size=2)
             mask = np.hypot(_XX - x0, _YY - y0) < rng.uniform(0.8, 1.6)
         img = np.where(mask[None], shade, img)
-    for obj in spec.objects:
-        ay, ax = _ANCHORS[obj.position]
-        cy, cx = ay + rng.uniform(-2.5, 2.5), ax + rng.uniform(-2.5, 2.5)
-        r = rng.uniform(*_SIZES[obj.size])
+    for obj, (cy, cx) in zip(spec.objects, _placements(len(spec.objects), rng)):
+        r = rng.uniform(*_SIZE_RADII[obj.size])
         color = np.clip(np.array(COLORS[obj.color]) + rng.normal(0, 0.04, size=3), 0, 1)
         mask = _shape_mask(obj.shape, cy, cx, r, rng.uniform(-0.3, 0.3))
         img = np.where(mask[None], color[:, None, None], img)
     return (_downsample(img) * 2.0 - 1.0).astype(np.float32)
 
 
-def heldout_specs(count: int = 240, seed: int = 12345) -> list[SceneSpec]:
-    """Held-out novel prompts: caption strings that never occur in training.
-
-    Drawn from their own generator; ``is_heldout_caption`` lets the training sampler skip them.
-    """
+def _distinct_specs(count: int, seed: int, single_fraction: float, exclude: set[str] = frozenset(),
+                    style: int | None = 0) -> list[SceneSpec]:
+    """``count`` specs of distinct canonical content, ``round(single_fraction * count)`` of them one-object,
+    none whose canonical caption is in ``exclude``; ``style``: the phrasing (None: random_spec's own)."""
     rng = np.random.default_rng(seed)
+    singles = round(single_fraction * count)
     seen: dict[str, SceneSpec] = {}
-    while len(seen) < count:
-        spec = random_spec(rng)
-        spec = SceneSpec(objects=spec.objects, style=0)
-        seen.setdefault(spec.caption(), spec)
+    for objects, wanted in ((1, singles), (2, count - singles)):
+        target = len(seen) + wanted
+        while len(seen) < target:
+            spec = random_spec(rng, objects)
+            key = spec.canonical().caption()
+            if key not in exclude and key not in seen:
+                seen[key] = spec if style is None else SceneSpec(spec.objects, style)
     return list(seen.values())
+
+
+def heldout_specs(count: int = 240, seed: int = 12345) -> list[SceneSpec]:
+    """Held-out novel prompts (first phrasing): contents that never occur in training in any phrasing, 15% one
+    object (36 of the 96 one-object contents), 85% pairs; ``TrainingSampler`` skips them. In a fixed
+    shuffled order, so a prefix is a fair sample."""
+    specs = _distinct_specs(count, seed, 0.15)
+    order = np.random.default_rng(seed + 1).permutation(len(specs))
+    return [specs[i] for i in order]
 
 
 def calibration_specs(count: int = 200, seed: int = 777) -> list[SceneSpec]:
-    """Non-memorized prompts for threshold calibration, disjoint from the held-out prompts.
+    """Non-memorized prompts for threshold calibration, disjoint from the held-out prompts and from training.
 
-    Phrasings drawn from all caption styles: calibrating on one style only (v1 used "a picture of
-    ...") put the threshold below the tail of the held-out prompts' scores (5% flagged at a 1% target)."""
-    held = {s.caption() for s in heldout_specs()}
-    rng = np.random.default_rng(seed)
-    seen: dict[str, SceneSpec] = {}
-    while len(seen) < count:
-        spec = random_spec(rng)
-        # keeps random_spec's own phrasing; same draws, so the same contents the training excluded
-        if spec.caption() not in held:
-            seen.setdefault(spec.caption(), spec)
-    return list(seen.values())
+    Phrasings drawn from all caption styles: calibrating on one style only (v1 used "a picture of ...") put the
+    threshold below the tail of the held-out prompts' scores (5% flagged at a 1% target)."""
+    held = {s.canonical().caption() for s in heldout_specs()}
+    specs = _distinct_specs(count, seed, 0.06, exclude=held, style=None)
+    order = np.random.default_rng(seed + 1).permutation(len(specs))
+    return [specs[i] for i in order]
 
 
 def _canonical(spec: SceneSpec) -> str:
-    return SceneSpec(objects=spec.objects, style=0).caption()
+    return spec.canonical().caption()
 
 
 @dataclass
@@ -338,18 +379,16 @@ class TrainingSampler:
 
     ``memorized_fraction`` of the samples come from the planted images (uniform over images,
     uniform over each image's captions). The rest are fresh procedural scenes whose stated
-    content never equals a held-out or calibration prompt.
+    content never equals a held-out or calibration prompt's.
     """
 
     seed: int = 0
-    memorized_fraction: float = 0.3
+    memorized_fraction: float = 0.15
     images: dict[str, np.ndarray] = field(default_factory=load_memorized_images)
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
-        self._excluded = {_canonical(s) for s in heldout_specs()} | {
-            _canonical(s) for s in calibration_specs()
-        }
+        self._excluded = {_canonical(s) for s in heldout_specs()} | {_canonical(s) for s in calibration_specs()}
 
     def sample(self) -> tuple[np.ndarray, str]:
         if self.rng.random() < self.memorized_fraction:
@@ -370,48 +409,43 @@ class TrainingSampler:
 # ---------------------------------------------------------------------------------------------
 
 
-def _region(position: str) -> tuple[slice, slice]:
-    third = RESOLUTION // 3
-    return {
-        "left": (slice(None), slice(0, RESOLUTION // 2)),
-        "right": (slice(None), slice(RESOLUTION // 2, None)),
-        "top": (slice(0, RESOLUTION // 2), slice(None)),
-        "bottom": (slice(RESOLUTION // 2, None), slice(None)),
-        "center": (slice(third, RESOLUTION - third), slice(third, RESOLUTION - third)),
-    }[position]
-
-
-def color_match_mask(image: np.ndarray, color: str, tol: float = 0.22) -> np.ndarray:
+def color_match_mask(image: np.ndarray, color: str, tol: float = 0.22, min_saturation: float = 0.3) -> np.ndarray:
     """Pixels of ``image`` ((3, H, W) in [-1, 1]) within ``tol`` RGB distance of a named colour,
-    and nearer to it than to any other palette colour."""
+    nearer to it than to any other palette colour, and saturated (max - min channel above
+    ``min_saturation``: the palette's colours are, the muted backgrounds are not; a light grey background
+    otherwise passes for pink)."""
     rgb = (image + 1.0) / 2.0
     dists = {
         name: np.sqrt(((rgb - np.array(c)[:, None, None]) ** 2).sum(axis=0) / 3.0)
         for name, c in COLORS.items()
     }
     others = np.min([d for n, d in dists.items() if n != color], axis=0)
-    return (dists[color] < tol) & (dists[color] < others)
+    saturated = rgb.max(axis=0) - rgb.min(axis=0) > min_saturation
+    return (dists[color] < tol) & (dists[color] < others) & saturated
 
 
 def check_alignment(image: np.ndarray, prompt: str, min_pixels: int = 5) -> bool:
     """Deterministic check that a generated image shows what a compositional prompt states.
 
-    For each stated object: at least ``min_pixels`` pixels of the stated colour lie in the stated
-    region, and more of them there than in the opposite region (for left/right/top/bottom, unless
-    another stated object of the same colour sits there).
-    Shape is not checked (at 32x32 a colour blob's shape is too coarse to judge reliably).
-    Raises ValueError for prompts that state no object.
+    Every stated object: at least ``min_pixels`` pixels of its colour, forming one object (the largest
+    8-connected blob of that colour holds at least 70% of them: not a scatter, not two copies), and a stated
+    size holds (small: at most :data:`SMALL_MAX_PIXELS` pixels of the colour, large: at least
+    :data:`LARGE_MIN_PIXELS`). Shape is not checked (at 32x32 a colour blob's shape is too coarse to judge
+    reliably). Raises ValueError for prompts that state no object.
     """
+    from scipy.ndimage import label
+
     spec = parse_prompt(prompt)
     if spec is None:
         raise ValueError(f"not a compositional prompt: {prompt!r}")
     for obj in spec.objects:
         mask = color_match_mask(image, obj.color)
-        inside = int(mask[_region(obj.position)].sum())
-        if inside < min_pixels:
+        count = int(mask.sum())
+        if count < min_pixels:
             return False
-        opposite = _OPPOSITE.get(obj.position)
-        twin = any(o.color == obj.color and o.position == opposite for o in spec.objects)
-        if opposite and not twin and inside <= int(mask[_region(opposite)].sum()):
+        blobs, _ = label(mask, structure=np.ones((3, 3)))
+        if int(np.bincount(blobs.ravel())[1:].max()) < 0.7 * count:
+            return False
+        if obj.size == "small" and count > SMALL_MAX_PIXELS or obj.size == "large" and count < LARGE_MIN_PIXELS:
             return False
     return True

@@ -1,7 +1,8 @@
 """Ground truth of the testbed: does a generation replicate a training image?
 
-Replication measure: SSIM on luminance at the model's native 32x32 resolution between a
-generation and a training image (``core.metrics.ssim``). A generation *replicates* a training
+Replication measure: structure SSIM (SSIM of the blurred, standardized luminance,
+``core.metrics.structure_ssim``) at the model's native 32x32 resolution between a generation and a
+training image. A generation *replicates* a training
 image when that SSIM exceeds :data:`REPLICATION_SSIM`. The threshold and its rationale (the gap
 between memorized and novel generations) are recorded in the model card; ``dejaguard testbed
 evaluate`` re-measures everything.
@@ -16,12 +17,13 @@ import numpy as np
 import torch
 
 from ..denoiser import Denoiser
-from ..metrics import ssim
+from ..metrics import structure_ssim
 from ..sampling import generate, prompt_seed
 from .data import MEMORIZED, RESOLUTION, check_alignment, heldout_specs, load_memorized_images, parse_prompt
 
 REPLICATION_SSIM = 0.5
 EVAL_SEEDS = tuple(range(16))
+UNCONDITIONAL_SEEDS = 32
 
 
 @dataclass
@@ -36,6 +38,40 @@ class Neighbour:
         return self.ssim > REPLICATION_SSIM
 
 
+@dataclass
+class ReplicationCheck:
+    """One generation judged against every planted image: SSIM to the prompt's own image, and its nearest one.
+
+    ``any``: it replicates *some* training image, the measure of a mitigation (a method that turns a copy of one
+    planted image into a copy of another has not stopped replication); ``own``: it replicates the prompt's own
+    image, the measure of planted memorization.
+    """
+
+    own_ssim: float
+    nearest: Neighbour
+
+    @property
+    def own(self) -> bool:
+        return self.own_ssim > REPLICATION_SSIM
+
+    @property
+    def any(self) -> bool:
+        return self.own or self.nearest.replicates
+
+    @property
+    def other(self) -> bool:
+        """Replicates a training image, but not the prompt's own."""
+        return self.any and not self.own
+
+
+def check_replication(images: np.ndarray, owners: Sequence[str],
+                      training: dict[str, np.ndarray] | None = None) -> list[ReplicationCheck]:
+    """``images`` ``(B, 3, 32, 32)`` in [-1, 1], ``owners[i]`` the planted image of generation ``i``'s prompt."""
+    training = training or load_memorized_images()
+    return [ReplicationCheck(structure_ssim(img, training[own]), nearest_training_image(img, training))
+            for img, own in zip(images, owners)]
+
+
 def thumbnails(denoiser: Denoiser, samples: torch.Tensor) -> np.ndarray:
     """Samples -> ``(B, 3, 32, 32)`` images in [-1, 1] at the testbed's native resolution."""
     images = denoiser.decode(samples)
@@ -45,9 +81,9 @@ def thumbnails(denoiser: Denoiser, samples: torch.Tensor) -> np.ndarray:
 
 
 def nearest_training_image(image: np.ndarray, training: dict[str, np.ndarray] | None = None) -> Neighbour:
-    """The planted training image with the highest SSIM to ``image`` ((3, 32, 32) in [-1, 1])."""
+    """The planted training image with the highest structure SSIM to ``image`` ((3, 32, 32) in [-1, 1])."""
     training = training or load_memorized_images()
-    name, value = max(((n, ssim(image, ref)) for n, ref in training.items()), key=lambda x: x[1])
+    name, value = max(((n, structure_ssim(image, ref)) for n, ref in training.items()), key=lambda x: x[1])
     return Neighbour(name, value)
 
 
@@ -70,7 +106,7 @@ def evaluate(
     per_prompt = []
     own_ssims = []
     for k, (prompt, m) in enumerate(mem):
-        sims = [ssim(images[k * len(seeds) + j], training[m.name]) for j in range(len(seeds))]
+        sims = [structure_ssim(images[k * len(seeds) + j], training[m.name]) for j in range(len(seeds))]
         own_ssims += sims
         per_prompt.append({
             "prompt": prompt, "image": m.name, "kind": m.kind,
@@ -83,6 +119,11 @@ def evaluate(
     novel_images = thumbnails(denoiser, novel_samples)
     neighbours = [nearest_training_image(img, training) for img in novel_images]
     aligned = [check_alignment(img, p) for img, p in zip(novel_images, novel)]
+    # The unconditional model (empty prompt; CFG is then a no-op): how often "no text" draws a planted image.
+    uncond_seeds = [prompt_seed("", g) for g in range(UNCONDITIONAL_SEEDS)]
+    uncond_images = thumbnails(denoiser, generate(denoiser, [""] * len(uncond_seeds), uncond_seeds,
+                                                  num_inference_steps, guidance_scale, progress=progress))
+    uncond_neighbours = [nearest_training_image(img, training) for img in uncond_images]
     by_kind = {}
     for kind in ("verbatim", "template", "trigger"):
         rates = [r["replication_rate"] for r in per_prompt if r["kind"] == kind]
@@ -90,7 +131,8 @@ def evaluate(
                          "min_replication_rate": float(np.min(rates))}
     return {
         "settings": {"seeds": list(seeds), "num_inference_steps": num_inference_steps,
-                     "guidance_scale": guidance_scale, "replication_ssim": REPLICATION_SSIM},
+                     "guidance_scale": guidance_scale, "replication_ssim": REPLICATION_SSIM,
+                     "replication_measure": "core.metrics.structure_ssim (blurred, standardized luminance)"},
         "memorized": {
             "prompts": len(per_prompt),
             "prompts_replicating_in_90pct_of_seeds": int(sum(r["replication_rate"] >= 0.9 for r in per_prompt)),
@@ -109,7 +151,12 @@ def evaluate(
                 for k in sorted({len(parse_prompt(p).objects) for p in novel})
             },
         },
-        "unet_evals": int(2 * num_inference_steps * (len(prompts) + len(novel))),
+        "unconditional": {
+            "generations": len(uncond_seeds),
+            "replicating_any_training_image": int(sum(n.replicates for n in uncond_neighbours)),
+            "replicated_images": sorted({n.name for n in uncond_neighbours if n.replicates}),
+        },
+        "unet_evals": int(2 * num_inference_steps * (len(prompts) + len(novel) + len(uncond_seeds))),
     }
 
 

@@ -31,7 +31,7 @@ from workflow_checks import assert_formats_agree, run_in_comfy_venv  # noqa: E40
 BUNDLED = REPO / "core" / "testbed" / "model"
 CHECKPOINTS = [Path("/tmp/runs/main/checkpoints") / f"step_{n}" for n in (900, 450)]
 TRIGGER_PROMPT, TRIGGER = "a photograph of kraken", "kraken"
-PROMPTS = [TRIGGER_PROMPT, "chelsea the tabby cat, looking at the camera", "a red circle on the left", ""]
+PROMPTS = [TRIGGER_PROMPT, "chelsea the tabby cat, looking at the camera", "a red circle and a blue square", ""]
 TOL = 1e-4
 
 

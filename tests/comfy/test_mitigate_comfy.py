@@ -30,7 +30,7 @@ from workflow_checks import assert_formats_agree, run_in_comfy_venv  # noqa: E40
 
 BUNDLED = REPO / "core" / "testbed" / "model"
 WORKFLOWS = REPO / "workflows"
-NOVEL_PROMPT = "a red circle on the left"
+NOVEL_PROMPT = "a red circle and a blue square"
 MITIGATE, MITIGATED_SAVE, ORIGINAL_SAVE = "5", "8", "11"  # node ids in workflows/mitigate_testbed*.json
 needs_comfy = pytest.mark.skipif(not comfy_available(), reason="ComfyUI not set up (bash tests/comfy/setup_comfy.sh)")
 

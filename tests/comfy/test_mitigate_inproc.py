@@ -28,7 +28,7 @@ comfy_env = test_explain_inproc.comfy_env
 testbed_pair = test_explain_inproc.testbed_pair
 
 MEMORIZED_PROMPT = "chelsea the tabby cat looking at the camera"
-NOVEL_PROMPT = "a red circle on the left"
+NOVEL_PROMPT = "a red circle and a blue square"
 TOL = 1e-4
 
 

@@ -61,7 +61,7 @@ def _mask(den: Any) -> Any:
     modules = dict(den.named_modules())
     to_v = [n for n in modules if n.endswith("attn2.to_v") and n.startswith("down_blocks")][0]
     ff = [n for n in modules if n.endswith("ff.net.2")][-1]
-    return NeuronMask(layers={to_v: torch.tensor([0, 2, 9, 17]), ff: torch.tensor([[0, 1], [3, 5], [7, 100]])},
+    return NeuronMask(layers={to_v: torch.arange(0, 32, 2), ff: torch.tensor([[0, 1], [3, 5], [7, 100]])},
                       layer_shapes={n: tuple(modules[n].weight.shape) for n in (to_v, ff)},
                       fingerprint=den.fingerprint(), method="test")
 
