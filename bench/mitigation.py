@@ -20,15 +20,17 @@ embeddings; the positionally biased gradient w.r.t. the conditioning rows side b
 default levels of ``core.mitigate.default_levels`` unless ``--threshold`` / ``--target`` are given; then the full
 ``--steps``-step DDIM generation at CFG 7.5 from the same seed, with and without mitigation):
 
-- ``replication_before`` / ``replication_after``: share of the memorized prompts' (prompt, seed) generations whose
-  luminance SSIM to the prompt's training image exceeds ``REPLICATION_SSIM`` (``core.testbed.evaluate``), over the
-  32 memorized evaluation prompts x ``--seeds`` seeds.
+- ``replication_before`` / ``replication_after``: share of the memorized prompts' (prompt, seed) generations that
+  replicate *a* training image: luminance SSIM to some planted image above ``REPLICATION_SSIM``
+  (``core.testbed.evaluate.check_replication``), over the 32 memorized evaluation prompts x ``--seeds`` seeds. Any
+  image, not only the prompt's own: measured on testbed v2, the first-step mitigation turned a third of the copies
+  into copies of *another* planted image (``replication_after_other_image``); ``_own_image`` variants beside.
 - ``novel_alignment_before`` / ``novel_alignment_after``: ``check_alignment`` pass rate of ``--novel`` held-out
   prompts (one prompt-derived seed each, as ``dejaguard testbed evaluate``); ``novel_touched_rate``: share of them
   the mitigation changed at all (the rest keep a bit-identical embedding, hence the same image).
 - Prompt fidelity of memorized prompts after mitigation. The testbed has no CLIP scorer, and the only content a
   memorized prompt is tied to is its training image, so two honest proxies are reported:
-  ``fidelity_nearest_own_rate``: share of the mitigated generations that no longer replicate (SSIM <= threshold)
+  ``fidelity_nearest_own_rate``: share of the mitigated generations that no longer replicate any training image
   whose nearest training image (SSIM, among the 12) is still the prompt's own, i.e. the image moved away from the
   copy without drifting to another memorized subject or to noise (it cannot tell "follows the prompt" from
   "a weaker partial copy": read it beside ``ssim_after_median``); and ``text_direction_cosine``: the cosine between
@@ -55,7 +57,6 @@ import torch
 from dejaguard.core.denoiser import BUNDLED_TESTBED, load_denoiser
 from dejaguard.core.detect import first_step_scores
 from dejaguard.core.explain import token_significance
-from dejaguard.core.metrics import ssim
 from dejaguard.core.mitigate import (
     DEFAULT_LR,
     DEFAULT_MAX_ITERATIONS,
@@ -65,7 +66,7 @@ from dejaguard.core.mitigate import (
 )
 from dejaguard.core.sampling import generate, initial_noise, prompt_seed
 from dejaguard.core.testbed.data import MEMORIZED, check_alignment, heldout_specs, load_memorized_images
-from dejaguard.core.testbed.evaluate import REPLICATION_SSIM, nearest_training_image, thumbnails
+from dejaguard.core.testbed.evaluate import REPLICATION_SSIM, check_replication, thumbnails
 
 
 def explain_section(denoiser, seeds: list[int], out: dict) -> None:
@@ -187,19 +188,27 @@ def main() -> None:
     mem_results = mitigate_all(denoiser, mem_jobs, args, "memorized")
     mitigate_s = time.perf_counter() - t0
     before, after = images_for(denoiser, mem_jobs, mem_results, args.steps, args.cfg)
-    sim_before = np.array([ssim(img, training[m.name]) for img, m in zip(before, owners)])
-    sim_after = np.array([ssim(img, training[m.name]) for img, m in zip(after, owners)])
-    out["replication_before"] = round(float(np.mean(sim_before > REPLICATION_SSIM)), 4)
-    out["replication_after"] = round(float(np.mean(sim_after > REPLICATION_SSIM)), 4)
+    names = [m.name for m in owners]
+    checks_before = check_replication(before, names, training)
+    checks_after = check_replication(after, names, training)
+
+    def rate(checks: list, kind: str = "any", rows: np.ndarray | None = None) -> float:
+        flags = np.array([getattr(c, kind) for c in checks])
+        return round(float(np.mean(flags if rows is None else flags[rows])), 4)
+
+    out["replication_before"] = rate(checks_before)
+    out["replication_after"] = rate(checks_after)
+    out["replication_before_own_image"] = rate(checks_before, "own")
+    out["replication_after_own_image"] = rate(checks_after, "own")
+    out["replication_after_other_image"] = rate(checks_after, "other")
     out["replication_by_kind"] = {
-        kind: {"before": round(float(np.mean(sim_before[idx] > REPLICATION_SSIM)), 4),
-               "after": round(float(np.mean(sim_after[idx] > REPLICATION_SSIM)), 4)}
+        kind: {"before": rate(checks_before, rows=idx), "after": rate(checks_after, rows=idx),
+               "after_own_image": rate(checks_after, "own", idx)}
         for kind in ("verbatim", "template", "trigger")
         for idx in [np.array([m.kind == kind for m in owners])]}
-    out["ssim_before_median"] = round(float(np.median(sim_before)), 4)
-    out["ssim_after_median"] = round(float(np.median(sim_after)), 4)
-    non_rep = [i for i in range(len(after)) if sim_after[i] <= REPLICATION_SSIM]
-    own = [nearest_training_image(after[i], training).name == owners[i].name for i in non_rep]
+    out["ssim_before_median"] = round(float(np.median([c.own_ssim for c in checks_before])), 4)
+    out["ssim_after_median"] = round(float(np.median([c.own_ssim for c in checks_after])), 4)
+    own = [c.nearest.name == name for c, name in zip(checks_after, names) if not c.any]
     out["fidelity_nearest_own_rate"] = round(float(np.mean(own)), 4) if own else None
     cosines = []
     for (p, s), r in zip(mem_jobs, mem_results):
@@ -232,7 +241,9 @@ def main() -> None:
             ("trigger top-1 rate (conditioning rows)", out["trigger_top1_rate_conditioning_rows"]),
             ("verbatim key word mean rank (chance)",
              f"{out['verbatim_key_word_mean_rank']} ({out['verbatim_key_word_chance_rank']})"),
-            ("replication before -> after", f"{out['replication_before']} -> {out['replication_after']}"),
+            ("replication (any training image) before -> after",
+             f"{out['replication_before']} -> {out['replication_after']}"),
+            ("  of which another training image than the prompt's, after", out["replication_after_other_image"]),
             ("median SSIM to own image before -> after", f"{out['ssim_before_median']} -> {out['ssim_after_median']}"),
             ("non-replicating, nearest own image", out["fidelity_nearest_own_rate"]),
             ("first-step text direction cosine", out["text_direction_cosine"]),

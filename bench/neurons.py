@@ -11,9 +11,11 @@ indices into ``memorized_eval_prompts()`` or ``all``). Measured in one run, side
   batched calls and wall time; ``evals_ratio_vs_reference`` = fast / reference noise predictions
   (``calls_`` and ``wall_ratio_vs_reference`` alike), and how often both found the same neurons.
   ``replication_before`` / ``_after``: share of full generations (``--seeds`` per prompt, DDIM
-  ``--steps``, CFG 7.5) whose SSIM to the prompt's training image exceeds ``REPLICATION_SSIM``; after =
-  with the prompt's own (fast) mask on. ``novel_alignment_before`` / ``_after``: alignment-checker pass
-  rate of held-out compositional prompts; after = with the **union** of all per-prompt NeMo masks on
+  ``--steps``, CFG 7.5) that replicate a training image (SSIM to some planted image above
+  ``REPLICATION_SSIM``; a mask that turns one copy into another has not stopped replication; ``_own_image``:
+  the prompt's own image only); after = with the prompt's own (fast) mask on.
+  ``novel_alignment_before`` / ``_after``: alignment-checker pass rate of held-out compositional prompts;
+  after = with the **union** of all per-prompt NeMo masks on
   (the worst case for an operator who switches every mask on at once).
 - **Subspace** (``core.prune.subspace_mask``): the planted images are split in two halves (alternating
   within each memorization kind); the mask is found on the first half's prompts only.
@@ -34,28 +36,33 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 from dejaguard.core.denoiser import Denoiser, load_denoiser
-from dejaguard.core.metrics import ssim
 from dejaguard.core.neurons import LocalizeSettings, NeuronMask, apply_mask, localize, nemo_statistics
 from dejaguard.core.prune import subspace_mask
 from dejaguard.core.sampling import generate, prompt_seed
 from dejaguard.core.testbed.data import MEMORIZED, check_alignment, heldout_specs, load_memorized_images
 from dejaguard.core.testbed.data import memorized_eval_prompts as eval_prompts
-from dejaguard.core.testbed.evaluate import REPLICATION_SSIM, thumbnails
+from dejaguard.core.testbed.evaluate import REPLICATION_SSIM, check_replication, thumbnails
 
 
 def replication(denoiser: Denoiser, prompts: Sequence[str], images: Sequence[str], seeds: Sequence[int],
-                steps: int, mask: NeuronMask | dict[str, NeuronMask] | None = None) -> list[float]:
-    """Per prompt: the share of ``seeds`` whose generation replicates the prompt's training image.
-    ``mask``: one mask for all prompts, a mask per prompt, or None."""
+                steps: int, mask: NeuronMask | dict[str, NeuronMask] | None = None) -> list[tuple[float, float]]:
+    """Per prompt: the share of ``seeds`` whose generation replicates *a* training image, and the share that
+    replicates the prompt's own (``core.testbed.evaluate.check_replication``). ``mask``: one mask for all
+    prompts, a mask per prompt, or None."""
     training = load_memorized_images()
     rates = []
     for prompt, image in zip(prompts, images):
         m = mask.get(prompt) if isinstance(mask, dict) else mask
         with apply_mask(denoiser, m) if m is not None and m.layers else nullcontext():
             samples = generate(denoiser, [prompt] * len(seeds), list(seeds), steps)
-        thumbs = thumbnails(denoiser, samples)
-        rates.append(float(np.mean([ssim(t, training[image]) > REPLICATION_SSIM for t in thumbs])))
+        checks = check_replication(thumbnails(denoiser, samples), [image] * len(seeds), training)
+        rates.append((float(np.mean([c.any for c in checks])), float(np.mean([c.own for c in checks]))))
     return rates
+
+
+def mean_rate(rates: Sequence[tuple[float, float]], own: bool = False) -> float:
+    """Mean over prompts of :func:`replication`'s any-image (or own-image) rates."""
+    return round(float(np.mean([r[1] if own else r[0] for r in rates])), 4)
 
 
 def alignment(denoiser: Denoiser, prompts: Sequence[str], steps: int, mask: NeuronMask | None = None) -> float:
@@ -88,6 +95,7 @@ def main() -> None:
     parser.add_argument("--score", choices=["ssim", "magnitude", "generation"], default="ssim",
                         help="NeMo's memorization score (default: the paper's first-step seed-consistency SSIM)")
     parser.add_argument("--generation-steps", type=int, default=10, help="steps of the 'generation' score")
+    parser.add_argument("--verify-rounds", type=int, default=0, help="NeMo verification rounds on unseen seeds")
     parser.add_argument("--skip-reference", action="store_true", help="do not run NeMo's reference schedule")
     parser.add_argument("--cache", default=None, help="statistics cache folder")
     args = parser.parse_args()
@@ -107,6 +115,7 @@ def main() -> None:
                  "settings": {"prompts": len(prompts), "seeds": args.seeds, "steps": args.steps, "novel": len(novel),
                               "nemo_seeds": args.nemo_seeds, "batch": args.batch, "ratios": args.ratios,
                               "blocks": args.blocks, "score": args.score, "generation_steps": args.generation_steps,
+                              "verify_rounds": args.verify_rounds,
                               "replication_ssim": REPLICATION_SSIM}}
 
     # -- NeMo ---------------------------------------------------------------------------------------
@@ -122,7 +131,8 @@ def main() -> None:
         for schedule in schedules:
             settings = LocalizeSettings(seeds=args.nemo_seeds, schedule=schedule, batch=args.batch,
                                         blocks=args.blocks, score=args.score,
-                                        generation_steps=args.generation_steps)
+                                        generation_steps=args.generation_steps,
+                                        verify_rounds=args.verify_rounds if schedule == "fast" else 0)
             try:
                 mask = localize(denoiser, prompt, stats, settings)
                 record = {**mask.info, "prompt": prompt, "neuron_set": sorted(
@@ -165,10 +175,12 @@ def main() -> None:
     t0 = time.perf_counter()
     before = replication(denoiser, prompts, images, seeds, args.steps)
     after = replication(denoiser, prompts, images, seeds, args.steps, masks)
-    nemo["replication_before"] = round(float(np.mean(before)), 4)
-    nemo["replication_after"] = round(float(np.mean(after)), 4)
-    nemo["per_prompt"] = [{"prompt": p, "replication_before": b, "replication_after": a,
-                           "neurons": masks[p].count() if p in masks else None}
+    nemo["replication_before"] = mean_rate(before)
+    nemo["replication_after"] = mean_rate(after)
+    nemo["replication_before_own_image"] = mean_rate(before, own=True)
+    nemo["replication_after_own_image"] = mean_rate(after, own=True)
+    nemo["per_prompt"] = [{"prompt": p, "replication_before": b[0], "replication_after": a[0],
+                           "replication_after_own_image": a[1], "neurons": masks[p].count() if p in masks else None}
                           for p, b, a in zip(prompts, before, after)]
     align_before = alignment(denoiser, novel, args.steps)
     union = NeuronMask.union(list(masks.values())) if masks else None
@@ -185,7 +197,7 @@ def main() -> None:
     fit_images = {name for names in kinds.values() for name in names[::2]}
     fit = [(p, i) for p, i in zip(prompts, images) if i in fit_images]
     held = [(p, i) for p, i in zip(prompts, images) if i not in fit_images]
-    rate = dict(zip(prompts, before))
+    rate = {p: r[0] for p, r in zip(prompts, before)}
     out["subspace"] = {}
     for ratio in args.ratios:
         sub: dict = {"fit_images": sorted({i for _, i in fit}), "heldout_images": sorted({i for _, i in held})}
@@ -196,12 +208,12 @@ def main() -> None:
             sub.update(weights_pruned=mask.count(), unet_evals=spent.forwards,
                        unet_evals_per_prompt=round(spent.forwards / len(fit), 1), wall_s=mask.info["wall_s"])
             sub["replication_before"] = round(float(np.mean([rate[p] for p, _ in fit])), 4)
-            sub["replication_after"] = round(float(np.mean(replication(
-                denoiser, [p for p, _ in fit], [i for _, i in fit], seeds, args.steps, mask))), 4)
+            sub["replication_after"] = mean_rate(replication(
+                denoiser, [p for p, _ in fit], [i for _, i in fit], seeds, args.steps, mask))
             if held:
                 sub["heldout_replication_before"] = round(float(np.mean([rate[p] for p, _ in held])), 4)
-                sub["heldout_replication_after"] = round(float(np.mean(replication(
-                    denoiser, [p for p, _ in held], [i for _, i in held], seeds, args.steps, mask))), 4)
+                sub["heldout_replication_after"] = mean_rate(replication(
+                    denoiser, [p for p, _ in held], [i for _, i in held], seeds, args.steps, mask))
             sub["novel_alignment_before"] = round(align_before, 4)
             sub["novel_alignment_after"] = round(alignment(denoiser, novel, args.steps, mask), 4)
         out["subspace"][f"ratio_{ratio:g}"] = sub

@@ -94,12 +94,13 @@ def images_of(server: ComfyServer, entry: dict[str, Any], node: str) -> list[np.
 
 
 def replicates(image: np.ndarray) -> float:
-    """SSIM of a saved 256x256 image (8x8 area-averaged to the testbed's 32x32) to the training image."""
-    from dejaguard.core.metrics import ssim
+    """Structure SSIM (the testbed's replication measure) of a saved 256x256 image, 8x8 area-averaged to the
+    testbed's 32x32, to the training image."""
+    from dejaguard.core.metrics import structure_ssim
     from dejaguard.core.testbed.data import load_memorized_images
 
     small = image.reshape(32, 8, 32, 8, 3).mean(axis=(1, 3)) / 127.5 - 1.0
-    return ssim(small.transpose(2, 0, 1).astype(np.float32), load_memorized_images()[IMAGE])
+    return structure_ssim(small.transpose(2, 0, 1).astype(np.float32), load_memorized_images()[IMAGE])
 
 
 @pytest.mark.slow
