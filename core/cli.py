@@ -170,7 +170,8 @@ def cmd_testbed_evaluate(args: argparse.Namespace) -> int:
     denoiser = load_denoiser(args.model, device=args.device)
     result = evaluate(denoiser, seeds=tuple(range(args.seeds)), novel_count=args.novel)
     summary = {k: v for k, v in result["memorized"].items() if k != "per_prompt"}
-    print(json.dumps({"memorized": summary, "novel": result["novel"]}, indent=2))
+    print(json.dumps({"memorized": summary, "novel": result["novel"], "unconditional": result["unconditional"]},
+                     indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
@@ -201,7 +202,7 @@ def cmd_localize(args: argparse.Namespace) -> int:
               "--stats-prompts with prompts typical for this model that are not memorized", file=sys.stderr)
     settings = LocalizeSettings(seeds=args.seeds, schedule="reference" if args.reference else "fast",
                                 batch=args.batch, score=args.score, blocks=args.blocks,
-                                generation_steps=args.generation_steps)
+                                generation_steps=args.generation_steps, verify_rounds=args.verify_rounds)
     update, close = _bar_progress("statistics")
     stats = nemo_statistics(denoiser, stats_prompts, seeds=settings.seeds, score_prompts=args.score_prompts,
                             cache=args.cache, progress=update, score=args.score, blocks=args.blocks,
@@ -221,6 +222,9 @@ def cmd_localize(args: argparse.Namespace) -> int:
               f"{info['score_after']:.3f} (threshold {info['threshold']:.3f}); {info['candidate_evaluations']} "
               f"candidate sets, {info['unet_evals']} noise predictions in {info['unet_calls']} UNet calls, "
               f"{info['wall_s']:.1f}s")
+        for r in info.get("verification", []):
+            print(f"verified on unseen seeds {r['seeds'][0]}..{r['seeds'][-1]}: score {r['score_unmasked']:.3f} -> "
+                  f"{r['score_masked']:.3f} with {r['neurons']} neurons off ({'passed' if r['passed'] else 'failed'})")
         print(mask.describe())
     print(f"wrote {mask.save(args.out)}")
     return 0
@@ -396,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="steps of the 'generation' score's short generations (default 10)")
     sp.add_argument("--blocks", choices=["down_mid", "all"], default="down_mid",
                     help="attn2.to_v layers searched: down and mid blocks (the paper's, default) or all, up blocks too")
+    sp.add_argument("--verify-rounds", type=int, default=0,
+                    help="check the mask on --seeds unseen seeds; if it fails there, search again with them too "
+                    "(at most this many rounds; default 0: no check)")
     sp.add_argument("--reference", action="store_true",
                     help="the paper's sequential schedule, one candidate per UNet call (slower; for comparison)")
     sp.add_argument("--threshold", type=float, default=None,

@@ -197,14 +197,8 @@ def mitigate_embedding(
                             break
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
-                    if not torch.isfinite(emb.grad).all():
-                        raise NonFiniteError(f"embedding mitigation: the gradient became NaN or infinite at "
-                                             f"iteration {iterations + 1}; the conditioning was left unchanged")
-                    opt.step()
+                    _checked_step(opt, emb, iterations)
                     iterations += 1
-                    if not torch.isfinite(emb).all():
-                        raise NonFiniteError(f"embedding mitigation: the embedding became NaN or infinite at "
-                                             f"iteration {iterations}; the conditioning was left unchanged")
         except NonFiniteError as err:
             if "left unchanged" in str(err):
                 raise
@@ -303,14 +297,8 @@ def _mitigate_trajectory(denoiser: Denoiser, cond: torch.Tensor, noise: torch.Te
                     for model_in, t, eps_u in zip(inputs, timesteps, eps_uncond):
                         eps_c = denoiser.predict_noise(model_in, t, emb.expand(n, -1, -1))
                         (text_conditional_magnitude(eps_c, eps_u).mean() / k).backward()
-                if not torch.isfinite(emb.grad).all():
-                    raise NonFiniteError(f"embedding mitigation: the gradient became NaN or infinite at "
-                                         f"iteration {iterations + 1}; the conditioning was left unchanged")
-                opt.step()
+                _checked_step(opt, emb, iterations)
                 iterations += 1
-                if not torch.isfinite(emb).all():
-                    raise NonFiniteError(f"embedding mitigation: the embedding became NaN or infinite at "
-                                         f"iteration {iterations}; the conditioning was left unchanged")
                 score, _, inputs, eps_uncond = trajectory(emb)
                 _check_finite(score, "the trajectory score", iterations)
                 scores.append(score)
@@ -385,6 +373,17 @@ def levels_from_calibration(entry: dict, source: str = "the calibration") -> tup
                              "target")
     threshold = float(entry["threshold"])
     return threshold, min(float(median), threshold)
+
+
+def _checked_step(opt: torch.optim.Optimizer, emb: torch.Tensor, iteration: int) -> None:
+    """Optimizer step ``iteration + 1``; NonFiniteError if the gradient or the new iterate is NaN or infinite."""
+    if not torch.isfinite(emb.grad).all():
+        raise NonFiniteError(f"embedding mitigation: the gradient became NaN or infinite at iteration "
+                             f"{iteration + 1}; the conditioning was left unchanged")
+    opt.step()
+    if not torch.isfinite(emb).all():
+        raise NonFiniteError(f"embedding mitigation: the embedding became NaN or infinite at iteration "
+                             f"{iteration + 1}; the conditioning was left unchanged")
 
 
 def _check_finite(score: float, what: str, iteration: int) -> None:

@@ -55,6 +55,9 @@ candidate sets in one batched UNet call (a forward hook on each ``to_v`` multipl
 per-sample gate, so ``B`` masks x ``S`` seeds x {uncond, cond} are one batch), reuses the fixed noise,
 and replaces the linear scans by batched searches:
 
+- early stop (max-type scores, ``ssim`` and ``generation``): a candidate is scored on the first two seeds, and on
+  the others only if it passes there; one that fails on two seeds fails on all (the score is a maximum over seed
+  pairs), so the verdicts are the same at about half the cost of a failing candidate;
 - initial selection: a galloping search for the first passing ``j`` (probes 0, 1, 3, 7, ...; then
   the bracket is split), ``batch`` probes per call;
 - layer refinement: *exact* prefix speculation: one call evaluates "re-enable layers 1..i" for every
@@ -73,7 +76,7 @@ few neurons are kept, and can spend more where many are (speculative trials that
 decisions do not use). On a GPU a call of a few candidates costs little more than a call of one.
 
 Counting: every UNet evaluation goes through ``denoiser.predict_noise`` and its counter; a candidate
-evaluation costs ``2 S`` noise predictions.
+evaluation costs ``2 S`` noise predictions (``2 x 2`` when it stops early).
 
 Shapes: ``S`` seeds, ``B`` candidate masks, ``C, H, W`` the sample shape, ``L`` tokens, ``D`` text
 width, ``N`` neurons of a layer (its output channels).
@@ -573,21 +576,27 @@ def _short_generations(ctx: ScoreContext, x: torch.Tensor) -> torch.Tensor:
     return images
 
 
-def memorization_scores(ctx: ScoreContext, masks: Sequence[dict[str, torch.Tensor] | None]) -> torch.Tensor:
-    """NeMo score of the prompt with each candidate mask switched off: ``B`` masks -> ``(B,)``.
+def seed_features(ctx: ScoreContext, masks: Sequence[dict[str, torch.Tensor] | None],
+                  seeds: Sequence[int] | None = None) -> torch.Tensor:
+    """What the memorization score compares, per candidate mask and seed: ``(B, s, ...)`` for ``B`` masks and the
+    ``s`` seeds ``seeds`` (indices into ``ctx.noise``; default all): the first-step noise differences
+    ``eps(x_T, c) - eps(x_T, "")`` ``(C, H, W)`` ("ssim", "magnitude") or the decoded short generations
+    ``(3, h, w)`` ("generation"), float32 on the CPU.
 
     A mask maps layer names to ``(N,)`` gates (1 = on, 0 = off); None is the unmasked model.
     Batch layout per call: ``[uncond x (masks x seeds), cond x (masks x seeds)]``; the gates of a mask
     apply to its unconditional and conditional samples alike (the neuron is off in the whole model).
     """
-    s = ctx.seeds
+    index = list(range(ctx.seeds)) if seeds is None else list(seeds)
+    s = len(index)
+    noise = ctx.noise[index]
     per_call = max(1, ctx.max_batch // (2 * s))
-    scores = []
+    out = []
     with torch.no_grad():
         for start in range(0, len(masks), per_call):
             chunk = list(masks[start:start + per_call])
             n = len(chunk) * s
-            x = ctx.noise.repeat(len(chunk), 1, 1, 1)
+            x = noise.repeat(len(chunk), 1, 1, 1)
             gates: dict[str, torch.Tensor | None] = {}
             for name, module in ctx.gates.modules.items():
                 if all(m is None or name not in m for m in chunk):
@@ -602,25 +611,35 @@ def memorization_scores(ctx: ScoreContext, masks: Sequence[dict[str, torch.Tenso
                     ctx.gates.set({})
                     ctx.reference = _short_generations(ctx, ctx.noise)
                 if all(m is None for m in chunk):  # the unmasked model: its generations are the reference
-                    samples = ctx.reference.repeat(len(chunk), 1, 1, 1)
+                    samples = ctx.reference[index].repeat(len(chunk), 1, 1, 1)
                 else:
                     ctx.gates.set(gates)
                     samples = _short_generations(ctx, x)
                     ctx.gates.set({})
-                scores.append(cross_seed_similarity(samples.view(len(chunk), s, *samples.shape[1:]),
-                                                    ctx.reference).cpu())
+                out.append(samples.float().cpu().view(len(chunk), s, *samples.shape[1:]))
                 continue
             ctx.gates.set(gates)
             context = torch.cat([ctx.uncond.expand(n, -1, -1), ctx.cond.expand(n, -1, -1)])
             eps = ctx.denoiser.predict_noise(torch.cat([x, x]), ctx.timestep, context)
             ctx.gates.set({})
             eps_uncond, eps_cond = eps.float().chunk(2)
-            diff = (eps_cond - eps_uncond).view(len(chunk), s, *eps.shape[1:])
-            if ctx.kind == "magnitude":
-                scores.append(diff.flatten(2).norm(dim=2).mean(dim=1).cpu())
-            else:
-                scores.append(seed_consistency(diff).cpu())
-    return torch.cat(scores)
+            out.append((eps_cond - eps_uncond).cpu().view(len(chunk), s, *eps.shape[1:]))
+    return torch.cat(out)
+
+
+def score_features(ctx: ScoreContext, features: torch.Tensor, seeds: Sequence[int] | None = None) -> torch.Tensor:
+    """The memorization score ``(B,)`` from :func:`seed_features` ``(B, s, ...)`` of the seeds ``seeds``."""
+    if ctx.kind == "magnitude":
+        return features.flatten(2).norm(dim=2).mean(dim=1)
+    if ctx.kind == "generation":
+        index = list(range(ctx.seeds)) if seeds is None else list(seeds)
+        return cross_seed_similarity(features, ctx.reference[index].float().cpu())
+    return seed_consistency(features)
+
+
+def memorization_scores(ctx: ScoreContext, masks: Sequence[dict[str, torch.Tensor] | None]) -> torch.Tensor:
+    """NeMo score of the prompt with each candidate mask switched off: ``B`` masks -> ``(B,)`` (all seeds)."""
+    return score_features(ctx, seed_features(ctx, masks))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -790,6 +809,9 @@ class LocalizeSettings:
     blocks: str = "down_mid"  # search space (NEMO_BLOCKS): the paper's down and mid blocks, or "all"
     generation_steps: int = GENERATION_STEPS  # score "generation": steps of its short generations
     verify_rounds: int = 0  # > 0: check each mask on `seeds` unseen seeds; a failing set joins the search (max rounds)
+    # fast schedule: score a candidate on two seeds first and the others only if it passes there (max-type scores:
+    # the same verdicts, fewer noise predictions for the candidates that fail)
+    early_stop: bool = True
 
     def __post_init__(self) -> None:
         _check_kind(self.score)
@@ -800,6 +822,7 @@ class LocalizeSettings:
 
 
 Neuron = tuple[str, int]
+EARLY_STOP_SCORES = ("ssim", "generation")  # maxima over seed pairs: two seeds can already prove a failure
 
 
 class _Search:
@@ -809,17 +832,21 @@ class _Search:
     them: it passes only where it passes on every seed set.
     """
 
-    def __init__(self, ctx: ScoreContext, threshold: float, progress: Callable[[], None]) -> None:
+    def __init__(self, ctx: ScoreContext, threshold: float, progress: Callable[[], None],
+                 early_stop: bool = False) -> None:
         self.contexts = [ctx]
         self.threshold = threshold
         self.memos: list[dict[frozenset[Neuron], float]] = [{}]
+        self.partial: list[set[frozenset[Neuron]]] = [set()]  # sets whose memo is a two-seed lower bound
         self.evaluations = 0
         self.progress = progress
+        self.early_stop = early_stop
         self.sizes = {name: layer_shape(m)[0] for name, m in ctx.gates.modules.items()}
 
     def add_context(self, ctx: ScoreContext) -> None:
         self.contexts.append(ctx)
         self.memos.append({})
+        self.partial.append(set())
 
     def _gates(self, off: frozenset[Neuron]) -> dict[str, torch.Tensor] | None:
         if not off:
@@ -829,12 +856,30 @@ class _Search:
             gates.setdefault(name, torch.ones(self.sizes[name]))[i] = 0.0
         return gates
 
-    def scores(self, sets: Sequence[frozenset[Neuron]]) -> list[float]:
-        for ctx, memo in zip(self.contexts, self.memos):
-            todo = [s for s in dict.fromkeys(sets) if s not in memo]
-            if todo:
-                memo.update(zip(todo, memorization_scores(ctx, [self._gates(s) for s in todo]).tolist()))
+    def scores(self, sets: Sequence[frozenset[Neuron]], exact: bool = False) -> list[float]:
+        """Each set's score; with ``early_stop``, a set that already fails on the first two seeds is recorded with
+        that score (a lower bound of its full score, which is a maximum over more seed pairs: the same verdict).
+        ``exact``: full scores only (a lower bound on record is replaced)."""
+        for ctx, memo, partial in zip(self.contexts, self.memos, self.partial):
+            todo = [s for s in dict.fromkeys(sets) if s not in memo or exact and s in partial]
             self.evaluations += len(todo)
+            if not todo:
+                continue
+            if exact or not (self.early_stop and ctx.kind in EARLY_STOP_SCORES and ctx.seeds > 2):
+                memo.update(zip(todo, memorization_scores(ctx, [self._gates(s) for s in todo]).tolist()))
+                partial.difference_update(todo)
+                continue
+            first, rest = [0, 1], list(range(2, ctx.seeds))
+            head = seed_features(ctx, [self._gates(s) for s in todo], first)
+            scores_2 = score_features(ctx, head, first).tolist()
+            alive = [i for i, v in enumerate(scores_2) if v < self.threshold]
+            failed = [i for i in range(len(todo)) if scores_2[i] >= self.threshold]
+            memo.update((todo[i], scores_2[i]) for i in failed)
+            partial.update(todo[i] for i in failed)
+            if alive:
+                tail = seed_features(ctx, [self._gates(todo[i]) for i in alive], rest)
+                full = score_features(ctx, torch.cat([head[alive], tail], dim=1), first + rest)
+                memo.update(zip([todo[i] for i in alive], full.tolist()))
         self.progress()
         return [max(memo[s] for memo in self.memos) for s in sets]
 
@@ -1033,8 +1078,8 @@ def localize(
     with OutputGates(layers) as gates:
         ctx = first_step_context(denoiser, cond, range(settings.seeds), gates, settings.num_inference_steps,
                                  settings.max_batch, settings.score, settings.generation_steps)
-        search = _Search(ctx, tau, progress=report)
-        (score_before,) = search.scores([frozenset()])
+        search = _Search(ctx, tau, progress=report, early_stop=fast and settings.early_stop)
+        (score_before,) = search.scores([frozenset()], exact=True)
         info: dict[str, Any] = {"score_before": score_before, "threshold": tau, "memorized": score_before >= tau}
         kept: frozenset[Neuron] = frozenset()
         ranked = {k: torch.argsort(v, descending=True).tolist() for k, v in z.items()}

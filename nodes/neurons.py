@@ -148,6 +148,10 @@ class DejaGuardLocalizeNeurons:
                     "tooltip": "Where to search: 'down_mid' = the cross-attention value layers of the down and mid "
                                "blocks (the paper's choice for Stable Diffusion); 'all' = the up blocks too (needed "
                                "where a memorized image is carried by the up blocks, as for some testbed prompts)."}),
+                "verify_rounds": ("INT", {
+                    "default": 0, "min": 0, "max": 8,
+                    "tooltip": "Check the mask on as many unseen seeds as 'seeds'; where it fails there, search again "
+                               "with those seeds too (at most this many rounds). 0 = no check."}),
                 "statistics_prompts": ("STRING", {
                     "multiline": True, "default": "",
                     "tooltip": "Prompts this model has not memorized, one per line, for the activation statistics "
@@ -167,7 +171,7 @@ class DejaGuardLocalizeNeurons:
 
     def localize(self, model: Any, clip: Any, prompt: str, seeds: int, threshold: float = 0.0,
                  score: str = "ssim", statistics_prompts: str = "", blocks: str = "down_mid",
-                 generation_steps: int = 10, vae: Any = None) -> tuple[NeuronMask, str]:
+                 generation_steps: int = 10, vae: Any = None, verify_rounds: int = 0) -> tuple[NeuronMask, str]:
         if not prompt.strip():
             raise DejaGuardError("DejaGuard Localize Neurons: the prompt is empty; enter the memorized prompt")
         check_supported(model)
@@ -184,7 +188,8 @@ class DejaGuardLocalizeNeurons:
                                  "connect the model's VAE")
         denoiser = ComfyDenoiser(model, clip, vae=vae, callback=on_unet_call)
         prompts = [p.strip() for p in statistics_prompts.splitlines() if p.strip()] or None
-        settings = LocalizeSettings(seeds=seeds, score=score, blocks=blocks, generation_steps=generation_steps)
+        settings = LocalizeSettings(seeds=seeds, score=score, blocks=blocks, generation_steps=generation_steps,
+                                    verify_rounds=verify_rounds)
         with torch.inference_mode(False), torch.no_grad():
             comfy.model_management.load_models_gpu([model])  # the to_v weights are read directly for activations
             stats = nemo_statistics(denoiser, prompts, seeds=seeds, score=score, blocks=blocks,
