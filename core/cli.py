@@ -289,7 +289,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from .denoiser import load_denoiser
-    from .mitigate import content_tokens, mitigate_prompt
+    from .mitigate import DEFAULT_LR, DEFAULT_MAX_ITERATIONS, content_tokens, mitigate_prompt
     from .sampling import generate
 
     denoiser = load_denoiser(args.model, device=args.device)
@@ -297,8 +297,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cond = None
     if args.mitigate == "embedding":
         threshold, target = mitigation_levels(args, denoiser)
-        r = mitigate_prompt(denoiser, args.prompt, [args.seed], target, threshold=threshold, lr=args.lr,
-                            max_iterations=args.max_iterations, num_inference_steps=args.steps)
+        lr = DEFAULT_LR if args.lr is None else args.lr
+        iterations = DEFAULT_MAX_ITERATIONS if args.max_iterations is None else args.max_iterations
+        r = mitigate_prompt(denoiser, args.prompt, [args.seed], target, threshold=threshold, lr=lr,
+                            max_iterations=iterations, num_inference_steps=args.steps)
         cond = r.embedding
         state = ("untouched: at or below the threshold" if r.iterations == 0 else
                  "target met" if r.reached else "target NOT met")
@@ -448,11 +450,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="mitigate only if the first-step score exceeds this (default: the calibrated detection "
                     "threshold)")
     sp.add_argument("--target", type=float, default=None,
-                    help="first-step score to push a mitigated prompt to (default: the calibrated median score "
-                    "of non-memorized prompts)")
+                    help="first-step score to push a mitigated prompt to (default: half the calibrated median "
+                    "score of non-memorized prompts)")
     sp.add_argument("--calibration", type=Path, default=None, help="calibration file (default: in the model folder)")
-    sp.add_argument("--lr", type=float, default=0.1, help="AdamW learning rate of the mitigation (default 0.1)")
-    sp.add_argument("--max-iterations", type=int, default=10, help="mitigation iterations at most (default 10)")
+    sp.add_argument("--lr", type=float, default=None,
+                    help="AdamW learning rate of the mitigation (default: core.mitigate.DEFAULT_LR, 0.3)")
+    sp.add_argument("--max-iterations", type=int, default=None,
+                    help="mitigation iterations at most (default: core.mitigate.DEFAULT_MAX_ITERATIONS, 30)")
     sp.set_defaults(func=cmd_generate)
 
     tb = sub.add_parser("testbed", help="the bundled memorizing testbed model").add_subparsers(

@@ -9,25 +9,25 @@ score is at or below the target. A prompt whose score is at or below ``threshold
 costs one batched UNet call (the detector's) and is returned unchanged: the same tensor object, zero
 iterations.
 
-Two levels, ``threshold`` >= ``target``: which prompts to touch, and how far to push them. Measured on the
-testbed (weights fingerprint 3aa36c9f50a49137; 12 memorized prompts, one per image, x 2 seeds, 50-step
-generations, CFG 7.5, scripts not kept; ``bench/mitigation.py`` re-measures on any model):
-pushing a memorized prompt just below the calibrated detection threshold did *not* stop replication (87.5% of
-generations replicated before, 95.8% after), so the target has to lie well inside the range of non-memorized
-prompts, while touching only prompts above the detection threshold keeps 99% of non-memorized prompts (the
-calibrated FPR) bit-identical. :func:`default_levels`: threshold = calibrated detection threshold, target =
-the median score of the calibration's non-memorized prompts ("as text-driven as a typical novel prompt").
+Two levels, ``threshold`` >= ``target``: which prompts to touch, and how far to push them.
+:func:`default_levels`: threshold = the calibrated detection threshold (touching only prompts above it keeps
+99% of non-memorized prompts, the calibrated FPR, bit-identical), target = half the median score of the
+calibration's non-memorized prompts (:data:`TARGET_FRACTION_OF_MEDIAN`).
 
-Settings: AdamW, at most 10 iterations, early stop (Wen et al.), but lr 0.1 instead of their 0.05. The
-testbed's conditioning rows are layer-normed like SD's CLIP outputs (per-element std 0.97), so lr means the
-same step size; yet with lr 0.05 the memorized prompts' scores only fell from 2.6 to 1.09 on average in
-10 iterations (target 0.77 reached by almost none; replication 79%), with 0.1 to 0.73 in 8.6 iterations
-(replication 37.5%), with 0.2 to 0.70 in 5.5 (25%, at a larger departure from the prompt). 0.1 is the
-smallest tested step that reaches the target within the iteration budget for most prompts. Lower targets
-(0.2, lr 0.2, 20 iterations) stopped every replication on that sample, but then no generation kept its
-prompt's subject (nearest training image no longer its own): on the testbed a memorized prompt has no
-meaning besides its image, so there is no free lunch. Optimizing the mean score over the first 5 steps
-instead of the first was no better (41.7% at target 0.77, lr 0.1) at 5x the cost.
+Settings: AdamW, early stop (Wen et al.), but lr 0.3 and at most 30 iterations instead of their 0.05 and 10.
+Why, measured on testbed v5 (12 memorized prompts, one per image, x 2 seeds, 50-step generations, CFG 7.5;
+replication = the generation replicates *any* training image; ``bench/mitigation.py`` re-measures on any
+model): before, 24 of 24 generations replicated. Pushing the first-step score to the non-memorized median
+(lr 0.1, 10 iterations; mean score 2.93 -> 0.50) left 79% replicating, 38% of them now copies of *another*
+planted image: the memorized image re-forms in the later steps, or the trajectory falls into a neighbouring
+memorized basin. lr 0.2 and 20 iterations: 54%. The mean score over the first 3 or 5 guided steps as the
+objective (``trajectory_steps``, 5-8x the cost): 71% and 46%. Three extra noises per prompt: 75%. Half the
+median as target at lr 0.1 is not reached in 10 iterations (79%). Half the median at lr 0.3 within 30
+iterations: **0%** (17.4 iterations on average, 20 UNet forwards per generation). The testbed's conditioning
+rows are layer-normed like SD's CLIP outputs (per-element std 0.97), so lr means the same step size there. On
+the testbed a memorized prompt has no meaning besides its image, so stopping the copy also loses the
+"subject": of the mitigated generations a fifth still have their own image as the nearest training image.
+On testbed v2 (weaker memorization) lr 0.1 to the median had stopped 63% of replication.
 
 Training time (:class:`LossFilter`): drop the samples whose text-conditional magnitude exceeds a threshold
 from the loss. The magnitude is read at the sample's own noised latent and timestep from the conditional
@@ -55,8 +55,10 @@ from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, initial_noise, text_condi
 if TYPE_CHECKING:
     from .detect import ScoreSettings
 
-DEFAULT_LR = 0.1
-DEFAULT_MAX_ITERATIONS = 10
+DEFAULT_LR = 0.3
+DEFAULT_MAX_ITERATIONS = 30
+# The default target, as a fraction of the non-memorized calibration prompts' median score (module doc).
+TARGET_FRACTION_OF_MEDIAN = 0.5
 
 
 @dataclass
@@ -350,9 +352,9 @@ def default_levels(calibration: str | Path, fingerprint: str,
     """``(threshold, target)`` from the model's calibration for ``settings`` (default: first step,
     1 generation, the setting :func:`mitigate_embedding` scores with; ``ScoreSettings(steps=K,
     num_inference_steps=N)`` for ``trajectory_steps=K`` of an ``N``-step schedule), a calibration file or model
-    folder: the detection threshold (touch only prompts the detector flags) and the median score of the
-    non-memorized calibration prompts (push them to where a typical novel prompt lies). See the module doc for
-    the measurements behind it."""
+    folder: the detection threshold (touch only prompts the detector flags) and half the median score of the
+    non-memorized calibration prompts (push them well inside the range of typical novel prompts). See the module
+    doc for the measurements behind it."""
     import json
 
     from .detect import CALIBRATION_FILE, ScoreSettings, load_threshold
@@ -372,7 +374,7 @@ def levels_from_calibration(entry: dict, source: str = "the calibration") -> tup
         raise DejaGuardError(f"the calibration in {source} has no non-memorized median: recalibrate or give a "
                              "target")
     threshold = float(entry["threshold"])
-    return threshold, min(float(median), threshold)
+    return threshold, min(TARGET_FRACTION_OF_MEDIAN * float(median), threshold)
 
 
 def _checked_step(opt: torch.optim.Optimizer, emb: torch.Tensor, iteration: int) -> None:

@@ -6,7 +6,7 @@ sampling step, on the very x_T the following KSampler starts from (``comfy.sampl
 the same seed and latent): if the text-conditional magnitude ``||eps(x_T, positive) - eps(x_T, negative)||``
 (mean over the latent batch) exceeds the threshold, until it is at or below the target. Conditioning at or
 below the threshold comes back unchanged (the same tensors, zero iterations). Defaults (0) come from the
-model's calibration: threshold = detection threshold, target = median score of non-memorized prompts
+model's calibration: threshold = detection threshold, target = half the median score of non-memorized prompts
 (``core.mitigate.default_levels``). The negative conditioning plays the unconditional prompt; the calibration
 assumes an empty negative prompt, as the Memorization Guard does.
 
@@ -29,7 +29,13 @@ import torch
 from ..core.denoiser import BUNDLED_TESTBED
 from ..core.detect import CALIBRATION_FILE, ScoreSettings
 from ..core.errors import DejaGuardError
-from ..core.mitigate import DEFAULT_LR, DEFAULT_MAX_ITERATIONS, MitigationResult, mitigate_embedding
+from ..core.mitigate import (
+    DEFAULT_LR,
+    DEFAULT_MAX_ITERATIONS,
+    MitigationResult,
+    levels_from_calibration,
+    mitigate_embedding,
+)
 from .comfy_denoiser import ComfyDenoiser
 from .guard import resolve_threshold
 
@@ -38,7 +44,7 @@ UI_KEY = "dejaguard_mitigation"
 
 def resolve_levels(model: Any, threshold: float, target: float, calibration: str = "") -> tuple[float, float, str]:
     """(threshold, target, where they came from): values > 0 set on the node win; 0 = from the calibration that
-    matches this model (as the guard finds its threshold): detection threshold / non-memorized median score."""
+    matches this model (as the guard finds its threshold): core.mitigate.levels_from_calibration."""
     if threshold > 0 and target > 0:
         if threshold < target:
             raise DejaGuardError(f"threshold ({threshold}) must be >= target ({target})")
@@ -46,11 +52,9 @@ def resolve_levels(model: Any, threshold: float, target: float, calibration: str
     calibrated, source = resolve_threshold(model, 0.0, calibration)  # checks the file and the fingerprint
     path = Path(calibration.strip()).expanduser() if calibration.strip() else BUNDLED_TESTBED
     file = path / CALIBRATION_FILE if path.is_dir() else path
-    median = (json.loads(file.read_text())[ScoreSettings().key()].get("nonmemorized_quantiles") or {}).get("0.5")
-    if target <= 0 and median is None:
-        raise DejaGuardError(f"{file} has no non-memorized median score: set the target on the node")
+    if target <= 0:
+        _, target = levels_from_calibration(json.loads(file.read_text())[ScoreSettings().key()], str(file))
     threshold = float(threshold) if threshold > 0 else calibrated
-    target = float(target) if target > 0 else min(float(median), threshold)
     return max(threshold, target), target, source
 
 
@@ -90,12 +94,12 @@ class DejaGuardMitigateEmbedding:
                                "'calibration')."}),
                 "target": ("FLOAT", {
                     "default": 0.0, "min": 0.0, "max": 10000.0, "step": 0.001,
-                    "tooltip": "First-step score to push a mitigated prompt to. 0 = the calibrated median score of "
-                               "non-memorized prompts. Just below the detection threshold is not enough to stop a "
-                               "memorized image on the testbed."}),
+                    "tooltip": "First-step score to push a mitigated prompt to. 0 = half the calibrated median "
+                               "score of non-memorized prompts. Just below the detection threshold, or the median, "
+                               "is not enough to stop a memorized image on the testbed."}),
                 "lr": ("FLOAT", {"default": DEFAULT_LR, "min": 0.0001, "max": 10.0, "step": 0.001,
-                                 "tooltip": "AdamW learning rate on the embedding (Wen et al.: 0.05; 0.1 reaches "
-                                            "the target within 10 iterations more often on the testbed)."}),
+                                 "tooltip": "AdamW learning rate on the embedding (Wen et al.: 0.05; 0.3 reaches "
+                                            "the default target within 30 iterations on the testbed)."}),
                 "max_iterations": ("INT", {"default": DEFAULT_MAX_ITERATIONS, "min": 0, "max": 200,
                                            "tooltip": "At most this many optimizer steps (each one UNet forward and "
                                                       "backward); stops early at the target."}),
