@@ -43,7 +43,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 
@@ -159,9 +159,7 @@ def mitigate_embedding(
     before = denoiser.counter.snapshot()
     with torch.inference_mode(False):
         with torch.no_grad():
-            c0 = cond.detach().clone().to(denoiser.device, denoiser.dtype)
-            u = (denoiser.encode_prompts([""]) if uncond is None else uncond.detach().clone())
-            u = u.to(denoiser.device, denoiser.dtype).expand(n, -1, -1)
+            c0, u = _detached_embeddings(denoiser, cond, uncond, n)
             model_in, t = first_step_input(denoiser, noise.detach().clone().to(denoiser.device, denoiser.dtype),
                                            num_inference_steps)
             if u.shape[1] == c0.shape[1]:  # the detector's call: unconditional and conditional halves in one batch
@@ -202,10 +200,7 @@ def mitigate_embedding(
                     _checked_step(opt, emb, iterations)
                     iterations += 1
         except NonFiniteError as err:
-            if "left unchanged" in str(err):
-                raise
-            raise NonFiniteError(f"embedding mitigation, iteration {iterations + 1}: {err}; the conditioning was "
-                                 "left unchanged") from err
+            _reraise_unchanged(err, iterations)
     spent = denoiser.counter.since(before)
     out = emb.detach().to(cond.dtype).to(cond.device)
     return MitigationResult(out, iterations, scores[0], scores[-1], target, threshold, scores, spent.forwards,
@@ -248,9 +243,7 @@ def _mitigate_trajectory(denoiser: Denoiser, cond: torch.Tensor, noise: torch.Te
     before = denoiser.counter.snapshot()
     with torch.inference_mode(False):
         with torch.no_grad():
-            c0 = cond.detach().clone().to(denoiser.device, denoiser.dtype)
-            u = (denoiser.encode_prompts([""]) if uncond is None else uncond.detach().clone())
-            u = u.to(denoiser.device, denoiser.dtype).expand(n, -1, -1)
+            c0, u = _detached_embeddings(denoiser, cond, uncond, n)
             scheduler = denoiser.new_scheduler()
             scheduler.set_timesteps(num_inference_steps)
             timesteps = scheduler.timesteps[:k]
@@ -307,10 +300,7 @@ def _mitigate_trajectory(denoiser: Denoiser, cond: torch.Tensor, noise: torch.Te
                 if on_iteration:
                     on_iteration(iterations, score)
         except NonFiniteError as err:
-            if "left unchanged" in str(err):
-                raise
-            raise NonFiniteError(f"embedding mitigation, iteration {iterations + 1}: {err}; the conditioning was "
-                                 "left unchanged") from err
+            _reraise_unchanged(err, iterations)
     spent = denoiser.counter.since(before)
     out = emb.detach().to(cond.dtype).to(cond.device)
     return MitigationResult(out, iterations, scores[0], scores[-1], target, gate, scores, spent.forwards,
@@ -386,6 +376,23 @@ def _checked_step(opt: torch.optim.Optimizer, emb: torch.Tensor, iteration: int)
     if not torch.isfinite(emb).all():
         raise NonFiniteError(f"embedding mitigation: the embedding became NaN or infinite at iteration "
                              f"{iteration + 1}; the conditioning was left unchanged")
+
+
+def _detached_embeddings(denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor | None,
+                         n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clones of ``cond`` ``(1, L, D)`` and of ``uncond`` (default: the empty prompt's), the latter expanded to
+    ``(n, L', D)``, on the denoiser's device and dtype: the caller's tensors are never touched."""
+    c0 = cond.detach().clone().to(denoiser.device, denoiser.dtype)
+    u = denoiser.encode_prompts([""]) if uncond is None else uncond.detach().clone()
+    return c0, u.to(denoiser.device, denoiser.dtype).expand(n, -1, -1)
+
+
+def _reraise_unchanged(err: NonFiniteError, iterations: int) -> NoReturn:
+    """Re-raise a NaN/inf failure of the optimization so that it says the conditioning was left unchanged."""
+    if "left unchanged" in str(err):
+        raise err
+    raise NonFiniteError(f"embedding mitigation, iteration {iterations + 1}: {err}; the conditioning was left "
+                         "unchanged") from err
 
 
 def _check_finite(score: float, what: str, iteration: int) -> None:
