@@ -870,14 +870,15 @@ class _Search:
                 partial.difference_update(todo)
                 continue
             first, rest = [0, 1], list(range(2, ctx.seeds))
-            head = seed_features(ctx, [self._gates(s) for s in todo], first)
+            gates = [self._gates(s) for s in todo]
+            head = seed_features(ctx, gates, first)
             scores_2 = score_features(ctx, head, first).tolist()
             alive = [i for i, v in enumerate(scores_2) if v < self.threshold]
             failed = [i for i in range(len(todo)) if scores_2[i] >= self.threshold]
             memo.update((todo[i], scores_2[i]) for i in failed)
             partial.update(todo[i] for i in failed)
             if alive:
-                tail = seed_features(ctx, [self._gates(todo[i]) for i in alive], rest)
+                tail = seed_features(ctx, [gates[i] for i in alive], rest)
                 full = score_features(ctx, torch.cat([head[alive], tail], dim=1), first + rest)
                 memo.update(zip([todo[i] for i in alive], full.tolist()))
         self.progress()

@@ -68,8 +68,11 @@ def check_replication(images: np.ndarray, owners: Sequence[str],
                       training: dict[str, np.ndarray] | None = None) -> list[ReplicationCheck]:
     """``images`` ``(B, 3, 32, 32)`` in [-1, 1], ``owners[i]`` the planted image of generation ``i``'s prompt."""
     training = training or load_memorized_images()
-    return [ReplicationCheck(structure_ssim(img, training[own]), nearest_training_image(img, training))
-            for img, own in zip(images, owners)]
+    checks = []
+    for img, own in zip(images, owners):
+        sims = _similarities(img, training)
+        checks.append(ReplicationCheck(sims[own], _nearest(sims)))
+    return checks
 
 
 def thumbnails(denoiser: Denoiser, samples: torch.Tensor) -> np.ndarray:
@@ -82,9 +85,17 @@ def thumbnails(denoiser: Denoiser, samples: torch.Tensor) -> np.ndarray:
 
 def nearest_training_image(image: np.ndarray, training: dict[str, np.ndarray] | None = None) -> Neighbour:
     """The planted training image with the highest structure SSIM to ``image`` ((3, 32, 32) in [-1, 1])."""
-    training = training or load_memorized_images()
-    name, value = max(((n, structure_ssim(image, ref)) for n, ref in training.items()), key=lambda x: x[1])
-    return Neighbour(name, value)
+    return _nearest(_similarities(image, training or load_memorized_images()))
+
+
+def _similarities(image: np.ndarray, training: dict[str, np.ndarray]) -> dict[str, float]:
+    """Structure SSIM of ``image`` to each planted image, by name."""
+    return {name: structure_ssim(image, ref) for name, ref in training.items()}
+
+
+def _nearest(similarities: dict[str, float]) -> Neighbour:
+    name = max(similarities, key=similarities.__getitem__)
+    return Neighbour(name, similarities[name])
 
 
 def evaluate(

@@ -245,7 +245,7 @@ def train(out: Path, cfg: TrainConfig | None = None, progress: bool = True,
         loss = (per_sample * loss_weight[t]).mean()
         if loss_filter is not None:
             loss = _filtered_loss(loss_filter, unet, text_encoder, tokenizer, noisy, t, pred,
-                                  per_sample * loss_weight[t], captions, drop)
+                                  per_sample * loss_weight[t], captions, drop, memorized_captions)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
@@ -290,12 +290,12 @@ def _loss_filter(cfg: TrainConfig):  # -> core.mitigate.LossFilter | None
 
 def _filtered_loss(loss_filter, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
                    noisy: torch.Tensor, t: torch.Tensor, pred: torch.Tensor, weighted: torch.Tensor,
-                   captions: list[str], dropped: np.ndarray) -> torch.Tensor:
+                   captions: list[str], dropped: np.ndarray, memorized: frozenset[str]) -> torch.Tensor:
     """The step's loss over the samples the filter keeps (``weighted``: per-sample weighted losses ``(B,)``).
-    The magnitude of each captioned sample comes from ``pred`` and one unconditional forward without grad."""
+    The magnitude of each captioned sample comes from ``pred`` and one unconditional forward without grad;
+    ``memorized``: the planted images' captions, to count drops per group."""
     from ..mitigate import conditional_magnitudes
 
-    memorized = {c for m in MEMORIZED for c in m.train_captions}
     with torch.no_grad():
         ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
         uncond = text_encoder(ids).last_hidden_state
