@@ -2,6 +2,7 @@
 
     python -m bench.neurons [--seeds 16] [--prompts 0 4 8 | all] [--steps 50] [--novel 240]
     python -m bench.neurons --seeds 2 --prompts 0 4 --steps 10 --novel 8     # a quick smoke run
+    python -m bench.neurons --skip-nemo --ratios 0.1 0.2 0.35                # the subspace masks only
 
 Prompts: by default the first evaluation prompt of each of the 12 planted images (``--prompts`` takes
 indices into ``memorized_eval_prompts()`` or ``all``). Measured in one run, side by side:
@@ -76,49 +77,9 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
     return {"mean": round(float(np.mean(values)), 3), "std": round(float(np.std(values)), 3)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="diffusers folder (default: the bundled testbed)")
-    parser.add_argument("--seeds", type=int, default=16, help="generations per prompt for replication (default 16)")
-    parser.add_argument("--prompts", nargs="*", default=None,
-                        help="indices into memorized_eval_prompts(), or 'all' (default: first prompt per image)")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps of the generations (default 50)")
-    parser.add_argument("--novel", type=int, default=240, help="held-out compositional prompts (default 240)")
-    parser.add_argument("--nemo-seeds", type=int, default=4, help="seeds of NeMo's memorization score")
-    parser.add_argument("--batch", type=int, default=2, help="candidate masks per UNet call (fast schedule)")
-    parser.add_argument("--score-prompts", type=int, default=64, help="prompts calibrating the score threshold")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.01, 0.05],
-                        help="subspace pruning ratios per output row, each measured (default: 0.01, the paper's, "
-                        "and 0.05)")
-    parser.add_argument("--blocks", choices=["down_mid", "all"], default="down_mid",
-                        help="NeMo's search space (default: the paper's down and mid blocks)")
-    parser.add_argument("--score", choices=["ssim", "magnitude", "generation"], default="ssim",
-                        help="NeMo's memorization score (default: the paper's first-step seed-consistency SSIM)")
-    parser.add_argument("--generation-steps", type=int, default=10, help="steps of the 'generation' score")
-    parser.add_argument("--verify-rounds", type=int, default=0, help="NeMo verification rounds on unseen seeds")
-    parser.add_argument("--skip-reference", action="store_true", help="do not run NeMo's reference schedule")
-    parser.add_argument("--cache", default=None, help="statistics cache folder")
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    denoiser = load_denoiser(args.model)
-    pairs = eval_prompts()
-    if args.prompts == ["all"]:
-        chosen = pairs
-    elif args.prompts:
-        chosen = [pairs[int(i)] for i in args.prompts]
-    else:
-        chosen = [(m.eval_prompts[0], m) for m in MEMORIZED]
-    prompts, images = [p for p, _ in chosen], [m.name for _, m in chosen]
-    seeds = list(range(args.seeds))
-    novel = [s.caption() for s in heldout_specs()[: args.novel]]
-    out: dict = {"model": denoiser.fingerprint(),
-                 "settings": {"prompts": len(prompts), "seeds": args.seeds, "steps": args.steps, "novel": len(novel),
-                              "nemo_seeds": args.nemo_seeds, "batch": args.batch, "ratios": args.ratios,
-                              "blocks": args.blocks, "score": args.score, "generation_steps": args.generation_steps,
-                              "verify_rounds": args.verify_rounds,
-                              "replication_ssim": REPLICATION_SSIM}}
-
-    # -- NeMo ---------------------------------------------------------------------------------------
+def run_nemo(args: argparse.Namespace, denoiser: Denoiser, prompts: list[str], images: list[str], seeds: list[int],
+             before: list[tuple[float, float]], novel: list[str], align_before: float) -> dict:
+    """NeMo per prompt, both schedules, then replication with each prompt's mask and alignment with their union."""
     t0 = time.perf_counter()
     stats = nemo_statistics(denoiser, seeds=args.nemo_seeds, score_prompts=args.score_prompts, cache=args.cache,
                             blocks=args.blocks, score=args.score, generation_steps=args.generation_steps)
@@ -173,7 +134,6 @@ def main() -> None:
             nemo["same_neurons_as_reference"] = round(float(np.mean(
                 [f["neuron_set"] == r["neuron_set"] for f, r in both])), 3)
     t0 = time.perf_counter()
-    before = replication(denoiser, prompts, images, seeds, args.steps)
     after = replication(denoiser, prompts, images, seeds, args.steps, masks)
     nemo["replication_before"] = mean_rate(before)
     nemo["replication_after"] = mean_rate(after)
@@ -182,13 +142,63 @@ def main() -> None:
     nemo["per_prompt"] = [{"prompt": p, "replication_before": b[0], "replication_after": a[0],
                            "replication_after_own_image": a[1], "neurons": masks[p].count() if p in masks else None}
                           for p, b, a in zip(prompts, before, after)]
-    align_before = alignment(denoiser, novel, args.steps)
     union = NeuronMask.union(list(masks.values())) if masks else None
     nemo["novel_alignment_before"] = round(align_before, 4)
     nemo["novel_alignment_after"] = round(alignment(denoiser, novel, args.steps, union), 4)
     nemo["novel_alignment_mask"] = f"union of {len(masks)} per-prompt masks ({union.count() if union else 0} neurons)"
     print(f"NeMo generations and alignment in {time.perf_counter() - t0:.1f}s", flush=True)
-    out["nemo"] = nemo
+    return nemo
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="diffusers folder (default: the bundled testbed)")
+    parser.add_argument("--seeds", type=int, default=16, help="generations per prompt for replication (default 16)")
+    parser.add_argument("--prompts", nargs="*", default=None,
+                        help="indices into memorized_eval_prompts(), or 'all' (default: first prompt per image)")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps of the generations (default 50)")
+    parser.add_argument("--novel", type=int, default=240, help="held-out compositional prompts (default 240)")
+    parser.add_argument("--nemo-seeds", type=int, default=4, help="seeds of NeMo's memorization score")
+    parser.add_argument("--batch", type=int, default=2, help="candidate masks per UNet call (fast schedule)")
+    parser.add_argument("--score-prompts", type=int, default=64, help="prompts calibrating the score threshold")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.01, 0.05],
+                        help="subspace pruning ratios per output row, each measured (default: 0.01, the paper's, "
+                        "and 0.05)")
+    parser.add_argument("--blocks", choices=["down_mid", "all"], default="down_mid",
+                        help="NeMo's search space (default: the paper's down and mid blocks)")
+    parser.add_argument("--score", choices=["ssim", "magnitude", "generation"], default="ssim",
+                        help="NeMo's memorization score (default: the paper's first-step seed-consistency SSIM)")
+    parser.add_argument("--generation-steps", type=int, default=10, help="steps of the 'generation' score")
+    parser.add_argument("--verify-rounds", type=int, default=0, help="NeMo verification rounds on unseen seeds")
+    parser.add_argument("--skip-reference", action="store_true", help="do not run NeMo's reference schedule")
+    parser.add_argument("--skip-nemo", action="store_true", help="measure the subspace masks only")
+    parser.add_argument("--cache", default=None, help="statistics cache folder")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    denoiser = load_denoiser(args.model)
+    pairs = eval_prompts()
+    if args.prompts == ["all"]:
+        chosen = pairs
+    elif args.prompts:
+        chosen = [pairs[int(i)] for i in args.prompts]
+    else:
+        chosen = [(m.eval_prompts[0], m) for m in MEMORIZED]
+    prompts, images = [p for p, _ in chosen], [m.name for _, m in chosen]
+    seeds = list(range(args.seeds))
+    novel = [s.caption() for s in heldout_specs()[: args.novel]]
+    out: dict = {"model": denoiser.fingerprint(),
+                 "settings": {"prompts": len(prompts), "seeds": args.seeds, "steps": args.steps, "novel": len(novel),
+                              "nemo_seeds": args.nemo_seeds, "batch": args.batch, "ratios": args.ratios,
+                              "blocks": args.blocks, "score": args.score, "generation_steps": args.generation_steps,
+                              "verify_rounds": args.verify_rounds,
+                              "replication_ssim": REPLICATION_SSIM}}
+
+    before = replication(denoiser, prompts, images, seeds, args.steps)
+    align_before = alignment(denoiser, novel, args.steps)
+    if args.skip_nemo:
+        nemo = None
+    else:
+        nemo = out["nemo"] = run_nemo(args, denoiser, prompts, images, seeds, before, novel, align_before)
 
     # -- subspace -----------------------------------------------------------------------------------
     kinds: dict[str, list[str]] = {}
@@ -221,8 +231,9 @@ def main() -> None:
 
     print(f"\n{'method':10s} {'repl. before':>12s} {'repl. after':>12s} {'held-out after':>14s} "
           f"{'align before':>12s} {'align after':>12s}")
-    print(f"{'NeMo':10s} {nemo['replication_before']:12.3f} {nemo['replication_after']:12.3f} {'':>14s} "
-          f"{nemo['novel_alignment_before']:12.3f} {nemo['novel_alignment_after']:12.3f}")
+    if nemo is not None:
+        print(f"{'NeMo':10s} {nemo['replication_before']:12.3f} {nemo['replication_after']:12.3f} {'':>14s} "
+              f"{nemo['novel_alignment_before']:12.3f} {nemo['novel_alignment_after']:12.3f}")
     for key, sub in out["subspace"].items() if fit else ():
         print(f"{'subspace':10s} {sub['replication_before']:12.3f} {sub['replication_after']:12.3f} "
               f"{sub.get('heldout_replication_after', float('nan')):14.3f} {sub['novel_alignment_before']:12.3f} "

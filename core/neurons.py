@@ -90,7 +90,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -825,6 +825,32 @@ Neuron = tuple[str, int]
 EARLY_STOP_SCORES = ("ssim", "generation")  # maxima over seed pairs: two seeds can already prove a failure
 
 
+def neurons_mask(denoiser: Denoiser, layers: dict[str, torch.nn.Module], neurons: Iterable[Neuron],
+                 **fields: Any) -> NeuronMask:
+    """A :class:`NeuronMask` switching off ``neurons`` ((layer, index) pairs of ``layers``) on ``denoiser``;
+    ``fields`` are the other :class:`NeuronMask` fields (method, prompts, thresholds, settings, info)."""
+    grouped: dict[str, list[int]] = {k: [] for k in layers}  # model order
+    for name, i in neurons:
+        grouped[name].append(int(i))
+    grouped = {k: v for k, v in grouped.items() if v}
+    return NeuronMask(layers={k: torch.tensor(v, dtype=torch.int64) for k, v in grouped.items()},
+                      layer_shapes={k: layer_shape(m) for k, m in layers.items() if k in grouped},
+                      fingerprint=denoiser.fingerprint(), **fields)
+
+
+def zscore_ranking(denoiser: Denoiser, prompt: str, stats: ActivationStats,
+                   layers: dict[str, torch.nn.Module]) -> list[Neuron]:
+    """Every neuron of ``layers`` (the statistics' layers), most suspicious first: NeMo's z-score of ``prompt``'s
+    activation, descending, over all layers at once (ties in model order)."""
+    if set(layers) != set(stats.mean):
+        raise DejaGuardError("the activation statistics were computed on other layers: recompute them for these")
+    z = stats.zscores(value_activations(layers, denoiser.encode_prompts([prompt])))
+    flat = [(-float(z[name][i]), position, i, name) for position, name in enumerate(layers)
+            for i in range(z[name].shape[0])]
+    return [(name, i) for _, _, i, name in sorted(flat)]
+
+
+
 class _Search:
     """Scores candidate sets of switched-off neurons; counts evaluations; never scores a set twice.
 
@@ -1180,13 +1206,8 @@ def localize(
     spent = denoiser.counter.since(before)
     info.update(neurons=len(kept), candidate_evaluations=search.evaluations, unet_evals=spent.forwards,
                 unet_calls=spent.calls, wall_s=round(time.perf_counter() - start_time, 3))
-    grouped: dict[str, list[int]] = {}
-    for name, i in sorted(kept, key=lambda n: (list(layers).index(n[0]), n[1])):
-        grouped.setdefault(name, []).append(i)
-    return NeuronMask(
-        layers={k: torch.tensor(v, dtype=torch.int64) for k, v in grouped.items()},
-        layer_shapes={k: layer_shape(m) for k, m in layers.items() if k in grouped},
-        fingerprint=denoiser.fingerprint(), method="nemo", prompts=[prompt],
+    return neurons_mask(
+        denoiser, layers, kept, method="nemo", prompts=[prompt],
         thresholds={"memorization_score": tau, "score": SCORES[settings.score],
                     "statistics_threshold_rule": stats.settings.get("threshold_rule", "")},
         settings={**{k: getattr(settings, k) for k in settings.__dataclass_fields__},

@@ -20,7 +20,10 @@ from dejaguard.core.neurons import (
     memorization_scores,
     nemo_layers,
     nemo_statistics,
+    neurons_mask,
     pairwise_ssim,
+    value_activations,
+    zscore_ranking,
 )
 
 # Among the testbed's most reliably replicated prompts (model card); tests assert properties, not figures.
@@ -213,6 +216,24 @@ def test_statistics_cached_per_model(testbed, stats, tmp_path):
 
 
 @pytest.mark.slow
+def test_zscore_ranking_orders_every_neuron_once(testbed, stats):
+    """bench.localization's ranking: every down/mid value neuron exactly once, by NeMo's z-score, descending; the
+    mask of a prefix switches off exactly those neurons, layers in model order."""
+    layers = nemo_layers(testbed)
+    order = zscore_ranking(testbed, MEMORIZED_PROMPT, stats, layers)
+    every = {(k, i) for k, m in layers.items() for i in range(m.weight.shape[0])}
+    assert len(order) == len(every) and set(order) == every
+    z = stats.zscores(value_activations(layers, testbed.encode_prompts([MEMORIZED_PROMPT])))
+    values = [float(z[k][i]) for k, i in order]
+    assert values == sorted(values, reverse=True)
+    mask = neurons_mask(testbed, layers, order[:40], method="ablation")
+    assert mask.count() == 40 and list(mask.layers) == [k for k in layers if k in mask.layers]
+    assert {(k, int(i)) for k, v in mask.layers.items() for i in v} == set(order[:40])
+    mask.check(testbed)
+    with pytest.raises(DejaGuardError, match="other layers"):
+        zscore_ranking(testbed, MEMORIZED_PROMPT, stats, nemo_layers(testbed, "all"))
+
+
 def test_nemo_localizes_a_memorized_prompt(testbed, stats):
     before = testbed.counter.snapshot()
     mask = localize(testbed, MEMORIZED_PROMPT, stats, LocalizeSettings(seeds=SEEDS))
