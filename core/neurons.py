@@ -831,6 +831,8 @@ def neurons_mask(denoiser: Denoiser, layers: dict[str, torch.nn.Module], neurons
     ``fields`` are the other :class:`NeuronMask` fields (method, prompts, thresholds, settings, info)."""
     grouped: dict[str, list[int]] = {k: [] for k in layers}  # model order
     for name, i in neurons:
+        if name not in grouped:
+            raise DejaGuardError(f"neuron of {name}, which is not one of the given layers")
         grouped[name].append(int(i))
     grouped = {k: v for k, v in grouped.items() if v}
     return NeuronMask(layers={k: torch.tensor(v, dtype=torch.int64) for k, v in grouped.items()},
@@ -848,7 +850,6 @@ def zscore_ranking(denoiser: Denoiser, prompt: str, stats: ActivationStats,
     flat = [(-float(z[name][i]), position, i, name) for position, name in enumerate(layers)
             for i in range(z[name].shape[0])]
     return [(name, i) for _, _, i, name in sorted(flat)]
-
 
 
 class _Search:
