@@ -32,11 +32,9 @@ import numpy as np
 import torch
 from dejaguard.core.denoiser import load_denoiser
 from dejaguard.core.neurons import nemo_layers, nemo_statistics, neurons_mask, zscore_ranking
-from dejaguard.core.testbed.data import MEMORIZED
-from dejaguard.core.testbed.data import memorized_eval_prompts as eval_prompts
 from tqdm import tqdm
 
-from bench.neurons import replication
+from bench.neurons import chosen_prompts, replication
 
 
 def main() -> None:
@@ -59,13 +57,7 @@ def main() -> None:
     fractions = sorted(set(args.fractions))
     torch.manual_seed(0)
     denoiser = load_denoiser(args.model)
-    pairs = eval_prompts()
-    if args.prompts == ["all"]:
-        chosen = pairs
-    elif args.prompts:
-        chosen = [pairs[int(i)] for i in args.prompts]
-    else:
-        chosen = [(m.eval_prompts[0], m) for m in MEMORIZED]
+    chosen = chosen_prompts(args.prompts)
     seeds = list(range(args.seeds))
     t0 = time.perf_counter()
     stats = nemo_statistics(denoiser, blocks=args.blocks, cache=args.cache)

@@ -40,7 +40,7 @@ from dejaguard.core.denoiser import Denoiser, load_denoiser
 from dejaguard.core.neurons import LocalizeSettings, NeuronMask, apply_mask, localize, nemo_statistics
 from dejaguard.core.prune import subspace_mask
 from dejaguard.core.sampling import generate, prompt_seed
-from dejaguard.core.testbed.data import MEMORIZED, check_alignment, heldout_specs, load_memorized_images
+from dejaguard.core.testbed.data import MEMORIZED, MemorizedImage, check_alignment, heldout_specs, load_memorized_images
 from dejaguard.core.testbed.data import memorized_eval_prompts as eval_prompts
 from dejaguard.core.testbed.evaluate import REPLICATION_SSIM, check_replication, thumbnails
 
@@ -71,6 +71,17 @@ def alignment(denoiser: Denoiser, prompts: Sequence[str], steps: int, mask: Neur
     with apply_mask(denoiser, mask) if mask is not None and mask.layers else nullcontext():
         samples = generate(denoiser, list(prompts), [prompt_seed(p) for p in prompts], steps)
     return float(np.mean([check_alignment(t, p) for t, p in zip(thumbnails(denoiser, samples), prompts)]))
+
+
+def chosen_prompts(indices: Sequence[str] | None) -> list[tuple[str, MemorizedImage]]:
+    """``--prompts``: indices into ``memorized_eval_prompts()``, ``["all"]``, or None (the first evaluation prompt of
+    each planted image); (prompt, planted image) pairs."""
+    pairs = eval_prompts()
+    if indices == ["all"]:
+        return pairs
+    if indices:
+        return [pairs[int(i)] for i in indices]
+    return [(m.eval_prompts[0], m) for m in MEMORIZED]
 
 
 def mean_std(values: Sequence[float]) -> dict[str, float]:
@@ -176,13 +187,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     denoiser = load_denoiser(args.model)
-    pairs = eval_prompts()
-    if args.prompts == ["all"]:
-        chosen = pairs
-    elif args.prompts:
-        chosen = [pairs[int(i)] for i in args.prompts]
-    else:
-        chosen = [(m.eval_prompts[0], m) for m in MEMORIZED]
+    chosen = chosen_prompts(args.prompts)
     prompts, images = [p for p, _ in chosen], [m.name for _, m in chosen]
     seeds = list(range(args.seeds))
     novel = [s.caption() for s in heldout_specs()[: args.novel]]
