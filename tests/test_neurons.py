@@ -215,7 +215,6 @@ def test_statistics_cached_per_model(testbed, stats, tmp_path):
     assert 0 < stats.threshold < 1 and set(stats.mean) == set(nemo_layers(testbed))
 
 
-@pytest.mark.slow
 def test_zscore_ranking_orders_every_neuron_once(testbed, stats):
     """bench.localization's ranking: every down/mid value neuron exactly once, by NeMo's z-score, descending; the
     mask of a prefix switches off exactly those neurons, layers in model order."""
@@ -234,6 +233,7 @@ def test_zscore_ranking_orders_every_neuron_once(testbed, stats):
         zscore_ranking(testbed, MEMORIZED_PROMPT, stats, nemo_layers(testbed, "all"))
 
 
+@pytest.mark.slow
 def test_nemo_localizes_a_memorized_prompt(testbed, stats):
     before = testbed.counter.snapshot()
     mask = localize(testbed, MEMORIZED_PROMPT, stats, LocalizeSettings(seeds=SEEDS))
