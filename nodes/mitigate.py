@@ -52,9 +52,10 @@ def resolve_levels(model: Any, threshold: float, target: float, calibration: str
     calibrated, source = resolve_threshold(model, 0.0, calibration)  # checks the file and the fingerprint
     path = Path(calibration.strip()).expanduser() if calibration.strip() else BUNDLED_TESTBED
     file = path / CALIBRATION_FILE if path.is_dir() else path
+    threshold = float(threshold) if threshold > 0 else calibrated
     if target <= 0:
         _, target = levels_from_calibration(json.loads(file.read_text())[ScoreSettings().key()], str(file))
-    threshold = float(threshold) if threshold > 0 else calibrated
+        target = min(target, threshold)  # a threshold set below the calibrated target lowers it (as the CLI does)
     return max(threshold, target), target, source
 
 

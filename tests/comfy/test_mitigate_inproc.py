@@ -80,7 +80,7 @@ def test_inproc_node_calibrated_target_and_batch(comfy_env: Any, testbed_pair: t
     from DejaGuard.core.denoiser import BUNDLED_TESTBED
     from DejaGuard.core.detect import ScoreSettings, load_threshold
     from DejaGuard.core.mitigate import default_levels
-    from DejaGuard.nodes.mitigate import UI_KEY, DejaGuardMitigateEmbedding
+    from DejaGuard.nodes.mitigate import UI_KEY, DejaGuardMitigateEmbedding, resolve_levels
     from test_explain_comfy import model_folder
 
     if model_folder() is None or model_folder().resolve() != BUNDLED_TESTBED.resolve():
@@ -95,4 +95,7 @@ def test_inproc_node_calibrated_target_and_batch(comfy_env: Any, testbed_pair: t
     threshold, target = default_levels(BUNDLED_TESTBED, den.fingerprint())
     assert report["threshold"] == pytest.approx(threshold) and report["target"] == pytest.approx(target)
     assert target <= threshold == pytest.approx(load_threshold(BUNDLED_TESTBED, ScoreSettings(), den.fingerprint()))
+    # a threshold set on the node below the calibrated target lowers the target with it, as the CLI's --threshold
+    low = 0.5 * target
+    assert resolve_levels(model, low, 0.0)[:2] == (pytest.approx(low), pytest.approx(low))
     assert report["unet_forwards"] >= 4  # 2 latents x (cond + uncond)
