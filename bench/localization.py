@@ -31,7 +31,7 @@ import time
 import numpy as np
 import torch
 from dejaguard.core.denoiser import load_denoiser
-from dejaguard.core.neurons import nemo_layers, nemo_statistics, neurons_mask, zscore_ranking
+from dejaguard.core.neurons import layer_shape, nemo_layers, nemo_statistics, neurons_mask, zscore_ranking
 from tqdm import tqdm
 
 from bench.neurons import chosen_prompts, replication
@@ -62,7 +62,7 @@ def main() -> None:
     t0 = time.perf_counter()
     stats = nemo_statistics(denoiser, blocks=args.blocks, cache=args.cache)
     layers = nemo_layers(denoiser, args.blocks)
-    total = sum(int(m.weight.shape[0]) for m in layers.values())
+    total = sum(layer_shape(m)[0] for m in layers.values())
     print(f"{len(layers)} attn2.to_v layers ({args.blocks}), {total} neurons; statistics in "
           f"{time.perf_counter() - t0:.1f}s", flush=True)
 
