@@ -32,15 +32,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-COMFY_DIR = REPO / ".comfy" / "ComfyUI"
+sys.path.insert(0, str(Path(__file__).parent))
+from comfy_server import COMFY_DIR, REPO  # noqa: E402
+
 SMOKE_MODEL = Path("/tmp/tb_smoke")
 PROMPT = "chelsea the tabby cat looking at the camera"
 TOL = 1e-4
 
 sys.path.insert(0, str(COMFY_DIR))
 sys.path.insert(0, str(COMFY_DIR / "custom_nodes"))  # the pack is importable as `DejaGuard`, as ComfyUI loads it
-sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 from comfy.cli_args import args  # noqa: E402
@@ -118,7 +118,10 @@ def first_step(model: Any, clip: Any, den: DiffusersDenoiser, steps: int = 20, s
                cfg: float = 7.5) -> None:
     """What ComfyUI's KSampler does at step 1, read through a post-CFG hook, vs diffusers / core DDIM."""
     ms = model.model.model_sampling
-    sigmas = comfy.samplers.calculate_sigmas_scheduler(model.model, "normal", steps)
+    if hasattr(comfy.samplers, "calculate_sigmas_scheduler"):  # March 2024
+        sigmas = comfy.samplers.calculate_sigmas_scheduler(model.model, "normal", steps)
+    else:
+        sigmas = comfy.samplers.calculate_sigmas(ms, "normal", steps)
     sigma0 = sigmas[0]
     t0 = float(ms.timestep(sigma0))
     seen: list[dict[str, torch.Tensor]] = []
@@ -177,8 +180,8 @@ def check_server(folder: Path, artifacts: Path | None = None) -> None:
     """The saved API graph on a real ComfyUI server: a 256x256 PNG comes back (kept in ``artifacts``)."""
     import shutil
 
+    from comfy_server import ComfyServer
     from PIL import Image
-    from server import ComfyServer
 
     graph = json.loads((REPO / "workflows" / "testbed_generate_api.json").read_text())
     graph = copy.deepcopy(graph)
@@ -189,11 +192,10 @@ def check_server(folder: Path, artifacts: Path | None = None) -> None:
     with ComfyServer(threads=1) as server:
         info = server.object_info()
         loader = info.get("DejaGuardTestbedLoader", {})
-        log = server.log()
         RESULTS["server"] = {
             "startup_seconds": round(server.startup_seconds or 0, 1), "node_types": len(info),
             "loader_registered": bool(loader), "loader_category": loader.get("category"),
-            "pack_imported": "custom_nodes/DejaGuard" in log and "IMPORT FAILED" not in log,
+            "pack_imported": server.pack_imported(),
         }
         start = time.monotonic()
         entry = server.run(graph, timeout=600)

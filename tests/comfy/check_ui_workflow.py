@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from server import COMFY_ROOT, REPO, ComfyServer  # noqa: E402
+from comfy_server import COMFY_ROOT, REPO, ComfyServer, pack_page_errors  # noqa: E402
 
 
 def _strip(graph: dict) -> dict:
@@ -51,7 +51,7 @@ def main() -> int:
     print("nodes:", result["nodes"])
     print("page errors:", result["errors"])
     print("UI workflow converts to the API graph:", same)
-    return 0 if same and not result["errors"] else 1
+    return 0 if same and not pack_page_errors(result["errors"]) else 1
 
 
 if __name__ == "__main__":

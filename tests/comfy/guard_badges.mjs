@@ -12,7 +12,7 @@ const browser = await chromium.launch({ executablePath: '/usr/bin/chromium', arg
   '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'] });
 const page = await browser.newPage({ viewport: { width: 2000, height: 1000 } });
 const errors = [];
-page.on('pageerror', e => errors.push(String(e)));
+page.on('pageerror', e => errors.push(String(e) + '\n' + (e.stack || '')));
 page.on('dialog', async d => { errors.push('dialog: ' + d.message()); await d.dismiss(); });
 await page.goto(url);
 await page.waitForFunction(() => window.app && window.app.graph && Object.keys(LiteGraph.registered_node_types).length > 100, null, { timeout: 60000 });

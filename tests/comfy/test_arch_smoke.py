@@ -29,7 +29,7 @@ import pytest
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from server import COMFY_DIR, comfy_available  # noqa: E402
+from comfy_server import COMFY_DIR, comfy_available  # noqa: E402
 from test_explain_comfy import IN_COMFY_VENV  # noqa: E402
 from workflow_checks import run_in_comfy_venv  # noqa: E402
 
@@ -128,10 +128,14 @@ def test_sd15_architecture_through_adapter() -> None:
     assert eps.shape == (1, 4, 8, 8)
 
     # SD2.x's tokenizer (OpenCLIP-H vocabulary, padding with token 0 instead of EOS) gives the same pieces.
-    import comfy.sd2_clip
+    try:
+        from comfy.text_encoders.sd2_clip import SD2Tokenizer  # late-2025 ComfyUI
+    except ImportError:
+        from comfy.sd2_clip import SD2Tokenizer  # March 2024
 
     sd2_clip = comfy.sd.CLIP(no_init=True)
-    sd2_clip.tokenizer = comfy.sd2_clip.SD2Tokenizer()
+    sd2_clip.tokenizer = SD2Tokenizer()
+    sd2_clip.tokenizer_options = {}  # read by late-2025 CLIP.tokenize; no_init leaves it unset
     sd2 = ComfyDenoiser(model, sd2_clip, sample_shape=(4, 8, 8))
     prompt = "chelsea the tabby cat, looking at the (camera:1.2)"
     assert sd2.prompt_tokens(prompt) == den.prompt_tokens(prompt)

@@ -29,7 +29,7 @@ import pytest
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from server import COMFY_ROOT, REPO, ComfyServer, comfy_available  # noqa: E402
+from comfy_server import COMFY_ROOT, REPO, ComfyServer, comfy_available, pack_page_errors  # noqa: E402
 from test_explain_comfy import BUNDLED, TRIGGER, model_folder  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -63,7 +63,7 @@ const browser = await chromium.launch({ executablePath: '/usr/bin/chromium', arg
 const results = { pageErrors: [], workflows: {} };
 try {
   const page = await browser.newPage({ viewport: { width: 1800, height: 900 } });
-  page.on('pageerror', e => results.pageErrors.push(String(e)));
+  page.on('pageerror', e => results.pageErrors.push(String(e) + '\n' + (e.stack || '')));
   page.on('dialog', async d => { results.pageErrors.push('dialog: ' + d.message()); await d.dismiss(); });
   await page.goto(url);
   await page.waitForFunction(() => window.app && window.app.graph &&
@@ -170,7 +170,7 @@ def test_token_shading_in_real_page(artifacts: Path) -> None:
     results = json.loads(out.read_text())
     print(json.dumps({k: {"seconds": v["seconds"], "tokens": v["tokens"], "badges": v["badges"]}
                       for k, v in results["workflows"].items()}, indent=1))
-    assert results["pageErrors"] == []
+    assert pack_page_errors(results["pageErrors"]) == []
     assert "DejaGuard.TokenHighlight" in results["extensions"]
 
     explain = results["workflows"]["explain_testbed"]

@@ -17,7 +17,7 @@ import pytest
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from server import COMFY_PYTHON, REPO, comfy_available  # noqa: E402
+from comfy_server import COMFY_PYTHON, REPO, comfy_available  # noqa: E402
 from workflow_checks import assert_formats_agree  # noqa: E402
 
 BUNDLED = REPO / "core" / "testbed" / "model"

@@ -26,7 +26,7 @@ if not IN_COMFY_VENV:
     pytest.skip("imports ComfyUI: runs in the .comfy venv (test_explain_comfy.py::test_inproc_tests_in_comfy_venv "
                 "runs it there)", allow_module_level=True)
 
-from server import COMFY_DIR  # noqa: E402
+from comfy_server import COMFY_DIR  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import pytest
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from server import COMFY_PYTHON, REPO, ComfyError, ComfyServer, comfy_available  # noqa: E402
+from comfy_server import COMFY_PYTHON, REPO, ComfyError, ComfyServer, comfy_available  # noqa: E402
 from workflow_checks import assert_formats_agree  # noqa: E402
 
 BUNDLED = REPO / "core" / "testbed" / "model"
@@ -174,7 +174,7 @@ def test_detect_workflow_on_server() -> None:
         guard_info = info["DejaGuardMemorizationGuard"]
         assert guard_info["category"] == "DejaGuard" and guard_info["output"] == ["MODEL", "DEJAGUARD_GUARD"]
         assert info["DejaGuardMemorizationVerdict"]["output"] == ["LATENT", "FLOAT", "BOOLEAN", "STRING"]
-        assert "IMPORT FAILED" not in server.log()
+        assert server.pack_imported()
 
         entry = server.run(graph, timeout=900)
         verdicts = {k: entry["outputs"][k]["dejaguard"][0] for k in (MEMORIZED_VERDICT, NOVEL_VERDICT)}

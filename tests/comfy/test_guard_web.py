@@ -21,7 +21,7 @@ import pytest
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from server import COMFY_ROOT, ComfyServer, comfy_available  # noqa: E402
+from comfy_server import COMFY_ROOT, ComfyServer, comfy_available, pack_page_errors  # noqa: E402
 from test_guard import BUNDLED, CALIBRATION, MEMORIZED_VERDICT, NOVEL_VERDICT, WORKFLOWS, model_folder  # noqa: E402
 
 MODULES = COMFY_ROOT / "pw" / "node_modules"
@@ -58,7 +58,7 @@ def test_badges_in_browser(tmp_path: Path) -> None:
         Path(os.environ["DEJAGUARD_ARTIFACTS"]).mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, Path(os.environ["DEJAGUARD_ARTIFACTS"]) / "guard_badges.png")
     result = json.loads(out.read_text())
-    assert result["errors"] == [] and not result["timedOut"], result
+    assert pack_page_errors(result["errors"]) == [] and not result["timedOut"], result
     badges = result["nodes"]
     mem, nov, guard = badges[MEMORIZED_VERDICT], badges[NOVEL_VERDICT], badges[GUARD]
     assert mem["kind"] == "memorized" and mem["text"].startswith("MEMORIZED") and mem["visible"]

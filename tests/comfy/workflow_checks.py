@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from server import COMFY_PYTHON, REPO
+from comfy_server import COMFY_PYTHON, REPO
 
 
 def assert_formats_agree(ui: dict[str, Any], api: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -28,9 +28,22 @@ from types import TracebackType
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-COMFY_ROOT = REPO / ".comfy"
+# Another ComfyUI (its own venv/ and ComfyUI/ side by side, the pack linked in its custom_nodes/) can be
+# tested by pointing DEJAGUARD_COMFY_ROOT at it; the default is what setup_comfy.sh builds.
+COMFY_ROOT = Path(os.environ.get("DEJAGUARD_COMFY_ROOT") or REPO / ".comfy").resolve()
 COMFY_DIR = COMFY_ROOT / "ComfyUI"
 COMFY_PYTHON = COMFY_ROOT / "venv" / "bin" / "python"
+
+
+# The front end of late-2025 ComfyUI (comfyui-frontend-package 1.27) throws in its own settings start-up on a
+# fresh profile (a setting's onChange sets one not registered yet), before any extension is loaded.
+_FRONTEND_STARTUP_BUG = "at Proxy.addSetting"
+
+
+def pack_page_errors(errors: list[str]) -> list[str]:
+    """The page errors (message and stack, as the browser scripts record them) that are not the front end's
+    known start-up bug: every error from an extension script counts."""
+    return [e for e in errors if _FRONTEND_STARTUP_BUG not in e or "/extensions/" in e]
 
 
 class ComfyError(RuntimeError):
@@ -141,6 +154,13 @@ class ComfyServer:
     def log(self) -> str:
         """The server's stdout and stderr so far."""
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.is_file() else ""
+
+    def pack_imported(self) -> bool:
+        """Whether the server imported this pack (``custom_nodes/DejaGuard`` in its log, with no IMPORT FAILED
+        line for it; ComfyUI's own optional nodes may fail where their extra packages are missing)."""
+        lines = self.log().splitlines()
+        return any("custom_nodes/DejaGuard" in line for line in lines) and \
+            not any("IMPORT FAILED" in line and "DejaGuard" in line for line in lines)
 
     # -- HTTP --------------------------------------------------------------------------------
 
