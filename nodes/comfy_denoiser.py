@@ -161,7 +161,7 @@ class ComfyDenoiser:
         if not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete) or len(sampling.sigmas) != 1000:
             raise DejaGuardError(f"unsupported model: {base.model_type.name} with {type(sampling).__name__}"
                                  " (DejaGuard handles discrete-time eps or v-prediction models: SD1.x, SD2.x)")
-        if base.is_adm():
+        if getattr(base, "adm_channels", 0):  # BaseModel.is_adm() is gone from late-2025 ComfyUI
             raise DejaGuardError(f"unsupported model {type(base).__name__}: it needs pooled/ADM conditioning "
                                  "(SDXL-class); DejaGuard handles SD1.x and SD2.x UNets")
         if not any(n.endswith("attn2.to_v") for n, _ in base.diffusion_model.named_modules()):
@@ -243,16 +243,22 @@ class ComfyDenoiser:
     def _encode_with_token_hook(self, tokens: dict[str, list[list[tuple[Any, ...]]]],
                                 hook: Callable[[torch.Tensor], torch.Tensor | None]) -> torch.Tensor:
         """``clip.encode_from_tokens(tokens)`` with ``hook(out)`` seeing (and possibly replacing) the output
-        ``(n, 77, E)`` of the text encoder's token-embedding table.
+        ``(n, 77, E)`` of the text encoder's token-embedding table, row 0 being the prompt's.
 
         The table is found when it runs (``transformer.get_input_embeddings()`` at call time: ComfyUI swaps in a
-        larger table for textual-inversion vectors) through a process-wide module hook, removed on return.
+        larger table for textual-inversion vectors) through a process-wide module hook, removed on return. Only
+        its first call is hooked: March 2024 ComfyUI looks up all rows in one call, late-2025 ComfyUI one row per
+        call, the prompt's first (a weighted prompt adds an empty one).
         """
         inner = self._text_model()
+        calls = 0
 
         def on_forward(module: torch.nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor | None:
+            nonlocal calls
             if module is inner.transformer.get_input_embeddings():
-                return hook(out)
+                calls += 1
+                if calls == 1:
+                    return hook(out)
             return None
 
         handle = torch.nn.modules.module.register_module_forward_hook(on_forward)
@@ -272,6 +278,10 @@ class ComfyDenoiser:
         with torch.inference_mode(False), torch.no_grad():
             for p in prompts:
                 self._encode_with_token_hook(self._first_chunk(p), capture)
+                if rows[-1].shape[1] != len(next(iter(self._first_chunk(p).values()))[0]):
+                    # late-2025 ComfyUI inserts textual-inversion vectors after the table lookup
+                    raise DejaGuardError(f"textual-inversion embeddings in {p!r}: this ComfyUI version adds them "
+                                         "after the token-embedding table, where DejaGuard cannot read them")
             return torch.cat(rows).to(self.device)
 
     def encode_token_embeddings(self, prompts: Sequence[str], token_embeddings: torch.Tensor) -> torch.Tensor:

@@ -220,7 +220,10 @@ def load_clip(folder: Path, embedding_directory: list[str] | str | None = None) 
         tokenizer=functools.partial(comfy.sd1_clip.SDTokenizer, tokenizer_path=str(folder / "tokenizer"),
                                     embedding_size=int(cfg["hidden_size"])))
     target = comfy.supported_models_base.ClipTarget(tokenizer, comfy.sd1_clip.SD1ClipModel)
-    target.params = {"textmodel_json_config": str(config_path)}
+    # The config goes to the text model class, given explicitly: late-2025 ComfyUI's default one
+    # (SD1CheckpointClipModel) takes no config, March 2024's (SDClipModel) does; SDClipModel works in both.
+    target.params = {"clip_model": functools.partial(comfy.sd1_clip.SDClipModel,
+                                                     textmodel_json_config=str(config_path))}
     clip = comfy.sd.CLIP(target, embedding_directory=embedding_directory)
     sd = safetensors.torch.load_file(str(_weights_file(folder / "text_encoder")))
     # transformers >= 5 saves CLIPTextModel without the "text_model." prefix that ComfyUI's module has.

@@ -146,15 +146,39 @@ def match_run(runs: Sequence[RunRecord], samples: torch.Tensor,
 # -- ComfyUI glue --------------------------------------------------------------------------------
 
 
+def _at_cfg_1(args: dict[str, Any]) -> bool:
+    return "cond_scale" in args and math.isclose(float(args["cond_scale"]), 1.0)
+
+
 def _uncond_skipped(args: dict[str, Any]) -> bool:
     """Whether ComfyUI skipped the unconditional prediction (its CFG 1 optimization)."""
     options = args.get("model_options") or {}
-    if "cond_scale" in args and math.isclose(float(args["cond_scale"]), 1.0) \
-            and not options.get("disable_cfg1_optimization", False):
+    if _at_cfg_1(args) and not options.get("disable_cfg1_optimization", False):
         return True
     uncond_denoised = args.get("uncond_denoised")
     # 2024 ComfyUI passes zeros for the skipped prediction; newer versions also pass uncond=None.
     return args.get("uncond") is None or uncond_denoised is None or not bool(uncond_denoised.any())
+
+
+# Set on the guarded clone (with disable_cfg1_optimization) by a guard asked for the score at CFG 1 on a ComfyUI
+# that copies model_options for every run (late 2024 on): such a ComfyUI also drops the negative conditioning
+# at CFG 1 before any hook sees it, so the sampler itself must compute the unconditional prediction at the
+# first step; the guard then switches it off in that run's copy. Older ComfyUI passes the negative
+# conditioning to the hook, which evaluates it once (_extra_uncond_prediction).
+_FIRST_STEP_UNCOND = "dejaguard_first_step_uncond"
+
+
+def request_first_step_uncond(model_options: dict[str, Any]) -> bool:
+    """Ask the sampler for the unconditional prediction at each run's first step even at CFG 1 (see
+    ``_FIRST_STEP_UNCOND``). False, with nothing changed, where ComfyUI shares one options dict across runs."""
+    import comfy.model_patcher
+
+    if not hasattr(comfy.model_patcher, "create_model_options_clone") or \
+            model_options.get("disable_cfg1_optimization", False):
+        return False
+    model_options["disable_cfg1_optimization"] = True
+    model_options[_FIRST_STEP_UNCOND] = True
+    return True
 
 
 def _extra_uncond_prediction(args: dict[str, Any]) -> torch.Tensor | None:
@@ -219,7 +243,12 @@ class GuardState:
     def _start_run(self, args: dict[str, Any], sigma: float) -> None:
         x, cond_denoised, uncond_denoised = args["input"], args["cond_denoised"], args["uncond_denoised"]
         extra, status = 0, "ok"
-        if _uncond_skipped(args):
+        skipped = _uncond_skipped(args)
+        options = args.get("model_options")
+        if options is not None and options.pop(_FIRST_STEP_UNCOND, False):
+            options["disable_cfg1_optimization"] = False  # in this run's copy: the later steps skip it again
+            extra = int(_at_cfg_1(args) and not skipped)  # the sampler evaluated it on the guard's request
+        if skipped:
             uncond_denoised = None
             if self.cfg1_mode == CFG1_EXTRA_EVAL:
                 uncond_denoised = _extra_uncond_prediction(args)
@@ -346,6 +375,8 @@ class DejaGuardMemorizationGuard:
 
         guarded = model.clone()
         guarded.set_model_sampler_post_cfg_function(dejaguard_post_cfg)
+        if at_cfg_1 == CFG1_EXTRA_EVAL:
+            request_first_step_uncond(guarded.model_options)
         return guarded, state
 
 
