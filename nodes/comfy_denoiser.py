@@ -43,7 +43,7 @@ modifying the cached model other graphs use:
 
 The same two measures make the text encoder differentiable for token significance:
 :meth:`ComfyDenoiser.token_embeddings` reads the input token embeddings (textual-inversion vectors included)
-from ComfyUI's token-embedding table during ``clip.encode_from_tokens``, and
+during ``clip.encode_from_tokens``, and
 :meth:`ComfyDenoiser.encode_token_embeddings` runs ``encode_from_tokens`` (prompt weights, CLIP skip) with that
 table's output replaced by the given tensor, through a module forward hook: ComfyUI's March-2024 CLIP takes no
 embeddings argument.
@@ -269,20 +269,38 @@ class ComfyDenoiser:
 
     def token_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
         """Prompts -> input token embeddings ``(B, 77, E)`` of the first chunk (textual-inversion vectors
-        included), before position embeddings."""
-        rows = []
+        included), before position embeddings.
+
+        March 2024 ComfyUI looks textual-inversion vectors up in its token-embedding table (swapped for a larger
+        one); late-2025 ComfyUI inserts them after the table lookup and passes the result to the text
+        transformer as ``embeds``, which is read where it is given.
+        """
+        return torch.cat([self._prompt_token_embeddings(p) for p in prompts]).to(self.device)
+
+    def _prompt_token_embeddings(self, prompt: str) -> torch.Tensor:
+        inner = self._text_model()
+        looked_up, passed = [], []
 
         def capture(out: torch.Tensor) -> None:
-            rows.append(out[:1].detach().float().clone())  # row 0: the prompt (a weighted prompt adds "" after it)
+            looked_up.append(out[:1].detach().float().clone())  # row 0: the prompt (weights add "" after it)
 
-        with torch.inference_mode(False), torch.no_grad():
-            for p in prompts:
-                self._encode_with_token_hook(self._first_chunk(p), capture)
-                if rows[-1].shape[1] != len(next(iter(self._first_chunk(p).values()))[0]):
-                    # late-2025 ComfyUI inserts textual-inversion vectors after the table lookup
-                    raise DejaGuardError(f"textual-inversion embeddings in {p!r}: this ComfyUI version adds them "
-                                         "after the token-embedding table, where DejaGuard cannot read them")
-            return torch.cat(rows).to(self.device)
+        def on_transformer(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+            if kwargs.get("embeds") is not None:
+                passed.append(kwargs["embeds"][:1].detach().float().clone())
+
+        tokens = self._first_chunk(prompt)
+        handle = inner.transformer.register_forward_pre_hook(on_transformer, with_kwargs=True)
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                self._encode_with_token_hook(tokens, capture)
+        finally:
+            handle.remove()
+        row = (passed or looked_up)[0]
+        length = len(next(iter(tokens.values()))[0])
+        if tuple(row.shape[:2]) != (1, length):
+            raise DejaGuardError(f"token embeddings of shape {tuple(row.shape)} for {length} tokens: this "
+                                 "ComfyUI's text encoder is not supported")
+        return row
 
     def encode_token_embeddings(self, prompts: Sequence[str], token_embeddings: torch.Tensor) -> torch.Tensor:
         """CLIPTextEncode's conditioning ``(B, 77, D)`` of ``prompts`` (weights applied, first chunk) with the

@@ -282,3 +282,33 @@ def test_inproc_token_embeddings_match_diffusers(comfy_env: Any, testbed_pair: t
     assert _rel(grads[0], grads[2]) <= TOL and _rel(grads[1], grads[2]) <= TOL
     assert float(grads[0][0, 1:5].norm()) > 0 and float(grads[0][0, 6:].abs().max()) == 0.0  # causal encoder
     assert all(p is params[n] and p.is_inference() for n, p in stage.named_parameters())
+
+
+def test_inproc_textual_inversion_token_embeddings(comfy_env: Any, testbed_pair: tuple[Any, ...],
+                                                   tmp_path: Path) -> None:
+    """A textual-inversion vector in the prompt: the adapter's input token embeddings hold it at its positions
+    (ComfyUI puts it in the token-embedding table in March 2024 and after the table lookup in late 2025), the
+    encoder run from them equals CLIPTextEncode's conditioning, and its pieces read ``<embedding>``."""
+    torch = comfy_env
+    import safetensors.torch
+    from DejaGuard.nodes.comfy_denoiser import ComfyDenoiser
+    from DejaGuard.nodes.diffusers_folder import load_clip
+
+    model, clip, _, _ = testbed_pair
+    width = int(json.loads((model_folder() / "text_encoder" / "config.json").read_text())["hidden_size"])
+    vectors = torch.randn(2, width, generator=torch.Generator().manual_seed(0)) * 0.02
+    safetensors.torch.save_file({"emb_params": vectors}, str(tmp_path / "dgstyle.safetensors"))
+    with torch.inference_mode():
+        ti_clip = load_clip(model_folder(), embedding_directory=str(tmp_path))
+    cd = ComfyDenoiser(model, ti_clip)
+    prompt = "a photograph of embedding:dgstyle"
+    assert cd.prompt_tokens(prompt) == ["a</w>", "photograph</w>", "of</w>", "<embedding>", "<embedding></w>"]
+    emb = cd.token_embeddings([prompt])
+    assert emb.shape == (1, 77, width)
+    assert float((emb[0, 4:6] - vectors).abs().max()) <= 1e-6  # after BOS, "a", "photograph", "of"
+    plain = ComfyDenoiser(model, clip).token_embeddings(["a photograph of"])
+    assert float((emb[0, :4] - plain[0, :4]).abs().max()) <= 1e-6
+    with torch.inference_mode(False), torch.no_grad():
+        again = cd.encode_token_embeddings([prompt], emb)
+    assert float((again - cd.encode_prompts([prompt])).abs().max()) <= 1e-6
+    assert float((again - cd.encode_prompts(["a photograph of"])).abs().max()) > 1e-3  # the vectors count
