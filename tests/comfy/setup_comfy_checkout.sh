@@ -25,18 +25,18 @@ PY="${PYTHON:-python3}"
 mkdir -p "$ROOT"
 ROOT="$(cd "$ROOT" && pwd)"
 STAMP="$ROOT/venv/.dejaguard-deps-v1"
+source "$REPO/tests/comfy/place_comfy.sh"
 
 [ -x "$ROOT/venv/bin/python" ] || "$PY" -m venv "$ROOT/venv"
 PIP=("$ROOT/venv/bin/python" -m pip install --no-input --progress-bar off)
 if [ ! -f "$STAMP" ]; then
-    "${PIP[@]}" torch==2.14.1 torchvision==0.29.1
+    "${PIP[@]}" "${COMFY_TORCH[@]}"
     grep -Ev '^[[:space:]]*(#|$)|^(torch|torchvision|torchaudio)([^a-z_-]|$)' "$SRC/requirements.txt" > "$ROOT/requirements.txt"
     "${PIP[@]}" -r "$ROOT/requirements.txt"
-    "${PIP[@]}" diffusers numpy scikit-image matplotlib pytest requests
+    "${PIP[@]}" "${PACK_TEST_NEEDS[@]}"
     touch "$STAMP"
 fi
 
-source "$REPO/tests/comfy/place_comfy.sh"
 place_comfy "$SRC" "$ROOT/ComfyUI" "$REPO"
 if [ -d "$REPO/.comfy/pw" ] && [ ! -e "$ROOT/pw" ]; then
     ln -s "$REPO/.comfy/pw" "$ROOT/pw"
