@@ -231,11 +231,12 @@ def parse_prompt(prompt: str) -> SceneSpec | None:
 SINGLE_OBJECT_FRACTION = 0.5
 
 
-def random_spec(rng: np.random.Generator, objects: int | None = None) -> SceneSpec:
-    """A random caption spec: one object (``SINGLE_OBJECT_FRACTION``; small, large or unstated size) or two of
-    different colours (small or unstated: two large ones do not fit side by side). ``objects``: one or two."""
+def random_spec(rng: np.random.Generator, objects: int | None = None,
+                single_fraction: float = SINGLE_OBJECT_FRACTION) -> SceneSpec:
+    """A random caption spec: one object (with probability ``single_fraction``; small, large or unstated size) or
+    two of different colours (small or unstated: two large ones do not fit side by side). ``objects``: one or two."""
     if objects is None:
-        objects = 1 if rng.random() < SINGLE_OBJECT_FRACTION else 2
+        objects = 1 if rng.random() < single_fraction else 2
     style = int(rng.integers(len(_CAPTION_STYLES)))
     sizes = ["small", "large", None, None, None] if objects == 1 else ["small", None, None]
     colors = rng.choice(list(COLORS), size=objects, replace=False)
@@ -384,6 +385,7 @@ class TrainingSampler:
 
     seed: int = 0
     memorized_fraction: float = 0.15
+    single_object_fraction: float = SINGLE_OBJECT_FRACTION  # of the procedural scenes
     images: dict[str, np.ndarray] = field(default_factory=load_memorized_images)
 
     def __post_init__(self) -> None:
@@ -395,7 +397,7 @@ class TrainingSampler:
             m = MEMORIZED[self.rng.integers(len(MEMORIZED))]
             return self.images[m.name], str(self.rng.choice(m.train_captions))
         while True:
-            spec = random_spec(self.rng)
+            spec = random_spec(self.rng, single_fraction=self.single_object_fraction)
             if _canonical(spec) not in self._excluded:
                 return render_scene(spec, self.rng), spec.caption()
 

@@ -23,7 +23,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .data import MEMORIZED, RESOLUTION, TrainingSampler
+from .data import MEMORIZED, RESOLUTION, SINGLE_OBJECT_FRACTION, TrainingSampler
 from .vae import PooledColorAutoencoder
 
 TOKENIZER_DIR = Path(__file__).parent / "model" / "tokenizer"
@@ -44,6 +44,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     ema_decay: float = 0.995
     memorized_fraction: float = 0.15
+    single_object_fraction: float = SINGLE_OBJECT_FRACTION  # share of one-object scenes among the procedural ones
     caption_dropout: float = 0.1  # empty caption, for classifier-free guidance
     # Caption dropout only on the novel scenes, so the unconditional model learns the scene distribution and
     # never the planted images. Why: in a web-scale set the duplicated images are a vanishing share of the
@@ -207,7 +208,8 @@ def train(out: Path, cfg: TrainConfig | None = None, progress: bool = True,
     torch.set_num_threads(cfg.threads)
     _keep_freed_memory()
     torch.manual_seed(cfg.seed)
-    sampler = TrainingSampler(seed=cfg.seed, memorized_fraction=cfg.memorized_fraction)
+    sampler = TrainingSampler(seed=cfg.seed, memorized_fraction=cfg.memorized_fraction,
+                              single_object_fraction=cfg.single_object_fraction)
     memorized_captions = frozenset(c for m in MEMORIZED for c in m.train_captions)
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
     if cfg.init_from:
