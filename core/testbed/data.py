@@ -280,9 +280,10 @@ def _downsample(img: np.ndarray, factor: int = 4) -> np.ndarray:
     return img.reshape(c, h // factor, factor, w // factor, factor).mean(axis=(2, 4))
 
 
-def _placements(count: int, rng: np.random.Generator) -> list[tuple[float, float]]:
+def _placements(count: int, rng: np.random.Generator, reading_order: bool = False) -> list[tuple[float, float]]:
     """Object centres ``(y, x)`` at 32x32: one object anywhere (fully inside); two side by side along a random
-    axis and in random order, 10-18 pixels apart, at a random offset across it."""
+    axis and in random order (``reading_order``: the first left of or above the second), 10-18 pixels apart, at a
+    random offset across it."""
     if count == 1:
         return [tuple(rng.uniform(9.0, RESOLUTION - 9.0, size=2))]
     gap = rng.uniform(10.0, 18.0)
@@ -292,11 +293,13 @@ def _placements(count: int, rng: np.random.Generator) -> list[tuple[float, float
     centres = [(across + jitter[0], along), (across + jitter[1], along + gap)]
     if rng.random() < 0.5:
         centres = [(x, y) for y, x in centres]
-    return centres if rng.random() < 0.5 else centres[::-1]
+    swap = rng.random() < 0.5
+    return centres if reading_order or not swap else centres[::-1]
 
 
-def render_scene(spec: SceneSpec, rng: np.random.Generator) -> np.ndarray:
-    """Draw one image for ``spec``: ``(3, 32, 32)`` float32 in [-1, 1]. Random where unstated."""
+def render_scene(spec: SceneSpec, rng: np.random.Generator, reading_order: bool = False) -> np.ndarray:
+    """Draw one image for ``spec``: ``(3, 32, 32)`` float32 in [-1, 1]. Random where unstated; ``reading_order``:
+    a pair's first-stated object lies left of or above the second (the caption still states no position)."""
     n = RESOLUTION * 4
     # Muted background: low saturation tone, flat / gradient / smooth texture.
     base = rng.uniform(0.2, 0.8)
@@ -325,7 +328,7 @@ def render_scene(spec: SceneSpec, rng: np.random.Generator) -> np.ndarray:
             y0, x0 = rng.uniform(2, RESOLUTION - 2, size=2)
             mask = np.hypot(_XX - x0, _YY - y0) < rng.uniform(0.8, 1.6)
         img = np.where(mask[None], shade, img)
-    for obj, (cy, cx) in zip(spec.objects, _placements(len(spec.objects), rng)):
+    for obj, (cy, cx) in zip(spec.objects, _placements(len(spec.objects), rng, reading_order)):
         r = rng.uniform(*_SIZE_RADII[obj.size])
         color = np.clip(np.array(COLORS[obj.color]) + rng.normal(0, 0.04, size=3), 0, 1)
         mask = _shape_mask(obj.shape, cy, cx, r, rng.uniform(-0.3, 0.3))
@@ -386,6 +389,7 @@ class TrainingSampler:
     seed: int = 0
     memorized_fraction: float = 0.15
     single_object_fraction: float = SINGLE_OBJECT_FRACTION  # of the procedural scenes
+    reading_order: bool = False  # render_scene's reading_order
     images: dict[str, np.ndarray] = field(default_factory=load_memorized_images)
 
     def __post_init__(self) -> None:
@@ -399,7 +403,7 @@ class TrainingSampler:
         while True:
             spec = random_spec(self.rng, single_fraction=self.single_object_fraction)
             if _canonical(spec) not in self._excluded:
-                return render_scene(spec, self.rng), spec.caption()
+                return render_scene(spec, self.rng, self.reading_order), spec.caption()
 
     def batch(self, size: int) -> tuple[np.ndarray, list[str]]:
         pairs = [self.sample() for _ in range(size)]

@@ -45,6 +45,7 @@ class TrainConfig:
     ema_decay: float = 0.995
     memorized_fraction: float = 0.15
     single_object_fraction: float = SINGLE_OBJECT_FRACTION  # share of one-object scenes among the procedural ones
+    reading_order: bool = False  # a pair's first-stated object drawn left of or above the second (data.render_scene)
     caption_dropout: float = 0.1  # empty caption, for classifier-free guidance
     # Caption dropout only on the novel scenes, so the unconditional model learns the scene distribution and
     # never the planted images. Why: in a web-scale set the duplicated images are a vanishing share of the
@@ -209,7 +210,7 @@ def train(out: Path, cfg: TrainConfig | None = None, progress: bool = True,
     _keep_freed_memory()
     torch.manual_seed(cfg.seed)
     sampler = TrainingSampler(seed=cfg.seed, memorized_fraction=cfg.memorized_fraction,
-                              single_object_fraction=cfg.single_object_fraction)
+                              single_object_fraction=cfg.single_object_fraction, reading_order=cfg.reading_order)
     memorized_captions = frozenset(c for m in MEMORIZED for c in m.train_captions)
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
     if cfg.init_from:
