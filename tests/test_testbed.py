@@ -34,6 +34,17 @@ def test_heldout_prompts_never_in_training():
     assert not held & {s.caption() for s in data.calibration_specs()}
 
 
+def test_sampler_recipe_options_single_fraction_and_reading_order():
+    sampler = data.TrainingSampler(seed=1, memorized_fraction=0.0, single_object_fraction=0.0, reading_order=True)
+    for _ in range(40):
+        image, caption = sampler.sample()
+        spec = data.parse_prompt(caption)
+        assert len(spec.objects) == 2
+        first, second = (np.argwhere(data.color_match_mask(image, o.color)).mean(axis=0) for o in spec.objects)
+        offset = second - first
+        assert offset[np.argmax(np.abs(offset))] > 0  # the first-stated object lies left of or above the second
+
+
 def test_alignment_checker_on_true_and_mismatched_renders():
     rng = np.random.default_rng(0)
     specs = data.heldout_specs()[:120]
