@@ -110,6 +110,28 @@ def _count_tokens(tokenizer: Any, prompt: str) -> int:
     return len(tokenizer(prompt, truncation=False).input_ids)
 
 
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The torch device to run on: ``device`` as given ("cpu", "cuda", "cuda:1", ...), or CUDA when there is one
+    and the CPU otherwise. Raises :class:`DejaGuardError` for a name torch does not know or a GPU that is not
+    there, instead of failing at the first tensor moved."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DejaGuardError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DejaGuardError(f"device {device!r} asked for, but this machine (torch {torch.__version__}) "
+                                 "has no CUDA GPU; use --device cpu or leave it out")
+        if resolved.index is not None and resolved.index >= count:
+            raise DejaGuardError(f"device {device!r} asked for, but this machine has {count} CUDA GPU(s)")
+    elif resolved.type not in ("cpu", "mps"):
+        raise DejaGuardError(f"unsupported device {device!r}: use cpu, cuda or cuda:N")
+    return resolved
+
+
 class DiffusersDenoiser:
     """:class:`Denoiser` over a diffusers text-to-image pipeline (UNet2DConditionModel + CLIP).
 
@@ -127,7 +149,7 @@ class DiffusersDenoiser:
         attn2 = [n for n, _ in unet.named_modules() if n.endswith("attn2.to_v")]
         if not attn2:
             raise DejaGuardError("unsupported model: the UNet has no cross-attention layers (attn2.to_v)")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.dtype = dtype
         self.unet = _placed(unet, self.device, dtype)
         self.text_encoder = _placed(text_encoder, self.device, dtype)

@@ -53,7 +53,7 @@ def test_audit_options_and_long_prompt(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_model", "not_a_model", "empty_prompts", "missing_prompts",
-                                  "no_calibration"])
+                                  "no_calibration", "unknown_device", "absent_gpu"])
 def test_bad_input_is_one_line_error(tmp_path, case):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle and a blue square\n")
@@ -69,6 +69,14 @@ def test_bad_input_is_one_line_error(tmp_path, case):
     elif case == "missing_prompts":
         prompts.unlink()
         _one_line_error(run(*args), "prompt file not found")
+    elif case == "unknown_device":
+        _one_line_error(run(*args, "--device", "gpu"), "unknown device 'gpu'")
+    elif case == "absent_gpu":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a CUDA GPU")
+        _one_line_error(run(*args, "--device", "cuda"), "has no CUDA GPU")
     else:
         _one_line_error(run(*args, "--steps", "3"), "no calibration for steps=3")
 
