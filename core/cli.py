@@ -158,8 +158,8 @@ def cmd_testbed_train(args: argparse.Namespace) -> int:
     if args.filter is not None:
         cfg.filter_threshold = args.filter
         cfg.filter_min_timestep = args.filter_min_timestep
-    record = train(out, cfg, checkpoint_every=args.checkpoint_every)
-    print(f"trained {cfg.steps} steps in {record['wall_seconds']:.0f}s; wrote {out}")
+    record = train(out, cfg, checkpoint_every=args.checkpoint_every, device=args.device)
+    print(f"trained {cfg.steps} steps on {record['device']} in {record['wall_seconds']:.0f}s; wrote {out}")
     return 0
 
 
@@ -318,6 +318,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+DEVICE_HELP = "cpu, cuda, cuda:1 ... (default: cuda if available)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dejaguard", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -325,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp: argparse.ArgumentParser, scoring: bool = True) -> None:
         sp.add_argument("--model", type=Path, default=None,
                         help="diffusers-format model folder (default: the bundled testbed)")
-        sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+        sp.add_argument("--device", default=None, help=DEVICE_HELP)
         if scoring:
             sp.add_argument("--steps", type=int, default=1, help="first sampling steps averaged (default 1)")
             sp.add_argument("--generations", type=int, default=1, help="initial noises averaged (default 1)")
@@ -466,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--checkpoint-every", type=int, default=0)
+    sp.add_argument("--device", default=None, help=DEVICE_HELP)
     sp.add_argument("--overwrite-bundled", action="store_true")
     sp.add_argument("--filter", type=float, default=None, metavar="THRESHOLD",
                     help="training-time mitigation: drop samples whose text-conditional magnitude exceeds "

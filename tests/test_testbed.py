@@ -77,8 +77,9 @@ def test_training_script_smoke(tmp_path):
     from dejaguard.core.testbed.train import TrainConfig, train
 
     shipped = _tree_hash(BUNDLED_TESTBED)
-    record = train(tmp_path / "tb", TrainConfig(steps=3, batch_size=4), progress=False)
+    record = train(tmp_path / "tb", TrainConfig(steps=3, batch_size=4), progress=False, device="cpu")
     assert len(record["loss_every_100_steps"]) == 1 and np.isfinite(record["loss_every_100_steps"][0])
+    assert record["device"] == "cpu"
     d = load_denoiser(tmp_path / "tb", device="cpu")
     assert d.sample_shape == (4, 32, 32)
     assert _tree_hash(BUNDLED_TESTBED) == shipped

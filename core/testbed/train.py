@@ -23,6 +23,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ..denoiser import resolve_device
 from .data import MEMORIZED, RESOLUTION, SINGLE_OBJECT_FRACTION, TrainingSampler
 from .vae import PooledColorAutoencoder
 
@@ -199,13 +200,17 @@ def _keep_freed_memory() -> None:
 
 
 def train(out: Path, cfg: TrainConfig | None = None, progress: bool = True,
-          checkpoint_every: int = 0) -> dict:
+          checkpoint_every: int = 0, device: str | torch.device | None = None) -> dict:
     """Train the testbed from scratch and write it to ``out``. Returns the training record.
 
     ``checkpoint_every > 0`` also writes the EMA model to ``out/checkpoints/step_N`` as it goes.
+    ``device``: where the UNet and text encoder train (default: CUDA when there is one, else the CPU). The
+    data, noise and timesteps are drawn on the CPU whatever the device, so a recipe and seed draw the same
+    training stream everywhere (the weights still differ in rounding across devices).
     """
     cfg = cfg or TrainConfig()
     out = Path(out)
+    device = resolve_device(device)
     torch.set_num_threads(cfg.threads)
     _keep_freed_memory()
     torch.manual_seed(cfg.seed)
@@ -218,11 +223,12 @@ def train(out: Path, cfg: TrainConfig | None = None, progress: bool = True,
         unet = UNet2DConditionModel.from_pretrained(Path(cfg.init_from) / "unet", torch_dtype=torch.float32)
     else:
         text_encoder, unet = build_text_encoder(cfg), build_unet(cfg)
+    unet, text_encoder = unet.to(device), text_encoder.to(device)
     vae = PooledColorAutoencoder()
     noise_schedule = DDPMScheduler(**SD1_SCHEDULE)
     alphas_cumprod = noise_schedule.alphas_cumprod
     snr = alphas_cumprod / (1 - alphas_cumprod)
-    loss_weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # min-SNR-gamma for eps targets
+    loss_weight = (torch.clamp(snr, max=cfg.min_snr_gamma) / snr).to(device)  # min-SNR-gamma for eps targets
 
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -237,11 +243,12 @@ def train(out: Path, cfg: TrainConfig | None = None, progress: bool = True,
         drop = caption_dropout(captions, sampler.rng, cfg, memorized_captions)
         captions = ["" if d else c for c, d in zip(captions, drop)]
         ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True,
-                        return_tensors="pt").input_ids
+                        return_tensors="pt").input_ids.to(device)
         latents = vae.encode_thumbnail(torch.from_numpy(images))
         noise = training_noise(tuple(latents.shape), tuple(cfg.offset_noise), gen)
         t = torch.randint(0, 1000, (len(captions),), generator=gen)
-        noisy = noise_schedule.add_noise(latents, noise, t)
+        noisy = noise_schedule.add_noise(latents, noise, t).to(device)
+        noise, t = noise.to(device), t.to(device)
         cond = text_encoder(ids).last_hidden_state
         pred = unet(noisy, t, cond).sample
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
@@ -270,6 +277,7 @@ def train(out: Path, cfg: TrainConfig | None = None, progress: bool = True,
         "config": asdict(cfg),
         "wall_seconds": round(wall, 1),
         "torch_version": torch.__version__,
+        "device": str(device),
         "loss_every_100_steps": [round(float(np.mean(losses[i : i + 100])), 5) for i in range(0, len(losses), 100)],
         "unet_parameters": sum(p.numel() for p in unet.parameters()),
         "text_encoder_parameters": sum(p.numel() for p in text_encoder.parameters()),
@@ -300,9 +308,9 @@ def _filtered_loss(loss_filter, unet: UNet2DConditionModel, text_encoder: CLIPTe
     from ..mitigate import conditional_magnitudes
 
     with torch.no_grad():
-        ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids.to(noisy.device)
         uncond = text_encoder(ids).last_hidden_state
-    judged = torch.from_numpy(~np.asarray(dropped, dtype=bool)) & loss_filter.checked(t)
+    judged = torch.from_numpy(~np.asarray(dropped, dtype=bool)).to(t.device) & loss_filter.checked(t)
     mags = conditional_magnitudes(unet, noisy, t, pred, uncond, judged)
     groups = ["uncond" if not c else "memorized" if c in memorized else "novel" for c in captions]
     return loss_filter.reduce(weighted, loss_filter.keep(mags, groups, timesteps=t))
