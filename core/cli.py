@@ -292,6 +292,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .mitigate import DEFAULT_LR, DEFAULT_MAX_ITERATIONS, content_tokens, mitigate_prompt
     from .sampling import generate
 
+    if not args.prompt.strip():
+        raise DejaGuardError("empty prompt: --prompt states nothing to generate")
     denoiser = load_denoiser(args.model, device=args.device)
     content_tokens(denoiser, args.prompt)
     cond = None

@@ -50,7 +50,13 @@ import torch
 from .denoiser import Denoiser
 from .errors import DejaGuardError, NonFiniteError
 from .explain import content_tokens
-from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, initial_noise, text_conditional_magnitude
+from .sampling import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    check_sampling_settings,
+    initial_noise,
+    text_conditional_magnitude,
+)
 
 if TYPE_CHECKING:
     from .detect import ScoreSettings
@@ -107,6 +113,7 @@ def first_step_input(denoiser: Denoiser, noise: torch.Tensor,
                      num_inference_steps: int = DEFAULT_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
     """The UNet input and timestep of the first sampling step from unscaled ``x_T`` ``(N, C, H, W)``:
     exactly what :func:`core.sampling.guided_denoise` (and so the detector) feeds the UNet first."""
+    check_sampling_settings(num_inference_steps)
     scheduler = denoiser.new_scheduler()
     scheduler.set_timesteps(num_inference_steps)
     t = scheduler.timesteps[0]

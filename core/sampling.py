@@ -7,12 +7,14 @@ Shapes: ``B`` prompts x generations, ``C, H, W`` the model's sample shape.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from .denoiser import Denoiser
+from .errors import DejaGuardError
 
 DEFAULT_GUIDANCE = 7.5
 DEFAULT_STEPS = 50
@@ -42,6 +44,14 @@ def initial_noise(denoiser: Denoiser, seeds: Sequence[int], init_sigma: float = 
     return (noise * init_sigma).to(denoiser.device, denoiser.dtype)
 
 
+def check_sampling_settings(num_inference_steps: int, guidance_scale: float = DEFAULT_GUIDANCE) -> None:
+    """Raise :class:`DejaGuardError` for a step count below 1 or a guidance scale that is not a finite number."""
+    if int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
+        raise DejaGuardError(f"sampling steps must be a whole number of at least 1, got {num_inference_steps}")
+    if not math.isfinite(guidance_scale):
+        raise DejaGuardError(f"guidance scale (CFG) must be a finite number, got {guidance_scale}")
+
+
 def guided_denoise(
     denoiser: Denoiser,
     noise: torch.Tensor,
@@ -60,6 +70,7 @@ def guided_denoise(
     ``stop_after`` steps if given. Returns the samples reached and the per-step magnitudes
     ``||eps(x_t, c) - eps(x_t, 0)||_2`` of shape ``(B, steps_run)``.
     """
+    check_sampling_settings(num_inference_steps, guidance_scale)
     scheduler = denoiser.new_scheduler()
     scheduler.set_timesteps(num_inference_steps)
     x = noise * scheduler.init_noise_sigma
@@ -98,6 +109,7 @@ def generate(
         raise ValueError("one seed per prompt")
     if cond_embeddings is not None and cond_embeddings.shape[0] != len(prompts):
         raise ValueError("one conditional embedding per prompt")
+    check_sampling_settings(num_inference_steps, guidance_scale)
     uncond = denoiser.encode_prompts([""])
     out = []
     bar = tqdm(total=len(prompts), desc="generating", disable=not progress)

@@ -81,6 +81,18 @@ def test_bad_input_is_one_line_error(tmp_path, case):
         _one_line_error(run(*args, "--steps", "3"), "no calibration for steps=3")
 
 
+@pytest.mark.parametrize(("extra", "pattern"), [
+    (["--steps", "0"], "sampling steps must be a whole number of at least 1"),
+    (["--steps", "0", "--mitigate", "embedding"], "sampling steps must be a whole number of at least 1"),
+    (["--cfg", "nan"], "guidance scale (CFG) must be a finite number"),
+    (["--prompt", "  "], "empty prompt"),
+])
+def test_generate_bad_settings_are_one_line_errors(tmp_path, extra, pattern):
+    out = tmp_path / "x.png"
+    _one_line_error(run("generate", "--prompt", "a red circle", "--out", str(out), *extra), pattern)
+    assert not out.exists()
+
+
 def test_model_without_cross_attention_exits_cleanly(tmp_path):
     from test_denoiser import _tiny_pixel_model
 
