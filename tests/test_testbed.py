@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pytest
 import torch
 from dejaguard.core.denoiser import BUNDLED_TESTBED, load_denoiser
 from dejaguard.core.testbed import data
@@ -121,3 +122,20 @@ def test_text_encoder_states_colour_binding_of_heldout_pairs():
     assert result["heldout_pairs"] >= 200
     assert result["noun1_to_colour1"]["heldout"] >= 0.9 and result["noun2_to_colour2"]["heldout"] >= 0.9
     assert result["control_embedding_noun1_to_colour1"]["heldout"] <= 0.4
+
+
+def test_bad_training_and_evaluation_settings_fail_before_any_work(tmp_path):
+    from dejaguard.core.errors import DejaGuardError
+    from dejaguard.core.testbed.evaluate import evaluate
+    from dejaguard.core.testbed.train import TrainConfig, train
+
+    for cfg, pattern in [(TrainConfig(steps=0), "at least 1 step"), (TrainConfig(batch_size=0), "at least 1 step"),
+                         (TrainConfig(memorized_fraction=1.5), "memorized_fraction must lie in 0..1"),
+                         (TrainConfig(lr=float("nan")), "learning rate")]:
+        with pytest.raises(DejaGuardError, match=pattern):
+            train(tmp_path / "tb", cfg, progress=False, device="cpu")
+    assert not (tmp_path / "tb").exists()
+    with pytest.raises(DejaGuardError, match="at least one seed"):
+        evaluate(None, seeds=())
+    with pytest.raises(DejaGuardError, match="must number 1..240"):
+        evaluate(None, seeds=(0,), novel_count=241)

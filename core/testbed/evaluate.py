@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..denoiser import Denoiser
+from ..errors import DejaGuardError
 from ..metrics import structure_ssim
 from ..sampling import generate, prompt_seed
 from .data import MEMORIZED, RESOLUTION, check_alignment, heldout_specs, load_memorized_images, parse_prompt
@@ -108,6 +109,10 @@ def evaluate(
 ) -> dict:
     """Replication rates of the memorized prompts over ``seeds``, and replication and alignment
     of ``novel_count`` held-out compositional prompts (one prompt-derived seed each)."""
+    if len(seeds) < 1:
+        raise DejaGuardError("evaluation needs at least one seed")
+    if not 1 <= novel_count <= len(heldout_specs()):
+        raise DejaGuardError(f"novel prompts must number 1..{len(heldout_specs())}, got {novel_count}")
     training = load_memorized_images()
     mem = [(p, m) for m in MEMORIZED for p in m.eval_prompts]
     prompts = [p for p, _ in mem for _ in seeds]

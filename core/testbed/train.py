@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..denoiser import resolve_device
+from ..errors import DejaGuardError
 from .data import MEMORIZED, RESOLUTION, SINGLE_OBJECT_FRACTION, TrainingSampler
 from .vae import PooledColorAutoencoder
 
@@ -73,6 +74,19 @@ class TrainConfig:
     # magnitude exceeds this from the loss (one extra UNet forward without grad per step). None = off.
     filter_threshold: float | None = None
     filter_min_timestep: int = 0  # samples drawn below this timestep are never dropped (LossFilter.min_timestep)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Raise :class:`DejaGuardError` for a recipe that cannot train (no steps, an empty batch, a share outside
+    0..1), before any work is done."""
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise DejaGuardError(f"training needs at least 1 step of batch 1, got steps={cfg.steps}, "
+                             f"batch_size={cfg.batch_size}")
+    for name in ("memorized_fraction", "single_object_fraction", "caption_dropout", "ema_decay"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise DejaGuardError(f"{name} must lie in 0..1, got {getattr(cfg, name)}")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise DejaGuardError(f"learning rate must be a positive number, got {cfg.lr}")
 
 
 def build_text_encoder(cfg: TrainConfig) -> CLIPTextModel:
@@ -209,6 +223,7 @@ def train(out: Path, cfg: TrainConfig | None = None, progress: bool = True,
     training stream everywhere (the weights still differ in rounding across devices).
     """
     cfg = cfg or TrainConfig()
+    check_config(cfg)
     out = Path(out)
     device = resolve_device(device)
     torch.set_num_threads(cfg.threads)
