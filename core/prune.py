@@ -109,6 +109,9 @@ def subspace_mask(
     evaluations and the wall time."""
     if not 0.0 < ratio < 1.0:
         raise DejaGuardError(f"the pruning ratio must lie in (0, 1), got {ratio}")
+    if len(seeds) < 1 or not 1 <= steps <= num_inference_steps:
+        raise DejaGuardError(f"the subspace needs at least one seed and 1..{num_inference_steps} steps, "
+                             f"got {len(seeds)} seeds and {steps} steps")
     memorized_prompts = [p for p in memorized_prompts if p.strip()]
     if not memorized_prompts:
         raise DejaGuardError("no memorized prompts given")

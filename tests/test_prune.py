@@ -66,6 +66,9 @@ def test_bad_arguments_refused(testbed):
         subspace_mask(testbed, FIT, ratio=0.0)
     with pytest.raises(DejaGuardError, match="no memorized prompts"):
         subspace_mask(testbed, ["  "])
+    for kwargs in ({"seeds": ()}, {"steps": 0}, {"steps": 51}):
+        with pytest.raises(DejaGuardError, match="at least one seed and 1..50 steps"):
+            subspace_mask(testbed, FIT, **kwargs)
 
 
 @pytest.mark.slow
