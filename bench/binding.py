@@ -37,8 +37,9 @@ COLORS = list(data.COLORS)
 
 def _pair_specs(count: int, seed: int) -> tuple[list[data.SceneSpec], list[data.SceneSpec]]:
     """``count`` random training-distribution pairs (held-out contents excluded) and the held-out pairs."""
-    held = [s for s in data.heldout_specs() if len(s.objects) == 2]
-    excluded = {s.canonical().caption() for s in data.heldout_specs()}
+    heldout = data.heldout_specs()
+    held = [s for s in heldout if len(s.objects) == 2]
+    excluded = {s.canonical().caption() for s in heldout}
     rng = np.random.default_rng(seed)
     train: list[data.SceneSpec] = []
     while len(train) < count:

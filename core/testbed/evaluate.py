@@ -111,8 +111,9 @@ def evaluate(
     of ``novel_count`` held-out compositional prompts (one prompt-derived seed each)."""
     if len(seeds) < 1:
         raise DejaGuardError("evaluation needs at least one seed")
-    if not 1 <= novel_count <= len(heldout_specs()):
-        raise DejaGuardError(f"novel prompts must number 1..{len(heldout_specs())}, got {novel_count}")
+    heldout = heldout_specs()
+    if not 1 <= novel_count <= len(heldout):
+        raise DejaGuardError(f"novel prompts must number 1..{len(heldout)}, got {novel_count}")
     training = load_memorized_images()
     mem = [(p, m) for m in MEMORIZED for p in m.eval_prompts]
     prompts = [p for p, _ in mem for _ in seeds]
@@ -129,7 +130,7 @@ def evaluate(
             "replication_rate": float(np.mean([s > REPLICATION_SSIM for s in sims])),
             "ssim_median": float(np.median(sims)), "ssim_min": float(np.min(sims)),
         })
-    novel = [s.caption() for s in heldout_specs()[:novel_count]]
+    novel = [s.caption() for s in heldout[:novel_count]]
     novel_samples = generate(denoiser, novel, [prompt_seed(p) for p in novel], num_inference_steps,
                              guidance_scale, progress=progress)
     novel_images = thumbnails(denoiser, novel_samples)
