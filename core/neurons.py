@@ -819,6 +819,8 @@ class LocalizeSettings:
             raise DejaGuardError(f"unknown schedule {self.schedule!r} (fast or reference)")
         if self.seeds < 2 or self.batch < 1 or self.z_step <= 0 or self.verify_rounds < 0:
             raise DejaGuardError("NeMo needs at least 2 seeds, batch >= 1, z_step > 0 and verify_rounds >= 0")
+        if self.generation_steps < 1:
+            raise DejaGuardError(f"generation_steps must be at least 1, got {self.generation_steps}")
 
 
 Neuron = tuple[str, int]

@@ -93,6 +93,14 @@ def test_generate_bad_settings_are_one_line_errors(tmp_path, extra, pattern):
     assert not out.exists()
 
 
+def test_localize_bad_generation_steps_fail_before_any_work(tmp_path):
+    out = tmp_path / "m.safetensors"
+    proc = run("localize", "--prompt", "a red circle", "--out", str(out), "--score", "generation",
+               "--generation-steps", "0")
+    _one_line_error(proc, "generation_steps must be at least 1, got 0")
+    assert "statistics" not in proc.stderr and not out.exists()
+
+
 def test_model_without_cross_attention_exits_cleanly(tmp_path):
     from test_denoiser import _tiny_pixel_model
 
