@@ -168,7 +168,8 @@ def cmd_testbed_evaluate(args: argparse.Namespace) -> int:
     from .testbed.evaluate import evaluate
 
     denoiser = load_denoiser(args.model, device=args.device)
-    result = evaluate(denoiser, seeds=tuple(range(args.seeds)), novel_count=args.novel)
+    result = evaluate(denoiser, seeds=tuple(range(args.seeds)), novel_count=args.novel,
+                      novel_seeds=args.novel_seeds)
     summary = {k: v for k, v in result["memorized"].items() if k != "per_prompt"}
     print(json.dumps({"memorized": summary, "novel": result["novel"], "unconditional": result["unconditional"]},
                      indent=2))
@@ -481,8 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_testbed_train)
     sp = tb.add_parser("evaluate", help="measure the testbed's memorization and novel-prompt alignment")
     common(sp, scoring=False)
-    sp.add_argument("--seeds", type=int, default=16)
-    sp.add_argument("--novel", type=int, default=240)
+    sp.add_argument("--seeds", type=int, default=16, help="seeds per memorized prompt (default 16)")
+    sp.add_argument("--novel", type=int, default=240, help="held-out novel prompts, 1..240 (default 240)")
+    sp.add_argument("--novel-seeds", type=int, default=4, metavar="N",
+                    help="seeds per novel prompt (default 4; 1 is the protocol of v5's first figures)")
     sp.add_argument("--json", default=None)
     sp.set_defaults(func=cmd_testbed_evaluate)
     return p

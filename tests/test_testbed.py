@@ -139,3 +139,19 @@ def test_bad_training_and_evaluation_settings_fail_before_any_work(tmp_path):
         evaluate(None, seeds=())
     with pytest.raises(DejaGuardError, match="must number 1..240"):
         evaluate(None, seeds=(0,), novel_count=241)
+    with pytest.raises(DejaGuardError, match="at least one seed each, got 0"):
+        evaluate(None, seeds=(0,), novel_seeds=0)
+
+
+def test_evaluation_counts_every_seed_of_every_novel_prompt():
+    from dejaguard.core.testbed.evaluate import UNCONDITIONAL_SEEDS, evaluate
+
+    result = evaluate(load_denoiser(BUNDLED_TESTBED), seeds=(0,), novel_count=3, novel_seeds=2,
+                      num_inference_steps=2, progress=False)
+    novel = result["novel"]
+    assert (novel["prompts"], novel["seeds_per_prompt"], novel["generations"]) == (3, 2, 6)
+    assert len(novel["alignment_pass_rate_by_seed"]) == 2
+    assert novel["alignment_pass_rate"] == pytest.approx(np.mean(novel["alignment_pass_rate_by_seed"]))
+    assert novel["prompts_aligned_in_every_seed"] + novel["prompts_aligned_in_no_seed"] <= 3
+    memorized = result["memorized"]["prompts"]
+    assert result["unet_evals"] == 2 * 2 * (memorized + 6 + UNCONDITIONAL_SEEDS)

@@ -103,14 +103,23 @@ def evaluate(
     denoiser: Denoiser,
     seeds: Sequence[int] = EVAL_SEEDS,
     novel_count: int = 240,
+    novel_seeds: int = 1,
     num_inference_steps: int = 50,
     guidance_scale: float = 7.5,
     progress: bool = True,
 ) -> dict:
     """Replication rates of the memorized prompts over ``seeds``, and replication and alignment
-    of ``novel_count`` held-out compositional prompts (one prompt-derived seed each)."""
+    of ``novel_count`` held-out compositional prompts over ``novel_seeds`` prompt-derived seeds each
+    (``prompt_seed(prompt, g)``, g = 0 .. novel_seeds - 1: one seed reproduces the earlier protocol).
+
+    A novel prompt's alignment is its pass rate over its seeds; the headline rate is the mean over
+    prompts, and ``alignment_pass_rate_by_seed`` gives the rate at each seed index alone, which shows
+    how far one seed per prompt can stray.
+    """
     if len(seeds) < 1:
         raise DejaGuardError("evaluation needs at least one seed")
+    if novel_seeds < 1:
+        raise DejaGuardError(f"novel prompts need at least one seed each, got {novel_seeds}")
     heldout = heldout_specs()
     if not 1 <= novel_count <= len(heldout):
         raise DejaGuardError(f"novel prompts must number 1..{len(heldout)}, got {novel_count}")
@@ -131,11 +140,15 @@ def evaluate(
             "ssim_median": float(np.median(sims)), "ssim_min": float(np.min(sims)),
         })
     novel = [s.caption() for s in heldout[:novel_count]]
-    novel_samples = generate(denoiser, novel, [prompt_seed(p) for p in novel], num_inference_steps,
-                             guidance_scale, progress=progress)
+    novel_runs = [(p, g) for p in novel for g in range(novel_seeds)]
+    novel_samples = generate(denoiser, [p for p, _ in novel_runs], [prompt_seed(p, g) for p, g in novel_runs],
+                             num_inference_steps, guidance_scale, progress=progress)
     novel_images = thumbnails(denoiser, novel_samples)
     neighbours = [nearest_training_image(img, training) for img in novel_images]
-    aligned = [check_alignment(img, p) for img, p in zip(novel_images, novel)]
+    # aligned[i, g]: prompt i's generation at seed index g passes the checker
+    aligned = np.array([check_alignment(img, p) for img, (p, _) in zip(novel_images, novel_runs)],
+                       dtype=float).reshape(len(novel), novel_seeds)
+    objects = np.array([len(parse_prompt(p).objects) for p in novel])
     # The unconditional model (empty prompt; CFG is then a no-op): how often "no text" draws a planted image.
     uncond_seeds = [prompt_seed("", g) for g in range(UNCONDITIONAL_SEEDS)]
     uncond_images = thumbnails(denoiser, generate(denoiser, [""] * len(uncond_seeds), uncond_seeds,
@@ -147,7 +160,7 @@ def evaluate(
         by_kind[kind] = {"prompts": len(rates), "mean_replication_rate": float(np.mean(rates)),
                          "min_replication_rate": float(np.min(rates))}
     return {
-        "settings": {"seeds": list(seeds), "num_inference_steps": num_inference_steps,
+        "settings": {"seeds": list(seeds), "novel_seeds": novel_seeds, "num_inference_steps": num_inference_steps,
                      "guidance_scale": guidance_scale, "replication_ssim": REPLICATION_SSIM,
                      "replication_measure": "core.metrics.structure_ssim (blurred, standardized luminance)"},
         "memorized": {
@@ -160,20 +173,23 @@ def evaluate(
         },
         "novel": {
             "prompts": len(novel),
+            "seeds_per_prompt": novel_seeds,
+            "generations": len(novel_runs),
             "replicating_any_training_image": int(sum(n.replicates for n in neighbours)),
             "max_ssim_to_training_images": _quantiles([n.ssim for n in neighbours]),
-            "alignment_pass_rate": float(np.mean(aligned)),
-            "alignment_pass_rate_by_objects": {
-                str(k): float(np.mean([a for a, p in zip(aligned, novel) if len(parse_prompt(p).objects) == k]))
-                for k in sorted({len(parse_prompt(p).objects) for p in novel})
-            },
+            "alignment_pass_rate": float(aligned.mean()),
+            "alignment_pass_rate_by_objects": {str(k): float(aligned[objects == k].mean())
+                                               for k in sorted(set(objects.tolist()))},
+            "alignment_pass_rate_by_seed": [float(r) for r in aligned.mean(axis=0)],
+            "prompts_aligned_in_every_seed": int((aligned == 1).all(axis=1).sum()),
+            "prompts_aligned_in_no_seed": int((aligned == 0).all(axis=1).sum()),
         },
         "unconditional": {
             "generations": len(uncond_seeds),
             "replicating_any_training_image": int(sum(n.replicates for n in uncond_neighbours)),
             "replicated_images": sorted({n.name for n in uncond_neighbours if n.replicates}),
         },
-        "unet_evals": int(2 * num_inference_steps * (len(prompts) + len(novel) + len(uncond_seeds))),
+        "unet_evals": int(2 * num_inference_steps * (len(prompts) + len(novel_runs) + len(uncond_seeds))),
     }
 
 
