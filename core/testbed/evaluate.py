@@ -103,14 +103,14 @@ def evaluate(
     denoiser: Denoiser,
     seeds: Sequence[int] = EVAL_SEEDS,
     novel_count: int = 240,
-    novel_seeds: int = 1,
+    novel_seeds: int = 4,
     num_inference_steps: int = 50,
     guidance_scale: float = 7.5,
     progress: bool = True,
 ) -> dict:
     """Replication rates of the memorized prompts over ``seeds``, and replication and alignment
     of ``novel_count`` held-out compositional prompts over ``novel_seeds`` prompt-derived seeds each
-    (``prompt_seed(prompt, g)``, g = 0 .. novel_seeds - 1: one seed reproduces the earlier protocol).
+    (``prompt_seed(prompt, g)``, g = 0 .. novel_seeds - 1; ``novel_seeds=1`` is the protocol before 2026-12-03).
 
     A novel prompt's alignment is its pass rate over its seeds; the headline rate is the mean over
     prompts, and ``alignment_pass_rate_by_seed`` gives the rate at each seed index alone, which shows
