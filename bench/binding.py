@@ -132,7 +132,7 @@ def token_roles(denoiser: Denoiser, spec: data.SceneSpec, length: int = 77) -> l
         word.append(len(roles) - 1)
         if not piece.endswith("</w>"):
             continue
-        text = "".join(pieces[j - 1] for j in word).removesuffix("</w>").replace("</w>", "")
+        text = "".join(pieces[j - 1] for j in word).replace("</w>", "")
         if text in data.COLORS:
             colours += 1
             role = f"colour{colours}"

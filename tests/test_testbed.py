@@ -122,6 +122,14 @@ def test_text_encoder_states_colour_binding_of_heldout_pairs():
     assert result["heldout_pairs"] >= 200
     assert result["noun1_to_colour1"]["heldout"] >= 0.9 and result["noun2_to_colour2"]["heldout"] >= 0.9
     assert result["control_embedding_noun1_to_colour1"]["heldout"] <= 0.4
+    # the cross-attention part: every text position counted once; at t = 999 the image is not visible, so no
+    # routing (the control), and one cond pass per pair and timestep
+    attention = result["attention"]
+    assert attention["layers"] == 7 and attention["unet_evals"] == 3 * attention["pairs"]
+    for row in attention["by_timestep"].values():
+        assert sum(row["mass"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert 0.0 <= row["colour_routing"] <= 1.0 and 0.0 <= row["shape_routing"] <= 1.0
+    assert abs(attention["by_timestep"]["999"]["colour_routing"] - 0.5) < 0.1
 
 
 def test_bad_training_and_evaluation_settings_fail_before_any_work(tmp_path):
