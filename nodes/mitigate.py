@@ -128,8 +128,9 @@ class DejaGuardMitigateEmbedding:
                  calibration: str = "") -> dict[str, Any]:
         if not positive or not negative:
             raise DejaGuardError("DejaGuard Mitigate Embedding: empty conditioning; connect CLIPTextEncode outputs")
-        threshold, target, source = resolve_levels(model, threshold, target, calibration)
         samples = latent_image["samples"]
+        denoiser = ComfyDenoiser(model, None, sample_shape=tuple(samples.shape[1:]))  # refuses unsupported models
+        threshold, target, source = resolve_levels(model, threshold, target, calibration)
         noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))  # KSampler's own x_T
         progress = comfy.utils.ProgressBar(len(positive) * (max_iterations + 1))
         done = [0]
@@ -139,7 +140,6 @@ class DejaGuardMitigateEmbedding:
             done[0] += 1
             progress.update_absolute(done[0])
 
-        denoiser = ComfyDenoiser(model, None, sample_shape=tuple(samples.shape[1:]))
         uncond = negative[0][0]
         out, entries = [], []
         with torch.inference_mode(False):  # graphs run under inference mode; core clones what it optimizes
