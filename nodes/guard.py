@@ -26,13 +26,12 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..core.denoiser import BUNDLED_TESTBED
-from ..core.detect import CALIBRATION_FILE, ScoreSettings, load_threshold
+from ..core.calibration import find_calibration
+from ..core.detect import ScoreSettings
 from ..core.errors import DejaGuardError
 from ..core.sampling import text_conditional_magnitude
 from .model_check import ModelInfo, check_supported, comfy_fingerprint
@@ -289,28 +288,23 @@ class GuardState:
                 "summary": summarize(run, self.threshold, self.threshold_source, notes)}
 
 
+NO_THRESHOLD_HINT = ("set the node's 'threshold' (for a Stable Diffusion checkpoint: run `dejaguard calibrate` on the "
+                     "diffusers version of the model and enter the threshold it reports)")
+
+
 def resolve_threshold(model: Any, threshold: float, calibration: str = "") -> tuple[float, str]:
     """(threshold, where it came from). ``threshold > 0`` wins; else the calibration that matches this model.
 
-    ``calibration``: a calibration JSON file or a diffusers model folder holding one (default: the
-    bundled testbed). The model must be the calibrated one: its :func:`~nodes.model_check.comfy_fingerprint`
-    equals the fingerprint stored in the calibration (``DiffusersDenoiser.fingerprint()`` of that UNet).
+    ``calibration``: a calibration JSON file or a diffusers model folder holding one (default: the bundled
+    testbed), looked up by :func:`core.calibration.find_calibration` with this model's UNet fingerprint.
     """
     if threshold > 0:
         return float(threshold), "set on the node"
-    path = Path(calibration.strip()).expanduser() if calibration.strip() else BUNDLED_TESTBED
-    file = path / CALIBRATION_FILE if path.is_dir() else path
-    hint = ("set the guard's 'threshold' (for a Stable Diffusion checkpoint: run `dejaguard calibrate` on the "
-            "diffusers version of the model and enter the threshold it reports)")
-    if not file.is_file():
-        raise DejaGuardError(f"no calibrated threshold: {file} does not exist; {hint}")
     try:
-        fingerprint = comfy_fingerprint(model)
-        value = load_threshold(file, ScoreSettings(), fingerprint)
+        found = find_calibration(calibration.strip() or None, ScoreSettings(), comfy_fingerprint(model))
     except DejaGuardError as err:
-        raise DejaGuardError(f"this model has no calibrated threshold in {file}: {err}; {hint}") from err
-    name = "testbed calibration" if file.parent == BUNDLED_TESTBED else f"calibration {file}"
-    return value, name
+        raise DejaGuardError(f"this model has no calibrated threshold: {err}; {NO_THRESHOLD_HINT}") from err
+    return found.threshold, found.source
 
 
 # -- nodes ---------------------------------------------------------------------------------------
