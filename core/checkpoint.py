@@ -111,18 +111,34 @@ def _one_line(err: BaseException) -> str:
 
 def _open(path: Path) -> Any:
     """``safe_open`` of a file already checked to exist; one-line errors for files that are not safetensors."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         return safe_open(str(path), framework="pt", device="cpu")
-    except Exception as err:  # SafetensorError, or OSError from the header read
-        with open(path, "rb") as f:
-            head = f.read(8)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise DejaGuardError(_diagnose(path, err)) from None
+
+
+def _diagnose(path: Path, err: BaseException) -> str:
+    """Why ``path`` does not open as safetensors: a pickle under another name, a file cut short (its header
+    intact: 8-byte length, JSON, data offsets beyond the end of the file), or another format."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:  # the header only; nothing is unpickled
+        head = f.read(8)
         if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise DejaGuardError(f"{path.name} is a pickled PyTorch file despite its name; refused: unpickling "
-                                 "runs code the file carries (convert it to .safetensors)") from None
-        raise DejaGuardError(f"{path.name} is not a readable safetensors file (truncated or another format): "
-                             f"{_one_line(err)}") from None
+            return (f"{path.name} is a pickled PyTorch file despite its name; refused: unpickling runs code the "
+                    "file carries (convert it to .safetensors)")
+        length = int.from_bytes(head, "little") if len(head) == 8 else size
+        try:
+            header = json.loads(f.read(length)) if 8 + length <= size else None
+        except ValueError:
+            header = None
+    if isinstance(header, dict):
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+        needed = 8 + length + max(ends, default=0)
+        if needed > size:
+            return f"{path.name} is truncated: {size} bytes, its header describes {needed} (copy it again)"
+    return f"{path.name} is not a safetensors file (another format, or damaged): {_one_line(err)}"
 
 
 def detect_family(shapes: Mapping[str, tuple[int, ...]], v_marker: torch.Tensor | None = None) -> Family:
@@ -200,8 +216,8 @@ def _read(f: Any, path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
             if key.startswith(wanted):
                 tensor = f.get_tensor(key)
                 weights[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    except Exception as err:  # a file cut short fails here, at the first tensor past its end
-        raise DejaGuardError(f"{path.name} is truncated or damaged: {_one_line(err)}") from None
+    except (OSError, ValueError, RuntimeError) as err:  # safe_open checked the size; a damaged disk fails here
+        raise DejaGuardError(f"{path.name} could not be read: {_one_line(err)}") from None
     for key in [k for k in weights if k.startswith(CLIP_L) and not k.startswith(CLIP_L + "text_model.")]:
         weights[key.replace(CLIP_L, CLIP_L + "text_model.", 1)] = weights.pop(key)  # older SD1 layout
     return weights

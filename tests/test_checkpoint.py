@@ -101,7 +101,7 @@ def test_random_bytes_are_not_safetensors(tmp_path):
     path = tmp_path / "noise.safetensors"
     path.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
                                    dtype=torch.uint8).numpy().tobytes())
-    _one_line_error("not a readable safetensors file", load_checkpoint, path)
+    _one_line_error("is not a safetensors file", load_checkpoint, path)
 
 
 def test_truncated_file(tmp_path):
@@ -110,7 +110,8 @@ def test_truncated_file(tmp_path):
     data = path.read_bytes()
     header = struct.unpack("<Q", data[:8])[0]
     path.write_bytes(data[: 8 + header + 1000])  # header intact, tensors cut short
-    _one_line_error("truncated", load_checkpoint, path)
+    message = _one_line_error("is truncated", load_checkpoint, path)
+    assert f"{8 + header + 1000} bytes" in message
 
 
 @pytest.mark.parametrize(("keys", "match"), [
