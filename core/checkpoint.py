@@ -99,9 +99,9 @@ class VPredictionDenoiser(DiffusersDenoiser):
                       text_embeddings: torch.Tensor) -> torch.Tensor:
         v = super().predict_noise(samples, timestep, text_embeddings)
         t = torch.as_tensor(timestep).long().cpu().reshape(-1)
-        abar = self.scheduler.alphas_cumprod[t].to(samples.device, torch.float64)
+        abar = self.scheduler.alphas_cumprod[t].to(samples.device, torch.float32)  # float32: MPS has no float64
         abar = abar.reshape(-1, *([1] * (samples.dim() - 1)))
-        eps = abar.sqrt() * v.double() + (1.0 - abar).sqrt() * samples.double()
+        eps = abar.sqrt() * v.float() + (1.0 - abar).sqrt() * samples.float()
         return eps.to(v.dtype)
 
 
