@@ -37,7 +37,14 @@ from dejaguard.core.errors import DejaGuardError
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from checkpoint_fixtures import COMFY_PYTHON, REPO, builder_available, checkpoint_file  # noqa: E402
+from checkpoint_fixtures import (  # noqa: E402
+    COMFY_PYTHON,
+    FIXTURE_VERSION,
+    REPO,
+    _is_current,
+    builder_available,
+    checkpoint_file,
+)
 
 PROMPTS = ["a photograph of an astronaut riding a horse", "an oil painting of a lighthouse at dusk"]
 CLIP_L_KEY = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
@@ -182,6 +189,16 @@ def test_v_prediction_returns_epsilon(testbed):
 
 needs_builder = pytest.mark.skipif(not builder_available(),
                                    reason="ComfyUI not set up (tests/comfy/setup_comfy.sh): it writes the fixtures")
+
+
+def test_fixture_cache_rebuilds_stale_files(tmp_path):
+    """A cached fixture counts only with the current FIXTURE_VERSION in its metadata (and a readable file)."""
+    for version, current in ((FIXTURE_VERSION, True), ("0", False)):
+        path = tmp_path / f"v{version}.safetensors"
+        save_file({"w": torch.zeros(1)}, str(path), metadata={"dejaguard_fixture": version})
+        assert _is_current(path) is current
+    path.write_bytes(path.read_bytes()[:-2])
+    assert not _is_current(path)
 
 
 def _in_comfy(path: Path) -> dict:
