@@ -199,9 +199,7 @@ def mitigate_embedding(
                         if on_iteration:
                             on_iteration(iterations, score)
                         if score <= target or iterations == max_iterations:
-                            # counters count a backward with every grad-enabled forward; this one is not back-propagated
-                            denoiser.counter.backwards -= n
-                            break
+                            break  # this iterate is never back-propagated: the counter counts no backward for it
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     _checked_step(opt, emb, iterations)
