@@ -165,6 +165,11 @@ def test_cli_generate_mitigate(tmp_path: Path, capsys):
     assert "0 iterations" in text and out.is_file() and out.stat().st_size > 0
     assert main(["generate", "--prompt", " ", "--out", str(out), "--device", "cpu"]) == 2
     assert "empty prompt" in capsys.readouterr().err
+    # more steps than the model's schedule: a one-line error (exit 2), not diffusers' ValueError traceback
+    for extra in ([], ["--mitigate", "embedding", "--target", "1e6"]):
+        assert main(["generate", "--prompt", MEMORIZED_PROMPT, "--steps", "2000", "--out", str(out),
+                     "--device", "cpu", *extra]) == 2
+        assert "2000 sampling steps" in capsys.readouterr().err
 
 
 def test_threshold_and_target_levels(testbed):
