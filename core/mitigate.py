@@ -23,9 +23,12 @@ planted image: the memorized image re-forms in the later steps, or the trajector
 memorized basin. lr 0.2 and 20 iterations: 54%. The mean score over the first 3 or 5 guided steps as the
 objective (``trajectory_steps``, 5-8x the cost): 71% and 46%. Three extra noises per prompt: 75%. Half the
 median as target at lr 0.1 is not reached in 10 iterations (79%). Half the median at lr 0.3 within 30
-iterations: **0%** (17.4 iterations on average, 20 UNet forwards per generation). The testbed's conditioning
-rows are layer-normed like SD's CLIP outputs (per-element std 0.97), so lr means the same step size there. On
-the testbed a memorized prompt has no meaning besides its image, so stopping the copy also loses the
+iterations: **0%** (17.4 iterations on average, 20 UNet forwards per generation). These 24 pairs (written down as
+each image's first evaluation prompt x seeds 0 and 1, the bench's convention: ``bench.mitigation.TUNING_PROMPTS``
+x ``TUNING_SEEDS``) are among the 512 (32 prompts x 16 seeds) of the README's headline figure;
+``python -m bench.mitigation --held-out`` measures on prompts and seeds disjoint from them. The testbed's
+conditioning rows are layer-normed like SD's CLIP outputs (per-element std 0.97), so lr means the same step size
+there. On the testbed a memorized prompt has no meaning besides its image, so stopping the copy also loses the
 "subject": of the mitigated generations a fifth still have their own image as the nearest training image.
 On testbed v2 (weaker memorization) lr 0.1 to the median had stopped 63% of replication.
 

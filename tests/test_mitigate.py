@@ -254,3 +254,19 @@ def test_levels_for_trajectory_settings(tmp_path: Path, testbed):
         default_levels(path, testbed.fingerprint())
     with pytest.raises(DejaGuardError, match="median"):
         levels_from_calibration({"threshold": 1.0})
+
+
+def test_bench_held_out_pairs_are_disjoint_from_the_tuning_set():
+    """Defect 8: the pairs that chose the mitigation defaults are written down, the headline run overlaps them in 24
+    of 512 pairs, and --held-out measures on prompts and seeds that did not choose them."""
+    from bench.mitigation import TUNING_PROMPTS, TUNING_SEEDS, memorized_jobs
+
+    assert len(TUNING_PROMPTS) == 12 and len(TUNING_SEEDS) == 2
+    jobs, owners = memorized_jobs(16, held_out=False)
+    assert len(jobs) == 32 * 16 == len(owners)
+    assert sum(p in TUNING_PROMPTS and s in TUNING_SEEDS for p, s in jobs) == 24
+    held, owners = memorized_jobs(16, held_out=True)
+    assert len(held) == 20 * 16 == len(owners)
+    assert not {p for p, _ in held} & set(TUNING_PROMPTS) and not {s for _, s in held} & set(TUNING_SEEDS)
+    assert all(p in m.eval_prompts for (p, _), m in zip(held, owners))
+    assert memorized_jobs(1, held_out=True, prompts=2)[0] == [(held[0][0], 2), (held[16][0], 2)]
