@@ -36,7 +36,7 @@ default levels of ``core.mitigate.default_levels`` unless ``--threshold`` / ``--
   "a weaker partial copy": read it beside ``ssim_after_median``); and ``text_direction_cosine``: the cosine between
   the first-step text-conditional directions ``eps(x_T, c) - eps(x_T, "")`` before and after mitigation (1 = the
   prompt still pushes the first step the same way, only less strongly).
-- Cost: ``mean_iterations`` (optimizer steps), ``unet_evals_per_prompt`` (UNet forward passes of the mitigation per
+- Cost: ``mean_iterations`` (optimizer steps), ``unet_evals_per_prompt`` (noise predictions of the mitigation per
   (prompt, seed), the detector's batched call included; backward passes as ``unet_backwards_per_prompt``), over
   memorized and novel pairs separately.
 

@@ -83,7 +83,8 @@ class MitigationResult:
     ``N`` noises before / after (with ``trajectory_steps`` > 1: the mean over the trajectory's steps too);
     ``scores``: the score at every evaluated iterate (``scores[0]`` is ``score_before``). ``first_step_score``:
     the input's first-step magnitude, which ``threshold`` is compared with (``score_before`` when
-    ``trajectory_steps`` is 1). ``unet_forwards`` / ``unet_backwards``: samples through the UNet (the counter).
+    ``trajectory_steps`` is 1). ``unet_forwards``: noise predictions ("evals", ``UNetCounter.forwards``);
+    ``unet_backwards``: samples back-propagated through the UNet (counted when the gradient flows).
     """
 
     embedding: torch.Tensor
