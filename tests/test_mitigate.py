@@ -270,3 +270,29 @@ def test_bench_held_out_pairs_are_disjoint_from_the_tuning_set():
     assert not {p for p, _ in held} & set(TUNING_PROMPTS) and not {s for _, s in held} & set(TUNING_SEEDS)
     assert all(p in m.eval_prompts for (p, _), m in zip(held, owners))
     assert memorized_jobs(1, held_out=True, prompts=2)[0] == [(held[0][0], 2), (held[16][0], 2)]
+
+
+def test_progress_convention(testbed):
+    """Every method reports progress(done, total, stage) (core.progress): mitigation per iterate, ending at total when
+    it stops early; scoring, generation and explanation per unit of work."""
+    from dejaguard.core.explain import token_significance
+
+    calls = []
+
+    def progress(done, total, stage=""):
+        calls.append((done, total, stage))
+
+    mitigate_prompt(testbed, NOVEL_PROMPT, [5], target=1e6, max_iterations=4, progress=progress)
+    assert calls == [(0, 4, "mitigation"), (4, 4, "mitigation")]
+    calls.clear()
+    mitigate_prompt(testbed, MEMORIZED_PROMPT, [0], target=1e-6, max_iterations=2, progress=progress)
+    assert calls == [(0, 2, "mitigation"), (1, 2, "mitigation"), (2, 2, "mitigation")]
+    calls.clear()
+    first_step_scores(testbed, [NOVEL_PROMPT, MEMORIZED_PROMPT], batch_size=1, progress=progress)
+    assert calls == [(0, 2, "scoring"), (1, 2, "scoring"), (2, 2, "scoring")]
+    calls.clear()
+    generate(testbed, [NOVEL_PROMPT], [0], num_inference_steps=1, progress=progress)
+    assert calls == [(0, 1, "generating"), (1, 1, "generating")]
+    calls.clear()
+    token_significance(testbed, "kraken wallpaper", steps=2, progress=progress)
+    assert calls == [(1, 2, "explain"), (2, 2, "explain")]
