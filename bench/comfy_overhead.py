@@ -6,10 +6,14 @@ from the repository root. It needs ComfyUI's modules, so when started with anoth
 itself with ``.comfy/venv/bin/python`` (built by ``bash tests/comfy/setup_comfy.sh``). In one process it loads the
 testbed through the DejaGuard Testbed Loader, warms up, then alternates plain and guarded sampling (ABBA
 order against drift) with the same seed, timing ``nodes.common_ksampler`` (what KSampler runs) and counting
-forward calls of the diffusion model. Prints a table, then as its LAST line one JSON object:
+the diffusion model's forward calls and the samples they carry. As everywhere in DejaGuard, "calls" are batched
+UNet calls and "evals" noise predictions (samples through the UNet: a cond/uncond pair counts 2, so one call of
+a CFG batch of B images is 2B evals). Prints a table, then as its LAST line one JSON object:
 ``overhead_ratio`` (fastest guarded / fastest plain wall time, timeit's rule: the fastest run is the one other
-processes disturbed least; target <= 1.02), ``extra_unet_evals`` (guarded minus plain UNet forward calls per run;
-target 0 at CFG > 1), ``median_wall_ratio`` and ``cpu_time_ratio`` (medians of wall and process CPU time),
+processes disturbed least; target <= 1.02), ``extra_unet_evals`` and ``extra_unet_calls`` (guarded minus plain
+noise predictions and UNet calls per run; target 0 at CFG > 1), ``unet_evals_per_run`` and
+``unet_calls_per_run`` (of the first timed run of each variant), ``median_wall_ratio`` and ``cpu_time_ratio``
+(medians of wall and process CPU time),
 ``hook_fraction`` (time inside the guard's post-CFG function / median plain CPU time: the overhead free of
 machine noise) and the raw timings. On a busy machine trust ``cpu_time_ratio`` and ``hook_fraction``.
 """
@@ -28,7 +32,6 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 COMFY_DIR = REPO / ".comfy" / "ComfyUI"
 COMFY_PYTHON = REPO / ".comfy" / "venv" / "bin" / "python"
-FALLBACK_MODELS = [Path("/tmp/runs/main/checkpoints/step_900"), Path("/tmp/runs/main/checkpoints/step_450")]
 
 
 def _reexec_with_comfy_python() -> None:
@@ -74,9 +77,9 @@ def main() -> None:
 
     logging.getLogger().setLevel(logging.WARNING)  # ComfyUI logs every model load
     comfy.utils.PROGRESS_BAR_ENABLED = False
-    folder = opts.model or next((f for f in (BUNDLED_TESTBED, *FALLBACK_MODELS) if (f / "unet").is_dir()), None)
-    if folder is None:
-        sys.exit("no testbed weights: train the testbed or pass --model")
+    folder = opts.model or BUNDLED_TESTBED
+    if not (folder / "unet").is_dir():
+        sys.exit(f"no model weights in {folder} (no unet/): train the testbed or pass --model")
     calibrated = (folder / "dejaguard_calibration.json").is_file()
 
     with torch.inference_mode():
@@ -96,22 +99,29 @@ def main() -> None:
             hook_s[0] += time.perf_counter() - start
 
         state.observe = timed_observe  # type: ignore[method-assign]
-        calls = {"n": 0}
-        handle = model.model.diffusion_model.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+        unet = {"calls": 0, "evals": 0}
 
-        def run(which: Any) -> tuple[float, float, int]:
-            """(wall s, process CPU s, UNet forward calls) of one KSampler run."""
-            before, cpu = calls["n"], time.process_time()
+        def count(_module: Any, inputs: Any, _output: Any) -> None:
+            unet["calls"] += 1
+            unet["evals"] += int(inputs[0].shape[0])  # samples in this call: noise predictions
+
+        handle = model.model.diffusion_model.register_forward_hook(count)
+
+        def run(which: Any) -> tuple[float, float, int, int]:
+            """(wall s, process CPU s, UNet calls, noise predictions) of one KSampler run."""
+            before, cpu = dict(unet), time.process_time()
             start = time.perf_counter()
             comfy_nodes.common_ksampler(which, opts.seed, opts.steps, opts.cfg, "euler", "normal", positive,
                                         negative, latent)
-            return time.perf_counter() - start, time.process_time() - cpu, calls["n"] - before
+            return (time.perf_counter() - start, time.process_time() - cpu, unet["calls"] - before["calls"],
+                    unet["evals"] - before["evals"])
 
         run(model)  # warm-up: loads the model, allocator, kernels
         run(guarded)
         hook_s[0] = 0.0
         times: dict[str, list[float]] = {"plain": [], "guarded": []}
         cpu: dict[str, list[float]] = {"plain": [], "guarded": []}
+        calls: dict[str, list[int]] = {"plain": [], "guarded": []}
         evals: dict[str, list[int]] = {"plain": [], "guarded": []}
         print(f"model {folder} | {opts.steps} steps, CFG {opts.cfg}, batch {opts.batch}, {opts.threads} thread(s), "
               f"{'cuda' if torch.cuda.is_available() else 'cpu'}")
@@ -120,10 +130,11 @@ def main() -> None:
             order = ("plain", "guarded") if rep % 2 == 0 else ("guarded", "plain")  # ABBA against drift
             row = {}
             for name in order:
-                t, c, n = run(model if name == "plain" else guarded)
+                t, c, n, e = run(model if name == "plain" else guarded)
                 times[name].append(t)
                 cpu[name].append(c)
-                evals[name].append(n)
+                calls[name].append(n)
+                evals[name].append(e)
                 row[name] = (t, c, n)
             p, g = row["plain"], row["guarded"]
             print(f"{rep + 1:>4} {p[0]:>9.3f} {g[0]:>10.3f} {g[0] / p[0]:>7.3f} {p[1]:>7.3f}/{g[1]:<7.3f} "
@@ -135,20 +146,24 @@ def main() -> None:
     median_ratio = statistics.median(times["guarded"]) / statistics.median(times["plain"])
     cpu_ratio = statistics.median(cpu["guarded"]) / statistics.median(cpu["plain"])
     extra = statistics.mean(evals["guarded"]) - statistics.mean(evals["plain"])
+    extra_calls = statistics.mean(calls["guarded"]) - statistics.mean(calls["plain"])
     hook_per_run = hook_s[0] / opts.reps
     hook_fraction = hook_per_run / statistics.median(cpu["plain"])  # CPU time: robust when the machine is busy
     print(f"fastest plain {plain:.3f} s, guarded {guard:.3f} s: overhead ratio {ratio:.4f} (target <= 1.02; "
           f"median wall ratio {median_ratio:.4f}, median CPU-time ratio {cpu_ratio:.4f}); "
-          f"extra UNet evaluations per run {extra:g} (target 0 at CFG > 1); time inside the guard's hook "
+          f"extra noise predictions per run {extra:g} in {extra_calls:g} extra UNet calls (target 0 at CFG > 1); "
+          "time inside the guard's hook "
           f"{1000 * hook_per_run:.2f} ms per run = {hook_fraction:.3%} of plain sampling CPU time; last run scores "
           f"{state.runs[-1].scores if state.runs else None}")
     print(json.dumps({
-        "overhead_ratio": round(ratio, 4), "extra_unet_evals": extra, "median_wall_ratio": round(median_ratio, 4),
+        "overhead_ratio": round(ratio, 4), "extra_unet_evals": extra, "extra_unet_calls": extra_calls,
+        "median_wall_ratio": round(median_ratio, 4),
         "cpu_time_ratio": round(cpu_ratio, 4),
         "plain_s": [round(t, 4) for t in times["plain"]], "guarded_s": [round(t, 4) for t in times["guarded"]],
         "plain_cpu_s": [round(t, 4) for t in cpu["plain"]], "guarded_cpu_s": [round(t, 4) for t in cpu["guarded"]],
         "hook_s_per_run": round(hook_per_run, 6), "hook_fraction": round(hook_fraction, 6),
-        "unet_calls_per_run": {"plain": evals["plain"][0], "guarded": evals["guarded"][0]},
+        "unet_calls_per_run": {"plain": calls["plain"][0], "guarded": calls["guarded"][0]},
+        "unet_evals_per_run": {"plain": evals["plain"][0], "guarded": evals["guarded"][0]},
         "steps": opts.steps, "cfg": opts.cfg, "batch": opts.batch, "threads": opts.threads, "model": str(folder),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
     }))

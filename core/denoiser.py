@@ -14,7 +14,7 @@ import copy
 import hashlib
 import json
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -109,17 +109,21 @@ class Denoiser(Protocol):
         """The UNet's named modules (names end as in diffusers: ``...attn2.to_v``, ``...ff.net.2``)."""
 
     def fingerprint(self) -> str:
-        """A stable identifier of the UNet weights (see :func:`module_fingerprint`)."""
+        """A stable identifier of the UNet weights (see :func:`state_fingerprint`)."""
 
 
-def module_fingerprint(module: torch.nn.Module) -> str:
-    """Hash of every parameter's name, shape and a strided sample of its values.
+def state_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
+    """The one model fingerprint: a hash of every tensor's name, shape and a strided sample of its values.
 
-    Cheap on an 860M-parameter UNet and different for any two trained models; not a full-weight
+    ``tensors``: name -> tensor of any shape, e.g. a UNet's ``state_dict()`` under diffusers names (the
+    ComfyUI adapter maps its own names to those, so both adapters give one model one fingerprint). Hashed in
+    sorted name order, so the order of the mapping does not matter. About 256 values per tensor, read as
+    float32: cheap on an 860M-parameter UNet and different for any two trained models; not a full-weight
     hash, so edits of single unsampled weights can go unnoticed (masks are checked by shape too).
+    Calibration files and neuron masks store this value: it must never change for the same weights.
     """
     h = hashlib.sha256()
-    for name, p in sorted(module.state_dict().items()):  # by name: ComfyUI orders modules differently
+    for name, p in sorted(tensors.items()):
         flat = p.detach().reshape(-1)
         step = max(1, flat.numel() // 256)
         h.update(name.encode())
@@ -219,11 +223,16 @@ class DiffusersDenoiser:
             raise DejaGuardError(
                 f"unsupported model: unet/ is a {unet_cls or 'unknown model'}, not a text-conditioned "
                 "UNet2DConditionModel (no cross-attention)")
+        for component in ("unet", "text_encoder", "vae"):
+            if component != "vae" or (folder / component).is_dir():
+                safetensors_weights(folder / component)  # never fall back to pickled .bin weights
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
-                text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32)
+                unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32,
+                                                            use_safetensors=True)
+                text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32,
+                                                             use_safetensors=True)
                 tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
                 scheduler = _load_scheduler(folder / "scheduler")
                 vae = _load_vae(folder / "vae") if (folder / "vae").is_dir() else None
@@ -324,7 +333,7 @@ class DiffusersDenoiser:
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = module_fingerprint(self.unet)
+            self._fingerprint = state_fingerprint(self.unet.state_dict())
         return self._fingerprint
 
 
@@ -334,6 +343,26 @@ def _placed(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -
     if first is not None and first.dtype != dtype:
         module = module.to(dtype=dtype)
     return module.to(device).eval().requires_grad_(False)
+
+
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+
+
+def safetensors_weights(component: Path) -> Path:
+    """The weights file of a diffusers-format component folder (``unet/``, ``text_encoder/``, ``vae/``).
+
+    The one rule for both loaders (this module's :meth:`DiffusersDenoiser.from_folder` and the ComfyUI
+    loader in ``nodes/diffusers_folder.py``): weights are read from one ``.safetensors`` file only, never
+    from pickled ``.bin`` / ``.ckpt`` files, since unpickling a downloaded file can run arbitrary code
+    (diffusers and transformers would fall back to ``.bin`` silently). DejaGuardError, one line, otherwise.
+    """
+    for name in WEIGHT_FILES:
+        if (component / name).is_file():
+            return component / name
+    pickled = sorted(p.name for p in component.glob("*") if p.suffix in (".bin", ".ckpt", ".pt", ".pth"))
+    found = f" (found only pickled {', '.join(pickled)})" if pickled else ""
+    raise DejaGuardError(f"{component} has no .safetensors weights{found}: pickled weights are not loaded "
+                         "because unpickling can run arbitrary code; convert them to safetensors")
 
 
 def _config_class(component: Path) -> str | None:
@@ -361,11 +390,11 @@ def _load_vae(path: Path) -> torch.nn.Module:
     if name == "PooledColorAutoencoder":
         from .testbed.vae import PooledColorAutoencoder
 
-        return PooledColorAutoencoder.from_pretrained(path)
+        return PooledColorAutoencoder.from_pretrained(path, use_safetensors=True)
     cls = getattr(diffusers, name or "", None)
     if cls is None:
         raise DejaGuardError(f"unsupported vae/ class {name!r} in {path.parent}")
-    return cls.from_pretrained(path, torch_dtype=torch.float32)
+    return cls.from_pretrained(path, torch_dtype=torch.float32, use_safetensors=True)
 
 
 def load_denoiser(model: str | Path | None = None, **kwargs: Any) -> DiffusersDenoiser:

@@ -23,6 +23,11 @@ Spaces and parametrization (shapes: ``B`` batch, ``C, H, W`` latent, ``L = 77``,
   ``alphas_cumprod = 1 / (1 + sigmas^2)`` (so patched schedules are honoured), trailing spacing,
   epsilon prediction: its first timestep is 999, the first timestep of ComfyUI's "normal" scheduler.
 
+Support, names and fingerprint come from the adapter core, ``nodes/model_check.py``: the constructor runs
+:func:`~nodes.model_check.check_supported` (so every node that builds this adapter refuses what the Guard
+refuses, with the same message), :meth:`named_modules` uses its one diffusers <-> ComfyUI name map and
+:meth:`fingerprint` is its :func:`~nodes.model_check.comfy_fingerprint`.
+
 What is honoured from the ModelPatcher: weight patches (LoRA, DejaGuard neuron masks), object
 patches and ``transformer_options`` patches (attention patches), because the model is loaded with
 ``comfy.model_management.load_models_gpu`` exactly as a sampler loads it. Sampler-level hooks (CFG
@@ -57,12 +62,11 @@ from typing import Any
 
 import comfy.model_base
 import comfy.model_management
-import comfy.model_sampling
-import comfy.utils
 import torch
 
-from ..core.denoiser import UNetCounter, module_fingerprint
+from ..core.denoiser import UNetCounter
 from ..core.errors import DejaGuardError, NonFiniteError
+from .model_check import check_supported, comfy_fingerprint, diffusers_names, model_sampling
 
 
 class _ApplyModel(torch.nn.Module):
@@ -89,41 +93,6 @@ class _EncodeFromTokens(torch.nn.Module):
 
     def forward(self, tokens: dict[str, list[list[tuple[Any, ...]]]]) -> torch.Tensor:
         return self._denoiser._encode_with_token_hook(tokens, self._hook)
-
-
-def diffusers_names(unet: torch.nn.Module, unet_config: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
-    """ComfyUI -> diffusers names of the UNet's parameters and modules (``comfy.utils.unet_to_diffusers``).
-
-    Parameters: those the map covers and the model has. Modules: the owners of those parameters
-    (``input_blocks.1.1.transformer_blocks.0.attn2.to_v`` ->
-    ``down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v``), their parents while both names
-    share their tail, and the block where they differ (``input_blocks.1.1`` -> ``down_blocks.0.attentions.0``).
-    Modules without a diffusers twin (``input_blocks.1``) are not mapped. Empty if the config cannot be mapped.
-    """
-    try:
-        mapping = comfy.utils.unet_to_diffusers(unet_config)  # diffusers param -> comfy param
-    except (KeyError, TypeError, IndexError):
-        return {}, {}
-    present = set(unet.state_dict())
-    params = {c: d for d, c in mapping.items() if c in present}
-    modules: dict[str, str] = {}
-    for c_param, d_param in params.items():
-        c_parts, d_parts = c_param.split(".")[:-1], d_param.split(".")[:-1]
-        while c_parts and d_parts:
-            modules.setdefault(".".join(c_parts), ".".join(d_parts))
-            same = c_parts[-1] == d_parts[-1] and (not c_parts[-1].isdigit() or c_parts[-2:-1] == d_parts[-2:-1])
-            if not same:  # an index counts as shared only with the same list name before it
-                break
-            c_parts, d_parts = c_parts[:-1], d_parts[:-1]
-    return params, modules
-
-
-def model_sampling(model: Any) -> Any:
-    """The model's sampling object (sigmas, timestep <-> sigma), object patches included
-    (e.g. the stock ModelSamplingDiscrete node switching to v-prediction)."""
-    if hasattr(model, "get_model_object"):  # newer ComfyUI
-        return model.get_model_object("model_sampling")
-    return getattr(model, "object_patches", {}).get("model_sampling", model.model.model_sampling)
 
 
 def default_sample_shape(model: Any) -> tuple[int, int, int]:
@@ -153,19 +122,7 @@ class ComfyDenoiser:
 
     def __init__(self, model: Any, clip: Any, vae: Any = None, sample_shape: tuple[int, int, int] | None = None,
                  callback: Callable[[UNetCounter], None] | None = None) -> None:
-        base = getattr(model, "model", None)
-        if base is None or not hasattr(base, "diffusion_model") or not hasattr(base, "apply_model"):
-            raise DejaGuardError(f"unsupported MODEL {type(model).__name__}: expected a ComfyUI ModelPatcher of "
-                                 "a UNet diffusion model")
-        sampling = model_sampling(model)
-        if not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete) or len(sampling.sigmas) != 1000:
-            raise DejaGuardError(f"unsupported model: {base.model_type.name} with {type(sampling).__name__}"
-                                 " (DejaGuard handles discrete-time eps or v-prediction models: SD1.x, SD2.x)")
-        if getattr(base, "adm_channels", 0):  # BaseModel.is_adm() is gone from late-2025 ComfyUI
-            raise DejaGuardError(f"unsupported model {type(base).__name__}: it needs pooled/ADM conditioning "
-                                 "(SDXL-class); DejaGuard handles SD1.x and SD2.x UNets")
-        if not any(n.endswith("attn2.to_v") for n, _ in base.diffusion_model.named_modules()):
-            raise DejaGuardError("unsupported model: the UNet has no cross-attention layers (attn2.to_v)")
+        self.info = check_supported(model)  # the one support check: every node building the adapter inherits it
         if clip is not None and not hasattr(clip, "tokenize"):  # None: UNet-only use (text methods then refuse)
             raise DejaGuardError("a CLIP text encoder is required (connect the loader's CLIP output)")
         self.model = model
@@ -178,8 +135,9 @@ class ComfyDenoiser:
         self.callback = callback
         self._weights: dict[str, torch.Tensor] | None = None
         self._clip_weights: dict[str, torch.Tensor] | None = None
+        base = model.model
         self._wrapper = _ApplyModel(base)
-        self._param_names, self._names = diffusers_names(base.diffusion_model, base.model_config.unet_config)
+        _, self._names = diffusers_names(base.diffusion_model, base.model_config.unet_config)
         self._fingerprint: str | None = None
 
     # -- text ----------------------------------------------------------------------------------
@@ -419,29 +377,11 @@ class ComfyDenoiser:
         return inverse.get(name, name)
 
     def fingerprint(self) -> str:
-        """:func:`~core.denoiser.module_fingerprint` of the UNet's *unpatched* weights (weight patches
-        such as a neuron mask do not change it) under their diffusers names, in sorted name order."""
+        """:func:`~nodes.model_check.comfy_fingerprint` of the MODEL: its UNet's *unpatched* weights (weight
+        patches such as a neuron mask do not change it) under their diffusers names."""
         if self._fingerprint is None:
-            self._fingerprint = unet_fingerprint(self.model, self._param_names)
+            self._fingerprint = comfy_fingerprint(self.model)
         return self._fingerprint
-
-
-def unet_fingerprint(model: Any, param_names: dict[str, str] | None = None) -> str:
-    """The one fingerprint of a ComfyUI MODEL: :func:`~core.denoiser.module_fingerprint` of its UNet's
-    *unpatched* weights (``model_check.unpatched_unet_weights``: weight patches such as a neuron mask or a LoRA
-    do not change it) under their diffusers names. Equal to ``DiffusersDenoiser.fingerprint()`` of the same
-    weights loaded with diffusers (and to ``model_check.diffusers_fingerprint``), so neuron masks and
-    calibrations made with the CLI are recognized in a graph and vice versa. ``param_names``: ComfyUI ->
-    diffusers parameter names (:func:`diffusers_names`), computed if not given.
-    """
-    from .model_check import unpatched_unet_weights
-
-    if param_names is None:
-        base = model.model
-        param_names, _ = diffusers_names(base.diffusion_model, base.model_config.unet_config)
-    with torch.inference_mode(False):
-        state = {param_names.get(name, name): tensor for name, tensor in unpatched_unet_weights(model).items()}
-        return module_fingerprint(StateView(state))
 
 
 def _clone_saved_activations(weights: list[torch.Tensor]) -> Any:
@@ -458,13 +398,3 @@ def _clone_saved_activations(weights: list[torch.Tensor]) -> Any:
 
     return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
-
-class StateView(torch.nn.Module):
-    """A module whose ``state_dict()`` is ``state`` sorted by name (for :func:`module_fingerprint`)."""
-
-    def __init__(self, state: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        self._state = dict(sorted(state.items()))
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        return self._state

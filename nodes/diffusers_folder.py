@@ -5,14 +5,15 @@ is one: 32..128 channels, 16 GroupNorm groups, 96-wide CLIP), so that stock Comf
 (CLIPTextEncode, EmptyLatentImage, KSampler, VAEDecode, ...) accept them unchanged:
 
 - MODEL: ``comfy.model_base.BaseModel`` whose ``unet_config`` is derived from ``unet/config.json``,
-  weights renamed with ``comfy.utils.unet_to_diffusers``, GroupNorm group counts patched (ComfyUI
-  hard-codes 32), noise schedule from ``scheduler/``, in a ``ModelPatcher``.
+  weights renamed with the adapter's one name map (``model_check.diffusers_names``), GroupNorm group
+  counts patched (ComfyUI hard-codes 32), noise schedule from ``scheduler/``, in a ``ModelPatcher``.
 - CLIP: ``comfy.sd.CLIP`` over ``comfy.sd1_clip.SD1ClipModel`` built from ``text_encoder/config.json``
   and the folder's own ``tokenizer/``; conditioning = last_hidden_state (after the final layer norm).
 - VAE: the fixed ``PooledColorAutoencoder`` (latents ``(B, 4, h, w)`` <-> images ``(B, 8h, 8w, 3)``)
   wrapped in :class:`PooledColorVAE`; a diffusers ``AutoencoderKL`` goes to ``comfy.sd.VAE``.
 
-Weights are read from ``.safetensors`` files only. Loading runs outside ``torch.inference_mode``
+Weights are read from ``.safetensors`` files only (``core.denoiser.safetensors_weights``, the rule the core
+loader follows too: pickled ``.bin`` files are refused, never unpickled). Loading runs outside ``torch.inference_mode``
 so the parameters are ordinary tensors that gradient-based nodes can use later.
 """
 
@@ -30,11 +31,12 @@ import comfy.model_patcher
 import comfy.sd
 import comfy.sd1_clip
 import comfy.supported_models_base
-import comfy.utils
 import safetensors.torch
 import torch
 
+from ..core.denoiser import safetensors_weights
 from ..core.errors import DejaGuardError
+from .model_check import diffusers_names
 
 # diffusers beta_schedule -> ComfyUI make_beta_schedule name (ComfyUI's "linear" is SD's scaled linear).
 _BETA_SCHEDULES = {"scaled_linear": "linear", "linear": "sqrt_linear"}
@@ -45,13 +47,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise DejaGuardError(f"cannot read {path}: {err}") from err
-
-
-def _weights_file(component: Path) -> Path:
-    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
-        if (component / name).is_file():
-            return component / name
-    raise DejaGuardError(f"{component} has no .safetensors weights (pickled .bin files are not loaded)")
 
 
 def _per_level(value: int | list[int], levels: int, name: str) -> list[int]:
@@ -180,12 +175,7 @@ def load_unet(folder: Path, latent_format: DiffusersLatentFormat) -> comfy.model
     """``folder/unet`` (+ ``scheduler/``) -> MODEL. The diffusion model is ``.model.diffusion_model``."""
     unet_config, groups = unet_config_from_diffusers(_read_json(folder / "unet" / "config.json"))
     settings, model_type = sampling_settings_from_scheduler(folder)
-    sd = safetensors.torch.load_file(str(_weights_file(folder / "unet")))
-    key_map = comfy.utils.unet_to_diffusers(unet_config)  # diffusers name -> ComfyUI name
-    unknown = sorted(k for k in sd if k not in key_map)
-    if unknown:
-        raise DejaGuardError(f"unet weights do not fit the derived config: {unknown[:5]} ...")
-    new_sd = {key_map[k]: v for k, v in sd.items()}
+    sd = safetensors.torch.load_file(str(safetensors_weights(folder / "unet")))
 
     config = DiffusersModelConfig(unet_config)
     config.sampling_settings = settings
@@ -199,6 +189,12 @@ def load_unet(folder: Path, latent_format: DiffusersLatentFormat) -> comfy.model
     config.set_inference_dtype(dtype, manual_cast)
     model = config.get_model({}, "", device=offload_device)
     set_group_norm_groups(model.diffusion_model, groups)
+    params, _ = diffusers_names(model.diffusion_model, unet_config)
+    to_comfy = {d: c for c, d in params.items()}
+    unknown = sorted(k for k in sd if k not in to_comfy)
+    if unknown:
+        raise DejaGuardError(f"unet weights do not fit the derived config: {unknown[:5]} ...")
+    new_sd = {to_comfy[k]: v for k, v in sd.items()}
     missing, unexpected = model.diffusion_model.load_state_dict(new_sd, strict=False)
     if missing or unexpected:
         raise DejaGuardError(f"unet weights incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -225,7 +221,7 @@ def load_clip(folder: Path, embedding_directory: list[str] | str | None = None) 
     target.params = {"clip_model": functools.partial(comfy.sd1_clip.SDClipModel,
                                                      textmodel_json_config=str(config_path))}
     clip = comfy.sd.CLIP(target, embedding_directory=embedding_directory)
-    sd = safetensors.torch.load_file(str(_weights_file(folder / "text_encoder")))
+    sd = safetensors.torch.load_file(str(safetensors_weights(folder / "text_encoder")))
     # transformers >= 5 saves CLIPTextModel without the "text_model." prefix that ComfyUI's module has.
     sd = {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v for k, v in sd.items()}
     missing, unexpected = clip.load_sd(sd)
@@ -304,7 +300,7 @@ def load_vae(folder: Path) -> tuple[Any, DiffusersLatentFormat]:
         factors = module.color_matrix.tolist()  # (4, 3): rgb = latent @ M, exactly the decoder
         return PooledColorVAE(module), DiffusersLatentFormat(scale, factors)
     if name == "AutoencoderKL":  # ComfyUI converts diffusers AutoencoderKL weights itself
-        vae = comfy.sd.VAE(sd=safetensors.torch.load_file(str(_weights_file(folder / "vae"))))
+        vae = comfy.sd.VAE(sd=safetensors.torch.load_file(str(safetensors_weights(folder / "vae"))))
         return vae, DiffusersLatentFormat(scale, None)
     raise DejaGuardError(f"unsupported vae/ class {name!r} in {folder}")
 

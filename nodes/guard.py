@@ -26,16 +26,15 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..core.denoiser import BUNDLED_TESTBED
-from ..core.detect import CALIBRATION_FILE, ScoreSettings, load_threshold
+from ..core.calibration import find_calibration
+from ..core.detect import ScoreSettings
 from ..core.errors import DejaGuardError
 from ..core.sampling import text_conditional_magnitude
-from .model_check import ModelInfo, check_supported, diffusers_fingerprint
+from .model_check import ModelInfo, check_supported, comfy_fingerprint
 
 log = logging.getLogger("DejaGuard")
 
@@ -89,7 +88,7 @@ class RunRecord:
     full_noise: bool  # first step at sigma_max: comparable with the calibrated threshold
     scores: list[float] | None  # per image; None when unavailable (CFG 1)
     flagged: list[bool]
-    extra_unet_evals: int  # UNet evaluations the guard added (0, or 1 at CFG 1 on request)
+    extra_unet_evals: int  # noise predictions the guard added: 0, or B (one unconditional pass) at CFG 1 on request
     status: str  # "ok" or why there is no score
     last_denoised: torch.Tensor | None = field(default=None, repr=False)  # (B, C, H, W), model latent space
 
@@ -107,7 +106,8 @@ def summarize(run: RunRecord, threshold: float, source: str, notes: Sequence[str
             lines.append(f"image {i + 1}: score {s:.4g} {'>' if f else '<='} {threshold:.4g}"
                          f"{'  MEMORIZED' if f else '  ok'}")
     if run.extra_unet_evals:
-        lines.append(f"spent {run.extra_unet_evals} extra UNet evaluation (CFG 1 has no unconditional prediction)")
+        lines.append(f"spent {run.extra_unet_evals} extra noise prediction{'s' if run.extra_unet_evals > 1 else ''} "
+                     "(CFG 1 has no unconditional prediction)")
     if not run.full_noise:
         lines.append(f"note: the run started at sigma {run.first_sigma:.4g}, below sigma_max (img2img, denoise < 1 "
                      "or a late start step): the threshold is calibrated for the first step of a full-noise run")
@@ -182,7 +182,8 @@ def request_first_step_uncond(model_options: dict[str, Any]) -> bool:
 
 
 def _extra_uncond_prediction(args: dict[str, Any]) -> torch.Tensor | None:
-    """One extra UNet evaluation of the unconditional branch at this step ``(B, C, H, W)``; None if impossible."""
+    """The unconditional prediction at this step ``(B, C, H, W)`` from one extra UNet call (B noise predictions);
+    None if impossible."""
     import comfy.samplers
 
     uncond, x, sigma = args.get("uncond"), args["input"], args["sigma"]
@@ -242,17 +243,18 @@ class GuardState:
 
     def _start_run(self, args: dict[str, Any], sigma: float) -> None:
         x, cond_denoised, uncond_denoised = args["input"], args["cond_denoised"], args["uncond_denoised"]
-        extra, status = 0, "ok"
+        extra, status = 0, "ok"  # extra: noise predictions added (an unconditional pass of the batch counts B)
+        batch = int(x.shape[0])
         skipped = _uncond_skipped(args)
         options = args.get("model_options")
         if options is not None and options.pop(_FIRST_STEP_UNCOND, False):
             options["disable_cfg1_optimization"] = False  # in this run's copy: the later steps skip it again
-            extra = int(_at_cfg_1(args) and not skipped)  # the sampler evaluated it on the guard's request
+            extra = batch * int(_at_cfg_1(args) and not skipped)  # the sampler evaluated it on the guard's request
         if skipped:
             uncond_denoised = None
             if self.cfg1_mode == CFG1_EXTRA_EVAL:
-                uncond_denoised = _extra_uncond_prediction(args)
-                extra = int(uncond_denoised is not None)
+                uncond_denoised = _extra_uncond_prediction(args)  # one extra UNet call of B samples
+                extra = batch * int(uncond_denoised is not None)
             status = ("ok" if uncond_denoised is not None else
                       "unavailable at CFG 1: ComfyUI computes no unconditional prediction; use CFG > 1 or set "
                       f"the guard's at_cfg_1 to '{CFG1_EXTRA_EVAL}'")
@@ -262,7 +264,7 @@ class GuardState:
         flagged = [s > self.threshold for s in scores] if scores is not None else []
         if self.runs and self.runs[-1].last_denoised is not None:  # keep older runs' final latents off the GPU
             self.runs[-1].last_denoised = self.runs[-1].last_denoised.detach().cpu()
-        run = RunRecord(index=(self.runs[-1].index + 1) if self.runs else 1, batch=int(x.shape[0]),
+        run = RunRecord(index=(self.runs[-1].index + 1) if self.runs else 1, batch=batch,
                         shape=tuple(x.shape), first_sigma=sigma,
                         full_noise=sigma >= self.info.sigma_max * (1 - 1e-3), scores=scores, flagged=flagged,
                         extra_unet_evals=extra, status=status)
@@ -286,32 +288,23 @@ class GuardState:
                 "summary": summarize(run, self.threshold, self.threshold_source, notes)}
 
 
+NO_THRESHOLD_HINT = ("set the node's 'threshold' (for a Stable Diffusion checkpoint: run `dejaguard calibrate` on the "
+                     "diffusers version of the model and enter the threshold it reports)")
+
+
 def resolve_threshold(model: Any, threshold: float, calibration: str = "") -> tuple[float, str]:
     """(threshold, where it came from). ``threshold > 0`` wins; else the calibration that matches this model.
 
-    ``calibration``: a calibration JSON file or a diffusers model folder holding one (default: the
-    bundled testbed). The model must be the calibrated one: same UNet fingerprint as
-    ``core.denoiser.module_fingerprint`` of the diffusers UNet in that folder.
+    ``calibration``: a calibration JSON file or a diffusers model folder holding one (default: the bundled
+    testbed), looked up by :func:`core.calibration.find_calibration` with this model's UNet fingerprint.
     """
     if threshold > 0:
         return float(threshold), "set on the node"
-    path = Path(calibration.strip()).expanduser() if calibration.strip() else BUNDLED_TESTBED
-    file = path / CALIBRATION_FILE if path.is_dir() else path
-    hint = ("set the guard's 'threshold' (for a Stable Diffusion checkpoint: run `dejaguard calibrate` on the "
-            "diffusers version of the model and enter the threshold it reports)")
-    if not file.is_file():
-        raise DejaGuardError(f"no calibrated threshold: {file} does not exist; {hint}")
-    unet_config = file.parent / "unet" / "config.json"
-    if not unet_config.is_file():
-        raise DejaGuardError(f"cannot tell whether this model is the one calibrated in {file} "
-                             f"({unet_config} missing); {hint}")
     try:
-        fingerprint = diffusers_fingerprint(model, unet_config)
-        value = load_threshold(file, ScoreSettings(), fingerprint)
+        found = find_calibration(calibration.strip() or None, ScoreSettings(), comfy_fingerprint(model))
     except DejaGuardError as err:
-        raise DejaGuardError(f"this model has no calibrated threshold in {file}: {err}; {hint}") from err
-    name = "testbed calibration" if file.parent == BUNDLED_TESTBED else f"calibration {file}"
-    return value, name
+        raise DejaGuardError(f"this model has no calibrated threshold: {err}; {NO_THRESHOLD_HINT}") from err
+    return found.threshold, found.source
 
 
 # -- nodes ---------------------------------------------------------------------------------------
@@ -336,7 +329,8 @@ class DejaGuardMemorizationGuard:
                     "default": CFG1_UNAVAILABLE,
                     "tooltip": "At CFG 1 ComfyUI skips the unconditional prediction the score needs. "
                                "'report unavailable': no score (the verdict says so). 'one extra UNet "
-                               "evaluation': compute it once, at the first step only."}),
+                               "evaluation': compute it once, at the first step only (one unconditional "
+                               "noise prediction per image)."}),
             },
             "optional": {
                 "calibration": ("STRING", {

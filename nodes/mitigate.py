@@ -7,7 +7,7 @@ the same seed and latent): if the text-conditional magnitude ``||eps(x_T, positi
 (mean over the latent batch) exceeds the threshold, until it is at or below the target. Conditioning at or
 below the threshold comes back unchanged (the same tensors, zero iterations). Defaults (0) come from the
 model's calibration: threshold = detection threshold, target = half the median score of non-memorized prompts
-(``core.mitigate.default_levels``). The negative conditioning plays the unconditional prompt; the calibration
+(``core.calibration.resolve_levels``). The negative conditioning plays the unconditional prompt; the calibration
 assumes an empty negative prompt, as the Memorization Guard does.
 
 Runs outside inference mode on cloned tensors (graphs execute under ``torch.inference_mode()``); the cached model
@@ -17,8 +17,6 @@ and the input conditioning are not modified. Reports iterations, score before/af
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import comfy.model_management
@@ -26,37 +24,33 @@ import comfy.sample
 import comfy.utils
 import torch
 
-from ..core.denoiser import BUNDLED_TESTBED
-from ..core.detect import CALIBRATION_FILE, ScoreSettings
+from ..core.calibration import resolve_levels as core_resolve_levels
 from ..core.errors import DejaGuardError
 from ..core.mitigate import (
     DEFAULT_LR,
     DEFAULT_MAX_ITERATIONS,
     MitigationResult,
-    levels_from_calibration,
     mitigate_embedding,
 )
 from .comfy_denoiser import ComfyDenoiser
-from .guard import resolve_threshold
+from .guard import NO_THRESHOLD_HINT
+from .model_check import comfy_fingerprint
 
 UI_KEY = "dejaguard_mitigation"
 
 
 def resolve_levels(model: Any, threshold: float, target: float, calibration: str = "") -> tuple[float, float, str]:
     """(threshold, target, where they came from): values > 0 set on the node win; 0 = from the calibration that
-    matches this model (as the guard finds its threshold): core.mitigate.levels_from_calibration."""
-    if threshold > 0 and target > 0:
-        if threshold < target:
-            raise DejaGuardError(f"threshold ({threshold}) must be >= target ({target})")
-        return float(threshold), float(target), "set on the node"
-    calibrated, source = resolve_threshold(model, 0.0, calibration)  # checks the file and the fingerprint
-    path = Path(calibration.strip()).expanduser() if calibration.strip() else BUNDLED_TESTBED
-    file = path / CALIBRATION_FILE if path.is_dir() else path
-    threshold = float(threshold) if threshold > 0 else calibrated
-    if target <= 0:
-        _, target = levels_from_calibration(json.loads(file.read_text())[ScoreSettings().key()], str(file))
-        target = min(target, threshold)  # a threshold set below the calibrated target lowers it (as the CLI does)
-    return max(threshold, target), target, source
+    matches this model (as the guard finds its threshold), by :func:`core.calibration.resolve_levels`."""
+    given = (threshold if threshold > 0 else None, target if target > 0 else None)
+    fingerprint = "" if None not in given else comfy_fingerprint(model)
+    try:
+        levels = core_resolve_levels(*given, calibration.strip() or None, fingerprint)
+    except DejaGuardError as err:
+        if None not in given:
+            raise
+        raise DejaGuardError(f"this model has no calibrated mitigation levels: {err}; {NO_THRESHOLD_HINT}") from err
+    return levels.threshold, levels.target, "set on the node" if levels.source == "given" else levels.source
 
 
 def summary_text(entries: list[dict[str, Any]], threshold: float, target: float, source: str) -> str:
@@ -128,8 +122,9 @@ class DejaGuardMitigateEmbedding:
                  calibration: str = "") -> dict[str, Any]:
         if not positive or not negative:
             raise DejaGuardError("DejaGuard Mitigate Embedding: empty conditioning; connect CLIPTextEncode outputs")
-        threshold, target, source = resolve_levels(model, threshold, target, calibration)
         samples = latent_image["samples"]
+        denoiser = ComfyDenoiser(model, None, sample_shape=tuple(samples.shape[1:]))  # refuses unsupported models
+        threshold, target, source = resolve_levels(model, threshold, target, calibration)
         noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))  # KSampler's own x_T
         progress = comfy.utils.ProgressBar(len(positive) * (max_iterations + 1))
         done = [0]
@@ -139,7 +134,6 @@ class DejaGuardMitigateEmbedding:
             done[0] += 1
             progress.update_absolute(done[0])
 
-        denoiser = ComfyDenoiser(model, None, sample_shape=tuple(samples.shape[1:]))
         uncond = negative[0][0]
         out, entries = [], []
         with torch.inference_mode(False):  # graphs run under inference mode; core clones what it optimizes

@@ -1,24 +1,34 @@
-"""Which ComfyUI models DejaGuard's guard supports, and which calibrated model a MODEL is.
+"""The ComfyUI adapter core: which MODELs DejaGuard supports, their diffusers names, and their fingerprint.
 
-Supported: the SD1.x / SD2.x family (ComfyUI's plain ``BaseModel`` over the openaimodel ``UNetModel``
-with SD-style cross-attention ``attn2`` fed by a single text encoder) and DejaGuard's testbed,
-which has that layout at a tiny size. Everything is read from the ModelPatcher; nothing is
-changed (the cached model that other graphs use stays as it is).
+Three decisions every node needs, each made once here:
+
+- **Support** (:func:`check_supported`): the SD1.x / SD2.x family (ComfyUI's plain ``BaseModel`` over the
+  openaimodel ``UNetModel`` with SD-style cross-attention ``attn2`` fed by a single text encoder,
+  discrete-time epsilon or v-prediction schedule of 1000 steps) and DejaGuard's testbed, which has that
+  layout at a tiny size. :class:`~nodes.comfy_denoiser.ComfyDenoiser` calls it in its constructor, so every
+  node that builds the adapter refuses exactly what the Guard refuses, with the same message.
+- **Names** (:func:`diffusers_names`): ComfyUI names UNet weights ``input_blocks.1.1...``, diffusers (and so
+  core, neuron masks and the CLI) ``down_blocks.0.attentions.0...``; ``comfy.utils.unet_to_diffusers`` holds
+  the map, read here only.
+- **Fingerprint** (:func:`comfy_fingerprint`): core's :func:`~core.denoiser.state_fingerprint` of the
+  unpatched UNet weights under their diffusers names, equal to ``DiffusersDenoiser.fingerprint()`` of the
+  same weights loaded with diffusers, so calibrations and masks made with the CLI are recognized in a graph.
+
+Everything is read from the ModelPatcher; nothing is changed (the cached model that other graphs use stays
+as it is).
 """
 
 from __future__ import annotations
 
-import json
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import comfy.model_base
+import comfy.model_sampling
 import comfy.utils
 import torch
 
-from ..core.denoiser import module_fingerprint
+from ..core.denoiser import state_fingerprint
 from ..core.errors import DejaGuardError
 
 # Model classes of other families, by name: not every ComfyUI version defines all of them.
@@ -54,11 +64,14 @@ def check_supported(model: Any) -> ModelInfo:
     The first-step score ``||eps(x_T, c) - eps(x_T, 0)||`` is defined for any text-conditioned model,
     but thresholds, token explanations and neuron masks assume SD1/SD2-style cross-attention
     (``...transformer_blocks.N.attn2.to_v`` reading ``(B, 77, D)`` text embeddings) and one text
-    encoder, so other families are refused with the reason.
+    encoder, so other families are refused with the reason. All the rules live here:
+    :class:`~nodes.comfy_denoiser.ComfyDenoiser` calls this in its constructor (so Token Highlighting, Mitigate
+    and Localize Neurons inherit it); the Guard and the mask nodes, which build no adapter, call it directly.
     """
     base = getattr(model, "model", None)
-    if not isinstance(base, torch.nn.Module):
-        raise DejaGuardError(f"not a ComfyUI MODEL (ModelPatcher): {type(model).__name__}")
+    if not isinstance(base, torch.nn.Module) or not hasattr(base, "diffusion_model") \
+            or not hasattr(base, "apply_model"):
+        raise DejaGuardError(f"not a ComfyUI MODEL (ModelPatcher of a UNet diffusion model): {type(model).__name__}")
     kind = type(base).__name__
     if kind in _OTHER_FAMILIES:
         raise DejaGuardError(f"unsupported model: {_OTHER_FAMILIES[kind]}. DejaGuard supports SD1.x, SD2.x and "
@@ -85,11 +98,15 @@ def check_supported(model: Any) -> ModelInfo:
     if config.get("in_channels", 4) != 4 or config.get("out_channels", 4) != 4:
         raise DejaGuardError(
             f"unsupported model {kind}: {config.get('in_channels')} input channels (inpainting or image-conditioned "
-            "UNet); the guard needs a 4-channel text-to-image UNet.")
+            "UNet); DejaGuard needs a 4-channel text-to-image UNet.")
     type_name = getattr(getattr(base, "model_type", None), "name", "EPS")
     if type_name not in _PREDICTIONS:
         raise DejaGuardError(f"unsupported noise parametrization {type_name} (DejaGuard supports epsilon and "
                              "v-prediction with the SD discrete schedule)")
+    sampling = model_sampling(model)
+    if not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete) or len(sampling.sigmas) != 1000:
+        raise DejaGuardError(f"unsupported model {kind}: {type_name} with {type(sampling).__name__} (DejaGuard "
+                             "supports discrete-time epsilon or v-prediction models of 1000 steps: SD1.x, SD2.x)")
     notes = []
     if type_name == "V_PREDICTION":
         notes.append("v-prediction model: the score uses the implied noise eps = (x - denoised) / sigma")
@@ -98,30 +115,40 @@ def check_supported(model: Any) -> ModelInfo:
                      sigma_max=float(base.model_sampling.sigma_max), notes=notes)
 
 
-class _NamedTensors:
-    """Duck-typed stand-in for a module: :func:`module_fingerprint` only calls ``state_dict()``."""
-
-    def __init__(self, tensors: OrderedDict[str, torch.Tensor]) -> None:
-        self._tensors = tensors
-
-    def state_dict(self) -> OrderedDict[str, torch.Tensor]:
-        return self._tensors
+def model_sampling(model: Any) -> Any:
+    """The model's sampling object (sigmas, timestep <-> sigma), object patches included
+    (e.g. the stock ModelSamplingDiscrete node switching to v-prediction)."""
+    if hasattr(model, "get_model_object"):  # newer ComfyUI
+        return model.get_model_object("model_sampling")
+    return getattr(model, "object_patches", {}).get("model_sampling", model.model.model_sampling)
 
 
-def diffusers_key_order(unet_config_path: Path) -> list[tuple[str, torch.Size]]:
-    """(name, shape) of the diffusers ``UNet2DConditionModel`` described by ``unet/config.json``, in module order.
+def diffusers_names(unet: torch.nn.Module, unet_config: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """The one diffusers <-> ComfyUI name map: ComfyUI -> diffusers names of the UNet's parameters and modules.
 
-    Built on the meta device (no memory, no weights): the order is what ``module_fingerprint`` hashes.
+    Read from ``comfy.utils.unet_to_diffusers(unet_config)`` (diffusers param -> ComfyUI param). Parameters:
+    those the map covers and ``unet`` has (invert the dict for diffusers -> ComfyUI, as the folder loader
+    does). Modules: the owners of those parameters (``input_blocks.1.1.transformer_blocks.0.attn2.to_v`` ->
+    ``down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v``), their parents while both names share their
+    tail, and the block where they differ (``input_blocks.1.1`` -> ``down_blocks.0.attentions.0``). Modules
+    without a diffusers twin (``input_blocks.1``) are not mapped. Both empty if the config cannot be mapped.
     """
     try:
-        from diffusers import UNet2DConditionModel
-    except ImportError as err:
-        raise DejaGuardError("matching a model to its calibration needs the diffusers package; "
-                             "set 'threshold' instead") from err
-    config = json.loads(unet_config_path.read_text())
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
-    return [(name, t.shape) for name, t in unet.state_dict().items()]
+        mapping = comfy.utils.unet_to_diffusers(unet_config)  # diffusers param -> comfy param
+    except (KeyError, TypeError, IndexError):
+        return {}, {}
+    present = set(unet.state_dict())
+    params = {c: d for d, c in mapping.items() if c in present}
+    modules: dict[str, str] = {}
+    for c_param, d_param in params.items():
+        c_parts, d_parts = c_param.split(".")[:-1], d_param.split(".")[:-1]
+        while c_parts and d_parts:
+            modules.setdefault(".".join(c_parts), ".".join(d_parts))
+            same = c_parts[-1] == d_parts[-1] and (not c_parts[-1].isdigit() or c_parts[-2:-1] == d_parts[-2:-1])
+            if not same:  # an index counts as shared only with the same list name before it
+                break
+            c_parts, d_parts = c_parts[:-1], d_parts[:-1]
+    return params, modules
 
 
 def unpatched_unet_weights(model: Any) -> dict[str, torch.Tensor]:
@@ -137,22 +164,14 @@ def unpatched_unet_weights(model: Any) -> dict[str, torch.Tensor]:
     return weights
 
 
-def diffusers_fingerprint(model: Any, unet_config_path: Path) -> str:
-    """``core.denoiser.module_fingerprint`` of the diffusers UNet with the same weights as this ComfyUI MODEL.
-
-    ComfyUI names its UNet weights differently (``input_blocks.1.1...``); ``comfy.utils.unet_to_diffusers``
-    maps them back. DejaGuardError if the architectures differ (then it is not the calibrated model).
-    The hash reads the unpatched weights in their loaded dtype (fp16 weights hash differently from fp32 ones).
+def comfy_fingerprint(model: Any) -> str:
+    """The one fingerprint of a ComfyUI MODEL: :func:`~core.denoiser.state_fingerprint` of its UNet's unpatched
+    weights (:func:`unpatched_unet_weights`: weight patches such as a neuron mask or a LoRA do not change it), in
+    their loaded dtype, under their diffusers names (:func:`diffusers_names`; a weight without a diffusers twin
+    keeps its ComfyUI name). Equal to ``DiffusersDenoiser.fingerprint()`` of the same weights loaded with
+    diffusers, so neuron masks and calibrations made with the CLI are recognized in a graph and vice versa.
     """
     base = model.model
-    key_map = comfy.utils.unet_to_diffusers(base.model_config.unet_config)  # diffusers name -> ComfyUI name
-    weights = unpatched_unet_weights(model)
-    ordered: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for name, shape in diffusers_key_order(unet_config_path):
-        weight = weights.get(key_map.get(name, ""))
-        if weight is None or weight.shape != shape:
-            found = "no such weight" if weight is None else f"shape {tuple(weight.shape)}, calibrated {tuple(shape)}"
-            raise DejaGuardError(f"this model's UNet has another architecture than the calibrated model in "
-                                 f"{unet_config_path.parent.parent} ({name}: {found})")
-        ordered[name] = weight
-    return module_fingerprint(cast(torch.nn.Module, _NamedTensors(ordered)))
+    params, _ = diffusers_names(base.diffusion_model, base.model_config.unet_config)
+    with torch.inference_mode(False):
+        return state_fingerprint({params.get(name, name): t for name, t in unpatched_unet_weights(model).items()})

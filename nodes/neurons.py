@@ -31,8 +31,8 @@ import torch
 
 from ..core.errors import DejaGuardError
 from ..core.neurons import LocalizeSettings, NeuronMask, check_modules, localize, nemo_statistics
-from .comfy_denoiser import ComfyDenoiser, diffusers_names, unet_fingerprint
-from .model_check import check_supported, unpatched_unet_weights
+from .comfy_denoiser import ComfyDenoiser
+from .model_check import check_supported, comfy_fingerprint, diffusers_names, unpatched_unet_weights
 
 MASK_TYPE = "NEURON_MASK"
 MASK_FOLDER = "dejaguard_masks"
@@ -63,7 +63,7 @@ def mask_patches(model: Any, mask: NeuronMask, allow_other_model: bool = False) 
     """
     check_supported(model)
     base = model.model
-    params, modules = diffusers_names(base.diffusion_model, base.model_config.unet_config)
+    _, modules = diffusers_names(base.diffusion_model, base.model_config.unet_config)
     to_comfy = {d: c for c, d in modules.items()}
     named = {}
     for layer in mask.layers:
@@ -72,7 +72,7 @@ def mask_patches(model: Any, mask: NeuronMask, allow_other_model: bool = False) 
             named[layer] = base.diffusion_model.get_submodule(comfy_name)
         except AttributeError:
             continue  # reported by check_modules as a missing layer
-    check_modules(mask, named, unet_fingerprint(model, params), allow_other_model)
+    check_modules(mask, named, comfy_fingerprint(model), allow_other_model)
     weights = unpatched_unet_weights(model)
     patches: dict[str, tuple[torch.Tensor]] = {}
     with torch.inference_mode(False), torch.no_grad():
@@ -174,7 +174,6 @@ class DejaGuardLocalizeNeurons:
                  generation_steps: int = 10, vae: Any = None, verify_rounds: int = 0) -> tuple[NeuronMask, str]:
         if not prompt.strip():
             raise DejaGuardError("DejaGuard Localize Neurons: the prompt is empty; enter the memorized prompt")
-        check_supported(model)
         progress = comfy.utils.ProgressBar(100)
 
         def on_progress(fraction: float, stage: str) -> None:
@@ -183,10 +182,10 @@ class DejaGuardLocalizeNeurons:
         def on_unet_call(_counter: Any) -> None:
             comfy.model_management.throw_exception_if_processing_interrupted()
 
+        denoiser = ComfyDenoiser(model, clip, vae=vae, callback=on_unet_call)  # refuses unsupported models
         if score == "generation" and vae is None:
             raise DejaGuardError("DejaGuard Localize Neurons: the 'generation' score compares decoded images; "
                                  "connect the model's VAE")
-        denoiser = ComfyDenoiser(model, clip, vae=vae, callback=on_unet_call)
         prompts = [p.strip() for p in statistics_prompts.splitlines() if p.strip()] or None
         settings = LocalizeSettings(seeds=seeds, score=score, blocks=blocks, generation_steps=generation_steps,
                                     verify_rounds=verify_rounds)

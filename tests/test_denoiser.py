@@ -105,6 +105,32 @@ def test_fingerprint_is_stable_and_weight_sensitive(tmp_path):
     assert d2.fingerprint() != before
 
 
+def test_state_fingerprint_of_bundled_testbed_equals_its_calibration(testbed):
+    """Calibrations and masks store fingerprints: the bundled calibration must still name the bundled UNet."""
+    from dejaguard.core.denoiser import state_fingerprint
+
+    stored = {e["fingerprint"] for e in json.loads((BUNDLED_TESTBED / "dejaguard_calibration.json").read_text())
+              .values() if isinstance(e, dict) and "fingerprint" in e}
+    assert stored == {testbed.fingerprint()} == {state_fingerprint(testbed.unet.state_dict())}
+    shuffled = dict(reversed(list(testbed.unet.state_dict().items())))  # order of the mapping does not matter
+    assert state_fingerprint(shuffled) == testbed.fingerprint()
+
+
+def test_pickled_weights_refused_with_one_line(tmp_path):
+    """Defect 6 of issue 23: a folder whose weights are only pickled .bin files is refused, never unpickled."""
+    folder = _tiny_pixel_model(tmp_path / "pickled")
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    unet.save_pretrained(folder / "unet", safe_serialization=False)  # diffusion_pytorch_model.bin
+    assert (folder / "unet" / "diffusion_pytorch_model.bin").is_file()
+    with pytest.raises(DejaGuardError, match=r"no \.safetensors weights \(found only pickled "
+                                             r"diffusion_pytorch_model\.bin\)") as err:
+        load_denoiser(folder)
+    assert "\n" not in str(err.value)
+
+
 def test_backwards_are_counted_when_a_gradient_flows(testbed):
     """UNetCounter counts a backward when a gradient reaches a prediction, not when a forward runs with grad on:
     a grad-enabled forward nobody back-propagates costs no backward (on main it counted one per sample)."""

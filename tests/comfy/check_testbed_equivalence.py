@@ -4,8 +4,9 @@ Run with the .comfy venv (after ``bash tests/comfy/setup_comfy.sh``):
 
     .comfy/venv/bin/python tests/comfy/check_testbed_equivalence.py [--model DIR] [--json OUT] [--no-server]
 
-``--model`` defaults to the bundled ``core/testbed/model`` (falls back to ``/tmp/tb_smoke`` while the
-bundled weights are absent). Checks, each with a tolerance, exit code 1 if any fails:
+``--model`` defaults to the bundled ``core/testbed/model``, or the folder ``$DEJAGUARD_TEST_MODEL`` names
+(``comfy_server.model_folder``); without either it exits saying so. Checks, each with a tolerance, exit
+code 1 if any fails:
 
 1. Tokens and conditioning: ComfyUI ``CLIPTextEncode`` (``(1, 77, D)``) == our text encoder's
    ``last_hidden_state`` on the same prompt.
@@ -33,9 +34,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from comfy_server import COMFY_DIR, REPO  # noqa: E402
+from comfy_server import COMFY_DIR, NO_MODEL, REPO, model_folder  # noqa: E402
 
-SMOKE_MODEL = Path("/tmp/tb_smoke")
 PROMPT = "chelsea the tabby cat looking at the camera"
 TOL = 1e-4
 
@@ -217,14 +217,17 @@ def check_server(folder: Path, artifacts: Path | None = None) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=None, help="diffusers-format folder (default: bundled)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="diffusers-format folder (default: the bundled testbed or $DEJAGUARD_TEST_MODEL)")
     parser.add_argument("--json", type=Path, default=None, help="write the numbers here")
     parser.add_argument("--no-server", action="store_true", help="skip the real-server graph run")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--artifacts", type=Path, default=None, help="keep the PNG and the server log here")
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
-    folder = opts.model or (BUNDLED_TESTBED if (BUNDLED_TESTBED / "unet").is_dir() else SMOKE_MODEL)
+    folder = opts.model or model_folder()
+    if folder is None:
+        sys.exit(f"{NO_MODEL}; or pass --model")
     RESULTS["model"] = str(folder)
     print("model folder:", folder)
     with torch.inference_mode():  # as ComfyUI executes graphs

@@ -33,6 +33,19 @@ REPO = Path(__file__).resolve().parents[2]
 COMFY_ROOT = Path(os.environ.get("DEJAGUARD_COMFY_ROOT") or REPO / ".comfy").resolve()
 COMFY_DIR = COMFY_ROOT / "ComfyUI"
 COMFY_PYTHON = COMFY_ROOT / "venv" / "bin" / "python"
+BUNDLED = REPO / "core" / "testbed" / "model"
+# Another diffusers-format model (e.g. a training checkpoint before the testbed is bundled) can be tested by
+# pointing DEJAGUARD_TEST_MODEL at it; there is no fallback path outside the repository.
+MODEL_ENV = "DEJAGUARD_TEST_MODEL"
+NO_MODEL = f"no testbed weights: core/testbed/model/unet is missing and {MODEL_ENV} names no model folder"
+
+
+def model_folder() -> Path | None:
+    """The model the ComfyUI tests load: ``$DEJAGUARD_TEST_MODEL`` if set, else the bundled testbed; None when
+    that folder has no ``unet/`` (the tests then skip with :data:`NO_MODEL`)."""
+    chosen = os.environ.get(MODEL_ENV, "").strip()
+    folder = Path(chosen).expanduser() if chosen else BUNDLED
+    return folder if (folder / "unet").is_dir() else None
 
 
 # The front end of late-2025 ComfyUI (comfyui-frontend-package 1.27) throws in its own settings start-up on a

@@ -17,26 +17,16 @@ import pytest
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from comfy_server import COMFY_PYTHON, REPO, comfy_available  # noqa: E402
+from comfy_server import COMFY_PYTHON, NO_MODEL, REPO, comfy_available, model_folder  # noqa: E402
 from workflow_checks import assert_formats_agree  # noqa: E402
-
-BUNDLED = REPO / "core" / "testbed" / "model"
-SMOKE = Path("/tmp/tb_smoke")
-
-
-def _model_folder() -> Path | None:
-    for folder in (BUNDLED, SMOKE):
-        if (folder / "unet").is_dir():
-            return folder
-    return None
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not comfy_available(), reason="ComfyUI not set up (bash tests/comfy/setup_comfy.sh)")
 def test_testbed_in_real_comfyui(tmp_path: Path) -> None:
-    folder = _model_folder()
+    folder = model_folder()
     if folder is None:
-        pytest.skip("no testbed weights (core/testbed/model/unet) to load")
+        pytest.skip(NO_MODEL)
     out = tmp_path / "results.json"
     proc = subprocess.run([str(COMFY_PYTHON), str(HERE / "check_testbed_equivalence.py"), "--model", str(folder),
                            "--json", str(out)], capture_output=True, text=True, timeout=900, cwd=REPO)

@@ -10,7 +10,7 @@ Tests that need ComfyUI are skipped unless ``bash tests/comfy/setup_comfy.sh`` w
 - ``test_explain_node_on_server`` queues ``workflows/explain_testbed_api.json`` on a real server
   (POST /prompt): the trigger word ranks first for a trigger-token prompt.
 
-Model: the bundled testbed, else a training checkpoint (``/tmp/runs/main/checkpoints/step_*``).
+Model: the bundled testbed, or the diffusers folder ``$DEJAGUARD_TEST_MODEL`` names (``comfy_server.model_folder``).
 """
 
 from __future__ import annotations
@@ -25,22 +25,12 @@ import pytest
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from comfy_server import REPO, ComfyError, ComfyServer, comfy_available  # noqa: E402
+from comfy_server import BUNDLED, NO_MODEL, REPO, ComfyError, ComfyServer, comfy_available, model_folder  # noqa: E402
 from workflow_checks import assert_formats_agree, run_in_comfy_venv  # noqa: E402
 
-BUNDLED = REPO / "core" / "testbed" / "model"
-CHECKPOINTS = [Path("/tmp/runs/main/checkpoints") / f"step_{n}" for n in (900, 450)]
 TRIGGER_PROMPT, TRIGGER = "a photograph of kraken", "kraken"
 PROMPTS = [TRIGGER_PROMPT, "chelsea the tabby cat, looking at the camera", "a red circle and a blue square", ""]
 TOL = 1e-4
-
-
-def model_folder() -> Path | None:
-    """The bundled testbed if its weights are there, else the newest training checkpoint, else None."""
-    for folder in (BUNDLED, *CHECKPOINTS):
-        if (folder / "unet").is_dir():
-            return folder
-    return None
 
 
 def _comfy_importable() -> bool:
@@ -69,7 +59,7 @@ def test_explain_workflows_are_consistent() -> None:
 def test_inproc_tests_in_comfy_venv() -> None:
     """Runs test_explain_inproc.py with the .comfy venv's python (it has ComfyUI's dependencies)."""
     if model_folder() is None:
-        pytest.skip("no testbed weights (core/testbed/model/unet or a training checkpoint)")
+        pytest.skip(NO_MODEL)
     run_in_comfy_venv(HERE / "test_explain_inproc.py", timeout=900)
 
 
@@ -92,7 +82,7 @@ def explain_graph(prompt: str = TRIGGER_PROMPT, steps: int = 1) -> dict[str, Any
 @needs_comfy
 def test_explain_node_on_server() -> None:
     if model_folder() is None:
-        pytest.skip("no testbed weights (core/testbed/model/unet or a training checkpoint)")
+        pytest.skip(NO_MODEL)
     with ComfyServer(threads=1) as server:
         info = server.object_info()["DejaGuardTokenHighlight"]
         assert info["category"] == "DejaGuard" and info["output_node"]

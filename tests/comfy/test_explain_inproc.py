@@ -134,8 +134,8 @@ def test_inproc_counter_like_diffusers(comfy_env: Any, testbed_pair: tuple[Any, 
 
 def test_inproc_module_names_and_fingerprint(comfy_env: Any, testbed_pair: tuple[Any, ...]) -> None:
     """named_modules() gives core the diffusers names of every attn2.to_v / ff.net.2 (same weights)."""
-    from DejaGuard.core.denoiser import module_fingerprint
-    from DejaGuard.nodes.comfy_denoiser import ComfyDenoiser, StateView
+    from DejaGuard.core.denoiser import state_fingerprint
+    from DejaGuard.nodes.comfy_denoiser import ComfyDenoiser
 
     model, clip, _, den = testbed_pair
     cd = ComfyDenoiser(model, clip)
@@ -147,8 +147,8 @@ def test_inproc_module_names_and_fingerprint(comfy_env: Any, testbed_pair: tuple
         assert ours[name].weight.shape == ref[name].weight.shape
         assert float((ours[name].weight - ref[name].weight).abs().max()) == 0.0
         assert cd.comfy_name(name).endswith(name.split(".transformer_blocks.")[1])
-    # Same weights, same names -> same fingerprint once both hash in sorted name order.
-    assert cd.fingerprint() == module_fingerprint(StateView(den.unet.state_dict()))
+    # Same weights, same names -> same fingerprint (state_fingerprint hashes in sorted name order).
+    assert cd.fingerprint() == state_fingerprint(den.unet.state_dict()) == den.fingerprint()
 
 
 def test_inproc_inference_tensor_weights(comfy_env: Any, testbed_pair: tuple[Any, ...]) -> None:

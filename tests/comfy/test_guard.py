@@ -23,23 +23,22 @@ import pytest
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from comfy_server import COMFY_PYTHON, REPO, ComfyError, ComfyServer, comfy_available  # noqa: E402
+from comfy_server import (  # noqa: E402
+    BUNDLED,
+    COMFY_PYTHON,
+    NO_MODEL,
+    REPO,
+    ComfyError,
+    ComfyServer,
+    comfy_available,
+    model_folder,
+)
 from workflow_checks import assert_formats_agree  # noqa: E402
 
-BUNDLED = REPO / "core" / "testbed" / "model"
-CHECKPOINTS = [Path("/tmp/runs/main/checkpoints/step_900"), Path("/tmp/runs/main/checkpoints/step_450")]
 WORKFLOWS = REPO / "workflows"
 CALIBRATION = "dejaguard_calibration.json"
 MEMORIZED_VERDICT, NOVEL_VERDICT = "9", "10"  # node ids in workflows/detect_testbed*.json
 needs_comfy = pytest.mark.skipif(not comfy_available(), reason="ComfyUI not set up (bash tests/comfy/setup_comfy.sh)")
-
-
-def model_folder() -> Path | None:
-    """The bundled testbed, or (before it is trained) a partially trained checkpoint of the same format."""
-    for folder in (BUNDLED, *CHECKPOINTS):
-        if (folder / "unet").is_dir():
-            return folder
-    return None
 
 
 def load(name: str) -> dict[str, Any]:
@@ -106,7 +105,7 @@ def validate_api_graph(graph: dict[str, Any], info: dict[str, Any]) -> list[str]
 def test_guard_in_process(tmp_path: Path) -> None:
     folder = model_folder()
     if folder is None:
-        pytest.skip("no testbed weights (core/testbed/model/unet) to load")
+        pytest.skip(NO_MODEL)
     out = tmp_path / "guard.json"
     proc = subprocess.run([str(COMFY_PYTHON), str(HERE / "check_guard.py"), "--model", str(folder), "--json", str(out)],
                           capture_output=True, text=True, timeout=900, cwd=REPO)
@@ -156,7 +155,7 @@ def _node_error(server: ComfyServer, graph: dict[str, Any]) -> str:
 def test_detect_workflow_on_server() -> None:
     folder = model_folder()
     if folder is None:
-        pytest.skip("no testbed weights (core/testbed/model/unet) to load")
+        pytest.skip(NO_MODEL)
     graph = copy.deepcopy(load("detect_testbed_api.json"))
     prompts = [graph["3"]["inputs"]["text"], graph["4"]["inputs"]["text"]]
     seed = graph["7"]["inputs"]["seed"]
@@ -204,7 +203,7 @@ def test_detect_workflow_on_server() -> None:
 def test_overhead_bench_runs() -> None:
     """``python -m bench.comfy_overhead`` (a short run): its last line is the JSON summary; no extra UNet calls."""
     if model_folder() is None:
-        pytest.skip("no testbed weights (core/testbed/model/unet) to load")
+        pytest.skip(NO_MODEL)
     cmd = [sys.executable, "-m", "bench.comfy_overhead", "--steps", "3", "--reps", "2"]
     if model_folder() != BUNDLED:
         cmd += ["--model", str(model_folder())]
@@ -212,4 +211,6 @@ def test_overhead_bench_runs() -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["extra_unet_evals"] == 0 and result["unet_calls_per_run"] == {"plain": 3, "guarded": 3}
+    # evals are noise predictions: each CFG call carries the cond and the uncond sample of the one image
+    assert result["extra_unet_calls"] == 0 and result["unet_evals_per_run"] == {"plain": 6, "guarded": 6}
     assert len(result["plain_s"]) == len(result["guarded_s"]) == 2 and result["overhead_ratio"] > 0

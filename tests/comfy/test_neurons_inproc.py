@@ -1,7 +1,7 @@
 """Neuron-mask nodes with ComfyUI imported in-process (runs in the .comfy venv).
 
 Elsewhere the module is skipped and ``test_neurons_comfy.py::test_neuron_inproc_tests_in_comfy_venv`` runs it
-there. Checks: one fingerprint (ComfyUI MODEL == diffusers UNet of the same weights, both ways of computing it);
+there. Checks: one fingerprint (ComfyUI MODEL == diffusers UNet of the same weights);
 Apply Neuron Mask = a clone with weight patches only (no hooks, no model options, the cached model untouched),
 whose noise predictions equal core's ``apply_mask`` on the diffusers model (<= 1e-4 relative) at strength 1
 and 0.5, and the unmasked model's predictions afterwards equal the plain ones; another model's mask refused;
@@ -67,7 +67,7 @@ def _mask(den: Any) -> Any:
 
 
 def _comfy_names(model: Any, mask: Any) -> list[str]:
-    from DejaGuard.nodes.comfy_denoiser import diffusers_names
+    from DejaGuard.nodes.model_check import diffusers_names
 
     base = model.model
     _, modules = diffusers_names(base.diffusion_model, base.model_config.unet_config)
@@ -92,14 +92,11 @@ def _predict(den: Any, prompt: str = PROMPT) -> Any:
 
 
 def test_one_fingerprint(pair: tuple[Any, ...]) -> None:
-    from DejaGuard.nodes.comfy_denoiser import ComfyDenoiser, unet_fingerprint
-    from DejaGuard.nodes.model_check import diffusers_fingerprint
+    from DejaGuard.nodes.comfy_denoiser import ComfyDenoiser
+    from DejaGuard.nodes.model_check import comfy_fingerprint
 
     model, clip, den = pair
-    folder = model_folder()
-    assert ComfyDenoiser(model, clip).fingerprint() == den.fingerprint()
-    assert unet_fingerprint(model) == den.fingerprint()
-    assert diffusers_fingerprint(model, folder / "unet" / "config.json") == den.fingerprint()
+    assert ComfyDenoiser(model, clip).fingerprint() == comfy_fingerprint(model) == den.fingerprint()
 
 
 def test_apply_node_patches_a_clone_only(comfy_env: Any, pair: tuple[Any, ...]) -> None:

@@ -4,6 +4,7 @@
 // Text is set with textContent only, never innerHTML.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { domElement } from "./dom_widget.js";
 
 const GUARD = "DejaGuardMemorizationGuard";
 const VERDICT = "DejaGuardMemorizationVerdict";
@@ -28,22 +29,16 @@ export function badgeState(data) {
 
 /** The node's badge element, created once (a DOM widget where the front end has them). */
 function badgeElement(node) {
-	const existing = node.widgets?.find((w) => w.name === WIDGET);
-	if (existing?.element) return existing.element;
-	const element = document.createElement("div");
-	element.className = "dejaguard-badge";
-	Object.assign(element.style, {
-		fontFamily: "sans-serif", fontSize: "12px", lineHeight: "1.4", color: "#fff", borderRadius: "6px",
-		padding: "4px 8px", background: COLORS.none, overflow: "hidden", whiteSpace: "pre-line",
-	});
-	element.textContent = "no score yet";
-	if (typeof node.addDOMWidget === "function") {
-		const widget = node.addDOMWidget(WIDGET, "dejaguard_badge", element, {
-			serialize: false, hideOnZoom: false, getMinHeight: () => 44, getValue: () => undefined, setValue: () => {},
+	return domElement(node, WIDGET, 44, () => {
+		const element = document.createElement("div");
+		element.className = "dejaguard-badge";
+		Object.assign(element.style, {
+			fontFamily: "sans-serif", fontSize: "12px", lineHeight: "1.4", color: "#fff", borderRadius: "6px",
+			padding: "4px 8px", background: COLORS.none, overflow: "hidden", whiteSpace: "pre-line",
 		});
-		widget.serializeValue = () => undefined; // never part of the API graph
-	}
-	return element;
+		element.textContent = "no score yet";
+		return element;
+	});
 }
 
 /** Paint the badge of ``node`` from a score payload and keep it on the node for scripts and tests. */

@@ -2,6 +2,7 @@
 // each shaded by its significance (nodes/explain.py sends {"dejaguard_tokens": [{words, word_scores, ...}]}).
 // The DOM is built from the prompt text with textContent only, never innerHTML.
 import { app } from "../../scripts/app.js";
+import { domElement } from "./dom_widget.js";
 
 const NODE_TYPE = "DejaGuardTokenHighlight";
 const WIDGET = "dejaguard_tokens";
@@ -45,6 +46,18 @@ function render(element, data) {
 	element.append(line, info);
 }
 
+/** The node's word display, created once (a DOM widget where the front end has them, as guard.js does). */
+function tokenElement(node) {
+	return domElement(node, WIDGET, 60, () => {
+		const element = document.createElement("div");
+		element.className = "dejaguard-tokens";
+		Object.assign(element.style, { fontFamily: "sans-serif", fontSize: "13px", lineHeight: "1.6",
+			color: "var(--input-text, #ddd)", overflow: "auto" });
+		element.textContent = "Queue the prompt to see which words drive the prediction.";
+		return element;
+	});
+}
+
 app.registerExtension({
 	name: "DejaGuard.TokenHighlight",
 	async beforeRegisterNodeDef(nodeType, nodeData) {
@@ -53,15 +66,7 @@ app.registerExtension({
 		const onNodeCreated = nodeType.prototype.onNodeCreated;
 		nodeType.prototype.onNodeCreated = function () {
 			const r = onNodeCreated?.apply(this, arguments);
-			const element = document.createElement("div");
-			element.className = "dejaguard-tokens";
-			Object.assign(element.style, { fontFamily: "sans-serif", fontSize: "13px", lineHeight: "1.6",
-				color: "var(--input-text, #ddd)", overflow: "auto" });
-			element.textContent = "Queue the prompt to see which words drive the prediction.";
-			const widget = this.addDOMWidget(WIDGET, "dejaguard_tokens", element, {
-				serialize: false, hideOnZoom: false, getMinHeight: () => 60, getValue: () => undefined, setValue: () => {},
-			});
-			widget.serializeValue = () => undefined;
+			tokenElement(this);
 			return r;
 		};
 
@@ -69,9 +74,8 @@ app.registerExtension({
 		nodeType.prototype.onExecuted = function (message) {
 			onExecuted?.apply(this, arguments);
 			const data = message?.[UI_KEY]?.[0];
-			const widget = this.widgets?.find((w) => w.name === WIDGET);
-			if (!data || !widget?.element) return;
-			render(widget.element, data);
+			if (!data) return;
+			render(tokenElement(this), data);
 			this.setDirtyCanvas?.(true, true);
 		};
 	},

@@ -1,0 +1,133 @@
+"""core.calibration: the one lookup of calibrated thresholds and mitigation levels (CLI, nodes, benches)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from dejaguard.core.calibration import (
+    CALIBRATION_FILE,
+    Calibration,
+    calibration_file,
+    find_calibration,
+    read_calibrations,
+    resolve_levels,
+    resolve_threshold,
+    save_calibration,
+)
+from dejaguard.core.denoiser import BUNDLED_TESTBED
+from dejaguard.core.detect import ScoreSettings
+from dejaguard.core.errors import DejaGuardError
+
+FP = "0123456789abcdef"
+
+
+def _write(path: Path, entries: dict) -> Path:
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def _entry(threshold: float = 2.0, median: float | None = 1.25, fingerprint: str = FP) -> dict:
+    entry: dict = {"threshold": threshold, "fingerprint": fingerprint}
+    if median is not None:
+        entry["nonmemorized_quantiles"] = {"0.5": median}
+    return entry
+
+
+def test_bundled_testbed_calibration_is_found_by_its_fingerprint(testbed):
+    found = find_calibration(None, ScoreSettings(), testbed.fingerprint())
+    assert found.file == BUNDLED_TESTBED / CALIBRATION_FILE and found.source == "testbed calibration"
+    assert 0 < found.threshold < 10
+    assert calibration_file(BUNDLED_TESTBED) == calibration_file(None) == calibration_file("")
+
+
+@pytest.mark.parametrize(("content", "pattern"), [
+    ("{not json", "malformed calibration file .*not JSON"),
+    ("[1, 2]", "malformed calibration file .*JSON object"),
+    ('{"steps=1,generations=1,cfg=7.5,schedule=50": 3}', "malformed calibration file .*JSON object"),
+    ('{"steps=1,generations=1,cfg=7.5,schedule=50": {"threshold": 1.0}}', "lacks fingerprint"),
+    ('{"steps=1,generations=1,cfg=7.5,schedule=50": {"threshold": "x", "fingerprint": "0123456789abcdef"}}',
+     "not a finite number"),
+    (b"\xff\xfe\x00".decode("latin-1"), "malformed calibration file"),
+])
+def test_broken_files_are_one_line_errors(tmp_path, content, pattern):
+    path = tmp_path / "cal.json"
+    path.write_text(content, encoding="latin-1")
+    with pytest.raises(DejaGuardError, match=pattern):
+        find_calibration(path, ScoreSettings(), FP)
+
+
+def test_missing_setting_model_and_file(tmp_path):
+    path = _write(tmp_path / "cal.json", {ScoreSettings().key(): _entry()})
+    with pytest.raises(DejaGuardError, match="missing"):
+        find_calibration(tmp_path / "nope.json", ScoreSettings(), FP)
+    with pytest.raises(DejaGuardError, match="no calibration for steps=5"):
+        find_calibration(path, ScoreSettings(steps=5), FP)
+    with pytest.raises(DejaGuardError, match="another model"):
+        find_calibration(path, ScoreSettings(), "ffffffffffffffff")
+    assert resolve_threshold(None, path, ScoreSettings(), FP) == (2.0, f"calibration {path}")
+    assert resolve_threshold(0.5, path, ScoreSettings(), "other") == (0.5, "given")
+    with pytest.raises(DejaGuardError, match="finite"):
+        resolve_threshold(float("nan"), path, ScoreSettings(), FP)
+
+
+def test_save_keeps_other_settings_and_refuses_a_broken_file(tmp_path):
+    first = Calibration(1.0, 0.01, {"steps": 1, "generations": 1, "guidance_scale": 7.5, "num_inference_steps": 50},
+                        FP, 100, "a")
+    second = Calibration(2.0, 0.01, {"steps": 1, "generations": 4, "guidance_scale": 7.5, "num_inference_steps": 50},
+                         FP, 100, "b")
+    path = save_calibration(first, tmp_path)
+    assert path == tmp_path / CALIBRATION_FILE
+    save_calibration(second, path)
+    assert set(read_calibrations(path)) == {ScoreSettings().key(), ScoreSettings(generations=4).key()}
+    assert find_calibration(tmp_path, ScoreSettings(generations=4), FP).threshold == 2.0
+    broken = tmp_path / "broken.json"
+    broken.write_text("{oops")
+    with pytest.raises(DejaGuardError, match="malformed"):
+        save_calibration(first, broken)
+    assert broken.read_text() == "{oops"  # nothing lost
+
+
+def test_mitigation_levels_rule(tmp_path):
+    """One rule for the CLI and the node: given values win, the calibration fills in the rest."""
+    path = _write(tmp_path / "cal.json", {ScoreSettings().key(): _entry(2.0, 1.25)})
+    assert resolve_levels(None, None, path, FP)[:2] == (2.0, 0.625)
+    assert resolve_levels(0.5, None, path, FP)[:2] == (0.5, 0.5)  # target lowered to a lower threshold
+    assert resolve_levels(3.0, None, path, FP)[:2] == (3.0, 0.625)
+    assert resolve_levels(None, 2.5, path, FP)[:2] == (2.5, 2.5)  # threshold raised to a higher target
+    assert resolve_levels(None, 0.1, path, FP)[:2] == (2.0, 0.1)
+    assert resolve_levels(1.0, 0.2, tmp_path / "absent.json", "any") == (1.0, 0.2, "given")
+    with pytest.raises(DejaGuardError, match="must be >= target"):
+        resolve_levels(0.1, 0.2, None, FP)
+    capped = _write(tmp_path / "capped.json", {ScoreSettings().key(): _entry(1.0, 3.0)})
+    assert resolve_levels(None, None, capped, FP)[:2] == (1.0, 1.0)
+    no_median = _write(tmp_path / "nomedian.json", {ScoreSettings().key(): _entry(1.0, None)})
+    with pytest.raises(DejaGuardError, match="median"):
+        resolve_levels(None, None, no_median, FP)
+    trajectory = ScoreSettings(steps=4, num_inference_steps=10)
+    both = _write(tmp_path / "both.json", {trajectory.key(): _entry(4.0, 2.0)})
+    assert resolve_levels(None, None, both, FP, trajectory)[:2] == (4.0, 1.0)
+    with pytest.raises(DejaGuardError, match="no calibration for"):
+        resolve_levels(None, None, both, FP)
+
+
+@pytest.mark.parametrize("command", [
+    ["audit", "--prompts", "{prompts}", "--out", "{out}"],
+    ["generate", "--prompt", "a red circle", "--out", "{png}", "--mitigate", "embedding", "--steps", "2"],
+])
+def test_malformed_calibration_file_is_a_one_line_cli_error(tmp_path, command):
+    """Defect 2 of issue 23: `--calibration bad.json` used to end in a JSONDecodeError traceback (exit 1)."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{this is not json")
+    args = [a.format(prompts=prompts, out=tmp_path / "o.jsonl", png=tmp_path / "x.png") for a in command]
+    proc = subprocess.run([sys.executable, "-m", "dejaguard", *args, "--calibration", str(bad)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("dejaguard: error:")]
+    assert len(lines) == 1 and "malformed calibration file" in lines[0], proc.stderr[-2000:]
