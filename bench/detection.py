@@ -19,6 +19,7 @@ import torch
 from dejaguard.core.denoiser import load_denoiser
 from dejaguard.core.detect import ScoreSettings, first_step_scores
 from dejaguard.core.metrics import auroc, tpr_at_fpr
+from dejaguard.core.progress import TqdmProgress
 from dejaguard.core.sampling import generate, prompt_seed
 from dejaguard.core.testbed.data import heldout_specs, load_memorized_images, memorized_eval_prompts
 from dejaguard.core.testbed.evaluate import nearest_training_image, thumbnails
@@ -39,7 +40,8 @@ def main() -> None:
                            ("_5steps_n4", ScoreSettings(5, 4))]:
         before = denoiser.counter.snapshot()
         t0 = time.perf_counter()
-        scores = [r.score for r in first_step_scores(denoiser, prompts, settings, progress=True)]
+        with TqdmProgress(f"detection{name}", unit="gen") as bar:
+            scores = [r.score for r in first_step_scores(denoiser, prompts, settings, progress=bar)]
         wall = time.perf_counter() - t0
         spent = denoiser.counter.since(before)
         out[f"auroc{name}"] = round(auroc(scores, labels), 4)

@@ -1,6 +1,6 @@
 """Explanation and mitigation benchmark on the bundled testbed (issue 5).
 
-    python -m bench.mitigation [--seeds 16] [--novel 60] [--steps 50] [--explain-seeds 8]
+    python -m bench.mitigation [--seeds 16] [--novel 60] [--steps 50] [--explain-seeds 8] [--held-out]
 
 Everything is measured in this run, on this model, with the project's own functions:
 
@@ -36,12 +36,21 @@ default levels of ``core.mitigate.default_levels`` unless ``--threshold`` / ``--
   "a weaker partial copy": read it beside ``ssim_after_median``); and ``text_direction_cosine``: the cosine between
   the first-step text-conditional directions ``eps(x_T, c) - eps(x_T, "")`` before and after mitigation (1 = the
   prompt still pushes the first step the same way, only less strongly).
-- Cost: ``mean_iterations`` (optimizer steps), ``unet_evals_per_prompt`` (UNet forward passes of the mitigation per
+- Cost: ``mean_iterations`` (optimizer steps), ``unet_evals_per_prompt`` (noise predictions of the mitigation per
   (prompt, seed), the detector's batched call included; backward passes as ``unet_backwards_per_prompt``), over
   memorized and novel pairs separately.
 
 Untouched (prompt, seed) pairs (zero iterations, bit-identical embedding) reuse the unmitigated image instead of
 generating it twice: the same inputs give the same image (``tests/test_mitigate.py`` checks it).
+
+**Which pairs chose the defaults.** The mitigation defaults (lr 0.3, at most 30 iterations, target half the
+non-memorized median; ``core/mitigate.py``) were chosen on :data:`TUNING_PROMPTS` x :data:`TUNING_SEEDS`
+(12 memorized prompts, one per planted image, x 2 seeds). Those 24 pairs are part of the default measurement
+(32 prompts x seeds ``0 .. --seeds - 1``): ``tuning_overlap_pairs`` says how many of the measured pairs they
+are (24 of 512 at ``--seeds 16``). ``--held-out`` measures only on pairs that did not choose the defaults:
+the 20 memorized prompts outside :data:`TUNING_PROMPTS` (template and trigger prompts; the 4 verbatim images
+have a single prompt each, all in the tuning set, so no verbatim prompt remains) with the first ``--seeds``
+seeds outside :data:`TUNING_SEEDS` (2, 3, ...).
 Prints a table, then one JSON object as the last line. Develop with tiny settings
 (``--seeds 2 --novel 8 --steps 10 --explain-seeds 2``); the figures only mean something at the defaults.
 """
@@ -57,16 +66,26 @@ import torch
 from dejaguard.core.denoiser import BUNDLED_TESTBED, load_denoiser
 from dejaguard.core.detect import first_step_scores
 from dejaguard.core.explain import token_significance
-from dejaguard.core.mitigate import (
-    DEFAULT_LR,
-    DEFAULT_MAX_ITERATIONS,
-    default_levels,
-    first_step_input,
-    mitigate_prompt,
-)
-from dejaguard.core.sampling import generate, initial_noise, prompt_seed
+from dejaguard.core.mitigate import DEFAULT_LR, DEFAULT_MAX_ITERATIONS, default_levels, mitigate_prompt
+from dejaguard.core.progress import TqdmProgress
+from dejaguard.core.sampling import generate, guided_step, initial_noise, new_schedule, prompt_seed
 from dejaguard.core.testbed.data import MEMORIZED, check_alignment, heldout_specs, load_memorized_images
 from dejaguard.core.testbed.evaluate import REPLICATION_SSIM, check_replication, thumbnails
+
+# The (prompt, seed) pairs the mitigation defaults were chosen on (testbed v5, core/mitigate.py's module doc:
+# "12 memorized prompts, one per image, x 2 seeds"): each planted image's first evaluation prompt, seeds 0 and 1
+# (the bench's convention, seeds 0 .. n - 1; the tuning runs did not record more than that).
+TUNING_PROMPTS: tuple[str, ...] = tuple(m.eval_prompts[0] for m in MEMORIZED)
+TUNING_SEEDS: tuple[int, ...] = (0, 1)
+
+
+def memorized_jobs(seeds: int, held_out: bool, prompts: int | None = None) -> tuple[list[tuple[str, int]], list]:
+    """The memorized (prompt, seed) pairs to measure and each pair's planted image: every evaluation prompt x seeds
+    ``0 .. seeds - 1``, or with ``held_out`` only prompts outside :data:`TUNING_PROMPTS` x the first ``seeds``
+    seeds outside :data:`TUNING_SEEDS`; ``prompts``: only the first that many prompts (development runs)."""
+    mem = [(p, m) for m in MEMORIZED for p in m.eval_prompts if not (held_out and p in TUNING_PROMPTS)][:prompts]
+    chosen = [s for s in range(seeds + len(TUNING_SEEDS)) if not (held_out and s in TUNING_SEEDS)][:seeds]
+    return [(p, s) for p, _ in mem for s in chosen], [m for _, m in mem for _ in chosen]
 
 
 def explain_section(denoiser, seeds: list[int], out: dict) -> None:
@@ -103,11 +122,11 @@ def explain_section(denoiser, seeds: list[int], out: dict) -> None:
 
 
 def first_step_direction(denoiser, cond: torch.Tensor, seed: int, uncond: torch.Tensor) -> torch.Tensor:
-    """``eps(x_T, cond) - eps(x_T, "")`` at the first sampling step, flattened."""
-    with torch.no_grad():
-        x, t = first_step_input(denoiser, initial_noise(denoiser, [seed]))
-        eps_u, eps_c = denoiser.predict_noise(torch.cat([x, x]), t, torch.cat([uncond, cond])).chunk(2)
-    return (eps_c - eps_u).flatten()
+    """``eps(x_T, cond) - eps(x_T, "")`` at the first sampling step (the detector's call), flattened."""
+    scheduler = new_schedule(denoiser)
+    x = initial_noise(denoiser, [seed]) * scheduler.init_noise_sigma
+    step = guided_step(denoiser, scheduler, x, scheduler.timesteps[0], cond, uncond, advance=False)
+    return (step.eps_cond - step.eps_uncond).flatten()
 
 
 def mitigate_all(denoiser, jobs: list[tuple[str, int]], args, label: str) -> list:
@@ -126,14 +145,16 @@ def mitigate_all(denoiser, jobs: list[tuple[str, int]], args, label: str) -> lis
 def images_for(denoiser, jobs, results, steps: int, cfg: float) -> tuple[np.ndarray, np.ndarray]:
     """Thumbnails before and after mitigation; untouched pairs reuse the 'before' image."""
     prompts, seeds = [p for p, _ in jobs], [s for _, s in jobs]
-    before = thumbnails(denoiser, generate(denoiser, prompts, seeds, steps, cfg, progress=True))
+    with TqdmProgress("before", unit="image") as bar:
+        before = thumbnails(denoiser, generate(denoiser, prompts, seeds, steps, cfg, progress=bar))
     after = before.copy()
     touched = [i for i, r in enumerate(results) if r.iterations > 0]
     if touched:
         emb = torch.cat([results[i].embedding for i in touched])
-        after[touched] = thumbnails(denoiser, generate(denoiser, [prompts[i] for i in touched],
-                                                       [seeds[i] for i in touched], steps, cfg,
-                                                       cond_embeddings=emb, progress=True))
+        with TqdmProgress("after", unit="image") as bar:
+            after[touched] = thumbnails(denoiser, generate(denoiser, [prompts[i] for i in touched],
+                                                           [seeds[i] for i in touched], steps, cfg,
+                                                           cond_embeddings=emb, progress=bar))
     return before, after
 
 
@@ -155,6 +176,12 @@ def main() -> None:
                         help="optimize the mean magnitude over the first K guided steps (default 1: the first step)")
     parser.add_argument("--trajectory-schedule", type=int, default=50,
                         help="schedule those K steps are taken from (default 50)")
+    parser.add_argument("--held-out", action="store_true",
+                        help="mitigation figures only on memorized prompts and seeds that did not choose the "
+                             "defaults (outside TUNING_PROMPTS and TUNING_SEEDS)")
+    parser.add_argument("--skip-explain", action="store_true", help="leave out the token significance section")
+    parser.add_argument("--memorized-prompts", type=int, default=None,
+                        help="only the first N memorized prompts (development runs; default all)")
     args = parser.parse_args()
     if args.trajectory_steps > 1 and args.target is None:
         parser.error("--trajectory-steps > 1 needs --target: a level of the K-step score, not of the first step")
@@ -169,21 +196,24 @@ def main() -> None:
     out: dict = {"settings": {"seeds": args.seeds, "novel": args.novel, "steps": args.steps, "cfg": args.cfg,
                               "explain_seeds": args.explain_seeds, "threshold": threshold, "target": target,
                               "lr": args.lr, "trajectory_steps": args.trajectory_steps,
-                              "max_iterations": args.max_iterations, "replication_ssim": REPLICATION_SSIM}}
-    t0 = time.perf_counter()
-    explain_section(denoiser, list(range(args.explain_seeds)), out)
-    out["explain_seconds"] = round(time.perf_counter() - t0, 1)
-    print(f"explain: trigger top-1 {out['trigger_top1_rate']:.3f} (min per prompt "
-          f"{out['trigger_top1_min_prompt_rate']:.3f}; conditioning rows "
-          f"{out['trigger_top1_rate_conditioning_rows']:.3f}),"
-          f" verbatim key word mean rank {out['verbatim_key_word_mean_rank']:.2f} "
-          f"(chance {out['verbatim_key_word_chance_rank']:.2f})", flush=True)
+                              "max_iterations": args.max_iterations, "replication_ssim": REPLICATION_SSIM,
+                              "held_out": args.held_out}}
+    if not args.skip_explain:
+        t0 = time.perf_counter()
+        explain_section(denoiser, list(range(args.explain_seeds)), out)
+        out["explain_seconds"] = round(time.perf_counter() - t0, 1)
+        print(f"explain: trigger top-1 {out['trigger_top1_rate']:.3f} (min per prompt "
+              f"{out['trigger_top1_min_prompt_rate']:.3f}; conditioning rows "
+              f"{out['trigger_top1_rate_conditioning_rows']:.3f}),"
+              f" verbatim key word mean rank {out['verbatim_key_word_mean_rank']:.2f} "
+              f"(chance {out['verbatim_key_word_chance_rank']:.2f})", flush=True)
 
     training = load_memorized_images()
     uncond = denoiser.encode_prompts([""])
-    mem = [(p, m) for m in MEMORIZED for p in m.eval_prompts]
-    mem_jobs = [(p, s) for p, _ in mem for s in range(args.seeds)]
-    owners = [m for _, m in mem for _ in range(args.seeds)]
+    mem_jobs, owners = memorized_jobs(args.seeds, args.held_out, args.memorized_prompts)
+    tuning = {(p, s) for p in TUNING_PROMPTS for s in TUNING_SEEDS}
+    out["memorized_pairs"] = len(mem_jobs)
+    out["tuning_overlap_pairs"] = sum(job in tuning for job in mem_jobs)
     t0 = time.perf_counter()
     mem_results = mitigate_all(denoiser, mem_jobs, args, "memorized")
     mitigate_s = time.perf_counter() - t0
@@ -192,9 +222,10 @@ def main() -> None:
     checks_before = check_replication(before, names, training)
     checks_after = check_replication(after, names, training)
 
-    def rate(checks: list, kind: str = "any", rows: np.ndarray | None = None) -> float:
+    def rate(checks: list, kind: str = "any", rows: np.ndarray | None = None) -> float | None:
         flags = np.array([getattr(c, kind) for c in checks])
-        return round(float(np.mean(flags if rows is None else flags[rows])), 4)
+        flags = flags if rows is None else flags[rows]
+        return round(float(np.mean(flags)), 4) if len(flags) else None  # None: no pair of that kind measured
 
     out["replication_before"] = rate(checks_before)
     out["replication_after"] = rate(checks_after)
@@ -237,21 +268,25 @@ def main() -> None:
     out["novel_unet_evals_per_prompt"] = round(float(np.mean([r.unet_forwards for r in novel_results])), 3)
     out["generation_unet_evals_per_image"] = 2 * args.steps
 
-    rows = [("trigger top-1 rate (input embeddings)", out["trigger_top1_rate"]),
-            ("trigger top-1 rate (conditioning rows)", out["trigger_top1_rate_conditioning_rows"]),
-            ("verbatim key word mean rank (chance)",
-             f"{out['verbatim_key_word_mean_rank']} ({out['verbatim_key_word_chance_rank']})"),
-            ("replication (any training image) before -> after",
-             f"{out['replication_before']} -> {out['replication_after']}"),
-            ("  of which another training image than the prompt's, after", out["replication_after_other_image"]),
-            ("median SSIM to own image before -> after", f"{out['ssim_before_median']} -> {out['ssim_after_median']}"),
-            ("non-replicating, nearest own image", out["fidelity_nearest_own_rate"]),
-            ("first-step text direction cosine", out["text_direction_cosine"]),
-            ("novel alignment before -> after", f"{out['novel_alignment_before']} -> {out['novel_alignment_after']}"),
-            ("novel prompts touched", out["novel_touched_rate"]),
-            ("mean iterations (memorized)", out["mean_iterations"]),
-            ("UNet forwards / backwards per prompt", f"{out['unet_evals_per_prompt']} / "
-                                                     f"{out['unet_backwards_per_prompt']}")]
+    rows = []
+    if not args.skip_explain:
+        rows += [("trigger top-1 rate (input embeddings)", out["trigger_top1_rate"]),
+                 ("trigger top-1 rate (conditioning rows)", out["trigger_top1_rate_conditioning_rows"]),
+                 ("verbatim key word mean rank (chance)",
+                  f"{out['verbatim_key_word_mean_rank']} ({out['verbatim_key_word_chance_rank']})")]
+    rows += [("memorized (prompt, seed) pairs, of which chose the defaults",
+               f"{out['memorized_pairs']}, {out['tuning_overlap_pairs']}"),
+             ("replication (any training image) before -> after",
+              f"{out['replication_before']} -> {out['replication_after']}"),
+             ("  of which another training image than the prompt's, after", out["replication_after_other_image"]),
+             ("median SSIM to own image before -> after", f"{out['ssim_before_median']} -> {out['ssim_after_median']}"),
+             ("non-replicating, nearest own image", out["fidelity_nearest_own_rate"]),
+             ("first-step text direction cosine", out["text_direction_cosine"]),
+             ("novel alignment before -> after", f"{out['novel_alignment_before']} -> {out['novel_alignment_after']}"),
+             ("novel prompts touched", out["novel_touched_rate"]),
+             ("mean iterations (memorized)", out["mean_iterations"]),
+             ("UNet forwards / backwards per prompt", f"{out['unet_evals_per_prompt']} / "
+                                                      f"{out['unet_backwards_per_prompt']}")]
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

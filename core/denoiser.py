@@ -28,15 +28,37 @@ BUNDLED_TESTBED = Path(__file__).parent / "testbed" / "model"
 
 @dataclass
 class UNetCounter:
-    """How much UNet work a method spent.
+    """How much UNet work a method spent: the project's hardware-independent cost figure.
 
-    ``calls``: batched forward calls. ``forwards``: noise predictions, i.e. samples through the
-    UNet (a classifier-free-guidance pair counts 2). ``backwards``: samples back-propagated.
+    ``calls``: batched UNet forward calls. ``forwards``: noise predictions ("evals"), i.e. samples through
+    the UNet (a classifier-free-guidance pair counts 2, in one call or in two). ``backwards``: samples
+    back-propagated through the UNet, counted when a gradient actually flows back through a prediction
+    (:meth:`count`), not guessed when the forward runs with grad enabled: a grad-enabled forward that is
+    never back-propagated (the last iterate of an optimization, whose score only decides to stop) costs no
+    backward.
     """
 
     calls: int = 0
     forwards: int = 0
     backwards: int = 0
+
+    def count(self, eps: torch.Tensor) -> torch.Tensor:
+        """Count one batched call that predicted ``eps`` ``(B, C, H, W)`` (``B`` forwards) and return ``eps``.
+
+        Every adapter's ``predict_noise`` calls this on its output. When ``eps`` carries an autograd graph,
+        a tensor hook adds ``B`` to :attr:`backwards` each time a gradient flows back through it (a
+        ``backward()`` or ``torch.autograd.grad`` reaching it); a forward that no gradient reaches adds
+        nothing.
+        """
+        batch = int(eps.shape[0])
+        self.calls += 1
+        self.forwards += batch
+        if eps.requires_grad:
+            eps.register_hook(lambda _grad: self._backpropagated(batch))
+        return eps
+
+    def _backpropagated(self, batch: int) -> None:
+        self.backwards += batch
 
     def snapshot(self) -> UNetCounter:
         return copy.copy(self)
@@ -260,11 +282,7 @@ class DiffusersDenoiser:
 
     def predict_noise(self, samples: torch.Tensor, timestep: torch.Tensor | int,
                       text_embeddings: torch.Tensor) -> torch.Tensor:
-        self.counter.calls += 1
-        self.counter.forwards += samples.shape[0]
-        if torch.is_grad_enabled() and (samples.requires_grad or text_embeddings.requires_grad):
-            self.counter.backwards += samples.shape[0]  # caller back-propagates through this call
-        eps = self.unet(samples, timestep, encoder_hidden_states=text_embeddings).sample
+        eps = self.counter.count(self.unet(samples, timestep, encoder_hidden_states=text_embeddings).sample)
         if not torch.isfinite(eps).all():
             raise NonFiniteError("the UNet returned NaN or infinite values")
         return eps

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .denoiser import Denoiser
 from .errors import DejaGuardError, NonFiniteError
+from .progress import Progress, report
 from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, guided_denoise, initial_noise, prompt_seed
 
 CALIBRATION_FILE = "dejaguard_calibration.json"
@@ -81,14 +81,16 @@ def first_step_scores(
     seed: int | None = None,
     batch_size: int = 32,
     threshold: float | None = None,
-    progress: bool = False,
+    progress: Progress | None = None,
 ) -> list[PromptScore]:
     """Score each prompt. The one scoring function of the nodes, CLI and benchmarks.
 
     Seeds: generation ``g`` of a prompt uses ``seed + g`` if ``seed`` is given, else a seed
     derived from the prompt text (:func:`prompt_seed`), so a score never depends on batching.
     ``batch_size`` counts (prompt, generation) pairs per UNet call (each call holds twice as
-    many samples: unconditional and conditional).
+    many samples: unconditional and conditional). Each result's ``unet_evals`` counts its noise
+    predictions (``2 x steps x generations``), ``unet_calls`` its share of the batched calls.
+    ``progress(done, total, "scoring")`` counts finished (prompt, generation) pairs.
     """
     settings = settings or ScoreSettings()
     prompts = _check_prompts(prompts)
@@ -97,7 +99,7 @@ def first_step_scores(
     uncond = denoiser.encode_prompts([""])
     per_job: dict[tuple[int, int], float] = {}
     calls = np.zeros(len(prompts))
-    bar = tqdm(total=len(jobs), desc="scoring", unit="gen", disable=not progress)
+    report(progress, 0, len(jobs), "scoring")
     with torch.no_grad():
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start : start + batch_size]
@@ -113,8 +115,7 @@ def first_step_scores(
             for j, s in zip(chunk, scores):
                 per_job[j] = float(s)
                 calls[j[0]] += spent / len(chunk)
-            bar.update(len(chunk))
-    bar.close()
+            report(progress, start + len(chunk), len(jobs), "scoring")
     results = []
     for i, p in enumerate(prompts):
         gen_scores = [per_job[(i, g)] for g in range(settings.generations)]

@@ -22,7 +22,8 @@ import torch
 
 from .denoiser import Denoiser
 from .errors import DejaGuardError, NonFiniteError
-from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, initial_noise, prompt_seed, text_conditional_magnitude
+from .progress import Progress, report
+from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, guided_step, initial_noise, new_schedule, prompt_seed
 
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
@@ -43,7 +44,7 @@ class TokenSignificance:
     scores: list[float]
     word_scores: list[float]
     magnitude: float
-    unet_evals: int
+    unet_evals: int  # noise predictions spent (UNetCounter.forwards)
     seed: int
 
 
@@ -80,14 +81,19 @@ def token_significance(
     guidance_scale: float = DEFAULT_GUIDANCE,
     num_inference_steps: int = DEFAULT_STEPS,
     wrt: str = "input",
+    progress: Progress | None = None,
 ) -> TokenSignificance:
     """Significance of each token of ``prompt`` (see module doc).
 
     ``wrt="input"`` (default): gradients w.r.t. the input token embeddings ``(1, L, E)``;
     ``"conditioning"``: w.r.t. the text encoder's output rows ``(1, L, D)`` (positionally biased).
     Follows the guided DDIM trajectory of ``seed`` (default: derived from the prompt) for ``steps``
-    steps. Costs ``steps`` batched UNet calls forward (cond + uncond) and ``steps`` conditional
-    backward passes (plus one text-encoder forward and ``steps`` cheap text-encoder backwards).
+    steps, each one :func:`core.sampling.guided_step` with ``cond_grad``: per step **two** UNet calls, the
+    unconditional prediction without gradient and the conditional one with gradient (not one batched call:
+    batched, the unconditional half would sit in the autograd graph and be back-propagated for a zero
+    gradient). Cost: ``2 steps`` noise predictions (``unet_evals``) in ``2 steps`` calls, ``steps``
+    conditional backward passes, plus one text-encoder forward and ``steps`` cheap text-encoder backwards.
+    ``progress(done, steps, "explain")`` after every step.
     """
     if wrt not in ("input", "conditioning"):
         raise DejaGuardError(f"wrt must be 'input' or 'conditioning', not {wrt!r}")
@@ -106,19 +112,15 @@ def token_significance(
         else:
             cond = denoiser.encode_prompts([prompt]).detach().clone().requires_grad_(True)
             leaf = cond
-    scheduler = denoiser.new_scheduler()
-    scheduler.set_timesteps(num_inference_steps)
+    scheduler = new_schedule(denoiser, num_inference_steps)
     x = initial_noise(denoiser, [seed]) * scheduler.init_noise_sigma
     grad_norms = torch.zeros(len(tokens), dtype=torch.float64)
     magnitude = 0.0
-    for t in scheduler.timesteps[:steps]:
-        model_in = scheduler.scale_model_input(x, t)
-        with torch.no_grad():
-            eps_uncond = denoiser.predict_noise(model_in, t, uncond)
+    for i, t in enumerate(scheduler.timesteps[:steps]):
+        c = cond.detach().clone().requires_grad_(True)
+        step = guided_step(denoiser, scheduler, x, t, c, uncond, guidance_scale, cond_grad=True)
         with torch.enable_grad():
-            c = cond.detach().clone().requires_grad_(True)
-            eps_cond = denoiser.predict_noise(model_in, t, c)
-            mag = text_conditional_magnitude(eps_cond, eps_uncond).sum()
+            mag = step.magnitude.sum()
             (grad,) = torch.autograd.grad(mag, c)
             if leaf is not cond:
                 (grad,) = torch.autograd.grad(cond, leaf, grad_outputs=grad, retain_graph=True)
@@ -126,9 +128,8 @@ def token_significance(
             raise NonFiniteError("token gradients are NaN or infinite")
         grad_norms += grad[0, 1 : 1 + len(tokens)].norm(dim=-1).double().cpu()
         magnitude += float(mag.detach())
-        with torch.no_grad():
-            guided = eps_uncond + guidance_scale * (eps_cond.detach() - eps_uncond)
-            x = scheduler.step(guided, t, x).prev_sample
+        x = step.sample
+        report(progress, i + 1, steps, "explain")
     spent = denoiser.counter.since(before)
     total = float(grad_norms.sum())
     scores = (grad_norms / total).tolist() if total > 0 else [0.0] * len(tokens)

@@ -23,9 +23,12 @@ planted image: the memorized image re-forms in the later steps, or the trajector
 memorized basin. lr 0.2 and 20 iterations: 54%. The mean score over the first 3 or 5 guided steps as the
 objective (``trajectory_steps``, 5-8x the cost): 71% and 46%. Three extra noises per prompt: 75%. Half the
 median as target at lr 0.1 is not reached in 10 iterations (79%). Half the median at lr 0.3 within 30
-iterations: **0%** (17.4 iterations on average, 20 UNet forwards per generation). The testbed's conditioning
-rows are layer-normed like SD's CLIP outputs (per-element std 0.97), so lr means the same step size there. On
-the testbed a memorized prompt has no meaning besides its image, so stopping the copy also loses the
+iterations: **0%** (17.4 iterations on average, 20 UNet forwards per generation). These 24 pairs (written down as
+each image's first evaluation prompt x seeds 0 and 1, the bench's convention: ``bench.mitigation.TUNING_PROMPTS``
+x ``TUNING_SEEDS``) are among the 512 (32 prompts x 16 seeds) of the README's headline figure;
+``python -m bench.mitigation --held-out`` measures on prompts and seeds disjoint from them. The testbed's
+conditioning rows are layer-normed like SD's CLIP outputs (per-element std 0.97), so lr means the same step size
+there. On the testbed a memorized prompt has no meaning besides its image, so stopping the copy also loses the
 "subject": of the mitigated generations a fifth still have their own image as the nearest training image.
 On testbed v2 (weaker memorization) lr 0.1 to the median had stopped 63% of replication.
 
@@ -50,11 +53,14 @@ import torch
 from .denoiser import Denoiser
 from .errors import DejaGuardError, NonFiniteError
 from .explain import content_tokens
+from .progress import Progress, report
 from .sampling import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
-    check_sampling_settings,
+    GuidedStep,
+    guided_step,
     initial_noise,
+    new_schedule,
     text_conditional_magnitude,
 )
 
@@ -65,6 +71,7 @@ DEFAULT_LR = 0.3
 DEFAULT_MAX_ITERATIONS = 30
 # The default target, as a fraction of the non-memorized calibration prompts' median score (module doc).
 TARGET_FRACTION_OF_MEDIAN = 0.5
+STAGE = "mitigation"  # the progress stage name of mitigate_embedding
 
 
 @dataclass
@@ -76,7 +83,8 @@ class MitigationResult:
     ``N`` noises before / after (with ``trajectory_steps`` > 1: the mean over the trajectory's steps too);
     ``scores``: the score at every evaluated iterate (``scores[0]`` is ``score_before``). ``first_step_score``:
     the input's first-step magnitude, which ``threshold`` is compared with (``score_before`` when
-    ``trajectory_steps`` is 1). ``unet_forwards`` / ``unet_backwards``: samples through the UNet (the counter).
+    ``trajectory_steps`` is 1). ``unet_forwards``: noise predictions ("evals", ``UNetCounter.forwards``);
+    ``unet_backwards``: samples back-propagated through the UNet (counted when the gradient flows).
     """
 
     embedding: torch.Tensor
@@ -109,17 +117,6 @@ class MitigationResult:
                 "trajectory_steps": self.trajectory_steps}
 
 
-def first_step_input(denoiser: Denoiser, noise: torch.Tensor,
-                     num_inference_steps: int = DEFAULT_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
-    """The UNet input and timestep of the first sampling step from unscaled ``x_T`` ``(N, C, H, W)``:
-    exactly what :func:`core.sampling.guided_denoise` (and so the detector) feeds the UNet first."""
-    check_sampling_settings(num_inference_steps)
-    scheduler = denoiser.new_scheduler()
-    scheduler.set_timesteps(num_inference_steps)
-    t = scheduler.timesteps[0]
-    return scheduler.scale_model_input(noise * scheduler.init_noise_sigma, t), t
-
-
 def mitigate_embedding(
     denoiser: Denoiser,
     cond: torch.Tensor,
@@ -130,7 +127,7 @@ def mitigate_embedding(
     lr: float = DEFAULT_LR,
     max_iterations: int = DEFAULT_MAX_ITERATIONS,
     num_inference_steps: int = DEFAULT_STEPS,
-    on_iteration: Callable[[int, float], None] | None = None,
+    progress: Progress | None = None,
     trajectory_steps: int = 1,
     guidance_scale: float = DEFAULT_GUIDANCE,
 ) -> MitigationResult:
@@ -142,9 +139,15 @@ def mitigate_embedding(
     ``uncond``: the unconditional embedding ``(1, L', D)`` (default: ``encode_prompts([""])``; a sampler's
     negative conditioning can stand in for it, as the ComfyUI node does). Works on
     cloned tensors outside inference mode with grad enabled, so it also runs inside ComfyUI's graph
-    execution; ``cond`` and ``noise`` are never modified. ``on_iteration(i, score)`` is called after the
-    score of iterate ``i`` is known (progress bars). Raises :class:`NonFiniteError` if a score, gradient or
-    iterate becomes NaN/inf (nothing is returned then, the input is untouched).
+    execution; ``cond`` and ``noise`` are never modified. ``progress(i, max_iterations, "mitigation")`` is
+    called when the score of iterate ``i`` is known, and with ``done = max_iterations`` when the method stops
+    early (the scores themselves are in the result's ``scores``). Raises :class:`NonFiniteError` if a score,
+    gradient or iterate becomes NaN/inf (nothing is returned then, the input is untouched).
+
+    Each iterate's score is the first :func:`core.sampling.guided_step` of the schedule: iterate 0 the
+    detector's own batched call; every later iterate the conditional prediction alone, with gradient
+    (``cond_grad``), against the unconditional prediction of iterate 0 (it does not depend on ``c``). The last
+    iterate's forward is not back-propagated (its score only decides to stop) and counts no backward.
 
     ``trajectory_steps`` ``K`` > 1: the optimized score is instead the mean magnitude over the first ``K``
     steps of the ``num_inference_steps``-step schedule of guided sampling (CFG ``guidance_scale``) under the
@@ -160,27 +163,23 @@ def mitigate_embedding(
     """
     if trajectory_steps != 1:
         return _mitigate_trajectory(denoiser, cond, noise, target, uncond, threshold, lr, max_iterations,
-                                    num_inference_steps, on_iteration, trajectory_steps, guidance_scale)
+                                    num_inference_steps, progress, trajectory_steps, guidance_scale)
     threshold = _check_arguments(cond, noise, target, threshold, lr, max_iterations)
     n = noise.shape[0]
     before = denoiser.counter.snapshot()
     with torch.inference_mode(False):
         with torch.no_grad():
             c0, u = _detached_embeddings(denoiser, cond, uncond, n)
-            model_in, t = first_step_input(denoiser, noise.detach().clone().to(denoiser.device, denoiser.dtype),
-                                           num_inference_steps)
-            if u.shape[1] == c0.shape[1]:  # the detector's call: unconditional and conditional halves in one batch
-                eps_uncond, eps_cond = denoiser.predict_noise(torch.cat([model_in, model_in]), t,
-                                                              torch.cat([u, c0.expand(n, -1, -1)])).chunk(2)
-            else:  # e.g. a ComfyUI negative prompt longer than one 77-token chunk
-                eps_uncond = denoiser.predict_noise(model_in, t, u)
-                eps_cond = denoiser.predict_noise(model_in, t, c0.expand(n, -1, -1))
-            score = float(text_conditional_magnitude(eps_cond, eps_uncond).mean())
+            scheduler = new_schedule(denoiser, num_inference_steps)
+            x = noise.detach().clone().to(denoiser.device, denoiser.dtype) * scheduler.init_noise_sigma
+        t = scheduler.timesteps[0]
+        first = guided_step(denoiser, scheduler, x, t, c0.expand(n, -1, -1), u, advance=False)  # the detector's
+        score = float(first.magnitude.mean())
         _check_finite(score, "the first-step score", 0)
         scores = [score]
-        if on_iteration:
-            on_iteration(0, score)
+        report(progress, 0, max_iterations, STAGE)
         if score <= threshold or max_iterations == 0:
+            report(progress, max_iterations, max_iterations, STAGE)
             spent = denoiser.counter.since(before)
             return MitigationResult(cond, 0, score, score, target, threshold, scores, spent.forwards,
                                     spent.backwards)
@@ -188,26 +187,25 @@ def mitigate_embedding(
         opt = torch.optim.AdamW([emb], lr=lr)
         iterations = 0
         try:
-            with torch.enable_grad():
-                while True:
-                    eps_c = denoiser.predict_noise(model_in, t, emb.expand(n, -1, -1))
-                    loss = text_conditional_magnitude(eps_c, eps_uncond).mean()
-                    if iterations > 0:  # iterate 0's score is already known (no-grad call above)
-                        score = float(loss.detach())
-                        _check_finite(score, "the score", iterations)
-                        scores.append(score)
-                        if on_iteration:
-                            on_iteration(iterations, score)
-                        if score <= target or iterations == max_iterations:
-                            # counters count a backward with every grad-enabled forward; this one is not back-propagated
-                            denoiser.counter.backwards -= n
-                            break
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    _checked_step(opt, emb, iterations)
-                    iterations += 1
+            while True:
+                step = guided_step(denoiser, scheduler, x, t, emb.expand(n, -1, -1), u, cond_grad=True,
+                                   eps_uncond=first.eps_uncond, advance=False)
+                loss = step.magnitude.mean()
+                if iterations > 0:  # iterate 0's score is already known (no-grad call above)
+                    score = float(loss.detach())
+                    _check_finite(score, "the score", iterations)
+                    scores.append(score)
+                    report(progress, iterations, max_iterations, STAGE)
+                    if score <= target or iterations == max_iterations:
+                        break  # this iterate is never back-propagated: the counter counts no backward for it
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                _checked_step(opt, emb, iterations)
+                iterations += 1
         except NonFiniteError as err:
             _reraise_unchanged(err, iterations)
+    if iterations < max_iterations:
+        report(progress, max_iterations, max_iterations, STAGE)
     spent = denoiser.counter.since(before)
     out = emb.detach().to(cond.dtype).to(cond.device)
     return MitigationResult(out, iterations, scores[0], scores[-1], target, threshold, scores, spent.forwards,
@@ -234,7 +232,7 @@ def _check_arguments(cond: torch.Tensor, noise: torch.Tensor, target: float, thr
 
 def _mitigate_trajectory(denoiser: Denoiser, cond: torch.Tensor, noise: torch.Tensor, target: float,
                          uncond: torch.Tensor | None, threshold: float | None, lr: float, max_iterations: int,
-                         num_inference_steps: int, on_iteration: Callable[[int, float], None] | None,
+                         num_inference_steps: int, progress: Progress | None,
                          trajectory_steps: int, guidance_scale: float) -> MitigationResult:
     """:func:`mitigate_embedding` with ``trajectory_steps`` > 1 (see there)."""
     if not 1 <= trajectory_steps <= num_inference_steps:
@@ -251,40 +249,29 @@ def _mitigate_trajectory(denoiser: Denoiser, cond: torch.Tensor, noise: torch.Te
     with torch.inference_mode(False):
         with torch.no_grad():
             c0, u = _detached_embeddings(denoiser, cond, uncond, n)
-            scheduler = denoiser.new_scheduler()
-            scheduler.set_timesteps(num_inference_steps)
-            timesteps = scheduler.timesteps[:k]
-            x_start = noise.detach().clone().to(denoiser.device, denoiser.dtype) * scheduler.init_noise_sigma
+            x_start = noise.detach().clone().to(denoiser.device, denoiser.dtype)
 
-        def trajectory(emb: torch.Tensor) -> tuple[float, float, list[torch.Tensor], list[torch.Tensor]]:
-            """Guided sampling as :func:`core.sampling.guided_denoise` (one batched call per step) for ``k``
-            steps, no gradient: the score (mean magnitude), the first step's mean magnitude, the UNet inputs
-            ``(N, C, H, W)`` and the unconditional predictions at the ``k`` timesteps."""
-            with torch.no_grad():
-                x, inputs, eps_uncond, mags = x_start, [], [], []
-                c = emb.detach().expand(n, -1, -1)
-                for i, t in enumerate(timesteps):
-                    model_in = scheduler.scale_model_input(x, t)
-                    if u.shape[1] == c.shape[1]:
-                        eps_u, eps_c = denoiser.predict_noise(torch.cat([model_in, model_in]), t,
-                                                              torch.cat([u, c])).chunk(2)
-                    else:  # e.g. a ComfyUI negative prompt longer than one 77-token chunk
-                        eps_u = denoiser.predict_noise(model_in, t, u)
-                        eps_c = denoiser.predict_noise(model_in, t, c)
-                    inputs.append(model_in)
-                    eps_uncond.append(eps_u)
-                    mags.append(text_conditional_magnitude(eps_c, eps_u))
-                    if i + 1 < k:
-                        x = scheduler.step(eps_u + guidance_scale * (eps_c - eps_u), t, x).prev_sample
-                return float(torch.stack(mags).mean()), float(mags[0].mean()), inputs, eps_uncond
+        def trajectory(emb: torch.Tensor) -> tuple[float, float, list[tuple[torch.Tensor, GuidedStep]]]:
+            """``k`` guided steps without gradient on a fresh schedule (as :func:`core.sampling.guided_denoise`,
+            one batched call per step): the score (mean magnitude), the first step's mean magnitude, and each
+            step's ``x_t`` ``(N, C, H, W)`` with its :class:`GuidedStep`."""
+            scheduler = new_schedule(denoiser, num_inference_steps)
+            x, steps, c = x_start * scheduler.init_noise_sigma, [], emb.detach().expand(n, -1, -1)
+            for i, t in enumerate(scheduler.timesteps[:k]):
+                step = guided_step(denoiser, scheduler, x, t, c, u, guidance_scale, advance=i + 1 < k)
+                steps.append((x, step))
+                x = step.sample
+            mags = torch.stack([step.magnitude for _, step in steps])
+            return float(mags.mean()), float(mags[0].mean()), steps
 
-        score, first, inputs, eps_uncond = trajectory(c0)
+        score, first, steps = trajectory(c0)
+        timesteps = new_schedule(denoiser, num_inference_steps).timesteps[:k]
         _check_finite(score, "the trajectory score", 0)
         scores = [score]
-        if on_iteration:
-            on_iteration(0, score)
+        report(progress, 0, max_iterations, STAGE)
         gate = target if threshold is None else threshold
         if (first if threshold is not None else score) <= gate or score <= target or max_iterations == 0:
+            report(progress, max_iterations, max_iterations, STAGE)
             spent = denoiser.counter.since(before)
             return MitigationResult(cond, 0, score, score, target, gate, scores, spent.forwards, spent.backwards,
                                     first_step_score=first if threshold is not None else None,
@@ -295,19 +282,22 @@ def _mitigate_trajectory(denoiser: Denoiser, cond: torch.Tensor, noise: torch.Te
         try:
             while score > target and iterations < max_iterations:
                 opt.zero_grad(set_to_none=True)
-                with torch.enable_grad():
-                    for model_in, t, eps_u in zip(inputs, timesteps, eps_uncond):
-                        eps_c = denoiser.predict_noise(model_in, t, emb.expand(n, -1, -1))
-                        (text_conditional_magnitude(eps_c, eps_u).mean() / k).backward()
+                for (x, done), t in zip(steps, timesteps):
+                    # the same step with gradient: a fresh schedule scales x_t for t whatever state the scheduler keeps
+                    step = guided_step(denoiser, new_schedule(denoiser, num_inference_steps), x, t,
+                                       emb.expand(n, -1, -1), u, cond_grad=True, eps_uncond=done.eps_uncond,
+                                       advance=False)
+                    (step.magnitude.mean() / k).backward()
                 _checked_step(opt, emb, iterations)
                 iterations += 1
-                score, _, inputs, eps_uncond = trajectory(emb)
+                score, _, steps = trajectory(emb)
                 _check_finite(score, "the trajectory score", iterations)
                 scores.append(score)
-                if on_iteration:
-                    on_iteration(iterations, score)
+                report(progress, iterations, max_iterations, STAGE)
         except NonFiniteError as err:
             _reraise_unchanged(err, iterations)
+    if iterations < max_iterations:
+        report(progress, max_iterations, max_iterations, STAGE)
     spent = denoiser.counter.since(before)
     out = emb.detach().to(cond.dtype).to(cond.device)
     return MitigationResult(out, iterations, scores[0], scores[-1], target, gate, scores, spent.forwards,
@@ -324,7 +314,7 @@ def mitigate_prompt(
     lr: float = DEFAULT_LR,
     max_iterations: int = DEFAULT_MAX_ITERATIONS,
     num_inference_steps: int = DEFAULT_STEPS,
-    on_iteration: Callable[[int, float], None] | None = None,
+    progress: Progress | None = None,
     trajectory_steps: int = 1,
     guidance_scale: float = DEFAULT_GUIDANCE,
 ) -> MitigationResult:
@@ -338,7 +328,7 @@ def mitigate_prompt(
         cond = denoiser.encode_prompts([prompt])
     result = mitigate_embedding(denoiser, cond, initial_noise(denoiser, seeds), target, threshold=threshold, lr=lr,
                                 max_iterations=max_iterations, num_inference_steps=num_inference_steps,
-                                on_iteration=on_iteration, trajectory_steps=trajectory_steps,
+                                progress=progress, trajectory_steps=trajectory_steps,
                                 guidance_scale=guidance_scale)
     result.prompt, result.seeds = prompt, [int(s) for s in seeds]
     return result

@@ -1,20 +1,36 @@
 """Classifier-free-guided sampling through the denoiser seam, recording the text-conditional
 noise-prediction magnitude at every step (the quantity the detector reads).
 
-Shapes: ``B`` prompts x generations, ``C, H, W`` the model's sample shape.
+:func:`guided_step` is the one guided step of the project: every method that steps along a guided
+trajectory or reads the first step's two predictions (sampling and detection here, token significance in
+:mod:`core.explain`, embedding mitigation in :mod:`core.mitigate`, the benches) calls it, so that all of
+them feed the UNet the same inputs in the same batch layout and agree on the score to the last bit. Without
+gradient the unconditional and conditional halves go through the UNet in **one** batched call, stacked
+``[uncond, cond]`` (the layout neuron gates and FFN statistics rely on); with ``cond_grad`` the conditional
+prediction keeps its graph and gets a call of its own, the unconditional one is made without gradient (it
+does not depend on the text embedding being differentiated), so a backward pass goes through the
+conditional samples only.
+
+Counting: "evals" are noise predictions (``UNetCounter.forwards``; a cond/uncond pair counts 2), "calls"
+batched UNet calls (``UNetCounter.calls``).
+
+Shapes: ``B`` prompts x generations, ``C, H, W`` the model's sample shape, ``L`` text tokens, ``D`` text
+embedding width.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .denoiser import Denoiser
 from .errors import DejaGuardError
+from .progress import Progress, report
 
 DEFAULT_GUIDANCE = 7.5
 DEFAULT_STEPS = 50
@@ -52,6 +68,89 @@ def check_sampling_settings(num_inference_steps: int, guidance_scale: float = DE
         raise DejaGuardError(f"guidance scale (CFG) must be a finite number, got {guidance_scale}")
 
 
+def new_schedule(denoiser: Denoiser, num_inference_steps: int = DEFAULT_STEPS) -> Any:
+    """A fresh scheduler of ``denoiser`` set to ``num_inference_steps`` steps (``timesteps``, ``init_noise_sigma``).
+
+    Raises :class:`DejaGuardError` for a step count the schedule cannot give (more steps than the model's
+    training timesteps: diffusers raises a ``ValueError`` deep inside). Fresh for every trajectory: schedulers
+    such as PNDM or Euler keep state between their ``step`` calls.
+    """
+    check_sampling_settings(num_inference_steps)
+    scheduler = denoiser.new_scheduler()
+    trained = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
+    if trained is not None and num_inference_steps > trained:
+        raise DejaGuardError(f"{num_inference_steps} sampling steps asked for, but the model's schedule has only "
+                             f"{trained} timesteps")
+    try:
+        scheduler.set_timesteps(int(num_inference_steps))
+    except ValueError as err:
+        raise DejaGuardError(f"the model's scheduler refuses {num_inference_steps} sampling steps: {err}") from err
+    return scheduler
+
+
+@dataclass
+class GuidedStep:
+    """What one :func:`guided_step` computed. Tensors ``(B, C, H, W)``; ``magnitude`` ``(B,)``.
+
+    ``sample``: ``x_{t-1}``, the scheduler's step with the guided prediction (None when not advanced);
+    ``model_input``: the scheduler-scaled ``x_t`` the UNet saw; ``eps_cond`` (with its autograd graph under
+    ``cond_grad``), ``eps_uncond`` (never with a graph); ``magnitude``: ``||eps_cond - eps_uncond||_2`` per
+    sample, with the graph of ``eps_cond``.
+    """
+
+    sample: torch.Tensor | None
+    model_input: torch.Tensor
+    eps_cond: torch.Tensor
+    eps_uncond: torch.Tensor
+    magnitude: torch.Tensor
+
+
+def guided_step(
+    denoiser: Denoiser,
+    scheduler: Any,
+    x: torch.Tensor,
+    t: torch.Tensor | int,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    guidance_scale: float = DEFAULT_GUIDANCE,
+    *,
+    cond_grad: bool = False,
+    eps_uncond: torch.Tensor | None = None,
+    advance: bool = True,
+) -> GuidedStep:
+    """One step of classifier-free-guided sampling at ``x`` = ``x_t`` ``(B, C, H, W)`` and timestep ``t`` of
+    ``scheduler`` (see the module doc).
+
+    ``cond``: ``(B, L, D)``; ``uncond``: ``(1, L', D)`` or ``(B, L', D)``. Without ``cond_grad``: no gradient,
+    one batched call ``[uncond, cond]`` (two calls when ``L' != L``, e.g. a ComfyUI negative prompt longer than
+    one 77-token chunk). With ``cond_grad``: the unconditional prediction without gradient, then the conditional
+    one with gradient enabled in a call of its own. ``eps_uncond``: the unconditional prediction at this ``x_t``
+    and ``t`` when it is already known (it does not depend on ``cond``): reused, no call for it, ``uncond`` is
+    then unused. ``advance`` False: no scheduler step (``sample`` None), for callers that only need the
+    predictions or re-evaluate a step under another conditioning; the scheduler is then left untouched.
+    """
+    batch = x.shape[0]
+    model_input = scheduler.scale_model_input(x, t)
+    if eps_uncond is None and not cond_grad and uncond.shape[1] == cond.shape[1]:
+        with torch.no_grad():
+            eps_uncond, eps_cond = denoiser.predict_noise(torch.cat([model_input, model_input]), t,
+                                                          torch.cat([uncond.expand(batch, -1, -1), cond])).chunk(2)
+    else:
+        if eps_uncond is None:
+            with torch.no_grad():
+                eps_uncond = denoiser.predict_noise(model_input, t, uncond.expand(batch, -1, -1))
+        with torch.set_grad_enabled(cond_grad):
+            eps_cond = denoiser.predict_noise(model_input, t, cond)
+    with torch.set_grad_enabled(cond_grad):
+        magnitude = text_conditional_magnitude(eps_cond, eps_uncond)
+    sample = None
+    if advance:
+        with torch.no_grad():
+            guided = eps_uncond + guidance_scale * (eps_cond.detach() - eps_uncond)
+            sample = scheduler.step(guided, t, x).prev_sample
+    return GuidedStep(sample, model_input, eps_cond, eps_uncond, magnitude)
+
+
 def guided_denoise(
     denoiser: Denoiser,
     noise: torch.Tensor,
@@ -60,32 +159,25 @@ def guided_denoise(
     num_inference_steps: int = DEFAULT_STEPS,
     guidance_scale: float = DEFAULT_GUIDANCE,
     stop_after: int | None = None,
-    progress: bool = False,
-    on_step: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run guided sampling from ``noise`` (unscaled x_T, ``(B, C, H, W)``).
+    """Run guided sampling from ``noise`` (unscaled x_T, ``(B, C, H, W)``), without gradient.
 
-    ``cond``: ``(B, L, D)``; ``uncond``: ``(1, L, D)`` or ``(B, L, D)``. Each step is **one**
-    batched UNet call with the unconditional and conditional halves stacked. Stops after
-    ``stop_after`` steps if given. Returns the samples reached and the per-step magnitudes
-    ``||eps(x_t, c) - eps(x_t, 0)||_2`` of shape ``(B, steps_run)``.
+    ``cond``: ``(B, L, D)``; ``uncond``: ``(1, L, D)`` or ``(B, L, D)``. Each step is one :func:`guided_step`:
+    **one** batched UNet call with the unconditional and conditional halves stacked. Stops after ``stop_after``
+    steps if given. Returns the samples reached and the per-step magnitudes ``||eps(x_t, c) - eps(x_t, 0)||_2``
+    of shape ``(B, steps_run)``. ``progress(done, total, "sampling")`` after every step.
     """
     check_sampling_settings(num_inference_steps, guidance_scale)
-    scheduler = denoiser.new_scheduler()
-    scheduler.set_timesteps(num_inference_steps)
+    scheduler = new_schedule(denoiser, num_inference_steps)
     x = noise * scheduler.init_noise_sigma
-    batch = x.shape[0]
-    uncond = uncond.expand(batch, -1, -1)
-    context = torch.cat([uncond, cond])
     timesteps = scheduler.timesteps[: stop_after] if stop_after else scheduler.timesteps
     magnitudes = []
-    for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
-        model_in = scheduler.scale_model_input(torch.cat([x, x]), t)
-        eps_uncond, eps_cond = denoiser.predict_noise(model_in, t, context).chunk(2)
-        magnitudes.append(text_conditional_magnitude(eps_cond, eps_uncond))
-        x = scheduler.step(eps_uncond + guidance_scale * (eps_cond - eps_uncond), t, x).prev_sample
-        if on_step:
-            on_step(i)
+    for i, t in enumerate(timesteps):
+        step = guided_step(denoiser, scheduler, x, t, cond, uncond, guidance_scale)
+        magnitudes.append(step.magnitude)
+        x = step.sample
+        report(progress, i + 1, len(timesteps), "sampling")
     return x, torch.stack(magnitudes, dim=1)
 
 
@@ -97,22 +189,25 @@ def generate(
     num_inference_steps: int = DEFAULT_STEPS,
     guidance_scale: float = DEFAULT_GUIDANCE,
     batch_size: int = 32,
-    progress: bool = False,
+    progress: Progress | None = None,
     cond_embeddings: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Full generations, one per (prompt, seed) pair: final samples ``(B, C, H, W)``.
 
     ``cond_embeddings`` ``(B, L, D)``, if given, replaces the prompts' own text embeddings (e.g. a
     mitigated embedding from :mod:`core.mitigate`); ``prompts`` then only set the count.
+    ``progress(done, total, "generating")`` counts finished generations. Raises :class:`DejaGuardError` when
+    the seeds or embeddings do not match the prompts one to one.
     """
     if len(prompts) != len(seeds):
-        raise ValueError("one seed per prompt")
-    if cond_embeddings is not None and cond_embeddings.shape[0] != len(prompts):
-        raise ValueError("one conditional embedding per prompt")
+        raise DejaGuardError(f"one seed per prompt: {len(prompts)} prompt(s), {len(seeds)} seed(s)")
+    if cond_embeddings is not None and (cond_embeddings.dim() != 3 or cond_embeddings.shape[0] != len(prompts)):
+        raise DejaGuardError(f"one conditional embedding (L, D) per prompt: {len(prompts)} prompt(s), embeddings "
+                             f"{tuple(cond_embeddings.shape)}")
     check_sampling_settings(num_inference_steps, guidance_scale)
     uncond = denoiser.encode_prompts([""])
     out = []
-    bar = tqdm(total=len(prompts), desc="generating", disable=not progress)
+    report(progress, 0, len(prompts), "generating")
     for i in range(0, len(prompts), batch_size):
         chunk = list(prompts[i : i + batch_size])
         if cond_embeddings is None:
@@ -122,6 +217,5 @@ def generate(
         x, _ = guided_denoise(denoiser, initial_noise(denoiser, seeds[i : i + batch_size]),
                               cond, uncond, num_inference_steps, guidance_scale)
         out.append(x)
-        bar.update(len(chunk))
-    bar.close()
+        report(progress, i + len(chunk), len(prompts), "generating")
     return torch.cat(out)

@@ -319,10 +319,6 @@ class ComfyDenoiser:
                       text_embeddings: torch.Tensor) -> torch.Tensor:
         """``samples (B, C, H, W)`` = ``x_t``, one timestep ``t`` in [0, 999], ``text_embeddings (B, 77, D)``
         -> eps ``(B, C, H, W)`` (see module doc for the sigma mapping)."""
-        self.counter.calls += 1
-        self.counter.forwards += samples.shape[0]
-        if torch.is_grad_enabled() and (samples.requires_grad or text_embeddings.requires_grad):
-            self.counter.backwards += samples.shape[0]  # caller back-propagates through this call
         grad = torch.is_grad_enabled()
         with torch.inference_mode(False), torch.set_grad_enabled(grad):  # leaving inference mode enables grad
             weights = self._load()
@@ -340,7 +336,7 @@ class ComfyDenoiser:
                     denoised = torch.func.functional_call(self._wrapper, weights, (x_k, sigma, context, options))
                 else:
                     denoised = self._wrapper(x_k, sigma, context, options)
-            eps = (x_k - denoised) / sigma.view(-1, 1, 1, 1)
+            eps = self.counter.count((x_k - denoised) / sigma.view(-1, 1, 1, 1))
         if not torch.isfinite(eps).all():
             raise NonFiniteError("the UNet returned NaN or infinite values")
         if self.callback is not None:

@@ -129,3 +129,24 @@ def test_pickled_weights_refused_with_one_line(tmp_path):
                                              r"diffusion_pytorch_model\.bin\)") as err:
         load_denoiser(folder)
     assert "\n" not in str(err.value)
+
+
+def test_backwards_are_counted_when_a_gradient_flows(testbed):
+    """UNetCounter counts a backward when a gradient reaches a prediction, not when a forward runs with grad on:
+    a grad-enabled forward nobody back-propagates costs no backward (on main it counted one per sample)."""
+    x = torch.randn(2, *testbed.sample_shape)
+    cond = testbed.encode_prompts(["kraken wallpaper"]).expand(2, -1, -1).clone().requires_grad_(True)
+    before = testbed.counter.snapshot()
+    with torch.enable_grad():
+        unused = testbed.predict_noise(x, 999, cond)
+        assert unused.requires_grad
+        spent = testbed.counter.since(before)
+        assert (spent.calls, spent.forwards, spent.backwards) == (1, 2, 0)
+        eps = testbed.predict_noise(x, 999, cond)
+        (grad,) = torch.autograd.grad(eps[:1].square().sum(), cond)  # any gradient through the call counts it
+    assert grad.abs().sum() > 0
+    spent = testbed.counter.since(before)
+    assert (spent.calls, spent.forwards, spent.backwards) == (2, 4, 2)
+    with torch.no_grad():
+        testbed.predict_noise(x, 999, cond)
+    assert testbed.counter.since(before).backwards == 2

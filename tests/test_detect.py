@@ -126,3 +126,21 @@ def test_bad_settings():
         ScoreSettings(steps=0)
     with pytest.raises(DejaGuardError):
         ScoreSettings(steps=60, num_inference_steps=50)
+
+
+def test_sampling_input_errors_are_dejaguard_errors(testbed):
+    """Bad input to core.sampling is a DejaGuardError (one line and exit 2 in the CLI), not a ValueError traceback
+    (on main: "one seed per prompt" and diffusers' "cannot be larger than ... train_timesteps" escaped as
+    ValueError)."""
+    from dejaguard.core.sampling import generate, guided_denoise, initial_noise
+
+    with pytest.raises(DejaGuardError, match="one seed per prompt"):
+        generate(testbed, ["a red circle", "a blue square"], [0], num_inference_steps=1)
+    with pytest.raises(DejaGuardError, match="one conditional embedding"):
+        generate(testbed, ["a red circle"], [0], num_inference_steps=1,
+                 cond_embeddings=testbed.encode_prompts(["a", "b"]))
+    cond, uncond = testbed.encode_prompts(["a red circle"]), testbed.encode_prompts([""])
+    with pytest.raises(DejaGuardError, match="2000 sampling steps"):
+        guided_denoise(testbed, initial_noise(testbed, [0]), cond, uncond, num_inference_steps=2000, stop_after=1)
+    with pytest.raises(DejaGuardError, match="2000 sampling steps"):
+        first_step_scores(testbed, ["a red circle"], ScoreSettings(num_inference_steps=2000))

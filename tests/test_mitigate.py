@@ -165,6 +165,11 @@ def test_cli_generate_mitigate(tmp_path: Path, capsys):
     assert "0 iterations" in text and out.is_file() and out.stat().st_size > 0
     assert main(["generate", "--prompt", " ", "--out", str(out), "--device", "cpu"]) == 2
     assert "empty prompt" in capsys.readouterr().err
+    # more steps than the model's schedule: a one-line error (exit 2), not diffusers' ValueError traceback
+    for extra in ([], ["--mitigate", "embedding", "--target", "1e6"]):
+        assert main(["generate", "--prompt", MEMORIZED_PROMPT, "--steps", "2000", "--out", str(out),
+                     "--device", "cpu", *extra]) == 2
+        assert "2000 sampling steps" in capsys.readouterr().err
 
 
 def test_threshold_and_target_levels(testbed):
@@ -249,3 +254,45 @@ def test_levels_for_trajectory_settings(tmp_path: Path, testbed):
         default_levels(path, testbed.fingerprint())
     with pytest.raises(DejaGuardError, match="median"):
         levels_from_calibration({"threshold": 1.0})
+
+
+def test_bench_held_out_pairs_are_disjoint_from_the_tuning_set():
+    """Defect 8: the pairs that chose the mitigation defaults are written down, the headline run overlaps them in 24
+    of 512 pairs, and --held-out measures on prompts and seeds that did not choose them."""
+    from bench.mitigation import TUNING_PROMPTS, TUNING_SEEDS, memorized_jobs
+
+    assert len(TUNING_PROMPTS) == 12 and len(TUNING_SEEDS) == 2
+    jobs, owners = memorized_jobs(16, held_out=False)
+    assert len(jobs) == 32 * 16 == len(owners)
+    assert sum(p in TUNING_PROMPTS and s in TUNING_SEEDS for p, s in jobs) == 24
+    held, owners = memorized_jobs(16, held_out=True)
+    assert len(held) == 20 * 16 == len(owners)
+    assert not {p for p, _ in held} & set(TUNING_PROMPTS) and not {s for _, s in held} & set(TUNING_SEEDS)
+    assert all(p in m.eval_prompts for (p, _), m in zip(held, owners))
+    assert memorized_jobs(1, held_out=True, prompts=2)[0] == [(held[0][0], 2), (held[16][0], 2)]
+
+
+def test_progress_convention(testbed):
+    """Every method reports progress(done, total, stage) (core.progress): mitigation per iterate, ending at total when
+    it stops early; scoring, generation and explanation per unit of work."""
+    from dejaguard.core.explain import token_significance
+
+    calls = []
+
+    def progress(done, total, stage=""):
+        calls.append((done, total, stage))
+
+    mitigate_prompt(testbed, NOVEL_PROMPT, [5], target=1e6, max_iterations=4, progress=progress)
+    assert calls == [(0, 4, "mitigation"), (4, 4, "mitigation")]
+    calls.clear()
+    mitigate_prompt(testbed, MEMORIZED_PROMPT, [0], target=1e-6, max_iterations=2, progress=progress)
+    assert calls == [(0, 2, "mitigation"), (1, 2, "mitigation"), (2, 2, "mitigation")]
+    calls.clear()
+    first_step_scores(testbed, [NOVEL_PROMPT, MEMORIZED_PROMPT], batch_size=1, progress=progress)
+    assert calls == [(0, 2, "scoring"), (1, 2, "scoring"), (2, 2, "scoring")]
+    calls.clear()
+    generate(testbed, [NOVEL_PROMPT], [0], num_inference_steps=1, progress=progress)
+    assert calls == [(0, 1, "generating"), (1, 1, "generating")]
+    calls.clear()
+    token_significance(testbed, "kraken wallpaper", steps=2, progress=progress)
+    assert calls == [(1, 2, "explain"), (2, 2, "explain")]
