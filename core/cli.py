@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from .errors import DejaGuardError
+from .progress import TqdmProgress
 
 
 def _quiet_libraries() -> None:
@@ -129,7 +130,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         memorized = [p for p, _ in memorized_eval_prompts()]
     else:
         raise DejaGuardError("--prompts (a file of prompts known not to be memorized) is required for this model")
-    cal = calibrate(denoiser, prompts, _settings(args), args.target_fpr, source, memorized, progress=True)
+    with TqdmProgress("calibrate", unit="gen") as bar:
+        cal = calibrate(denoiser, prompts, _settings(args), args.target_fpr, source, memorized, progress=bar)
     path = save_calibration(cal, args.out or args.model or BUNDLED_TESTBED)
     tpr = ""
     if cal.memorized_tpr is not None:
@@ -310,8 +312,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"mitigation (embedding): score {r.score_before:.4f} -> {r.score_after:.4f} (threshold "
               f"{threshold:.4f}, target {target:.4f}; {state}) in {r.iterations} iterations, "
               f"{r.unet_forwards} UNet forwards, {r.unet_backwards} backwards")
-    samples = generate(denoiser, [args.prompt], [args.seed], args.steps, args.cfg, cond_embeddings=cond,
-                       progress=True)
+    with TqdmProgress("generate", unit="image") as bar:
+        samples = generate(denoiser, [args.prompt], [args.seed], args.steps, args.cfg, cond_embeddings=cond,
+                           progress=bar)
     image = denoiser.decode(samples)[0]
     array = ((image.float().cpu().clamp(-1, 1).numpy() + 1) * 127.5).round().astype(np.uint8).transpose(1, 2, 0)
     out = Path(args.out)

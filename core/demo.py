@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .denoiser import BUNDLED_TESTBED, load_denoiser
 from .detect import ScoreSettings, first_step_scores, load_threshold
+from .progress import TqdmProgress
 from .report import ImageCard, ReportData, summary_metrics, write_report
 from .sampling import generate
 from .testbed.data import MEMORIZED, heldout_specs, load_memorized_images
@@ -31,13 +32,15 @@ def run_demo(out: Path, device: str | None = None) -> Path:
     labels = [1] * len(memorized) + [0] * len(novel)
     print(f"scoring {len(prompts)} prompts ({len(memorized)} memorized, {len(novel)} novel) at the first step, "
           f"{settings.generations} noises each")
-    scores = first_step_scores(denoiser, prompts, settings, threshold=threshold, progress=True)
+    with TqdmProgress("demo", unit="gen") as bar:
+        scores = first_step_scores(denoiser, prompts, settings, threshold=threshold, progress=bar)
     score_of = {r.prompt: r for r in scores}
 
     shown = [(m.eval_prompts[0], f"memorized ({m.kind})") for m in MEMORIZED]
     shown += [(p, "novel (held out)") for p in novel[:DEMO_NOVEL]]
     print(f"generating {len(shown)} images (50 DDIM steps, CFG 7.5) for the image grid")
-    samples = generate(denoiser, [p for p, _ in shown], [score_of[p].seeds[0] for p, _ in shown], progress=True)
+    with TqdmProgress("demo", unit="image") as bar:
+        samples = generate(denoiser, [p for p, _ in shown], [score_of[p].seeds[0] for p, _ in shown], progress=bar)
     images = thumbnails(denoiser, samples)
     training = load_memorized_images()
     cards = []

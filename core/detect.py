@@ -156,7 +156,7 @@ def calibrate(
     target_fpr: float = 0.01,
     prompts_source: str = "",
     memorized_prompts: Sequence[str] = (),
-    progress: bool = False,
+    progress: Progress | None = None,
 ) -> Calibration:
     """Score prompts known not to be memorized and place the threshold at their
     ``1 - target_fpr`` quantile (flagged means ``score > threshold``), so that at most

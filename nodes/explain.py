@@ -77,15 +77,17 @@ class DejaGuardTokenHighlight:
             raise DejaGuardError("DejaGuard Token Highlighting: the prompt is empty; type the prompt whose words "
                                  "should be explained")
         shape = tuple(int(s) for s in latent["samples"].shape[1:]) if latent is not None else None
-        progress = comfy.utils.ProgressBar(steps)
+        bar = comfy.utils.ProgressBar(steps)
 
-        def on_unet_call(counter: UNetCounter) -> None:
+        def on_unet_call(_counter: UNetCounter) -> None:
             comfy.model_management.throw_exception_if_processing_interrupted()
-            progress.update_absolute(min(counter.backwards, steps), steps)  # one backward pass per step
+
+        def progress(done: float, total: float, _stage: str = "") -> None:
+            bar.update_absolute(done, total)  # one step = one backward pass
 
         denoiser = ComfyDenoiser(model, clip, sample_shape=shape, callback=on_unet_call)  # type: ignore[arg-type]
         with torch.inference_mode(False), torch.enable_grad():  # graphs run under inference mode
-            result = token_significance(denoiser, prompt, steps=steps, seed=seed)
+            result = token_significance(denoiser, prompt, steps=steps, seed=seed, progress=progress)
         return {"ui": {UI_KEY: [ui_payload(result, steps)]}, "result": (ranking_text(result, steps),)}
 
 

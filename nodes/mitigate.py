@@ -126,13 +126,12 @@ class DejaGuardMitigateEmbedding:
         denoiser = ComfyDenoiser(model, None, sample_shape=tuple(samples.shape[1:]))  # refuses unsupported models
         threshold, target, source = resolve_levels(model, threshold, target, calibration)
         noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))  # KSampler's own x_T
-        progress = comfy.utils.ProgressBar(len(positive) * (max_iterations + 1))
-        done = [0]
+        units = max_iterations + 1  # per conditioning: iterates 0..max_iterations
+        bar = comfy.utils.ProgressBar(len(positive) * units)
 
-        def on_iteration(_i: int, _score: float) -> None:
+        def progress(done: float, _total: float, _stage: str = "") -> None:  # done: the iterate whose score is known
             comfy.model_management.throw_exception_if_processing_interrupted()
-            done[0] += 1
-            progress.update_absolute(done[0])
+            bar.update_absolute(len(entries) * units + int(done) + 1)
 
         uncond = negative[0][0]
         out, entries = [], []
@@ -140,12 +139,9 @@ class DejaGuardMitigateEmbedding:
             for cond, extra in positive:
                 result: MitigationResult = mitigate_embedding(
                     denoiser, cond, noise, target, uncond=uncond, threshold=threshold, lr=lr,
-                    max_iterations=max_iterations,
-                    on_iteration=on_iteration)
+                    max_iterations=max_iterations, progress=progress)
                 entries.append(result.summary())
                 out.append([result.embedding, extra.copy()] if result.iterations else [cond, extra])
-                done[0] = (len(entries)) * (max_iterations + 1)
-                progress.update_absolute(done[0])
         report = summary_text(entries, threshold, target, source)
         ui = [{**e, "levels_source": source} for e in entries]
         return {"ui": {UI_KEY: ui}, "result": (out if any(e["iterations"] for e in entries) else positive, report)}

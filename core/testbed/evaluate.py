@@ -19,6 +19,7 @@ import torch
 from ..denoiser import Denoiser
 from ..errors import DejaGuardError
 from ..metrics import structure_ssim
+from ..progress import tqdm_progress
 from ..sampling import generate, prompt_seed
 from .data import MEMORIZED, RESOLUTION, check_alignment, heldout_specs, load_memorized_images, parse_prompt
 
@@ -124,10 +125,11 @@ def evaluate(
     if not 1 <= novel_count <= len(heldout):
         raise DejaGuardError(f"novel prompts must number 1..{len(heldout)}, got {novel_count}")
     training = load_memorized_images()
+    bar = tqdm_progress("evaluate", unit="image", enabled=progress)
     mem = [(p, m) for m in MEMORIZED for p in m.eval_prompts]
     prompts = [p for p, _ in mem for _ in seeds]
     samples = generate(denoiser, prompts, [s for _ in mem for s in seeds], num_inference_steps,
-                       guidance_scale, progress=progress)
+                       guidance_scale, progress=bar)
     images = thumbnails(denoiser, samples)
     per_prompt = []
     own_ssims = []
@@ -142,7 +144,7 @@ def evaluate(
     novel = [s.caption() for s in heldout[:novel_count]]
     novel_runs = [(p, g) for p in novel for g in range(novel_seeds)]
     novel_samples = generate(denoiser, [p for p, _ in novel_runs], [prompt_seed(p, g) for p, g in novel_runs],
-                             num_inference_steps, guidance_scale, progress=progress)
+                             num_inference_steps, guidance_scale, progress=bar)
     novel_images = thumbnails(denoiser, novel_samples)
     neighbours = [nearest_training_image(img, training) for img in novel_images]
     # aligned[i, g]: prompt i's generation at seed index g passes the checker
@@ -152,7 +154,7 @@ def evaluate(
     # The unconditional model (empty prompt; CFG is then a no-op): how often "no text" draws a planted image.
     uncond_seeds = [prompt_seed("", g) for g in range(UNCONDITIONAL_SEEDS)]
     uncond_images = thumbnails(denoiser, generate(denoiser, [""] * len(uncond_seeds), uncond_seeds,
-                                                  num_inference_steps, guidance_scale, progress=progress))
+                                                  num_inference_steps, guidance_scale, progress=bar))
     uncond_neighbours = [nearest_training_image(img, training) for img in uncond_images]
     by_kind = {}
     for kind in ("verbatim", "template", "trigger"):
