@@ -17,7 +17,7 @@ embeddings; the positionally biased gradient w.r.t. the conditioning rows side b
   memorization hangs on" and costs only first-step scores.
 
 **Embedding mitigation** (``core.mitigate.mitigate_prompt`` per (prompt, seed), on that seed's x_T, with the
-default levels of ``core.mitigate.default_levels`` unless ``--threshold`` / ``--target`` are given; then the full
+default levels of ``core.calibration.resolve_levels`` unless ``--threshold`` / ``--target`` are given; then the full
 ``--steps``-step DDIM generation at CFG 7.5 from the same seed, with and without mitigation):
 
 - ``replication_before`` / ``replication_after``: share of the memorized prompts' (prompt, seed) generations that
@@ -63,10 +63,11 @@ import time
 
 import numpy as np
 import torch
-from dejaguard.core.denoiser import BUNDLED_TESTBED, load_denoiser
+from dejaguard.core.calibration import resolve_levels
+from dejaguard.core.denoiser import load_denoiser
 from dejaguard.core.detect import first_step_scores
 from dejaguard.core.explain import token_significance
-from dejaguard.core.mitigate import DEFAULT_LR, DEFAULT_MAX_ITERATIONS, default_levels, mitigate_prompt
+from dejaguard.core.mitigate import DEFAULT_LR, DEFAULT_MAX_ITERATIONS, mitigate_prompt
 from dejaguard.core.progress import TqdmProgress
 from dejaguard.core.sampling import generate, guided_step, initial_noise, new_schedule, prompt_seed
 from dejaguard.core.testbed.data import MEMORIZED, check_alignment, heldout_specs, load_memorized_images
@@ -186,12 +187,7 @@ def main() -> None:
     if args.trajectory_steps > 1 and args.target is None:
         parser.error("--trajectory-steps > 1 needs --target: a level of the K-step score, not of the first step")
     denoiser = load_denoiser(args.model)
-    threshold, target = args.threshold, args.target
-    if threshold is None or target is None:
-        threshold, target = default_levels(args.model or BUNDLED_TESTBED, denoiser.fingerprint())
-    threshold = args.threshold if args.threshold is not None else threshold
-    target = args.target if args.target is not None else min(target, threshold)
-    threshold = max(threshold, target)
+    threshold, target, _ = resolve_levels(args.threshold, args.target, args.model, denoiser.fingerprint())
     args.levels = (threshold, target)
     out: dict = {"settings": {"seeds": args.seeds, "novel": args.novel, "steps": args.steps, "cfg": args.cfg,
                               "explain_seeds": args.explain_seeds, "threshold": threshold, "target": target,

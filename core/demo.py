@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .calibration import resolve_threshold
 from .denoiser import BUNDLED_TESTBED, load_denoiser
-from .detect import ScoreSettings, first_step_scores, load_threshold
+from .detect import ScoreSettings, first_step_scores
 from .progress import TqdmProgress
 from .report import ImageCard, ReportData, summary_metrics, write_report
 from .sampling import generate
@@ -25,7 +26,7 @@ def run_demo(out: Path, device: str | None = None) -> Path:
     start = time.time()
     denoiser = load_denoiser(device=device)
     settings = DEMO_SETTINGS
-    threshold = load_threshold(BUNDLED_TESTBED, settings, denoiser.fingerprint())
+    threshold, _ = resolve_threshold(None, BUNDLED_TESTBED, settings, denoiser.fingerprint())
     memorized = [(p, m) for m in MEMORIZED for p in m.eval_prompts]
     novel = [s.caption() for s in heldout_specs()]
     prompts = [p for p, _ in memorized] + novel

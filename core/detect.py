@@ -12,12 +12,8 @@ file beside the model (``dejaguard_calibration.json``).
 
 from __future__ import annotations
 
-import json
-import math
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,8 +22,6 @@ from .denoiser import Denoiser
 from .errors import DejaGuardError, NonFiniteError
 from .progress import Progress, report
 from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, guided_denoise, initial_noise, prompt_seed
-
-CALIBRATION_FILE = "dejaguard_calibration.json"
 
 
 @dataclass(frozen=True)
@@ -127,90 +121,3 @@ def first_step_scores(
             flagged=None if threshold is None else bool(score > threshold), threshold=threshold,
         ))
     return results
-
-
-# ---------------------------------------------------------------------------------------------
-# Calibration
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Calibration:
-    """A threshold calibrated on non-memorized prompts for one model and one score setting."""
-
-    threshold: float
-    target_fpr: float
-    settings: dict
-    fingerprint: str
-    n_prompts: int
-    prompts_source: str
-    nonmemorized_quantiles: dict = field(default_factory=dict)
-    created: str = ""
-    memorized_tpr: float | None = None  # on memorized prompts, if some were given
-
-
-def calibrate(
-    denoiser: Denoiser,
-    nonmemorized_prompts: Sequence[str],
-    settings: ScoreSettings | None = None,
-    target_fpr: float = 0.01,
-    prompts_source: str = "",
-    memorized_prompts: Sequence[str] = (),
-    progress: Progress | None = None,
-) -> Calibration:
-    """Score prompts known not to be memorized and place the threshold at their
-    ``1 - target_fpr`` quantile (flagged means ``score > threshold``), so that at most
-    ``target_fpr`` of such prompts are flagged. Needs at least ``1 / target_fpr`` prompts.
-    """
-    settings = settings or ScoreSettings()
-    if not 0 < target_fpr < 1:
-        raise DejaGuardError("target FPR must lie in (0, 1)")
-    needed = math.ceil(1 / target_fpr)
-    if len(nonmemorized_prompts) < needed:
-        raise DejaGuardError(
-            f"calibrating for FPR {target_fpr:g} needs at least {needed} non-memorized prompts, "
-            f"got {len(nonmemorized_prompts)}")
-    scores = np.array([r.score for r in first_step_scores(denoiser, nonmemorized_prompts, settings,
-                                                          progress=progress)])
-    threshold = float(np.quantile(scores, 1 - target_fpr, method="higher"))
-    tpr = None
-    if memorized_prompts:
-        mem = first_step_scores(denoiser, memorized_prompts, settings, progress=progress)
-        tpr = float(np.mean([r.score > threshold for r in mem]))
-    return Calibration(
-        threshold=threshold, target_fpr=target_fpr, settings=asdict(settings),
-        fingerprint=denoiser.fingerprint(), n_prompts=len(scores), prompts_source=prompts_source,
-        nonmemorized_quantiles={q: float(np.quantile(scores, float(q))) for q in ("0.5", "0.9", "0.99")},
-        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), memorized_tpr=tpr,
-    )
-
-
-def save_calibration(calibration: Calibration, path: str | Path) -> Path:
-    """Add (or replace) ``calibration`` in the calibration file at ``path`` (a file or model folder)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CALIBRATION_FILE
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data[ScoreSettings(**calibration.settings).key()] = asdict(calibration)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    return path
-
-
-def load_threshold(path: str | Path, settings: ScoreSettings, fingerprint: str) -> float:
-    """The calibrated threshold for ``settings`` from a calibration file or model folder."""
-    path = Path(path)
-    file = path / CALIBRATION_FILE if path.is_dir() else path
-    if not file.exists():
-        raise DejaGuardError(
-            f"no calibrated threshold for this model ({file} missing): run `dejaguard calibrate` "
-            "or pass --threshold")
-    entry = json.loads(file.read_text()).get(settings.key())
-    if entry is None:
-        raise DejaGuardError(
-            f"no calibration for {settings.key()} in {file}: run `dejaguard calibrate` with these "
-            "settings or pass --threshold")
-    if entry["fingerprint"] != fingerprint:
-        raise DejaGuardError(
-            f"calibration in {file} was made for another model (fingerprint {entry['fingerprint']}, "
-            f"this model {fingerprint}): recalibrate")
-    return float(entry["threshold"])

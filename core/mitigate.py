@@ -10,9 +10,9 @@ costs one batched UNet call (the detector's) and is returned unchanged: the same
 iterations.
 
 Two levels, ``threshold`` >= ``target``: which prompts to touch, and how far to push them.
-:func:`default_levels`: threshold = the calibrated detection threshold (touching only prompts above it keeps
-99% of non-memorized prompts, the calibrated FPR, bit-identical), target = half the median score of the
-calibration's non-memorized prompts (:data:`TARGET_FRACTION_OF_MEDIAN`).
+``core.calibration.resolve_levels``: threshold = the calibrated detection threshold (touching only prompts above
+it keeps 99% of non-memorized prompts, the calibrated FPR, bit-identical), target = half the median score of the
+calibration's non-memorized prompts (``core.calibration.TARGET_FRACTION_OF_MEDIAN``).
 
 Settings: AdamW, early stop (Wen et al.), but lr 0.3 and at most 30 iterations instead of their 0.05 and 10.
 Why, measured on testbed v5 (12 memorized prompts, one per image, x 2 seeds, 50-step generations, CFG 7.5;
@@ -45,8 +45,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 import torch
 
@@ -64,13 +63,8 @@ from .sampling import (
     text_conditional_magnitude,
 )
 
-if TYPE_CHECKING:
-    from .detect import ScoreSettings
-
 DEFAULT_LR = 0.3
 DEFAULT_MAX_ITERATIONS = 30
-# The default target, as a fraction of the non-memorized calibration prompts' median score (module doc).
-TARGET_FRACTION_OF_MEDIAN = 0.5
 STAGE = "mitigation"  # the progress stage name of mitigate_embedding
 
 
@@ -152,7 +146,8 @@ def mitigate_embedding(
     ``trajectory_steps`` ``K`` > 1: the optimized score is instead the mean magnitude over the first ``K``
     steps of the ``num_inference_steps``-step schedule of guided sampling (CFG ``guidance_scale``) under the
     current embedding: the detector's score for ``ScoreSettings(steps=K, num_inference_steps=...)``, so
-    ``target`` must be a level of that setting (:func:`default_levels` with it). ``threshold`` stays a level of
+    ``target`` must be a level of that setting (``core.calibration.resolve_levels`` with that setting).
+    ``threshold`` stays a level of
     the *first-step* score (the first of those ``K`` magnitudes; default: no gate, every prompt whose
     trajectory score exceeds ``target`` is optimized): the trajectory mean separates memorized from
     non-memorized prompts far worse than the first step (see the module doc). Each iteration: the ``K``
@@ -332,36 +327,6 @@ def mitigate_prompt(
                                 guidance_scale=guidance_scale)
     result.prompt, result.seeds = prompt, [int(s) for s in seeds]
     return result
-
-
-def default_levels(calibration: str | Path, fingerprint: str,
-                   settings: ScoreSettings | None = None) -> tuple[float, float]:
-    """``(threshold, target)`` from the model's calibration for ``settings`` (default: first step,
-    1 generation, the setting :func:`mitigate_embedding` scores with; ``ScoreSettings(steps=K,
-    num_inference_steps=N)`` for ``trajectory_steps=K`` of an ``N``-step schedule), a calibration file or model
-    folder: the detection threshold (touch only prompts the detector flags) and half the median score of the
-    non-memorized calibration prompts (push them well inside the range of typical novel prompts). See the module
-    doc for the measurements behind it."""
-    import json
-
-    from .detect import CALIBRATION_FILE, ScoreSettings, load_threshold
-
-    settings = settings or ScoreSettings()
-    load_threshold(calibration, settings, fingerprint)  # checks file, settings, fingerprint
-    path = Path(calibration)
-    entry = json.loads((path / CALIBRATION_FILE if path.is_dir() else path).read_text())[settings.key()]
-    return levels_from_calibration(entry, str(path))
-
-
-def levels_from_calibration(entry: dict, source: str = "the calibration") -> tuple[float, float]:
-    """``(threshold, target)`` of :func:`default_levels` from one calibration entry (a stored entry or
-    ``dataclasses.asdict`` of a :class:`core.detect.Calibration`)."""
-    median = (entry.get("nonmemorized_quantiles") or {}).get("0.5")
-    if median is None:
-        raise DejaGuardError(f"the calibration in {source} has no non-memorized median: recalibrate or give a "
-                             "target")
-    threshold = float(entry["threshold"])
-    return threshold, min(TARGET_FRACTION_OF_MEDIAN * float(median), threshold)
 
 
 def _checked_step(opt: torch.optim.Optimizer, emb: torch.Tensor, iteration: int) -> None:

@@ -7,10 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from dejaguard.core.calibration import (
     CALIBRATION_FILE,
     Calibration,
+    calibrate,
     calibration_file,
     find_calibration,
     read_calibrations,
@@ -131,3 +133,26 @@ def test_malformed_calibration_file_is_a_one_line_cli_error(tmp_path, command):
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("dejaguard: error:")]
     assert len(lines) == 1 and "malformed calibration file" in lines[0], proc.stderr[-2000:]
+
+
+def test_calibration_round_trip_and_fpr(testbed, testbed_prompts, tmp_path):
+    from dejaguard.core.testbed.data import calibration_specs
+
+    prompts = [s.caption() for s in calibration_specs()[:40]]
+    memorized = testbed_prompts[0][:4]
+    cal = calibrate(testbed, prompts, ScoreSettings(), target_fpr=0.05, memorized_prompts=memorized)
+    from dejaguard.core.detect import first_step_scores
+
+    scores = [r.score for r in first_step_scores(testbed, prompts)]
+    assert np.mean(np.array(scores) > cal.threshold) <= 0.05
+    mem_scores = [r.score for r in first_step_scores(testbed, memorized)]
+    assert cal.memorized_tpr == np.mean(np.array(mem_scores) > cal.threshold) > 0
+    path = save_calibration(cal, tmp_path)
+    assert find_calibration(tmp_path, ScoreSettings(), testbed.fingerprint()).threshold == cal.threshold
+    with pytest.raises(DejaGuardError, match="another model"):
+        find_calibration(path, ScoreSettings(), "0000000000000000")
+    with pytest.raises(DejaGuardError, match="no calibration for steps=5"):
+        find_calibration(path, ScoreSettings(steps=5), testbed.fingerprint())
+    assert json.loads(path.read_text())  # plain JSON, never pickle
+    with pytest.raises(DejaGuardError, match="at least 20"):
+        calibrate(testbed, prompts[:10], target_fpr=0.05)

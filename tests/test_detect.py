@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from dejaguard.core.detect import (
-    ScoreSettings,
-    calibrate,
-    first_step_scores,
-    load_threshold,
-    save_calibration,
-)
+from dejaguard.core.calibration import resolve_threshold
+from dejaguard.core.detect import ScoreSettings, first_step_scores
 from dejaguard.core.errors import DejaGuardError, NonFiniteError
 from dejaguard.core.metrics import auroc
 
@@ -32,10 +25,8 @@ def test_bundled_threshold_controls_false_positives(testbed, testbed_prompts):
     prompts are rarely flagged, and memorized prompts are flagged far more often. (Measured on the
     240 held-out prompts: 5.4%, not 1%, flagged: their bare phrasing scores higher than the mixed
     phrasings of the calibration set; see the model card.)"""
-    from dejaguard.core.denoiser import BUNDLED_TESTBED
-
     memorized, novel = testbed_prompts
-    threshold = load_threshold(BUNDLED_TESTBED, ScoreSettings(), testbed.fingerprint())
+    threshold, _ = resolve_threshold(None, None, ScoreSettings(), testbed.fingerprint())
     scores = first_step_scores(testbed, memorized + novel, threshold=threshold)
     assert all(r.flagged == (r.score > threshold) for r in scores)
     mem_rate = np.mean([r.flagged for r in scores[: len(memorized)]])
@@ -71,27 +62,6 @@ def test_generations_and_steps_average(testbed, testbed_prompts):
     assert len(r.generation_scores) == 3 and len(set(r.seeds)) == 3
     assert r.score == pytest.approx(np.mean(r.generation_scores))
     assert first_step_scores(testbed, [prompt], seed=5)[0].seeds == [5]
-
-
-def test_calibration_round_trip_and_fpr(testbed, testbed_prompts, tmp_path):
-    from dejaguard.core.testbed.data import calibration_specs
-
-    prompts = [s.caption() for s in calibration_specs()[:40]]
-    memorized = testbed_prompts[0][:4]
-    cal = calibrate(testbed, prompts, ScoreSettings(), target_fpr=0.05, memorized_prompts=memorized)
-    scores = [r.score for r in first_step_scores(testbed, prompts)]
-    assert np.mean(np.array(scores) > cal.threshold) <= 0.05
-    mem_scores = [r.score for r in first_step_scores(testbed, memorized)]
-    assert cal.memorized_tpr == np.mean(np.array(mem_scores) > cal.threshold) > 0
-    path = save_calibration(cal, tmp_path)
-    assert load_threshold(tmp_path, ScoreSettings(), testbed.fingerprint()) == cal.threshold
-    with pytest.raises(DejaGuardError, match="another model"):
-        load_threshold(path, ScoreSettings(), "0000000000000000")
-    with pytest.raises(DejaGuardError, match="no calibration for steps=5"):
-        load_threshold(path, ScoreSettings(steps=5), testbed.fingerprint())
-    assert json.loads(path.read_text())  # plain JSON, never pickle
-    with pytest.raises(DejaGuardError, match="at least 20"):
-        calibrate(testbed, prompts[:10], target_fpr=0.05)
 
 
 def test_empty_prompt_is_refused(testbed):

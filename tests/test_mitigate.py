@@ -175,15 +175,15 @@ def test_cli_generate_mitigate(tmp_path: Path, capsys):
 def test_threshold_and_target_levels(testbed):
     """Two levels: a prompt at or below ``threshold`` is untouched even if above ``target``; threshold < target is
     refused. The default levels come from the model's calibration (detection threshold, non-memorized median)."""
+    from dejaguard.core.calibration import resolve_levels
     from dejaguard.core.denoiser import BUNDLED_TESTBED
-    from dejaguard.core.mitigate import default_levels
 
     r = mitigate_prompt(testbed, NOVEL_PROMPT, [0], target=1e-6, threshold=1e6)
     assert r.iterations == 0 and r.reached and r.threshold == 1e6
     with pytest.raises(DejaGuardError, match="threshold"):
         mitigate_prompt(testbed, NOVEL_PROMPT, [0], target=2.0, threshold=1.0)
     if (BUNDLED_TESTBED / "dejaguard_calibration.json").is_file():
-        threshold, target = default_levels(BUNDLED_TESTBED, testbed.fingerprint())
+        threshold, target, _ = resolve_levels(None, None, None, testbed.fingerprint())
         assert 0 < target <= threshold
 
 
@@ -237,23 +237,6 @@ def test_trajectory_below_threshold_is_untouched_and_bad_values(testbed):
     r = mitigate_embedding(testbed, mem, noise, target=1e-3, threshold=first.score - 1e-3, trajectory_steps=3,
                            num_inference_steps=10, max_iterations=1)
     assert r.iterations == 1 and not r.reached
-
-
-def test_levels_for_trajectory_settings(tmp_path: Path, testbed):
-    """default_levels reads the entry of the given ScoreSettings; a missing setting is a clear error."""
-    from dejaguard.core.detect import ScoreSettings
-    from dejaguard.core.mitigate import default_levels, levels_from_calibration
-
-    settings = ScoreSettings(steps=4, num_inference_steps=10)
-    entry = {"threshold": 2.0, "fingerprint": testbed.fingerprint(), "nonmemorized_quantiles": {"0.5": 1.25}}
-    path = tmp_path / "cal.json"
-    path.write_text(json.dumps({settings.key(): entry}))
-    assert default_levels(path, testbed.fingerprint(), settings) == (2.0, 0.625) == levels_from_calibration(entry)
-    assert levels_from_calibration({"threshold": 1.0, "nonmemorized_quantiles": {"0.5": 3.0}}) == (1.0, 1.0)
-    with pytest.raises(DejaGuardError, match="no calibration for"):
-        default_levels(path, testbed.fingerprint())
-    with pytest.raises(DejaGuardError, match="median"):
-        levels_from_calibration({"threshold": 1.0})
 
 
 def test_bench_held_out_pairs_are_disjoint_from_the_tuning_set():

@@ -55,8 +55,9 @@ import comfy.model_base  # noqa: E402
 import comfy.model_management  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.supported_models  # noqa: E402
+from DejaGuard.core.calibration import Calibration, save_calibration  # noqa: E402
 from DejaGuard.core.denoiser import BUNDLED_TESTBED, DiffusersDenoiser  # noqa: E402
-from DejaGuard.core.detect import Calibration, ScoreSettings, save_calibration  # noqa: E402
+from DejaGuard.core.detect import ScoreSettings  # noqa: E402
 from DejaGuard.core.errors import DejaGuardError  # noqa: E402
 from DejaGuard.core.sampling import guided_denoise  # noqa: E402
 from DejaGuard.nodes.guard import (  # noqa: E402

@@ -77,9 +77,10 @@ def test_inproc_node_calibrated_target_and_batch(comfy_env: Any, testbed_pair: t
     """Threshold / target 0 = the testbed's calibration (detection threshold / half the non-memorized median); a
     batch of 2 latents optimizes one conditioning for both."""
     torch = comfy_env
+    from DejaGuard.core.calibration import resolve_levels as core_levels
+    from DejaGuard.core.calibration import resolve_threshold
     from DejaGuard.core.denoiser import BUNDLED_TESTBED
-    from DejaGuard.core.detect import ScoreSettings, load_threshold
-    from DejaGuard.core.mitigate import default_levels
+    from DejaGuard.core.detect import ScoreSettings
     from DejaGuard.nodes.mitigate import UI_KEY, DejaGuardMitigateEmbedding, resolve_levels
     from test_explain_comfy import model_folder
 
@@ -92,9 +93,10 @@ def test_inproc_node_calibrated_target_and_batch(comfy_env: Any, testbed_pair: t
                                                     0, threshold=0.0, target=0.0, lr=0.1, max_iterations=10)
     (report,) = out["ui"][UI_KEY]
     assert report["levels_source"] == "testbed calibration"
-    threshold, target = default_levels(BUNDLED_TESTBED, den.fingerprint())
+    threshold, target, _ = core_levels(None, None, BUNDLED_TESTBED, den.fingerprint())
     assert report["threshold"] == pytest.approx(threshold) and report["target"] == pytest.approx(target)
-    assert target <= threshold == pytest.approx(load_threshold(BUNDLED_TESTBED, ScoreSettings(), den.fingerprint()))
+    calibrated, _ = resolve_threshold(None, BUNDLED_TESTBED, ScoreSettings(), den.fingerprint())
+    assert target <= threshold == pytest.approx(calibrated)
     # a threshold set on the node below the calibrated target lowers the target with it, as the CLI's --threshold
     low = 0.5 * target
     assert resolve_levels(model, low, 0.0)[:2] == (pytest.approx(low), pytest.approx(low))
