@@ -24,11 +24,12 @@ benchmarks use for a diffusers folder, offline:
    SD1 vocabulary). SD2's OpenCLIP-H tokenizer is the same BPE; it only pads with ``"!"`` (id 0) where SD1
    pads with the end token, so nothing else is shipped for it.
 
-Parametrization: core's methods work in epsilon (:meth:`Denoiser.predict_noise` returns eps). A v-prediction
-UNet predicts ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0``; :class:`VPredictionDenoiser` returns
-``eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t``, as ComfyUI's adapter derives eps from the denoised
-prediction. The scheduler is DDIM with trailing spacing and epsilon prediction (first timestep 999, the
-first timestep of ComfyUI's "normal" scheduler), so first-step scores are comparable with the Guard's.
+Parametrization: core's methods work in epsilon (:meth:`Denoiser.predict_noise` returns eps). A v-prediction UNet
+predicts ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0``; :class:`DiffusersDenoiser` with
+``prediction_type="v_prediction"`` returns ``eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t``, as ComfyUI's adapter
+derives eps from the denoised prediction. The scheduler is DDIM with trailing spacing and epsilon prediction (first
+timestep 999, the first timestep of ComfyUI's "normal" scheduler), so first-step scores are comparable with the
+Guard's.
 
 Fingerprint: :meth:`DiffusersDenoiser.fingerprint` hashes the diffusers UNet's parameters by name; ComfyUI's
 adapter hashes the same weights under the same (mapped) names, so a calibration made with the CLI on a file
@@ -85,24 +86,6 @@ FAMILIES = {
     "sd2-v": Family("sd2-v", "SD2.x 768 (v-prediction)", "sd2", "!", 96, True),
 }
 _NOT_YET = "the DejaGuard library does not load it yet (the ComfyUI nodes are where support for it comes first)"
-
-
-class VPredictionDenoiser(DiffusersDenoiser):
-    """A :class:`DiffusersDenoiser` over a v-prediction UNet: :meth:`predict_noise` returns eps.
-
-    ``eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t`` with ``abar_t`` the scheduler's ``alphas_cumprod``
-    (``samples (B, C, H, W)``, one timestep or one per sample). Differentiable in ``samples`` and the text
-    embeddings, like the UNet call itself.
-    """
-
-    def predict_noise(self, samples: torch.Tensor, timestep: torch.Tensor | int,
-                      text_embeddings: torch.Tensor) -> torch.Tensor:
-        v = super().predict_noise(samples, timestep, text_embeddings)
-        t = torch.as_tensor(timestep).long().cpu().reshape(-1)
-        abar = self.scheduler.alphas_cumprod[t].to(samples.device, torch.float32)  # float32: MPS has no float64
-        abar = abar.reshape(-1, *([1] * (samples.dim() - 1)))
-        eps = abar.sqrt() * v.float() + (1.0 - abar).sqrt() * samples.float()
-        return eps.to(v.dtype)
 
 
 def _one_line(err: BaseException) -> str:
@@ -287,7 +270,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None,
     """A single-file SD1.x / SD2.x ``.safetensors`` checkpoint as a denoiser, offline (see the module doc).
 
     ``device``: as :func:`~core.denoiser.resolve_device` (CUDA if there is one, else the CPU). ``dtype``: of
-    the models. Returns a :class:`DiffusersDenoiser` (a :class:`VPredictionDenoiser` for SD2 768-v) whose
+    the models. Returns a :class:`DiffusersDenoiser` (``prediction_type`` "v_prediction" for SD2 768-v) whose
     ``family`` attribute names what was found (``"sd1"``, ``"sd2"``, ``"sd2-v"``). Raises DejaGuardError with
     one line for a pickle, a missing / non-safetensors / truncated file, and families it does not load.
     """
@@ -305,7 +288,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None,
     except Exception as err:  # a converter meeting a layout it does not expect
         raise DejaGuardError(f"{path.name}: cannot convert this {family.label} checkpoint: "
                              f"{type(err).__name__}: {_one_line(err)}") from None
-    cls = VPredictionDenoiser if family.v_prediction else DiffusersDenoiser
-    denoiser = cls(unet, text_encoder, tokenizer, scheduler, vae=vae, device=device, dtype=dtype)
+    denoiser = DiffusersDenoiser(unet, text_encoder, tokenizer, scheduler, vae=vae, device=device, dtype=dtype,
+                                 prediction_type="v_prediction" if family.v_prediction else "epsilon")
     denoiser.family = family.name  # type: ignore[attr-defined]
     return denoiser

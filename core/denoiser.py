@@ -166,7 +166,8 @@ class DiffusersDenoiser:
 
     def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module, tokenizer: Any,
                  scheduler: Any, vae: torch.nn.Module | None = None,
-                 device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:
+                 device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
+                 prediction_type: str | None = None) -> None:
         config = getattr(unet, "config", None)
         if config is None or not hasattr(config, "cross_attention_dim"):
             raise DejaGuardError(
@@ -188,6 +189,13 @@ class DiffusersDenoiser:
         if self.vae is None and self.sample_shape[0] not in (1, 3):
             raise DejaGuardError(
                 f"pixel-space model (no vae/) must have 1 or 3 channels, the UNet has {self.sample_shape[0]}")
+        # What the UNet predicts: "epsilon", or "v_prediction" (SD2 768-v), read from the scheduler's config
+        # unless given. predict_noise returns eps either way, so every method and core's schedulers apply unchanged.
+        self.prediction_type = prediction_type or getattr(getattr(scheduler, "config", None), "prediction_type",
+                                                          "epsilon")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise DejaGuardError(f"unsupported prediction type {self.prediction_type!r} (DejaGuard handles epsilon "
+                                 "and v_prediction UNets)")
         self.counter = UNetCounter()
         self._fingerprint: str | None = None
 
@@ -282,13 +290,23 @@ class DiffusersDenoiser:
 
     def predict_noise(self, samples: torch.Tensor, timestep: torch.Tensor | int,
                       text_embeddings: torch.Tensor) -> torch.Tensor:
-        eps = self.counter.count(self.unet(samples, timestep, encoder_hidden_states=text_embeddings).sample)
-        if not torch.isfinite(eps).all():
+        """``samples (B, C, H, W)`` = x_t, one timestep ``t`` (or one per sample), ``text_embeddings (B, L, D)``
+        -> eps ``(B, C, H, W)``. A v-prediction UNet's output ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0`` is
+        mapped to ``eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t`` (differentiable, like the UNet call)."""
+        out = self.counter.count(self.unet(samples, timestep, encoder_hidden_states=text_embeddings).sample)
+        if not torch.isfinite(out).all():
             raise NonFiniteError("the UNet returned NaN or infinite values")
-        return eps
+        if self.prediction_type == "epsilon":
+            return out
+        t = torch.as_tensor(timestep).long().cpu().reshape(-1)
+        abar = self.scheduler.alphas_cumprod[t].to(samples.device, torch.float32)  # float32: MPS has no float64
+        abar = abar.reshape(-1, *([1] * (samples.dim() - 1)))
+        return (abar.sqrt() * out.float() + (1.0 - abar).sqrt() * samples.float()).to(out.dtype)
 
     def new_scheduler(self) -> Any:
-        return self.scheduler.__class__.from_config(self.scheduler.config)
+        """A fresh scheduler of the model's class and schedule, stepping with eps (what :meth:`predict_noise`
+        returns, whatever the UNet predicts)."""
+        return self.scheduler.__class__.from_config(self.scheduler.config, prediction_type="epsilon")
 
     @torch.no_grad()
     def decode(self, samples: torch.Tensor) -> torch.Tensor:

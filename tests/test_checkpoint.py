@@ -26,7 +26,6 @@ from dejaguard.core.checkpoint import (
     ATTN2_K,
     CONV_IN,
     V_MARKER,
-    VPredictionDenoiser,
     detect_family,
     load_checkpoint,
     read_family,
@@ -171,9 +170,11 @@ def test_read_family_of_a_small_file(tmp_path):
 
 
 def test_v_prediction_returns_epsilon(testbed):
-    """VPredictionDenoiser: eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t, v the UNet's raw output."""
-    den = VPredictionDenoiser(testbed.unet, testbed.text_encoder, testbed.tokenizer, testbed.scheduler,
-                              vae=testbed.vae, device="cpu")
+    """A v-prediction DiffusersDenoiser: eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t, v the UNet's raw output;
+    its schedulers step with eps."""
+    den = DiffusersDenoiser(testbed.unet, testbed.text_encoder, testbed.tokenizer, testbed.scheduler,
+                            vae=testbed.vae, device="cpu", prediction_type="v_prediction")
+    assert den.new_scheduler().config.prediction_type == "epsilon"
     x = torch.randn(2, *testbed.sample_shape, generator=torch.Generator().manual_seed(0))
     emb = testbed.encode_prompts(["a red circle", ""])
     with torch.no_grad():
@@ -222,7 +223,7 @@ def test_full_size_checkpoint_as_in_comfy(no_network, fixture, family, comfy_typ
 
     den = load_checkpoint(path, device="cpu")
     assert isinstance(den, DiffusersDenoiser) and den.family == family
-    assert isinstance(den, VPredictionDenoiser) == (family == "sd2-v")
+    assert den.prediction_type == ("v_prediction" if family == "sd2-v" else "epsilon")
     assert den.sample_shape == shape
     assert den.fingerprint() == comfy["fingerprint"]  # a calibration made with the CLI is found in a graph
     den.sample_shape = (4, 8, 8)
