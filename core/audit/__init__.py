@@ -25,6 +25,7 @@ from pathlib import Path
 from ..denoiser import BUNDLED_TESTBED, Denoiser, load_denoiser
 from ..detect import ScoreSettings, load_threshold
 from ..errors import DejaGuardError
+from ..progress import TqdmProgress
 from .engines import FAULT_ENV, RunStats, init_ray, run_ray, run_single
 from .inputs import InputRows, Rejected, load_image, read_captions, read_pairs
 from .jobs import PairJob, PromptJob
@@ -89,7 +90,8 @@ def _run(inputs: InputRows, job: PromptJob | PairJob, out: str | Path, *, finger
         sink.write_rejected(inputs.rejected)
         todo = [it for it in inputs.items if it["row"] not in sink.done]
         if engine == "single":
-            stats = run_single(todo, job, sink, denoiser, progress=progress)
+            with TqdmProgress(unit="row", disable=not progress) as bar:
+                stats = run_single(todo, job, sink, denoiser, progress=bar)
         else:
             stats = run_ray(todo, job, sink, model=model, device=device, address=address, workers=workers,
                             progress=progress)

@@ -27,6 +27,7 @@ import torch
 
 from ..denoiser import Denoiser, load_denoiser
 from ..errors import DejaGuardError
+from ..progress import Progress, report
 from .inputs import Rejected
 from .jobs import PairJob, PromptJob
 from .sink import ResultSink
@@ -61,17 +62,18 @@ def _write_results(sink: ResultSink, results: Sequence[dict]) -> tuple[int, int]
 
 
 def run_single(items: Sequence[dict], job: PromptJob | PairJob, sink: ResultSink, denoiser: Denoiser,
-               progress: bool = True) -> RunStats:
-    """Score ``items`` in this process, one batch of ``job.batch_size`` at a time."""
-    from tqdm.auto import tqdm
-
+               progress: Progress | None = None) -> RunStats:
+    """Score ``items`` in this process, one batch of ``job.batch_size`` at a time; ``progress(rows done, rows,
+    "auditing")`` after each batch (core/progress.py)."""
     start, cpu, scored, errors, first = time.perf_counter(), time.process_time(), 0, 0, None
-    with tqdm(total=len(items), desc="auditing", unit="row", disable=not progress) as bar:
-        for batch in _batches(items, job.batch_size):
-            s, e = _write_results(sink, job.score(denoiser, batch))
-            scored, errors = scored + s, errors + e
-            first = first or (time.perf_counter() - start, len(batch))
-            bar.update(len(batch))
+    done = 0
+    report(progress, done, len(items), "auditing")
+    for batch in _batches(items, job.batch_size):
+        s, e = _write_results(sink, job.score(denoiser, batch))
+        scored, errors = scored + s, errors + e
+        first = first or (time.perf_counter() - start, len(batch))
+        done += len(batch)
+        report(progress, done, len(items), "auditing")
     return RunStats("single", 1, scored, errors, time.perf_counter() - start, *(first or (0.0, 0)),
                     cpu_s=time.process_time() - cpu)
 
