@@ -5,9 +5,10 @@
 Prompts: the testbed's memorized evaluation prompts, its held-out and calibration captions, then
 more compositional captions (``random_spec``, all caption styles) until ``--prompts`` distinct ones.
 Both engines run the full audit path (read the prompt file, load the model, score, write JSONL);
-times are end to end, Ray's including its start and its actors' model loading (``ray_startup_s``:
-until the first batch came back); ``*_steady_ms_per_prompt`` is the cost per prompt after that. Scores of the two
-runs are compared prompt by prompt (``max_rel_diff``). The last line is one JSON object.
+times are end to end, Ray's including its start, the driver reading the model's fingerprint (the
+output's run key) and its actors' model loading (``ray_startup_s``: until the first batch came back);
+``*_steady_ms_per_prompt`` is the cost per prompt after that. Scores of the two runs are compared prompt by
+prompt (``max_rel_diff``). The last line is one JSON object.
 """
 
 from __future__ import annotations

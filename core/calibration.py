@@ -38,6 +38,8 @@ from .errors import DejaGuardError
 from .progress import Progress
 
 CALIBRATION_FILE = "dejaguard_calibration.json"
+# Single-file model weights: their calibration is a file beside them, never the weights file itself.
+MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 # The default mitigation target, as a fraction of the non-memorized calibration prompts' median score.
 TARGET_FRACTION_OF_MEDIAN = 0.5
 _REQUIRED_FIELDS = ("threshold", "fingerprint")
@@ -122,9 +124,15 @@ def calibrate(
 
 def calibration_file(location: str | Path | None) -> Path:
     """The calibration file meant by ``location``: a JSON file, a model folder holding
-    ``dejaguard_calibration.json``, or None for the bundled testbed's."""
+    ``dejaguard_calibration.json``, a single-file checkpoint (``model.safetensors`` ->
+    ``model.dejaguard_calibration.json`` beside it: one file per checkpoint, since an entry is keyed by its score
+    setting only), or None for the bundled testbed's."""
     path = BUNDLED_TESTBED if location is None or str(location).strip() == "" else Path(location).expanduser()
-    return path / CALIBRATION_FILE if path.is_dir() else path
+    if path.is_dir():
+        return path / CALIBRATION_FILE
+    if path.suffix.lower() in MODEL_FILE_SUFFIXES:
+        return path.with_name(f"{path.stem}.{CALIBRATION_FILE}")
+    return path
 
 
 def read_calibrations(file: Path) -> dict[str, dict[str, Any]]:

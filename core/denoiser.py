@@ -416,5 +416,11 @@ def _load_vae(path: Path) -> torch.nn.Module:
 
 
 def load_denoiser(model: str | Path | None = None, **kwargs: Any) -> DiffusersDenoiser:
-    """The CLI's and benchmarks' loader: a diffusers folder, or the bundled testbed if None."""
+    """The CLI's, audits' and benchmarks' loader: a diffusers folder, a single-file SD1.x / SD2.x ``.safetensors``
+    checkpoint (:func:`core.checkpoint.load_checkpoint`; pickled files are refused), or the bundled testbed if
+    None."""
+    if model is not None and Path(model).is_file():
+        from .checkpoint import load_checkpoint
+
+        return load_checkpoint(model, **kwargs)
     return DiffusersDenoiser.from_folder(BUNDLED_TESTBED if model is None else model, **kwargs)

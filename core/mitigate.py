@@ -1,4 +1,4 @@
-"""Switching memorization off by changing the prompt's conditioning or the training loss (Wen et al., ICLR 2024).
+"""Switching memorization off at inference by changing the prompt's conditioning (Wen et al., ICLR 2024).
 
 Inference time (:func:`mitigate_embedding`, :func:`mitigate_prompt`): optimize the conditional text embedding
 ``c`` ``(1, L, D)`` at the first sampling step, on the same seeded ``x_T`` the generation will start from, so
@@ -32,18 +32,14 @@ there. On the testbed a memorized prompt has no meaning besides its image, so st
 "subject": of the mitigated generations a fifth still have their own image as the nearest training image.
 On testbed v2 (weaker memorization) lr 0.1 to the median had stopped 63% of replication.
 
-Training time (:class:`LossFilter`): drop the samples whose text-conditional magnitude exceeds a threshold
-from the loss. The magnitude is read at the sample's own noised latent and timestep from the conditional
-prediction the loss already computes, against an unconditional prediction of the same latent: one extra
-UNet forward without gradient per kept-caption sample (caption-dropout samples have ``c = ""`` and
-magnitude 0 by definition, so they need none).
+Training time: :mod:`core.loss_filter`.
 
 Shapes: ``L`` text tokens (77), ``D`` text embedding width, ``N`` initial noises, ``C, H, W`` sample shape.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -60,7 +56,6 @@ from .sampling import (
     guided_step,
     initial_noise,
     new_schedule,
-    text_conditional_magnitude,
 )
 
 DEFAULT_LR = 0.3
@@ -361,102 +356,3 @@ def _check_finite(score: float, what: str, iteration: int) -> None:
     if score != score or score in (float("inf"), float("-inf")):
         raise NonFiniteError(f"embedding mitigation: {what} is NaN or infinite at iteration {iteration}; "
                              "the conditioning was left unchanged")
-
-
-# ---------------------------------------------------------------------------------------------
-# Training time
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LossFilter:
-    """Training-time mitigation: drop samples whose text-conditional magnitude exceeds ``threshold``.
-
-    Use in any diffusers training loop (``unet`` a ``UNet2DConditionModel``)::
-
-        loss_filter = LossFilter(threshold)
-        pred = unet(noisy, t, cond).sample                              # the loss's own prediction
-        per_sample = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
-        judged = has_caption & loss_filter.checked(t)        # caption-dropout / low-t samples: no extra forward
-        mags = conditional_magnitudes(unet, noisy, t, pred, uncond, judged)  # one extra forward, no grad
-        loss = loss_filter.reduce(per_sample, loss_filter.keep(mags, timesteps=t))
-
-    The magnitude is taken at each sample's own timestep, so it carries the timestep's scale too: the
-    threshold is a property of the model and of the timestep distribution, chosen from magnitudes measured on
-    training samples (``dejaguard testbed train --filter`` records how many it dropped, memorized and
-    not). ``min_timestep``: samples drawn below it are always kept (and need no extra forward). Why: at low
-    noise the text changes every sample's prediction a lot, memorized or not. Measured on testbed v2
-    (256 training samples, half memorized): at uniformly drawn t a threshold of 2.0 dropped 80% of the
-    memorized samples and 61% of the novel ones; at t >= 750 it dropped 93% and 15% (v5: 98% and 1%).
-    NaN/inf magnitudes are dropped. ``seen`` / ``dropped`` count samples over the filter's lifetime,
-    ``by_group`` per label when :meth:`keep` is given labels.
-    """
-
-    threshold: float
-    min_timestep: int = 0
-    seen: int = 0
-    dropped: int = 0
-    by_group: dict[str, dict[str, int]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not (self.threshold > 0):
-            raise DejaGuardError(f"loss filter threshold must be > 0, got {self.threshold}")
-
-    def checked(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """Which samples ``(B,)`` the filter judges (``timesteps >= min_timestep``); the others are kept."""
-        return timesteps >= self.min_timestep
-
-    def keep(self, magnitudes: torch.Tensor, groups: Sequence[str] | None = None,
-             timesteps: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-sample magnitudes ``(B,)`` -> boolean mask ``(B,)`` of the samples to keep in the loss.
-        ``groups``: an optional label per sample (e.g. "memorized" / "novel") for the statistics;
-        ``timesteps`` ``(B,)``: samples below ``min_timestep`` are kept whatever their magnitude."""
-        mask = torch.isfinite(magnitudes) & (magnitudes <= self.threshold)
-        if timesteps is not None:
-            mask = mask | ~self.checked(timesteps.to(mask.device))
-        self.seen += int(mask.numel())
-        self.dropped += int((~mask).sum())
-        for label, kept in zip(groups or (), mask.tolist()):
-            entry = self.by_group.setdefault(label, {"seen": 0, "dropped": 0})
-            entry["seen"] += 1
-            entry["dropped"] += int(not kept)
-        return mask
-
-    @staticmethod
-    def reduce(per_sample_loss: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Mean of ``per_sample_loss`` ``(B,)`` over the kept samples (0, still differentiable, if none is)."""
-        kept = keep.to(per_sample_loss.dtype)
-        return (per_sample_loss * kept).sum() / kept.sum().clamp_min(1.0)
-
-    @property
-    def dropped_fraction(self) -> float:
-        return self.dropped / self.seen if self.seen else 0.0
-
-    def summary(self) -> dict:
-        return {"threshold": self.threshold, "min_timestep": self.min_timestep, "seen": self.seen,
-                "dropped": self.dropped,
-                "dropped_fraction": round(self.dropped_fraction, 5), "by_group": self.by_group}
-
-
-def conditional_magnitudes(unet: Callable[..., object], noisy: torch.Tensor, timesteps: torch.Tensor,
-                           pred_cond: torch.Tensor, uncond: torch.Tensor,
-                           has_caption: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-sample ``||eps(x_t, c) - eps(x_t, "")||`` ``(B,)`` in a training step.
-
-    ``pred_cond`` ``(B, C, H, W)`` is the loss's own conditional prediction at ``noisy`` ``(B, C, H, W)`` and
-    ``timesteps`` ``(B,)``; the unconditional one is one extra UNet forward without gradient with ``uncond``
-    ``(1, L, D)``, only for the samples with a caption (``has_caption`` ``(B,)`` bool; caption-dropout samples
-    are conditioned on ``""`` already: magnitude 0). ``unet(x, t, encoder_hidden_states=...)`` returns an
-    object with ``.sample`` (diffusers) or the prediction itself.
-    """
-    mags = torch.zeros(noisy.shape[0], device=noisy.device, dtype=torch.float32)
-    rows = torch.arange(noisy.shape[0], device=noisy.device)
-    if has_caption is not None:
-        rows = rows[has_caption.to(noisy.device)]
-    if len(rows) == 0:
-        return mags
-    with torch.no_grad():
-        out = unet(noisy[rows], timesteps[rows], encoder_hidden_states=uncond.expand(len(rows), -1, -1))
-        pred_uncond = getattr(out, "sample", out)
-        mags[rows] = text_conditional_magnitude(pred_cond.detach()[rows], pred_uncond).float()
-    return mags

@@ -1,4 +1,4 @@
-"""Audits at scale (core/audit.py): inputs, malformed rows, resumable sharded output, the training
+"""Audits at scale (core/audit/): inputs, malformed rows, resumable sharded output, the training
 filter, and the Ray engine (same scores as one process, a killed worker loses nothing).
 
 Ray is required (CI installs it): the Ray tests fail, never skip, when it is missing. One local Ray
@@ -24,10 +24,10 @@ from dejaguard.core.audit import (
     init_ray,
     read_captions,
     read_pairs,
-    training_pair_magnitude,
 )
-from dejaguard.core.detect import first_step_scores
+from dejaguard.core.detect import ScoreSettings, first_step_scores
 from dejaguard.core.errors import DejaGuardError
+from dejaguard.core.loss_filter import training_pair_magnitude
 
 REPO = Path(__file__).resolve().parents[1]
 THRESHOLD = 1.0  # explicit, so no test depends on the shipped calibration
@@ -208,6 +208,96 @@ def test_cli_audit_csv_resume(tmp_path, capsys, prompts):
     assert "scored 3 prompts" in out.out and "scored 0 prompts" in out.out and "3 already in the output" in out.out
     assert "1 malformed rows skipped (line 5: empty caption)" in out.err
     assert [r["row"] for r in _rows(tmp_path / "out")] == [2, 3, 4]
+
+
+def test_resume_refuses_a_run_with_other_settings(tmp_path, testbed, prompts, monkeypatch):
+    """Issue 23, defect 1: a resume with another seed, CFG, schedule, model or job used to mix rows."""
+    src = _write_text(tmp_path / "p.txt", prompts[:3])
+    out = tmp_path / "o.jsonl"
+    audit_prompts(src, out, threshold=THRESHOLD, seed=1, denoiser=testbed, progress=False)
+    _write_text(src, prompts[:4])  # one more prompt to score: a resume would append its row
+    kw = {"threshold": THRESHOLD, "seed": 1, "denoiser": testbed, "resume": True, "progress": False}
+    for change, named in [({"seed": 999}, "seed=1, this run has seed=999"),
+                          ({"settings": ScoreSettings(guidance_scale=3.0)}, "guidance_scale=7.5, this run has"),
+                          ({"settings": ScoreSettings(num_inference_steps=25)}, "schedule=50, this run has "
+                           "schedule=25"),
+                          ({"threshold": 2.0}, "threshold=1.0, this run has threshold=2.0")]:
+        with pytest.raises(DejaGuardError, match=f"cannot resume .*{named}") as err:
+            audit_prompts(src, out, **{**kw, **change})
+        assert "\n" not in str(err.value)
+    with monkeypatch.context() as m:
+        m.setattr(testbed, "fingerprint", lambda: "0123456789abcdef")  # another model
+        with pytest.raises(DejaGuardError, match="this run has model='0123456789abcdef'"):
+            audit_prompts(src, out, **kw)
+    _pairs(tmp_path)
+    with pytest.raises(DejaGuardError, match="job='prompts'.*this run has job='training-pairs'"):
+        audit_training_pairs(tmp_path / "pairs", tmp_path / "drop.jsonl", THRESHOLD, scores=out, denoiser=testbed,
+                             resume=True, progress=False)
+    assert [r["seeds"] for r in _rows(out)] == [[1]] * 3  # nothing was mixed in
+    summary = audit_prompts(src, out, **kw)  # the same settings resume
+    assert summary.resumed == 3 and [r["seeds"] for r in _rows(out)] == [[1]] * 4
+
+    (tmp_path / "o.jsonl.run.json").unlink()  # an output that does not say how it was written
+    with pytest.raises(DejaGuardError, match="no record of the settings"):
+        audit_prompts(src, out, **kw)
+
+
+def _pairs(tmp_path: Path) -> None:
+    """A folder of one (caption, image) pair: ``tmp_path / "pairs"``."""
+    from PIL import Image
+
+    (tmp_path / "pairs").mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "pairs" / "a.png")
+    (tmp_path / "pairs" / "a.txt").write_text("a red square")
+
+
+@pytest.mark.parametrize("case", ["batch_size", "corrupt_parquet", "foreign_jsonl", "row_not_a_number",
+                                  "row_not_an_object", "training_batch_size", "nul_in_image_path"])
+def test_bad_audit_input_is_one_line_error(tmp_path, capsys, case):
+    """Issue 23, defect 4: these ended in a ValueError (or KeyError, TypeError) traceback."""
+    from dejaguard.core.cli import main
+
+    src = _write_text(tmp_path / "p.txt", ["a red circle on the left"])
+    audit = ["audit", "--prompts", str(src), "--threshold", "1"]
+    if case == "batch_size":
+        args, pattern = [*audit, "--out", str(tmp_path / "o.jsonl"), "--batch-size", "0"], "batch size must be"
+    elif case == "training_batch_size":
+        _pairs(tmp_path)
+        args = ["audit-training", "--pairs", str(tmp_path / "pairs"), "--out", str(tmp_path / "d.jsonl"),
+                "--threshold", "1", "--batch-size", "0"]
+        pattern = "batch size must be"
+    elif case == "corrupt_parquet":
+        (tmp_path / "o.parquet").write_text("not parquet")
+        args, pattern = [*audit, "--out", str(tmp_path / "o.parquet"), "--resume"], "not a readable Parquet file"
+    elif case == "nul_in_image_path":
+        (tmp_path / "pairs.csv").write_text("caption,image\na red square,a\x00b.png\n")
+        args = ["audit-training", "--pairs", str(tmp_path / "pairs.csv"), "--out", str(tmp_path / "d.jsonl"),
+                "--threshold", "1"]
+        pattern = "no usable (caption, image) pairs (1 malformed rows skipped)"
+    else:
+        line = {"foreign_jsonl": '{"a": 1}', "row_not_a_number": '{"row": "x"}', "row_not_an_object": "[1, 2]"}[case]
+        (tmp_path / "o.jsonl").write_text(line + "\n")
+        args, pattern = [*audit, "--out", str(tmp_path / "o.jsonl"), "--resume"], "is not a DejaGuard audit output"
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("dejaguard: error:") and pattern in err[-1], err
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_training_pair_magnitude_mismatch_is_one_line_error(testbed):
+    """Issue 23, defect 4: one caption and one seed per image; was a ValueError."""
+    images = torch.zeros(2, *testbed.image_shape)
+    with pytest.raises(DejaGuardError, match="one caption and one seed per image"):
+        training_pair_magnitude(testbed, images, ["a red square"], [0, 1], 999)
+
+
+def test_library_modules_do_not_import_the_testbed():
+    """Issue 23: audits, the loss filter and mitigation load the testbed package only where it is the default
+    model, lazily; importing them imports none of it."""
+    code = ("import sys, dejaguard.core.audit, dejaguard.core.loss_filter, dejaguard.core.mitigate; "
+            "print([m for m in sys.modules if m.startswith('dejaguard.core.testbed')])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,6 +52,20 @@ def test_audit_options_and_long_prompt(tmp_path):
     assert rows[0]["seeds"] == [3, 4] and rows[0]["unet_evals"] == 4 and rows[0]["threshold"] == 0.5
 
 
+def test_audit_resume_with_another_seed_is_one_line_error(tmp_path):
+    """Issue 23, defect 1: `audit --resume` with another --seed appended rows of that seed to the output."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle on the left\na blue square on the right\n")
+    out = tmp_path / "o.jsonl"
+    proc = run("audit", "--prompts", str(prompts), "--out", str(out), "--threshold", "1", "--seed", "1")
+    assert proc.returncode == 0, proc.stderr
+    with prompts.open("a") as f:
+        f.write("a green triangle at the top\n")
+    proc = run("audit", "--prompts", str(prompts), "--out", str(out), "--threshold", "1", "--seed", "999", "--resume")
+    _one_line_error(proc, "it was written with seed=1, this run has seed=999")
+    assert [json.loads(line)["seeds"] for line in out.read_text().splitlines()] == [[1], [1]]
+
+
 @pytest.mark.parametrize("case", ["missing_model", "not_a_model", "empty_prompts", "missing_prompts",
                                   "no_calibration", "unknown_device", "absent_gpu"])
 def test_bad_input_is_one_line_error(tmp_path, case):

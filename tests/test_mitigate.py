@@ -10,13 +10,8 @@ import torch
 from dejaguard.core.cli import main
 from dejaguard.core.detect import first_step_scores
 from dejaguard.core.errors import DejaGuardError, NonFiniteError
-from dejaguard.core.mitigate import (
-    DEFAULT_MAX_ITERATIONS,
-    LossFilter,
-    conditional_magnitudes,
-    mitigate_embedding,
-    mitigate_prompt,
-)
+from dejaguard.core.loss_filter import LossFilter, conditional_magnitudes
+from dejaguard.core.mitigate import DEFAULT_MAX_ITERATIONS, mitigate_embedding, mitigate_prompt
 from dejaguard.core.sampling import generate, initial_noise, text_conditional_magnitude
 from dejaguard.core.testbed.data import MEMORIZED
 

@@ -70,7 +70,7 @@ class TrainConfig:
     # off the sampling noise's low frequencies instead of the prompt. Sampling noise stays iid.
     offset_noise: tuple[tuple[int, float], ...] = ((1, 0.1), (2, 0.1), (4, 0.08))
     init_from: str | None = None  # start from an existing testbed folder instead of from scratch
-    # Training-time mitigation (issue 5, core.mitigate.LossFilter): drop samples whose text-conditional
+    # Training-time mitigation (issue 5, core.loss_filter.LossFilter): drop samples whose text-conditional
     # magnitude exceeds this from the loss (one extra UNet forward without grad per step). None = off.
     filter_threshold: float | None = None
     filter_min_timestep: int = 0  # samples drawn below this timestep are never dropped (LossFilter.min_timestep)
@@ -306,10 +306,10 @@ def train(out: Path, cfg: TrainConfig | None = None, progress: bool = True,
 # -- training-time mitigation (issue 5): only used when TrainConfig.filter_threshold is set ----------
 
 
-def _loss_filter(cfg: TrainConfig):  # -> core.mitigate.LossFilter | None
+def _loss_filter(cfg: TrainConfig):  # -> core.loss_filter.LossFilter | None
     if cfg.filter_threshold is None:
         return None
-    from ..mitigate import LossFilter
+    from ..loss_filter import LossFilter
 
     return LossFilter(cfg.filter_threshold, min_timestep=cfg.filter_min_timestep)
 
@@ -320,7 +320,7 @@ def _filtered_loss(loss_filter, unet: UNet2DConditionModel, text_encoder: CLIPTe
     """The step's loss over the samples the filter keeps (``weighted``: per-sample weighted losses ``(B,)``).
     The magnitude of each captioned sample comes from ``pred`` and one unconditional forward without grad;
     ``memorized``: the planted images' captions, to count drops per group."""
-    from ..mitigate import conditional_magnitudes
+    from ..loss_filter import conditional_magnitudes
 
     with torch.no_grad():
         ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids.to(noisy.device)

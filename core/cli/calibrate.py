@@ -1,0 +1,53 @@
+"""``dejaguard calibrate``: the detection threshold at a target false-positive rate on non-memorized prompts."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import model_options, read_prompts, score_settings
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    sp = subparsers.add_parser("calibrate", help="calibrate the detection threshold on non-memorized prompts")
+    model_options(sp)
+    sp.add_argument("--prompts", default=None, help="prompts known not to be memorized (default: for the testbed its "
+                    "calibration prompts; for other models the 500 bundled prompts of data/calibration_prompts.txt)")
+    sp.add_argument("--memorized", default=None, help="optional known memorized prompts, to report the TPR")
+    sp.add_argument("--target-fpr", type=float, default=0.01)
+    sp.add_argument("--out", default=None, help="calibration file (default: dejaguard_calibration.json in the model "
+                    "folder, or FILE.dejaguard_calibration.json beside a checkpoint)")
+    sp.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..calibration import calibrate, save_calibration
+    from ..denoiser import load_denoiser
+    from ..progress import TqdmProgress
+
+    denoiser = load_denoiser(args.model, device=args.device)
+    memorized: list[str] = []
+    if args.prompts:
+        prompts, source = read_prompts(args.prompts), str(args.prompts)
+        if args.memorized:
+            memorized = read_prompts(args.memorized)
+    elif args.model is None:
+        from ..testbed.data import calibration_specs, memorized_eval_prompts
+
+        prompts = [s.caption() for s in calibration_specs()]
+        source = "testbed calibration_specs() (200 compositional prompts, disjoint from held-out)"
+        memorized = [p for p, _ in memorized_eval_prompts()]
+    else:
+        from ..prompt_sets import CALIBRATION_FILE, calibration_prompts
+
+        prompts = calibration_prompts()
+        source = f"bundled {CALIBRATION_FILE} ({len(prompts)} non-memorized prompts, MemAttn)"
+    with TqdmProgress("calibrate", unit="gen") as bar:
+        cal = calibrate(denoiser, prompts, score_settings(args), args.target_fpr, source, memorized, progress=bar)
+    path = save_calibration(cal, args.out or args.model)
+    tpr = ""
+    if cal.memorized_tpr is not None:
+        tpr = f"; {cal.memorized_tpr:.1%} of {len(memorized)} memorized prompts flagged"
+    print(f"threshold {cal.threshold:.4f} for {score_settings(args).key()} at target FPR {cal.target_fpr:g} "
+          f"from {cal.n_prompts} prompts{tpr}")
+    print(f"wrote {path}")
+    return 0

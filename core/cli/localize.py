@@ -1,0 +1,93 @@
+"""``dejaguard localize``: NeMo, the cross-attention value neurons that carry one memorized prompt."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from . import model_options, read_prompts
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    sp = subparsers.add_parser("localize", help="NeMo: find the cross-attention neurons that carry a memorized prompt")
+    model_options(sp, scoring=False)
+    sp.add_argument("--prompt", required=True, help="the memorized prompt")
+    sp.add_argument("--out", required=True, help="neuron mask file to write (.safetensors)")
+    sp.add_argument("--seeds", type=int, default=4, help="fixed initial noises of the memorization score (default 4)")
+    sp.add_argument("--batch", type=int, default=2,
+                    help="candidate masks per batched UNet call (default 2; more on a GPU)")
+    sp.add_argument("--score", choices=["ssim", "magnitude", "generation"], default="ssim",
+                    help="memorization score: NeMo's first-step seed-consistency SSIM (default), the detector's "
+                    "first-step magnitude, or 'generation': short generations of the masked model compared with "
+                    "the unmasked model's (catches memorization that re-forms after the first step; slower)")
+    sp.add_argument("--generation-steps", type=int, default=10,
+                    help="steps of the 'generation' score's short generations (default 10)")
+    sp.add_argument("--blocks", choices=["down_mid", "all"], default="down_mid",
+                    help="attn2.to_v layers searched: down and mid blocks (the paper's, default) or all, up blocks too")
+    sp.add_argument("--verify-rounds", type=int, default=0,
+                    help="check the mask on --seeds unseen seeds; if it fails there, search again with them too "
+                    "(at most this many rounds; default 0: no check)")
+    sp.add_argument("--reference", action="store_true",
+                    help="the paper's sequential schedule, one candidate per UNet call (slower; for comparison)")
+    sp.add_argument("--threshold", type=float, default=None,
+                    help="memorization-score threshold (default: mean + 1 std over the statistics prompts)")
+    sp.add_argument("--stats-prompts", default=None,
+                    help="non-memorized prompts for the activation statistics (default: the testbed's captions)")
+    sp.add_argument("--score-prompts", type=int, default=64,
+                    help="how many of them calibrate the score threshold (default 64)")
+    sp.add_argument("--cache", default=None, help="statistics cache folder (default $DEJAGUARD_CACHE or "
+                    "~/.cache/dejaguard)")
+    sp.set_defaults(func=run)
+
+
+def _bar_progress(desc: str) -> tuple[Callable[[float, str], None], Callable[[], None]]:
+    """A tqdm bar driven by fractions in [0, 1] (the NeMo progress callback), and a close function."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=1000, desc=desc, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
+
+    def update(fraction: float, stage: str) -> None:
+        bar.set_description(f"{desc}: {stage}", refresh=False)
+        bar.update(max(0, round(1000 * fraction) - bar.n))
+
+    return update, bar.close
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..denoiser import load_denoiser
+    from ..neurons import LocalizeSettings, localize, nemo_statistics
+
+    denoiser = load_denoiser(args.model, device=args.device)
+    stats_prompts = read_prompts(args.stats_prompts) if args.stats_prompts else None
+    if stats_prompts is None and args.model is not None:
+        print("dejaguard: note: activation statistics from the testbed's compositional captions; pass "
+              "--stats-prompts with prompts typical for this model that are not memorized", file=sys.stderr)
+    settings = LocalizeSettings(seeds=args.seeds, schedule="reference" if args.reference else "fast",
+                                batch=args.batch, score=args.score, blocks=args.blocks,
+                                generation_steps=args.generation_steps, verify_rounds=args.verify_rounds)
+    update, close = _bar_progress("statistics")
+    stats = nemo_statistics(denoiser, stats_prompts, seeds=settings.seeds, score_prompts=args.score_prompts,
+                            cache=args.cache, progress=update, score=args.score, blocks=args.blocks,
+                            generation_steps=args.generation_steps)
+    close()
+    update, close = _bar_progress("localizing")
+    try:
+        mask = localize(denoiser, args.prompt, stats, settings, threshold=args.threshold, progress=update)
+    finally:
+        close()
+    info = mask.info
+    if not info["memorized"]:
+        print(f"not memorized by NeMo's measure: score {info['score_before']:.3f} < threshold "
+              f"{info['threshold']:.3f}; the mask is empty")
+    else:
+        print(f"{info['neurons']} neuron(s) switch off the memorization: score {info['score_before']:.3f} -> "
+              f"{info['score_after']:.3f} (threshold {info['threshold']:.3f}); {info['candidate_evaluations']} "
+              f"candidate sets, {info['unet_evals']} noise predictions in {info['unet_calls']} UNet calls, "
+              f"{info['wall_s']:.1f}s")
+        for r in info.get("verification", []):
+            print(f"verified on unseen seeds {r['seeds'][0]}..{r['seeds'][-1]}: score {r['score_unmasked']:.3f} -> "
+                  f"{r['score_masked']:.3f} with {r['neurons']} neurons off ({'passed' if r['passed'] else 'failed'})")
+        print(mask.describe())
+    print(f"wrote {mask.save(args.out)}")
+    return 0
