@@ -26,6 +26,10 @@ threshold where the Guard finds it by itself:
   ``folder_paths.get_user_directory()`` (``folder_paths.user_directory`` on ComfyUI versions without the
   function, i.e. ``ComfyUI/user``). The Guard looks there first, then in the bundled testbed's file.
 
+Calibrate once: a later run with the same settings on the same model reuses the saved calibration at no cost
+(unless ``recalibrate``), so the node can stay in the graph; its ``calibration`` output, connected to the
+Guard's ``calibrated`` input, makes the Guard run after it in the same queue.
+
 Cost: one UNet call per prompt (``generations`` cond/uncond pairs batched), reported with the wall time.
 ComfyUI's progress bar advances per prompt and the queue's interrupt stops the run between prompts.
 
@@ -44,13 +48,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.calibration import Calibration, save_calibration
+from ..core.calibration import Calibration, read_calibrations, save_calibration
 from ..core.detect import ScoreSettings
 from ..core.errors import DejaGuardError, NonFiniteError
 from ..core.progress import Progress, report
 from ..core.prompt_sets import calibration_prompts
 from ..core.sampling import prompt_seed
-from .guard import scores_from_denoised, user_calibration_file
+from .guard import CALIBRATION_TYPE, scores_from_denoised, user_calibration_file
 from .model_check import ModelInfo, check_supported, comfy_fingerprint, model_sampling
 
 PROMPTS_SOURCE = "bundled calibration prompts (MemAttn non-memorized, MIT)"
@@ -155,29 +159,41 @@ def threshold_at_fpr(scores: Sequence[float], target_fpr: float) -> float:
 
 
 def calibrate_model(model: Any, clip: Any, target_fpr: float = 0.01, generations: int = 1, prompt_limit: int = 0,
-                    latent_size: tuple[int, int] | None = None,
-                    progress: Progress | None = None) -> tuple[Calibration, Path, str]:
+                    latent_size: tuple[int, int] | None = None, progress: Progress | None = None,
+                    recalibrate: bool = False) -> tuple[Calibration, Path, str]:
     """Calibrate ``model`` on the bundled prompts (the first ``prompt_limit``, 0 = all) and save it for the Guard.
 
-    Returns (calibration, file it was saved to, summary text).
+    Calibrate once: when this model's file already holds a calibration of the same run (prompts, noises, size,
+    target FPR) it is returned without scoring, unless ``recalibrate``. Returns (calibration, file, summary).
     """
     info = check_supported(model, "calibrate")
     prompts = calibration_prompts()
     if prompt_limit > 0:
         prompts = prompts[:prompt_limit]
     size = latent_size or native_latent_size(model, info)
-    run = first_step_scores_comfy(model, clip, prompts, generations, size, progress)
-    threshold = threshold_at_fpr(run.scores, target_fpr)
     fingerprint = comfy_fingerprint(model)
     settings = ScoreSettings()
+    source = (f"{PROMPTS_SOURCE}: {len(prompts)} prompts x {generations} noise(s), {size[1] * 8}x{size[0] * 8} px, "
+              f"DejaGuard Calibrate in ComfyUI ({info.family}, {info.prediction})")
+    file = user_calibration_file(fingerprint)
+    saved = read_calibrations(file).get(settings.key()) if file.is_file() and not recalibrate else None
+    if saved and saved.get("prompts_source") == source and saved.get("target_fpr") == target_fpr \
+            and saved.get("fingerprint") == fingerprint:  # calibrate once: the same run was made before
+        try:
+            calibration = Calibration(**saved)
+        except TypeError as err:
+            raise DejaGuardError(f"malformed calibration file {file}: {err}; set recalibrate") from None
+        return calibration, file, (f"DejaGuard Calibrate: threshold {calibration.threshold:.4g} for a {target_fpr:g} "
+                                   f"false-positive rate, calibrated {calibration.created} ({source}); found in "
+                                   f"{file}: 0 UNet calls (set recalibrate to run again).")
+    run = first_step_scores_comfy(model, clip, prompts, generations, size, progress)
+    threshold = threshold_at_fpr(run.scores, target_fpr)
     calibration = Calibration(
         threshold=threshold, target_fpr=target_fpr, settings=asdict(settings), fingerprint=fingerprint,
-        n_prompts=len(prompts),
-        prompts_source=(f"{PROMPTS_SOURCE}: {len(prompts)} prompts x {generations} noise(s), {size[1] * 8}x"
-                        f"{size[0] * 8} px, DejaGuard Calibrate in ComfyUI ({info.family}, {info.prediction})"),
+        n_prompts=len(prompts), prompts_source=source,
         nonmemorized_quantiles={q: float(np.quantile(run.scores, float(q))) for q in ("0.5", "0.9", "0.99")},
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    file = save_calibration(calibration, user_calibration_file(fingerprint))
+    file = save_calibration(calibration, file)
     needed = math.ceil(1 / target_fpr)
     lines = [f"DejaGuard Calibrate: threshold {threshold:.4g} for a {target_fpr:g} false-positive rate on "
              f"{len(run.scores)} scores ({len(prompts)} non-memorized prompts x {generations} noise(s), "
@@ -217,6 +233,10 @@ class DejaGuardCalibrate:
                     "tooltip": "Score only the first N bundled prompts (a quick check); 0 = all 500."}),
             },
             "optional": {
+                "recalibrate": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Off: a calibration of this model with the same settings, saved before, is reused "
+                               "at no cost (calibrate once, keep the node in the graph). On: score again."}),
                 "width": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8,
                                   "tooltip": "Image width to calibrate at; 0 = the model's native size. Use the "
                                              "size you generate at: scores depend on it."}),
@@ -225,10 +245,12 @@ class DejaGuardCalibrate:
             },
         }
 
-    RETURN_TYPES = ("FLOAT", "STRING")
-    RETURN_NAMES = ("threshold", "summary")
+    RETURN_TYPES = ("FLOAT", "STRING", CALIBRATION_TYPE)
+    RETURN_NAMES = ("threshold", "summary", "calibration")
     OUTPUT_TOOLTIPS = ("The calibrated threshold (also saved: Guards with threshold 0 find it).",
-                       "Threshold, prompts scored, UNet calls, wall time and where it was saved.")
+                       "Threshold, prompts scored, UNet calls, wall time and where it was saved.",
+                       "Connect to the Memorization Guard's 'calibrated' input: the Guard then runs after this node "
+                       "and uses its threshold.")
     FUNCTION = "calibrate"
     CATEGORY = "DejaGuard"
     OUTPUT_NODE = True
@@ -237,7 +259,7 @@ class DejaGuardCalibrate:
                    "user directory. Run it once per checkpoint; the Guard (threshold 0) then finds it.")
 
     def calibrate(self, model: Any, clip: Any, target_fpr: float, generations: int, prompt_limit: int,
-                  width: int = 0, height: int = 0) -> dict[str, Any]:
+                  recalibrate: bool = False, width: int = 0, height: int = 0) -> dict[str, Any]:
         import comfy.model_management
         import comfy.utils
 
@@ -250,8 +272,9 @@ class DejaGuardCalibrate:
             comfy.model_management.throw_exception_if_processing_interrupted()
             bar.update_absolute(done, total)
 
-        calibration, _, summary = calibrate_model(model, clip, target_fpr, generations, prompt_limit, size, progress)
-        return {"ui": {"text": [summary]}, "result": (calibration.threshold, summary)}
+        calibration, file, summary = calibrate_model(model, clip, target_fpr, generations, prompt_limit, size,
+                                                     progress, recalibrate)
+        return {"ui": {"text": [summary]}, "result": (calibration.threshold, summary, str(file))}
 
 
 NODE_CLASS_MAPPINGS = {"DejaGuardCalibrate": DejaGuardCalibrate}

@@ -57,6 +57,7 @@ from .model_check import ModelInfo, check_supported, comfy_fingerprint
 log = logging.getLogger("DejaGuard")
 
 GUARD_TYPE = "DEJAGUARD_GUARD"
+CALIBRATION_TYPE = "DEJAGUARD_CALIBRATION"  # DejaGuard Calibrate's saved file (a path string) for the Guard
 SCORE_EVENT = "dejaguard.score"
 CFG1_UNAVAILABLE = "report unavailable"
 CFG1_EXTRA_EVAL = "one extra UNet evaluation"
@@ -394,6 +395,9 @@ class DejaGuardMemorizationGuard:
                                "holding it. Empty = what DejaGuard Calibrate saved for this model, else the bundled "
                                "testbed's. The model must be the calibrated one "
                                "(checked by weight fingerprint)."}),
+                "calibrated": (CALIBRATION_TYPE, {
+                    "tooltip": "Optional: the 'calibration' output of DejaGuard Calibrate on this model. The Guard "
+                               "then runs after it in the same queue and uses its threshold (when threshold is 0)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -408,10 +412,10 @@ class DejaGuardMemorizationGuard:
                    "(text-conditional noise magnitude, Wen et al. 2024), with no extra UNet evaluation at CFG > 1. "
                    "Scores appear on this node while sampling and in Memorization Verdict nodes.")
 
-    def guard(self, model: Any, threshold: float, at_cfg_1: str, calibration: str = "",
+    def guard(self, model: Any, threshold: float, at_cfg_1: str, calibration: str = "", calibrated: str | None = None,
               unique_id: str | None = None) -> tuple[Any, GuardState]:
         info = check_supported(model, "guard")
-        value, source = resolve_threshold(model, threshold, calibration)
+        value, source = resolve_threshold(model, threshold, calibration.strip() or str(calibrated or ""))
         if model.patches and threshold <= 0:
             info.notes.append(f"the model carries {len(model.patches)} weight patches (LoRA, neuron mask): the "
                               "threshold was calibrated for the unpatched model")

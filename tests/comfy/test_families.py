@@ -14,9 +14,14 @@ reduced width (``model_channels`` 32 instead of 320, same depths, heads of 16 ch
   conditioning (SDXL: its pooled ``adm`` input ``y``), ``eps = (x - denoised) / sigma``, relative difference
   <= 1e-4; and the guarded sampler makes exactly as many UNet calls (and samples) as the plain one at CFG 7.5.
 - ``test_calibrate_node_on_testbed``: DejaGuard Calibrate on the bundled testbed (4 prompts via
-  ``prompt_limit``) saves its threshold in the user directory; its scores are the Guard's own scores of the
-  same prompts and noises; the Guard with threshold 0 then finds it and says where it came from; another
-  model does not match it; the progress bar advances per prompt and ComfyUI's interrupt stops the run.
+  ``prompt_limit``) saves its threshold in the user directory; a second run reuses it (0 UNet calls); its
+  scores are the Guard's own scores of the same prompts and noises; the Guard with threshold 0 then finds it
+  (by itself, or through its ``calibrated`` input) and says where it came from; another model does not match
+  it; the progress bar advances per prompt and ComfyUI's interrupt stops the run; a Flux-class model is
+  refused.
+
+- ``test_calibrate_workflows`` (any interpreter) and ``test_calibrate_workflows_validate`` (in process): the
+  example workflows "Calibrate once, then Guard on every generation" for SD1.5 and SDXL checkpoints.
 
 SD3 (flow matching) is not tested here: the March 2024 ComfyUI has no SD3 model class. Its support rests on
 :mod:`nodes.model_check` (class ``SD3``, ``CONST`` sampling) and is untested until a newer ComfyUI runs these.
@@ -195,11 +200,16 @@ def test_calibrate_node_on_testbed(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         model, clip, _ = DejaGuardTestbedLoader().load("testbed (bundled)")
         testbed_threshold, testbed_source = resolve_threshold(model, 0.0)  # the bundled calibration, before
         out = DejaGuardCalibrate().calibrate(model, clip, 0.01, 1, 4)
-        threshold, summary = out["result"]
+        threshold, summary, saved = out["result"]
         file = user_calibration_file(comfy_fingerprint(model))
-        assert file.is_file() and file.parent == tmp_path / "dejaguard" / "calibrations"
+        assert file.is_file() and file.parent == tmp_path / "dejaguard" / "calibrations" and saved == str(file)
         assert "4 UNet calls" in summary and "wall time" in summary and "quick run" in summary, summary
         assert ticks[-1] == (4, 4) and len(ticks) == 5
+        again = DejaGuardCalibrate().calibrate(model, clip, 0.01, 1, 4)["result"]  # calibrate once: reused
+        assert again[0] == threshold and "0 UNet calls" in again[1] and len(ticks) == 5
+        _, connected = DejaGuardMemorizationGuard().guard(model, 0.0, cg.CFG1_UNAVAILABLE, calibrated=saved,
+                                                          unique_id="3")
+        assert connected.threshold == threshold and connected.threshold_source == f"DejaGuard Calibrate, {file}"
 
         # Its scores are the Guard's: the Guard on a KSampler run of the same prompt and noise.
         guarded, state = DejaGuardMemorizationGuard().guard(model, 0.0, cg.CFG1_UNAVAILABLE, unique_id="2")
@@ -226,6 +236,58 @@ def test_calibrate_node_on_testbed(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         flux = cg.patcher(cg.Flux(cg.comfy.supported_models.SD15(cg.tiny_unet_config(768))))
         with pytest.raises(DejaGuardError, match="unsupported model for DejaGuard Calibrate: not supported for Flux"):
             DejaGuardCalibrate().calibrate(flux, clip, 0.01, 1, 2)
+
+
+CALIBRATE_WORKFLOWS = {"calibrate_guard_sd15": "v1-5-pruned-emaonly.safetensors",
+                       "calibrate_guard_sdxl": "sd_xl_base_1.0.safetensors"}
+
+
+def _workflow(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    import json
+
+    folder = HERE.parents[1] / "workflows"
+    return json.loads((folder / f"{name}.json").read_text()), json.loads((folder / f"{name}_api.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(CALIBRATE_WORKFLOWS))
+def test_calibrate_workflows(name: str) -> None:
+    """"Calibrate once, then Guard on every generation": UI and API twins agree; the checkpoint the user picks
+    feeds Calibrate and the Guard; Calibrate's calibration output makes the Guard (threshold 0) wait for it; the
+    guarded model samples with an empty negative prompt; the Verdict reads that sampler's LATENT."""
+    from workflow_checks import assert_formats_agree
+
+    ui, api = _workflow(name)
+    assert_formats_agree(ui, api)
+    kinds = {v["class_type"]: k for k, v in api.items()}
+    loader, cal = kinds["CheckpointLoaderSimple"], kinds["DejaGuardCalibrate"]
+    guard = kinds["DejaGuardMemorizationGuard"]
+    sampler, verdict = kinds["KSampler"], kinds["DejaGuardMemorizationVerdict"]
+    assert api[loader]["inputs"]["ckpt_name"] == CALIBRATE_WORKFLOWS[name]
+    assert api[cal]["inputs"]["model"] == [loader, 0] and api[cal]["inputs"]["clip"] == [loader, 1]
+    assert api[cal]["inputs"]["target_fpr"] == 0.01 and api[cal]["inputs"]["prompt_limit"] == 0
+    assert api[guard]["inputs"]["model"] == [loader, 0] and api[guard]["inputs"]["calibrated"] == [cal, 2]
+    assert api[guard]["inputs"]["threshold"] == 0.0
+    assert api[sampler]["inputs"]["model"] == [guard, 0] and api[sampler]["inputs"]["cfg"] > 1
+    negative = api[sampler]["inputs"]["negative"][0]
+    assert api[negative]["inputs"]["text"] == ""
+    assert api[verdict]["inputs"] == {"guard": [guard, 1], "samples": [sampler, 0]}
+    assert any(n["type"] == "Note" for n in ui["nodes"])
+
+
+@inproc
+def test_calibrate_workflows_validate() -> None:
+    """The API twins validate against the node definitions as ``/object_info`` would report them."""
+    _setup()
+    from DejaGuard.nodes import NODE_CLASS_MAPPINGS
+    from test_guard import validate_api_graph
+
+    import nodes as comfy_nodes
+
+    classes = {**comfy_nodes.NODE_CLASS_MAPPINGS, **NODE_CLASS_MAPPINGS}
+    info = {name: {"input": cls.INPUT_TYPES(), "output": list(cls.RETURN_TYPES)} for name, cls in classes.items()}
+    assert info["DejaGuardCalibrate"]["output"] == ["FLOAT", "STRING", "DEJAGUARD_CALIBRATION"]
+    for name in CALIBRATE_WORKFLOWS:
+        assert validate_api_graph(_workflow(name)[1], info) == [], name
 
 
 @pytest.mark.slow
