@@ -20,6 +20,8 @@ reduced width (``model_channels`` 32 instead of 320, same depths, heads of 16 ch
   it; the progress bar advances per prompt and ComfyUI's interrupt stops the run; a Flux-class model is
   refused.
 
+- ``test_calibrate_sdxl_scores_are_the_guards``: the same on the reduced SDXL with a stand-in CLIP (its
+  pooled output reaches SDXL's ``adm`` input through ComfyUI's own cond preparation in both paths).
 - ``test_calibrate_workflows`` (any interpreter) and ``test_calibrate_workflows_validate`` (in process): the
   example workflows "Calibrate once, then Guard on every generation" for SD1.5 and SDXL checkpoints.
 
@@ -236,6 +238,57 @@ def test_calibrate_node_on_testbed(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         flux = cg.patcher(cg.Flux(cg.comfy.supported_models.SD15(cg.tiny_unet_config(768))))
         with pytest.raises(DejaGuardError, match="unsupported model for DejaGuard Calibrate: not supported for Flux"):
             DejaGuardCalibrate().calibrate(flux, clip, 0.01, 1, 2)
+
+
+class StubClip:
+    """A CLIP stand-in for a family whose real text encoders are too large for this test: CLIPTextEncode's
+    ``encode_from_tokens(tokens, return_pooled=True)`` gives a random embedding and pooled output seeded by the
+    text (SDXL widths: ``(1, 77, 2048)`` and ``(1, 1280)``)."""
+
+    def __init__(self, family: str) -> None:
+        self.family = family
+
+    def tokenize(self, text: str) -> str:
+        return text
+
+    def encode_from_tokens(self, tokens: str, return_pooled: bool = False) -> Any:
+        import zlib
+
+        cond = conditioning(self.family, zlib.crc32(tokens.encode()))[0]
+        return (cond[0], cond[1].get("pooled_output")) if return_pooled else cond[0]
+
+
+@inproc
+def test_calibrate_sdxl_scores_are_the_guards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SDXL through Calibrate: its scores (pooled ``adm`` conditioning built by ComfyUI's sampler from the
+    CLIP's pooled output) equal the Guard's on a KSampler run of the same prompt, noise and size; the saved
+    threshold is found by the Guard."""
+    import torch
+
+    cg = _setup()
+    import folder_paths
+    from DejaGuard.core.prompt_sets import calibration_prompts
+    from DejaGuard.core.sampling import prompt_seed
+    from DejaGuard.nodes.calibrate import DejaGuardCalibrate, first_step_scores_comfy
+    from DejaGuard.nodes.guard import DejaGuardMemorizationGuard
+
+    monkeypatch.setattr(folder_paths, "user_directory", str(tmp_path), raising=False)
+    if hasattr(folder_paths, "get_user_directory"):
+        monkeypatch.setattr(folder_paths, "get_user_directory", lambda: str(tmp_path))
+    model, clip = build("sdxl"), StubClip("sdxl")
+    prompts = calibration_prompts()[:2]
+    with torch.inference_mode():
+        run = first_step_scores_comfy(model, clip, prompts, latent_size=LATENT[2:])
+        guarded, state = DejaGuardMemorizationGuard().guard(model, 1.0, cg.CFG1_UNAVAILABLE, unique_id="4")
+        latent = {"samples": torch.zeros(LATENT)}
+        for prompt, expected in zip(prompts, run.scores):
+            cg.comfy_nodes.common_ksampler(guarded, prompt_seed(prompt), 1, 7.5, "euler", "normal",
+                                           cg.encode(clip, prompt), cg.encode(clip, ""), latent)
+            assert abs(state.runs[-1].scores[0] - expected) / expected <= 1e-4, (state.runs[-1].scores, expected)
+        threshold = DejaGuardCalibrate().calibrate(model, clip, 0.5, 1, 2, width=64, height=64)["result"][0]
+        _, found = DejaGuardMemorizationGuard().guard(model, 0.0, cg.CFG1_UNAVAILABLE, unique_id="5")
+    assert threshold == max(run.scores) and found.threshold == threshold
+    assert found.threshold_source.startswith("DejaGuard Calibrate")
 
 
 CALIBRATE_WORKFLOWS = {"calibrate_guard_sd15": "v1-5-pruned-emaonly.safetensors",
