@@ -22,6 +22,8 @@ reduced width (``model_channels`` 32 instead of 320, same depths, heads of 16 ch
 
 - ``test_calibrate_sdxl_scores_are_the_guards``: the same on the reduced SDXL with a stand-in CLIP (its
   pooled output reaches SDXL's ``adm`` input through ComfyUI's own cond preparation in both paths).
+- ``test_calibrate_then_guard_on_server`` (project interpreter, starts a real ComfyUI server): the SD1.5
+  example workflow with the testbed loader: Calibrate -> Guard -> Verdict in one queue.
 - ``test_calibrate_workflows`` (any interpreter) and ``test_calibrate_workflows_validate`` (in process): the
   example workflows "Calibrate once, then Guard on every generation" for SD1.5 and SDXL checkpoints.
 
@@ -341,6 +343,47 @@ def test_calibrate_workflows_validate() -> None:
     assert info["DejaGuardCalibrate"]["output"] == ["FLOAT", "STRING", "DEJAGUARD_CALIBRATION"]
     for name in CALIBRATE_WORKFLOWS:
         assert validate_api_graph(_workflow(name)[1], info) == [], name
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not comfy_available(), reason="ComfyUI not set up (bash tests/comfy/setup_comfy.sh)")
+@pytest.mark.skipif(IN_COMFY_VENV, reason="already running inside the .comfy venv")
+def test_calibrate_then_guard_on_server() -> None:
+    """The SD1.5 example workflow on a real ComfyUI server, with the testbed loader in place of the checkpoint
+    loader (4 prompts, 2 sampling steps): Calibrate -> Guard -> Verdict in one queue; the verdict's threshold
+    is Calibrate's, with its file as the source. The user directory's calibration files are restored after."""
+    import copy
+    import json
+
+    from comfy_server import COMFY_DIR, NO_MODEL, ComfyServer, model_folder
+    from dejaguard.core.detect import ScoreSettings
+
+    if model_folder() is None:
+        pytest.skip(NO_MODEL)
+    graph = copy.deepcopy(_workflow("calibrate_guard_sd15")[1])
+    graph["1"] = {"class_type": "DejaGuardTestbedLoader", "inputs": {"model": "testbed (bundled)", "folder": ""}}
+    if model_folder() != HERE.parents[1] / "core" / "testbed" / "model":
+        graph["1"]["inputs"]["folder"] = str(model_folder())
+    graph["2"]["inputs"].update(prompt_limit=4, recalibrate=True)
+    graph["6"]["inputs"].update(width=256, height=256)
+    graph["7"]["inputs"].update(steps=2)
+    saved_dir = COMFY_DIR / "user" / "dejaguard" / "calibrations"  # the March 2024 ComfyUI's fixed user directory
+    before = {f: f.read_bytes() for f in saved_dir.glob("*.json")} if saved_dir.is_dir() else {}
+    try:
+        with ComfyServer(threads=1) as server:
+            entry = server.run(graph, timeout=900)
+        verdict = entry["outputs"]["8"]["dejaguard"][0]
+        summary = entry["outputs"]["2"]["text"][0]
+        file = Path(verdict["threshold_source"].split(", ", 1)[1])
+        assert verdict["threshold_source"].startswith("DejaGuard Calibrate, ") and file.parent == saved_dir
+        assert verdict["threshold"] == json.loads(file.read_text())[ScoreSettings().key()]["threshold"]
+        assert "4 UNet calls" in summary and len(verdict["scores"]) == 1 and verdict["full_noise"]
+    finally:
+        for f in saved_dir.glob("*.json") if saved_dir.is_dir() else ():
+            if f not in before:
+                f.unlink()
+        for f, data in before.items():
+            f.write_bytes(data)
 
 
 @pytest.mark.slow
