@@ -201,6 +201,10 @@ def calibrate_model(model: Any, clip: Any, target_fpr: float = 0.01, generations
              f"cost: {run.unet_calls} UNet calls, {run.seconds:.1f} s wall time.",
              f"saved for model {fingerprint} ({settings.key()}) in {file}; the Memorization Guard finds it "
              "when its threshold is 0."]
+    if getattr(model, "patches", None):
+        lines.append(f"note: the model carries {len(model.patches)} weight patches (LoRA, neuron mask): they were "
+                     "active while scoring, but the calibration is stored under the unpatched checkpoint's "
+                     "fingerprint.")
     if len(run.scores) < needed:
         lines.append(f"note: quick run: {len(run.scores)} scores < 1/target_fpr = {needed}, so the threshold is "
                      "their maximum and the false-positive rate is not calibrated; run all 500 prompts.")
