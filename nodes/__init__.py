@@ -4,6 +4,8 @@ Importable only inside ComfyUI (it imports ``comfy`` and ``folder_paths``); the 
 ``__init__`` turns the ImportError outside ComfyUI into empty mappings.
 """
 
+from .calibrate import NODE_CLASS_MAPPINGS as _CALIBRATE_NODES
+from .calibrate import NODE_DISPLAY_NAME_MAPPINGS as _CALIBRATE_NAMES
 from .explain import NODE_CLASS_MAPPINGS as _EXPLAIN_NODES
 from .explain import NODE_DISPLAY_NAME_MAPPINGS as _EXPLAIN_NAMES
 from .guard import NODE_CLASS_MAPPINGS as _GUARD_NODES
@@ -17,5 +19,5 @@ from .testbed import NODE_DISPLAY_NAME_MAPPINGS as _TESTBED_NAMES
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {**_TESTBED_NODES, **_GUARD_NODES, **_EXPLAIN_NODES, **_NEURON_NODES}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {**_TESTBED_NAMES, **_GUARD_NAMES, **_EXPLAIN_NAMES, **_NEURON_NAMES}
-NODE_CLASS_MAPPINGS.update(_MITIGATE_NODES)
-NODE_DISPLAY_NAME_MAPPINGS.update(_MITIGATE_NAMES)
+NODE_CLASS_MAPPINGS.update({**_MITIGATE_NODES, **_CALIBRATE_NODES})
+NODE_DISPLAY_NAME_MAPPINGS.update({**_MITIGATE_NAMES, **_CALIBRATE_NAMES})

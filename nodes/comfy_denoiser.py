@@ -24,9 +24,11 @@ Spaces and parametrization (shapes: ``B`` batch, ``C, H, W`` latent, ``L = 77``,
   epsilon prediction: its first timestep is 999, the first timestep of ComfyUI's "normal" scheduler.
 
 Support, names and fingerprint come from the adapter core, ``nodes/model_check.py``: the constructor runs
-:func:`~nodes.model_check.check_supported` (so every node that builds this adapter refuses what the Guard
-refuses, with the same message), :meth:`named_modules` uses its one diffusers <-> ComfyUI name map and
-:meth:`fingerprint` is its :func:`~nodes.model_check.comfy_fingerprint`.
+:func:`~nodes.model_check.check_supported` for all the adapter's features (Token Highlighting, embedding
+mitigation, neuron masks: so every node that builds this adapter refuses alike, e.g. SDXL with "the adapter
+handles one text encoder", while the Guard, which needs no adapter, accepts it), :meth:`named_modules` uses
+its one diffusers <-> ComfyUI name map and :meth:`fingerprint` is its
+:func:`~nodes.model_check.comfy_fingerprint`.
 
 What is honoured from the ModelPatcher: weight patches (LoRA, DejaGuard neuron masks), object
 patches and ``transformer_options`` patches (attention patches), because the model is loaded with
@@ -122,7 +124,7 @@ class ComfyDenoiser:
 
     def __init__(self, model: Any, clip: Any, vae: Any = None, sample_shape: tuple[int, int, int] | None = None,
                  callback: Callable[[UNetCounter], None] | None = None) -> None:
-        self.info = check_supported(model)  # the one support check: every node building the adapter inherits it
+        self.info = check_supported(model, None)  # None: every adapter feature; all adapter users inherit it
         if clip is not None and not hasattr(clip, "tokenize"):  # None: UNet-only use (text methods then refuse)
             raise DejaGuardError("a CLIP text encoder is required (connect the loader's CLIP output)")
         self.model = model

@@ -3,8 +3,25 @@
 The guard clones the ModelPatcher (the input MODEL, cached for other graphs, is never changed) and
 adds a post-CFG function. ComfyUI calls it once per sampling step with the conditional and
 unconditional denoised predictions it has already computed, so at the first step of a run the score
-``||eps_cond - eps_uncond||_2`` per image costs no extra UNet evaluation when CFG > 1, where in
-ComfyUI's k-diffusion parametrization ``eps = (x - denoised) / sigma``.
+``||(x - denoised_cond) / sigma - (x - denoised_uncond) / sigma||_2`` per image costs no extra UNet
+evaluation when CFG > 1. What that quantity is depends on the family's parametrization
+(:mod:`nodes.model_check` decides the family, once):
+
+- epsilon models (SD1.x, SD2.x 512, SDXL): ``(x - denoised) / sigma`` is the predicted noise, so the score
+  is Wen et al.'s ``||eps(x_T, c) - eps(x_T, empty)||``.
+- v-prediction models (SD2.x 768): the same formula gives the noise implied by the v prediction, so the score
+  is again the noise-prediction difference.
+- flow-matching models (SD3): ``x = (1 - sigma) x0 + sigma noise`` and the first sigma is 1.0, so the implied
+  noise equals ``x`` for every prompt and its difference is identically 0; the same formula is the model's
+  velocity ``v = (x - denoised) / sigma``, and the score is ``||v(x_T, c) - v(x_T, empty)||``. Its scale is
+  not comparable with the other families': every family is calibrated on its own (DejaGuard Calibrate).
+
+A run is "full noise" (comparable with the calibrated threshold) when its first sigma is the model's own
+``sigma_max`` (1.0 for flow models), read from the model's sampling object.
+
+Thresholds: a value on the node wins; else the calibration of this model (by weight fingerprint) in the file
+named on the node, else the one DejaGuard Calibrate saved in ComfyUI's user directory
+(:func:`user_calibration_file`), else the bundled testbed's; the verdict says which.
 
 A run's first step is recognized without newer-only APIs: sigmas never rise within a run, so a call
 whose sigma is above the previous call's starts a new run (details in :func:`starts_new_run`;
@@ -26,6 +43,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,6 +57,7 @@ from .model_check import ModelInfo, check_supported, comfy_fingerprint
 log = logging.getLogger("DejaGuard")
 
 GUARD_TYPE = "DEJAGUARD_GUARD"
+CALIBRATION_TYPE = "DEJAGUARD_CALIBRATION"  # DejaGuard Calibrate's saved file (a path string) for the Guard
 SCORE_EVENT = "dejaguard.score"
 CFG1_UNAVAILABLE = "report unavailable"
 CFG1_EXTRA_EVAL = "one extra UNet evaluation"
@@ -53,7 +72,8 @@ def scores_from_denoised(x: torch.Tensor, cond_denoised: torch.Tensor, uncond_de
                          sigma: torch.Tensor) -> torch.Tensor:
     """Per-image first-step score from ComfyUI's denoised predictions: ``(B, C, H, W)`` x3, sigma ``(B,)`` -> ``(B,)``.
 
-    ``eps = (x - denoised) / sigma`` (k-diffusion parametrization; for v-prediction models the implied noise).
+    ``(x - denoised) / sigma``: the noise prediction for epsilon models, the implied noise for v-prediction
+    models, the velocity for flow-matching models (see the module doc).
     """
     s = sigma.reshape(-1, *([1] * (x.ndim - 1))).float()
     eps_cond = (x.float() - cond_denoised.float()) / s
@@ -288,22 +308,58 @@ class GuardState:
                 "summary": summarize(run, self.threshold, self.threshold_source, notes)}
 
 
-NO_THRESHOLD_HINT = ("set the node's 'threshold' (for a Stable Diffusion checkpoint: run `dejaguard calibrate` on the "
-                     "diffusers version of the model and enter the threshold it reports)")
+NO_THRESHOLD_HINT = ("run the DejaGuard Calibrate node once on this model (it saves the threshold where the Guard "
+                     "finds it; or `dejaguard calibrate` on its diffusers folder), or set the node's 'threshold'")
+USER_SUBDIR = Path("dejaguard") / "calibrations"
+
+
+def user_directory() -> Path:
+    """ComfyUI's user directory: ``folder_paths.get_user_directory()``, or ``folder_paths.user_directory`` where
+    the function is missing (ComfyUI before mid 2024), or ``user/`` beside ``folder_paths.py``."""
+    import folder_paths
+
+    if hasattr(folder_paths, "get_user_directory"):
+        return Path(folder_paths.get_user_directory())
+    if getattr(folder_paths, "user_directory", None):
+        return Path(folder_paths.user_directory)
+    return Path(folder_paths.__file__).resolve().parent / "user"
+
+
+def user_calibration_file(fingerprint: str) -> Path:
+    """Where DejaGuard Calibrate saves (and the Guard first looks for) the calibration of the model with
+    ``fingerprint``: ``<user dir>/dejaguard/calibrations/<fingerprint>.json``, one file per model (core's
+    calibration file holds one model per score setting)."""
+    return user_directory() / USER_SUBDIR / f"{fingerprint}.json"
+
+
+def calibration_location(calibration: str, fingerprint: str) -> str | Path | None:
+    """Where the nodes look for the calibration of the model with ``fingerprint`` (for
+    :func:`core.calibration.find_calibration`): the file or folder named on the node; else the file DejaGuard
+    Calibrate saved for this model (:func:`user_calibration_file`) when it exists; else None (the bundled
+    testbed's)."""
+    if calibration.strip():
+        return calibration.strip()
+    saved = user_calibration_file(fingerprint)
+    return saved if saved.is_file() else None
 
 
 def resolve_threshold(model: Any, threshold: float, calibration: str = "") -> tuple[float, str]:
     """(threshold, where it came from). ``threshold > 0`` wins; else the calibration that matches this model.
 
-    ``calibration``: a calibration JSON file or a diffusers model folder holding one (default: the bundled
-    testbed), looked up by :func:`core.calibration.find_calibration` with this model's UNet fingerprint.
+    ``calibration``: a calibration JSON file or a diffusers model folder holding one, looked up by
+    :func:`core.calibration.find_calibration` with this model's UNet fingerprint. Empty: the file DejaGuard
+    Calibrate saved for this model (:func:`user_calibration_file`) if there is one, else the bundled testbed's.
     """
     if threshold > 0:
         return float(threshold), "set on the node"
+    fingerprint = comfy_fingerprint(model)
+    location = calibration_location(calibration, fingerprint)
     try:
-        found = find_calibration(calibration.strip() or None, ScoreSettings(), comfy_fingerprint(model))
+        found = find_calibration(location, ScoreSettings(), fingerprint)
     except DejaGuardError as err:
         raise DejaGuardError(f"this model has no calibrated threshold: {err}; {NO_THRESHOLD_HINT}") from err
+    if location is not None and Path(location) == user_calibration_file(fingerprint):
+        return found.threshold, f"DejaGuard Calibrate, {found.file}"
     return found.threshold, found.source
 
 
@@ -317,14 +373,14 @@ class DejaGuardMemorizationGuard:
     def INPUT_TYPES(cls) -> dict[str, Any]:  # noqa: N802 (ComfyUI's name)
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model to watch (SD1.x, SD2.x or the DejaGuard testbed). "
-                                               "It is cloned: the loaded model other graphs use is not changed."}),
+                "model": ("MODEL", {"tooltip": "The diffusion model to watch (SD1.x, SD2.x, SDXL, SD3 or the "
+                                               "DejaGuard testbed). It is cloned: the loaded model other graphs "
+                                               "use is not changed."}),
                 "threshold": ("FLOAT", {
                     "default": 0.0, "min": 0.0, "max": 10000.0, "step": 0.001,
                     "tooltip": "Flag an image when its first-step score exceeds this. 0 = use the calibrated "
-                               "threshold of this model (found automatically for the bundled testbed). Stable "
-                               "Diffusion checkpoints need `dejaguard calibrate` (on prompts known not to be "
-                               "memorized, with an empty negative prompt); enter the threshold it reports."}),
+                               "threshold of this model: the one DejaGuard Calibrate saved for it (run that node "
+                               "once per checkpoint), or the bundled testbed's."}),
                 "at_cfg_1": ([CFG1_UNAVAILABLE, CFG1_EXTRA_EVAL], {
                     "default": CFG1_UNAVAILABLE,
                     "tooltip": "At CFG 1 ComfyUI skips the unconditional prediction the score needs. "
@@ -336,8 +392,12 @@ class DejaGuardMemorizationGuard:
                 "calibration": ("STRING", {
                     "default": "",
                     "tooltip": "Used when threshold is 0: a dejaguard_calibration.json or the diffusers model folder "
-                               "holding it. Empty = the bundled testbed. The model must be the calibrated one "
+                               "holding it. Empty = what DejaGuard Calibrate saved for this model, else the bundled "
+                               "testbed's. The model must be the calibrated one "
                                "(checked by weight fingerprint)."}),
+                "calibrated": (CALIBRATION_TYPE, {
+                    "tooltip": "Optional: the 'calibration' output of DejaGuard Calibrate on this model. The Guard "
+                               "then runs after it in the same queue and uses its threshold (when threshold is 0)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -352,10 +412,10 @@ class DejaGuardMemorizationGuard:
                    "(text-conditional noise magnitude, Wen et al. 2024), with no extra UNet evaluation at CFG > 1. "
                    "Scores appear on this node while sampling and in Memorization Verdict nodes.")
 
-    def guard(self, model: Any, threshold: float, at_cfg_1: str, calibration: str = "",
+    def guard(self, model: Any, threshold: float, at_cfg_1: str, calibration: str = "", calibrated: str | None = None,
               unique_id: str | None = None) -> tuple[Any, GuardState]:
-        info = check_supported(model)
-        value, source = resolve_threshold(model, threshold, calibration)
+        info = check_supported(model, "guard")
+        value, source = resolve_threshold(model, threshold, calibration.strip() or str(calibrated or ""))
         if model.patches and threshold <= 0:
             info.notes.append(f"the model carries {len(model.patches)} weight patches (LoRA, neuron mask): the "
                               "threshold was calibrated for the unpatched model")

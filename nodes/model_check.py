@@ -1,12 +1,27 @@
-"""The ComfyUI adapter core: which MODELs DejaGuard supports, their diffusers names, and their fingerprint.
+"""The ComfyUI adapter core: which MODELs DejaGuard supports for what, their diffusers names, their fingerprint.
 
 Three decisions every node needs, each made once here:
 
-- **Support** (:func:`check_supported`): the SD1.x / SD2.x family (ComfyUI's plain ``BaseModel`` over the
-  openaimodel ``UNetModel`` with SD-style cross-attention ``attn2`` fed by a single text encoder,
-  discrete-time epsilon or v-prediction schedule of 1000 steps) and DejaGuard's testbed, which has that
-  layout at a tiny size. :class:`~nodes.comfy_denoiser.ComfyDenoiser` calls it in its constructor, so every
-  node that builds the adapter refuses exactly what the Guard refuses, with the same message.
+- **Support** (:func:`check_supported`, :data:`SUPPORT`): the one support matrix. A MODEL is classified into a
+  family (:func:`model_info`) and each feature (``guard``, ``calibrate``, ``explain``, ``mitigate``, ``masks``)
+  is either supported or refused with a one-line reason naming the family and what is missing:
+
+  - ``sd1`` (SD1.x and the testbed, epsilon), ``sd2`` (SD2.x 512, epsilon), ``sd2_v`` (SD2.x 768,
+    v-prediction): everything.
+  - ``sdxl`` (epsilon): Guard and Calibrate; Token Highlighting, Mitigate and neuron masks refused (the adapter
+    handles one text encoder).
+  - ``sd3`` (flow matching; ComfyUI versions that have it): Guard and Calibrate; the rest refused (MMDiT joint
+    attention, no SD-style cross-attention).
+  - ``flux_distilled``: everything refused (no unconditional prediction).
+
+  The Guard reads its score from the sampler's own cond/uncond predictions, so it needs nothing of the model's
+  insides and works on every family ComfyUI samples with classifier-free guidance; explanation, mitigation and
+  masks go through :class:`~nodes.comfy_denoiser.ComfyDenoiser`, which assumes one text encoder and SD-style
+  ``attn2`` cross-attention. Guidance-distilled models (Flux-dev; Flux-schnell is step-distilled) are sampled
+  without any unconditional prediction, so there is no difference to score. Everything else (inpainting,
+  image-conditioned, unknown classes) is refused for every feature. Every node calls :func:`check_supported`
+  with its feature; ``ComfyDenoiser`` calls it with ``feature=None`` (all adapter features), so every node
+  building the adapter refuses alike.
 - **Names** (:func:`diffusers_names`): ComfyUI names UNet weights ``input_blocks.1.1...``, diffusers (and so
   core, neuron masks and the CLI) ``down_blocks.0.attentions.0...``; ``comfy.utils.unet_to_diffusers`` holds
   the map, read here only.
@@ -31,9 +46,33 @@ import torch
 from ..core.denoiser import state_fingerprint
 from ..core.errors import DejaGuardError
 
-# Model classes of other families, by name: not every ComfyUI version defines all of them.
+FEATURES = ("guard", "calibrate", "explain", "mitigate", "masks")
+ADAPTER_FEATURES = ("explain", "mitigate", "masks")  # what ComfyDenoiser serves (feature=None)
+FEATURE_NAMES = {"guard": "the Memorization Guard", "calibrate": "DejaGuard Calibrate",
+                 "explain": "Token Highlighting", "mitigate": "embedding mitigation", "masks": "neuron masks",
+                 None: "Token Highlighting, embedding mitigation and neuron masks"}
+
+_ONE_ENCODER = "the adapter handles one text encoder; SDXL has two and pooled 'adm' conditioning"
+_NO_CROSS_ATTN = "the adapter needs SD-style attn2 cross-attention; SD3's MMDiT has joint attention"
+_DISTILLED = ("Flux-dev is guidance-distilled (Flux-schnell step-distilled): it is sampled without an "
+              "unconditional prediction, so there is no cond/uncond difference to score")
+
+# The support matrix: family -> feature -> None (supported) or why not.
+SUPPORT: dict[str, dict[str, str | None]] = {
+    "sd1": dict.fromkeys(FEATURES),
+    "sd2": dict.fromkeys(FEATURES),
+    "sd2_v": dict.fromkeys(FEATURES),
+    "sdxl": {"guard": None, "calibrate": None, **{f: f"not yet supported for SDXL: {_ONE_ENCODER}"
+                                                  for f in ADAPTER_FEATURES}},
+    "sd3": {"guard": None, "calibrate": None, **{f: f"not yet supported for SD3: {_NO_CROSS_ATTN}"
+                                                 for f in ADAPTER_FEATURES}},
+    "flux_distilled": {f: f"not supported for Flux: {_DISTILLED}" for f in FEATURES},
+}
+FAMILY_NAMES = {"sd1": "SD1.x-layout", "sd2": "SD2.x (epsilon)", "sd2_v": "SD2.x (v-prediction)", "sdxl": "SDXL",
+                "sd3": "SD3", "flux_distilled": "Flux (guidance-distilled)"}
+
+# Model classes refused for every feature, by name: not every ComfyUI version defines all of them.
 _OTHER_FAMILIES = {
-    "SDXL": "SDXL (pooled-text 'adm' conditioning, two text encoders, context_dim 2048)",
     "SDXLRefiner": "the SDXL refiner (pooled-text 'adm' conditioning, OpenCLIP-G context_dim 1280)",
     "SD21UNCLIP": "SD2.1 unCLIP (image-embedding 'adm' conditioning)",
     "SVD_img2vid": "Stable Video Diffusion (image-to-video)",
@@ -41,32 +80,69 @@ _OTHER_FAMILIES = {
     "Stable_Zero123": "Stable Zero123 (image-conditioned novel views)",
     "SD_X4Upscaler": "the SD x4 upscaler (image-conditioned)",
     "StableCascade_C": "Stable Cascade (no SD-style UNet)", "StableCascade_B": "Stable Cascade (no SD-style UNet)",
-    "SD3": "SD3 (MMDiT joint attention, no SD-style cross-attention)",
-    "Flux": "Flux (DiT joint attention, no SD-style cross-attention)",
 }
-_PREDICTIONS = {"EPS": "epsilon", "V_PREDICTION": "v-prediction"}
+_SUPPORTED = "DejaGuard supports SD1.x, SD2.x, SDXL, SD3 and its testbed"
 
 
 @dataclass
 class ModelInfo:
-    """What the guard needs to know about a supported model."""
+    """What DejaGuard knows about a MODEL: its family, parametrization, and per feature support or refusal."""
 
-    family: str  # "SD1.x-layout" (SD1.x, testbed) or "SD2.x-layout"
-    prediction: str  # "epsilon" or "v-prediction"
-    context_dim: int  # text embedding width D of the cross-attention
-    sigma_max: float  # first sigma of a full-denoise run (the calibrated first step)
+    family: str  # "sd1" (SD1.x, testbed), "sd2", "sd2_v", "sdxl", "sd3" or "flux_distilled"
+    prediction: str  # "epsilon", "v-prediction" or "flow"
+    context_dim: int | None  # text embedding width D of the cross-attention (None: no SD-style cross-attention)
+    sigma_max: float  # first sigma of a full-denoise run (the calibrated first step; 1.0 for flow models)
     notes: list[str] = field(default_factory=list)
+    refusals: dict[str, str | None] = field(default_factory=dict)  # feature -> None or the reason
+
+    def refusal(self, feature: str | None = None) -> str | None:
+        """The one-line refusal for ``feature`` (None: every adapter feature), or None when supported."""
+        wanted = ADAPTER_FEATURES if feature is None else (feature,)
+        if feature is not None and feature not in FEATURES:
+            raise ValueError(f"unknown feature {feature!r}; one of {FEATURES}")
+        reasons = [self.refusals.get(f) for f in wanted if self.refusals.get(f)]
+        return f"unsupported model for {FEATURE_NAMES[feature]}: {reasons[0]}" if reasons else None
+
+    def require(self, feature: str | None = None) -> ModelInfo:
+        """``self`` when ``feature`` is supported; else :class:`DejaGuardError` with the refusal."""
+        reason = self.refusal(feature)
+        if reason is not None:
+            raise DejaGuardError(reason)
+        return self
 
 
-def check_supported(model: Any) -> ModelInfo:
-    """Inspect a ModelPatcher (``model.model`` a ComfyUI ``BaseModel``); DejaGuardError naming what is unsupported.
+def check_supported(model: Any, feature: str | None = None) -> ModelInfo:
+    """The one support check of every node: :func:`model_info`, then :meth:`ModelInfo.require` ``(feature)``.
 
-    The first-step score ``||eps(x_T, c) - eps(x_T, 0)||`` is defined for any text-conditioned model,
-    but thresholds, token explanations and neuron masks assume SD1/SD2-style cross-attention
-    (``...transformer_blocks.N.attn2.to_v`` reading ``(B, 77, D)`` text embeddings) and one text
-    encoder, so other families are refused with the reason. All the rules live here:
-    :class:`~nodes.comfy_denoiser.ComfyDenoiser` calls this in its constructor (so Token Highlighting, Mitigate
-    and Localize Neurons inherit it); the Guard and the mask nodes, which build no adapter, call it directly.
+    ``feature``: ``"guard"``, ``"calibrate"``, ``"explain"``, ``"mitigate"``, ``"masks"``, or None for all the
+    adapter's features (what :class:`~nodes.comfy_denoiser.ComfyDenoiser` serves). DejaGuardError naming the
+    family and what is missing.
+    """
+    return model_info(model).require(feature)
+
+
+def _parametrization(sampling: Any) -> str | None:
+    """"epsilon", "v-prediction" or "flow" from the (patched) sampling object; None for others (EDM, cascade)."""
+    const = getattr(comfy.model_sampling, "CONST", None)  # flow matching: newer ComfyUI only
+    if const is not None and isinstance(sampling, const):
+        return "flow"
+    if isinstance(sampling, getattr(comfy.model_sampling, "EDM", ())) or \
+            isinstance(sampling, comfy.model_sampling.ModelSamplingContinuousEDM):
+        return None
+    if isinstance(sampling, comfy.model_sampling.V_PREDICTION):
+        return "v-prediction"
+    if isinstance(sampling, comfy.model_sampling.EPS):
+        return "epsilon"
+    return None
+
+
+def model_info(model: Any) -> ModelInfo:
+    """Classify a ModelPatcher (``model.model`` a ComfyUI ``BaseModel``) into a family of :data:`SUPPORT`.
+
+    Models of no family (inpainting, image-conditioned, unknown classes, other parametrizations) are a
+    :class:`DejaGuardError` whatever the feature. The first-step score ``||eps(x_T, c) - eps(x_T, 0)||`` is
+    defined for any model sampled with classifier-free guidance; explanations and neuron masks need SD1/SD2-style
+    cross-attention (``...transformer_blocks.N.attn2.to_v`` reading ``(B, 77, D)`` text embeddings).
     """
     base = getattr(model, "model", None)
     if not isinstance(base, torch.nn.Module) or not hasattr(base, "diffusion_model") \
@@ -74,23 +150,34 @@ def check_supported(model: Any) -> ModelInfo:
         raise DejaGuardError(f"not a ComfyUI MODEL (ModelPatcher of a UNet diffusion model): {type(model).__name__}")
     kind = type(base).__name__
     if kind in _OTHER_FAMILIES:
-        raise DejaGuardError(f"unsupported model: {_OTHER_FAMILIES[kind]}. DejaGuard supports SD1.x, SD2.x and "
-                             "its testbed (single text encoder, SD-style attn2 cross-attention).")
+        raise DejaGuardError(f"unsupported model: {_OTHER_FAMILIES[kind]}. {_SUPPORTED}.")
     config = dict(getattr(getattr(base, "model_config", None), "unet_config", None) or {})
+    sampling = model_sampling(model)
+    prediction = _parametrization(sampling)
+    sigma_max = float(sampling.sigma_max)
+    if kind.startswith("Flux"):
+        return ModelInfo("flux_distilled", prediction or "flow", None, sigma_max,
+                         refusals=dict(SUPPORT["flux_distilled"]))
+    if kind == "SD3":
+        if prediction != "flow":
+            raise DejaGuardError(f"unsupported model SD3 with {type(sampling).__name__}: expected flow matching")
+        return ModelInfo("sd3", "flow", None, sigma_max, refusals=dict(SUPPORT["sd3"]),
+                         notes=["flow-matching model: the score is the norm of the velocity difference "
+                                "v = (x - denoised) / sigma (the implied-noise difference is 0 at sigma 1)"])
+    if kind not in ("BaseModel", "SDXL") or (kind == "BaseModel" and type(base) is not comfy.model_base.BaseModel):
+        raise DejaGuardError(f"unsupported model class {kind}: {_SUPPORTED}.")
     adm = int(getattr(base, "adm_channels", 0) or 0)
     context_dim = config.get("context_dim")
-    if adm > 0 or context_dim == 2048:
+    if kind == "BaseModel" and (adm > 0 or context_dim == 2048):
         raise DejaGuardError(
-            f"unsupported model {kind}: SDXL-like (adm_in_channels={adm or None}, context_dim={context_dim}; "
-            "pooled-text conditioning from two text encoders). DejaGuard supports SD1.x, SD2.x and its testbed.")
-    if type(base) is not comfy.model_base.BaseModel:  # subclasses are other families (unknown to this list)
-        raise DejaGuardError(f"unsupported model class {kind}: DejaGuard supports SD1.x, SD2.x and its testbed.")
+            f"unsupported model {kind}: SDXL-like (adm_in_channels={adm or None}, context_dim={context_dim}) but not "
+            f"ComfyUI's SDXL class. {_SUPPORTED}.")
     attn2 = [name for name, m in base.diffusion_model.named_modules()
              if name.endswith("attn2") and isinstance(getattr(m, "to_v", None), torch.nn.Linear)]
     if not attn2 or not isinstance(context_dim, int):
         raise DejaGuardError(
             f"unsupported model {kind} ({type(base.diffusion_model).__name__}): no SD1/SD2-style cross-attention "
-            "(attn2.to_v reading text embeddings). SD3, Flux and other DiT models are not supported.")
+            f"(attn2.to_v reading text embeddings) and no known family. {_SUPPORTED}.")
     widths = {base.diffusion_model.get_submodule(n).to_v.in_features for n in attn2}
     if widths != {context_dim}:
         raise DejaGuardError(f"unsupported model {kind}: attn2.to_v reads widths {sorted(widths)}, "
@@ -99,20 +186,23 @@ def check_supported(model: Any) -> ModelInfo:
         raise DejaGuardError(
             f"unsupported model {kind}: {config.get('in_channels')} input channels (inpainting or image-conditioned "
             "UNet); DejaGuard needs a 4-channel text-to-image UNet.")
-    type_name = getattr(getattr(base, "model_type", None), "name", "EPS")
-    if type_name not in _PREDICTIONS:
-        raise DejaGuardError(f"unsupported noise parametrization {type_name} (DejaGuard supports epsilon and "
-                             "v-prediction with the SD discrete schedule)")
-    sampling = model_sampling(model)
+    if prediction not in ("epsilon", "v-prediction"):
+        raise DejaGuardError(f"unsupported noise parametrization {type(sampling).__name__} of {kind} (DejaGuard "
+                             "supports epsilon and v-prediction with the SD discrete schedule)")
     if not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete) or len(sampling.sigmas) != 1000:
-        raise DejaGuardError(f"unsupported model {kind}: {type_name} with {type(sampling).__name__} (DejaGuard "
-                             "supports discrete-time epsilon or v-prediction models of 1000 steps: SD1.x, SD2.x)")
+        raise DejaGuardError(f"unsupported model {kind}: {prediction} with {type(sampling).__name__} (DejaGuard "
+                             "supports discrete-time epsilon or v-prediction models of 1000 steps)")
     notes = []
-    if type_name == "V_PREDICTION":
+    if prediction == "v-prediction":
         notes.append("v-prediction model: the score uses the implied noise eps = (x - denoised) / sigma")
-    family = "SD1.x-layout" if not config.get("use_linear_in_transformer") else "SD2.x-layout"
-    return ModelInfo(family=family, prediction=_PREDICTIONS[type_name], context_dim=int(context_dim),
-                     sigma_max=float(base.model_sampling.sigma_max), notes=notes)
+    if kind == "SDXL":
+        family = "sdxl"
+    elif context_dim == 1024 or config.get("use_linear_in_transformer"):
+        family = "sd2_v" if prediction == "v-prediction" else "sd2"
+    else:
+        family = "sd1"
+    return ModelInfo(family=family, prediction=prediction, context_dim=int(context_dim), sigma_max=sigma_max,
+                     notes=notes, refusals=dict(SUPPORT[family]))
 
 
 def model_sampling(model: Any) -> Any:

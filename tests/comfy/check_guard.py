@@ -6,9 +6,9 @@ Run with the .comfy venv (after ``bash tests/comfy/setup_comfy.sh``); ``tests/co
 
 ``--model`` defaults to the bundled ``core/testbed/model``. Checks (exit code 1 if any fails):
 
-1. Unsupported models give a DejaGuardError naming what is unsupported (tiny SDXL, SD1.5-inpainting-like,
-   a model without attn2 cross-attention, an unknown BaseModel subclass); tiny SD1.x / SD2.x (v-prediction)
-   and the testbed are accepted.
+1. Unsupported models give a DejaGuardError naming what is unsupported (a Flux-class model, SD1.5-inpainting-like,
+   a model without attn2 cross-attention, an unknown BaseModel subclass); tiny SD1.x / SD2.x (v-prediction),
+   SDXL and the testbed are accepted by the Guard.
 2. Scores: per image of a batch of 2 (ComfyUI's noise ``randn((2, 4, 32, 32), manual_seed(seed))``) and for a
    memorized and a novel prompt, the guard's score == the core library's ``guided_denoise(stop_after=1)``
    magnitude on the same noise, within 1e-3 relative.
@@ -107,6 +107,10 @@ class FutureModel(comfy.model_base.BaseModel):
     """Stands for a model family this version of DejaGuard does not know."""
 
 
+class Flux(comfy.model_base.BaseModel):
+    """Stands for ComfyUI's Flux class (newer versions only): a guidance-distilled family, refused by name."""
+
+
 def check_models(testbed: Any) -> None:
     sd15 = comfy.supported_models.SD15(tiny_unet_config(768))
     sd20 = comfy.supported_models.SD20(tiny_unet_config(1024, linear=True))
@@ -114,8 +118,8 @@ def check_models(testbed: Any) -> None:
     inpaint = comfy.supported_models.SD15(tiny_unet_config(768, in_channels=9))
     no_attn = comfy.model_base.BaseModel(comfy.supported_models.SD15(tiny_unet_config(768)))
     no_attn.diffusion_model = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1))  # a tiny throwaway model
-    cases = {
-        "sdxl": (patcher(sdxl.get_model({})), "SDXL"),
+    cases = {  # (SDXL is a supported family since issue 24: tests/comfy/test_families.py)
+        "flux_like": (patcher(Flux(comfy.supported_models.SD15(tiny_unet_config(768)))), "unconditional prediction"),
         "inpainting": (patcher(inpaint.get_model({})), "input channels"),
         "no_attn2": (patcher(no_attn), "attn2"),
         "unknown_class": (patcher(FutureModel(comfy.supported_models.SD15(tiny_unet_config(768)))), "FutureModel"),
@@ -129,9 +133,11 @@ def check_models(testbed: Any) -> None:
             RESULTS["unsupported_messages"][name] = str(err)
             expect(f"unsupported model refused: {name}", needle in str(err), f"-> {err}")
     v_model = patcher(comfy.model_base.BaseModel(sd20, model_type=comfy.model_base.ModelType.V_PREDICTION))
-    for name, model in {"sd15": patcher(sd15.get_model({})), "sd20_v": v_model, "testbed": testbed}.items():
+    supported = {"sd15": patcher(sd15.get_model({})), "sd20_v": v_model, "testbed": testbed,
+                 "sdxl": patcher(sdxl.get_model({}))}
+    for name, model in supported.items():
         try:
-            info = check_supported(model)
+            info = check_supported(model, "guard")
             expect(f"supported model accepted: {name}", True, f"-> {info}")
         except DejaGuardError as err:
             expect(f"supported model accepted: {name}", False, f"-> {err}")

@@ -54,6 +54,8 @@ def _random_init(module: Any, seed: int) -> None:
     with torch.no_grad():
         for name, m in module.named_modules():
             for pname, p in m.named_parameters(recurse=False):
+                if p.numel() == 0:  # e.g. an empty placeholder parameter of a reduced-width model
+                    continue
                 if isinstance(m, norms):
                     p.fill_(1.0 if pname == "weight" else 0.0)
                 elif p.ndim <= 1:

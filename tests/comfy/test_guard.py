@@ -116,7 +116,7 @@ def test_guard_in_process(tmp_path: Path) -> None:
     for key in ("memorized", "novel", "batch"):
         assert results["scores"][key]["rel_err"] <= 1e-3
     messages = results["unsupported_messages"]
-    assert "SDXL" in messages["sdxl"] and "attn2" in messages["no_attn2"]
+    assert "unconditional prediction" in messages["flux_like"] and "attn2" in messages["no_attn2"]  # SDXL: supported
 
 
 # -- real server ---------------------------------------------------------------------------------

@@ -39,3 +39,4 @@ def test_nodes_work_without_dom_widgets(tmp_path: Path) -> None:
     assert all(r["ok"] for r in results.values()), results
     assert results["DejaGuardMemorizationVerdict"]["text"].startswith("MEMORIZED (1 of 1)")
     assert results["DejaGuardTokenHighlight"]["text"].startswith("a kraken")
+    assert results["DejaGuardCalibrate"]["text"] == "DejaGuard Calibrate: threshold 0.5"  # calibrate.js

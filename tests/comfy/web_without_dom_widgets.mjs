@@ -12,14 +12,16 @@ class Element {  // the few DOM calls the extensions make
 }
 globalThis.document = { createElement: (tag) => new Element(tag) };
 const { app } = await import(`${root}/scripts/app.js`);
-for (const name of ["guard.js", "tokens.js"]) await import(`${root}/extensions/DejaGuard/${name}`);
+for (const name of ["guard.js", "tokens.js", "calibrate.js"]) await import(`${root}/extensions/DejaGuard/${name}`);
 const results = {};
 const messages = {
 	DejaGuardMemorizationVerdict: { dejaguard: [{ scores: [1.5], flagged: [true], threshold: 1.0, summary: "s" }] },
 	DejaGuardTokenHighlight: { dejaguard_tokens: [{ words: ["a", "kraken"], word_scores: [0.1, 0.9], magnitude: 2,
 		steps: 1, unet_evals: 2 }] },
+	DejaGuardCalibrate: { text: ["DejaGuard Calibrate: threshold 0.5"] },
 };
-for (const type of ["DejaGuardMemorizationGuard", "DejaGuardMemorizationVerdict", "DejaGuardTokenHighlight"]) {
+for (const type of ["DejaGuardMemorizationGuard", "DejaGuardMemorizationVerdict", "DejaGuardTokenHighlight",
+	"DejaGuardCalibrate"]) {
 	function NodeType() {}
 	try {
 		for (const ext of app.extensions) await ext.beforeRegisterNodeDef?.(NodeType, { name: type });

@@ -1,0 +1,394 @@
+"""Model families in ComfyUI (issue 24): the support matrix, the Guard's score per family, the Calibrate node.
+
+In process on the real (March 2024) ComfyUI, so the tests run in the .comfy venv
+(``test_families_in_comfy_venv`` runs them there from the project's interpreter). Models are built with
+ComfyUI's own model classes and the configs ``comfy/model_detection.py`` finds in real checkpoints, at
+reduced width (``model_channels`` 32 instead of 320, same depths, heads of 16 channels) and random weights:
+
+- ``test_support_matrix``: SD1.x, SD2.x v-prediction and SDXL are classified into their families; the Guard
+  and Calibrate accept all three; Token Highlighting / Mitigate / neuron masks refuse SDXL with "not yet
+  supported for SDXL: the adapter handles one text encoder"; a Flux-class model (ComfyUI's class name; this
+  ComfyUI has no Flux) is refused by every feature, naming the missing unconditional prediction.
+- ``test_guard_score_equals_direct[sd1|sd2_v|sdxl]``: the Guard's first-step score of a KSampler run equals
+  ``||eps(x_T, c) - eps(x_T, empty)||`` computed directly through the model's ``apply_model`` with the same
+  conditioning (SDXL: its pooled ``adm`` input ``y``), ``eps = (x - denoised) / sigma``, relative difference
+  <= 1e-4; and the guarded sampler makes exactly as many UNet calls (and samples) as the plain one at CFG 7.5.
+- ``test_calibrate_node_on_testbed``: DejaGuard Calibrate on the bundled testbed (4 prompts via
+  ``prompt_limit``) saves its threshold in the user directory; a second run reuses it (0 UNet calls); its
+  scores are the Guard's own scores of the same prompts and noises; the Guard with threshold 0 then finds it
+  (by itself, or through its ``calibrated`` input) and says where it came from; another model does not match
+  it; the progress bar advances per prompt and ComfyUI's interrupt stops the run; a Flux-class model is
+  refused.
+
+- ``test_calibrate_sdxl_scores_are_the_guards``: the same on the reduced SDXL with a stand-in CLIP (its
+  pooled output reaches SDXL's ``adm`` input through ComfyUI's own cond preparation in both paths).
+- ``test_calibrate_then_guard_on_server`` (project interpreter, starts a real ComfyUI server): the SD1.5
+  example workflow with the testbed loader: Calibrate -> Guard -> Verdict in one queue.
+- ``test_calibrate_workflows`` (any interpreter) and ``test_calibrate_workflows_validate`` (in process): the
+  example workflows "Calibrate once, then Guard on every generation" for SD1.5 and SDXL checkpoints.
+
+SD3 (flow matching) is not tested here: the March 2024 ComfyUI has no SD3 model class. Its support rests on
+:mod:`nodes.model_check` (class ``SD3``, ``CONST`` sampling) and is untested until a newer ComfyUI runs these.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+
+from comfy_server import comfy_available  # noqa: E402
+from test_explain_comfy import IN_COMFY_VENV  # noqa: E402
+from workflow_checks import run_in_comfy_venv  # noqa: E402
+
+inproc = pytest.mark.skipif(not IN_COMFY_VENV, reason="imports ComfyUI: runs in the .comfy venv "
+                            "(test_families_in_comfy_venv runs it there)")
+REDUCED = {"model_channels": 32, "num_heads": -1, "num_head_channels": 16}  # heads set again in build()
+_COMMON = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+           "legacy": False, "in_channels": 4, "use_temporal_attention": False, "use_temporal_resblock": False}
+# comfy/model_detection.py's entries for SD1.5, SD2.1-768 and SDXL base, at reduced width.
+CONFIGS: dict[str, dict[str, Any]] = {
+    "sd1": {**_COMMON, "adm_in_channels": None, "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
+            "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
+            "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_linear_in_transformer": False,
+            "context_dim": 768, "num_heads": 8, "model_channels": 32},
+    "sd2_v": {**_COMMON, "adm_in_channels": None, "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
+              "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
+              "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_linear_in_transformer": True,
+              "context_dim": 1024, **REDUCED},
+    "sdxl": {**_COMMON, "num_classes": "sequential", "adm_in_channels": 2816, "num_res_blocks": [2, 2, 2],
+             "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_middle": 10,
+             "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_linear_in_transformer": True,
+             "context_dim": 2048, **REDUCED},
+}
+LATENT = (1, 4, 8, 8)  # 64x64 px
+
+
+def _setup() -> Any:
+    import check_guard as cg  # ComfyUI on the CPU, the pack importable as DejaGuard, tiny configs, call counter
+
+    return cg
+
+
+def build(family: str) -> Any:
+    """A random-weight ModelPatcher of ``family`` from ComfyUI's own classes (reduced width)."""
+    import torch
+    from test_arch_smoke import _random_init
+
+    cg = _setup()
+    sm, mb = cg.comfy.supported_models, cg.comfy.model_base
+    config = {"sd1": sm.SD15, "sd2_v": sm.SD20, "sdxl": sm.SDXL}[family](dict(CONFIGS[family]))
+    if family != "sd1":  # the class's extra config sets 64-channel heads: keep them at 16 for the reduced width
+        config.unet_config.update(num_heads=-1, num_head_channels=16)
+    if family == "sd2_v":
+        base = mb.BaseModel(config, model_type=mb.ModelType.V_PREDICTION)
+    else:
+        base = config.get_model({})
+    _random_init(base.diffusion_model, {"sd1": 1, "sd2_v": 2, "sdxl": 3}[family])
+    return cg.patcher(base.eval().requires_grad_(False).to(torch.float32))
+
+
+def conditioning(family: str, seed: int) -> list[list[Any]]:
+    """CONDITIONING as CLIPTextEncode gives it (random text embedding; SDXL: with its pooled output)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    dim = CONFIGS[family]["context_dim"]
+    extra = {"pooled_output": torch.randn(1, 1280, generator=g)} if family == "sdxl" else {}
+    return [[torch.randn(1, 77, dim, generator=g), extra]]
+
+
+@inproc
+def test_support_matrix() -> None:
+    cg = _setup()
+    from DejaGuard.core.errors import DejaGuardError
+    from DejaGuard.nodes.model_check import FEATURES, check_supported, model_info
+
+    expected = {"sd1": ("sd1", "epsilon"), "sd2_v": ("sd2_v", "v-prediction"), "sdxl": ("sdxl", "epsilon")}
+    for family, (name, prediction) in expected.items():
+        info = model_info(build(family))
+        assert (info.family, info.prediction) == (name, prediction)
+        assert info.sigma_max == pytest.approx(14.6146, rel=1e-4)
+        for feature in ("guard", "calibrate"):
+            assert info.refusal(feature) is None
+    xl = model_info(build("sdxl"))
+    for feature in ("explain", "mitigate", "masks", None):
+        assert "not yet supported for SDXL: the adapter handles one text encoder" in xl.refusal(feature)
+    with pytest.raises(DejaGuardError, match="unsupported model for Token Highlighting.*SDXL"):
+        check_supported(build("sdxl"), "explain")
+
+    flux = cg.patcher(cg.Flux(cg.comfy.supported_models.SD15(cg.tiny_unet_config(768))))
+    for feature in FEATURES:
+        with pytest.raises(DejaGuardError, match="Flux.*guidance-distilled.*without an unconditional prediction"):
+            check_supported(flux, feature)
+
+
+@inproc
+@pytest.mark.parametrize("family", ["sd1", "sd2_v", "sdxl"])
+def test_guard_score_equals_direct(family: str) -> None:
+    import torch
+
+    cg = _setup()
+    from DejaGuard.nodes.guard import DejaGuardMemorizationGuard, DejaGuardMemorizationVerdict
+    from DejaGuard.nodes.model_check import model_sampling
+
+    model = build(family)
+    positive, negative = conditioning(family, 10), conditioning(family, 11)
+    latent = {"samples": torch.zeros(LATENT)}
+    seed = 5
+
+    def sample(m: Any) -> dict[str, Any]:
+        return cg.comfy_nodes.common_ksampler(m, seed, 2, 7.5, "euler", "normal", positive, negative, latent)[0]
+
+    with torch.inference_mode():
+        guarded, state = DejaGuardMemorizationGuard().guard(model, 1.0, cg.CFG1_UNAVAILABLE, unique_id="1")
+        with cg.UNetCalls(model) as plain:
+            sample(model)
+        with cg.UNetCalls(model) as watched:
+            out = sample(guarded)
+        verdict = DejaGuardMemorizationVerdict().verdict(state, out)["ui"]["dejaguard"][0]
+        run = state.runs[-1]
+        assert run.full_noise and verdict["matched"]
+
+        # Direct: x_T as the sampler builds it from ComfyUI's noise, two apply_model calls, eps = (x - x0) / sigma.
+        base = model.model
+        sigma = torch.tensor([run.first_sigma], dtype=torch.float32)
+        noise = torch.randn(LATENT, generator=torch.Generator().manual_seed(seed))
+        x = model_sampling(model).noise_scaling(sigma[0], noise, torch.zeros(LATENT), max_denoise=True)
+
+        def eps(cond: list[list[Any]]) -> torch.Tensor:
+            kwargs = {}
+            if family == "sdxl":
+                kwargs["y"] = base.encode_adm(pooled_output=cond[0][1]["pooled_output"], width=LATENT[3] * 8,
+                                              height=LATENT[2] * 8)
+            denoised = base.apply_model(x, sigma, c_crossattn=cond[0][0], **kwargs)
+            return (x - denoised) / sigma
+
+        direct = float((eps(positive) - eps(negative)).flatten(1).norm(dim=1)[0])
+    score = verdict["scores"][0]
+    assert math.isfinite(direct) and direct > 0
+    assert abs(score - direct) / direct <= 1e-4, (family, score, direct)
+    assert (watched.calls, watched.samples) == (plain.calls, plain.samples), (family, watched.calls, plain.calls)
+
+
+@inproc
+def test_calibrate_node_on_testbed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    cg = _setup()
+    import comfy.model_management
+    import comfy.utils
+    import folder_paths
+    from DejaGuard.core.errors import DejaGuardError
+    from DejaGuard.core.prompt_sets import calibration_prompts
+    from DejaGuard.core.sampling import prompt_seed
+    from DejaGuard.nodes.calibrate import DejaGuardCalibrate, first_step_scores_comfy
+    from DejaGuard.nodes.comfy_denoiser import default_sample_shape
+    from DejaGuard.nodes.guard import DejaGuardMemorizationGuard, resolve_threshold, user_calibration_file
+    from DejaGuard.nodes.model_check import comfy_fingerprint
+    from DejaGuard.nodes.testbed import DejaGuardTestbedLoader
+
+    monkeypatch.setattr(folder_paths, "user_directory", str(tmp_path), raising=False)
+    if hasattr(folder_paths, "get_user_directory"):
+        monkeypatch.setattr(folder_paths, "get_user_directory", lambda: str(tmp_path))
+    ticks: list[tuple[int, int]] = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, _preview: ticks.append((value, total)))
+    prompts = calibration_prompts()[:4]
+    with torch.inference_mode():
+        model, clip, _ = DejaGuardTestbedLoader().load("testbed (bundled)")
+        testbed_threshold, testbed_source = resolve_threshold(model, 0.0)  # the bundled calibration, before
+        out = DejaGuardCalibrate().calibrate(model, clip, 0.01, 1, 4)
+        threshold, summary, saved = out["result"]
+        file = user_calibration_file(comfy_fingerprint(model))
+        assert file.is_file() and file.parent == tmp_path / "dejaguard" / "calibrations" and saved == str(file)
+        assert "4 UNet calls" in summary and "wall time" in summary and "quick run" in summary, summary
+        assert ticks[-1] == (4, 4) and len(ticks) == 5
+        again = DejaGuardCalibrate().calibrate(model, clip, 0.01, 1, 4)["result"]  # calibrate once: reused
+        assert again[0] == threshold and "0 UNet calls" in again[1] and len(ticks) == 5
+        _, connected = DejaGuardMemorizationGuard().guard(model, 0.0, cg.CFG1_UNAVAILABLE, calibrated=saved,
+                                                          unique_id="3")
+        assert connected.threshold == threshold and connected.threshold_source == f"DejaGuard Calibrate, {file}"
+
+        # Its scores are the Guard's: the Guard on a KSampler run of the same prompt and noise.
+        guarded, state = DejaGuardMemorizationGuard().guard(model, 0.0, cg.CFG1_UNAVAILABLE, unique_id="2")
+        run = first_step_scores_comfy(model, clip, prompts)
+        assert threshold == max(run.scores) and run.unet_calls == 4
+        latent = {"samples": torch.zeros(1, *default_sample_shape(model))}
+        for prompt, expected in zip(prompts[:2], run.scores):
+            cg.comfy_nodes.common_ksampler(guarded, prompt_seed(prompt), 1, 7.5, "euler", "normal",
+                                           cg.encode(clip, prompt), cg.encode(clip, ""), latent)
+            assert abs(state.runs[-1].scores[0] - expected) / expected <= 1e-4
+        assert state.threshold == threshold and "DejaGuard Calibrate" in state.threshold_source
+        assert str(file) in state.threshold_source and threshold != testbed_threshold
+        assert testbed_source == "testbed calibration"
+
+        other = build("sd1")  # a different model: no calibration of its own, the testbed's is not for it
+        with pytest.raises(DejaGuardError, match="another model"):
+            resolve_threshold(other, 0.0)
+
+        comfy.model_management.interrupt_current_processing(True)
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            DejaGuardCalibrate().calibrate(model, clip, 0.01, 1, 2)
+        comfy.model_management.interrupt_current_processing(False)
+
+        flux = cg.patcher(cg.Flux(cg.comfy.supported_models.SD15(cg.tiny_unet_config(768))))
+        with pytest.raises(DejaGuardError, match="unsupported model for DejaGuard Calibrate: not supported for Flux"):
+            DejaGuardCalibrate().calibrate(flux, clip, 0.01, 1, 2)
+
+
+class StubClip:
+    """A CLIP stand-in for a family whose real text encoders are too large for this test: CLIPTextEncode's
+    ``encode_from_tokens(tokens, return_pooled=True)`` gives a random embedding and pooled output seeded by the
+    text (SDXL widths: ``(1, 77, 2048)`` and ``(1, 1280)``)."""
+
+    def __init__(self, family: str) -> None:
+        self.family = family
+
+    def tokenize(self, text: str) -> str:
+        return text
+
+    def encode_from_tokens(self, tokens: str, return_pooled: bool = False) -> Any:
+        import zlib
+
+        cond = conditioning(self.family, zlib.crc32(tokens.encode()))[0]
+        return (cond[0], cond[1].get("pooled_output")) if return_pooled else cond[0]
+
+
+@inproc
+def test_calibrate_sdxl_scores_are_the_guards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SDXL through Calibrate: its scores (pooled ``adm`` conditioning built by ComfyUI's sampler from the
+    CLIP's pooled output) equal the Guard's on a KSampler run of the same prompt, noise and size; the saved
+    threshold is found by the Guard."""
+    import torch
+
+    cg = _setup()
+    import folder_paths
+    from DejaGuard.core.prompt_sets import calibration_prompts
+    from DejaGuard.core.sampling import prompt_seed
+    from DejaGuard.nodes.calibrate import DejaGuardCalibrate, first_step_scores_comfy
+    from DejaGuard.nodes.guard import DejaGuardMemorizationGuard
+
+    monkeypatch.setattr(folder_paths, "user_directory", str(tmp_path), raising=False)
+    if hasattr(folder_paths, "get_user_directory"):
+        monkeypatch.setattr(folder_paths, "get_user_directory", lambda: str(tmp_path))
+    model, clip = build("sdxl"), StubClip("sdxl")
+    prompts = calibration_prompts()[:2]
+    with torch.inference_mode():
+        run = first_step_scores_comfy(model, clip, prompts, latent_size=LATENT[2:])
+        guarded, state = DejaGuardMemorizationGuard().guard(model, 1.0, cg.CFG1_UNAVAILABLE, unique_id="4")
+        latent = {"samples": torch.zeros(LATENT)}
+        for prompt, expected in zip(prompts, run.scores):
+            cg.comfy_nodes.common_ksampler(guarded, prompt_seed(prompt), 1, 7.5, "euler", "normal",
+                                           cg.encode(clip, prompt), cg.encode(clip, ""), latent)
+            assert abs(state.runs[-1].scores[0] - expected) / expected <= 1e-4, (state.runs[-1].scores, expected)
+        threshold = DejaGuardCalibrate().calibrate(model, clip, 0.5, 1, 2, width=64, height=64)["result"][0]
+        _, found = DejaGuardMemorizationGuard().guard(model, 0.0, cg.CFG1_UNAVAILABLE, unique_id="5")
+    assert threshold == max(run.scores) and found.threshold == threshold
+    assert found.threshold_source.startswith("DejaGuard Calibrate")
+
+
+CALIBRATE_WORKFLOWS = {"calibrate_guard_sd15": "v1-5-pruned-emaonly.safetensors",
+                       "calibrate_guard_sdxl": "sd_xl_base_1.0.safetensors"}
+
+
+def _workflow(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    import json
+
+    folder = HERE.parents[1] / "workflows"
+    return json.loads((folder / f"{name}.json").read_text()), json.loads((folder / f"{name}_api.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(CALIBRATE_WORKFLOWS))
+def test_calibrate_workflows(name: str) -> None:
+    """"Calibrate once, then Guard on every generation": UI and API twins agree; the checkpoint the user picks
+    feeds Calibrate and the Guard; Calibrate's calibration output makes the Guard (threshold 0) wait for it; the
+    guarded model samples with an empty negative prompt; the Verdict reads that sampler's LATENT."""
+    from workflow_checks import assert_formats_agree
+
+    ui, api = _workflow(name)
+    assert_formats_agree(ui, api)
+    kinds = {v["class_type"]: k for k, v in api.items()}
+    loader, cal = kinds["CheckpointLoaderSimple"], kinds["DejaGuardCalibrate"]
+    guard = kinds["DejaGuardMemorizationGuard"]
+    sampler, verdict = kinds["KSampler"], kinds["DejaGuardMemorizationVerdict"]
+    assert api[loader]["inputs"]["ckpt_name"] == CALIBRATE_WORKFLOWS[name]
+    assert api[cal]["inputs"]["model"] == [loader, 0] and api[cal]["inputs"]["clip"] == [loader, 1]
+    assert api[cal]["inputs"]["target_fpr"] == 0.01 and api[cal]["inputs"]["prompt_limit"] == 0
+    assert api[guard]["inputs"]["model"] == [loader, 0] and api[guard]["inputs"]["calibrated"] == [cal, 2]
+    assert api[guard]["inputs"]["threshold"] == 0.0
+    assert api[sampler]["inputs"]["model"] == [guard, 0] and api[sampler]["inputs"]["cfg"] > 1
+    negative = api[sampler]["inputs"]["negative"][0]
+    assert api[negative]["inputs"]["text"] == ""
+    assert api[verdict]["inputs"] == {"guard": [guard, 1], "samples": [sampler, 0]}
+    assert any(n["type"] == "Note" for n in ui["nodes"])
+
+
+@inproc
+def test_calibrate_workflows_validate() -> None:
+    """The API twins validate against the node definitions as ``/object_info`` would report them."""
+    _setup()
+    from DejaGuard.nodes import NODE_CLASS_MAPPINGS
+    from test_guard import validate_api_graph
+
+    import nodes as comfy_nodes
+
+    classes = {**comfy_nodes.NODE_CLASS_MAPPINGS, **NODE_CLASS_MAPPINGS}
+    info = {name: {"input": cls.INPUT_TYPES(), "output": list(cls.RETURN_TYPES)} for name, cls in classes.items()}
+    assert info["DejaGuardCalibrate"]["output"] == ["FLOAT", "STRING", "DEJAGUARD_CALIBRATION"]
+    for name in CALIBRATE_WORKFLOWS:
+        assert validate_api_graph(_workflow(name)[1], info) == [], name
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not comfy_available(), reason="ComfyUI not set up (bash tests/comfy/setup_comfy.sh)")
+@pytest.mark.skipif(IN_COMFY_VENV, reason="already running inside the .comfy venv")
+def test_calibrate_then_guard_on_server() -> None:
+    """The SD1.5 example workflow on a real ComfyUI server, with the testbed loader in place of the checkpoint
+    loader (4 prompts, 2 sampling steps): Calibrate -> Guard -> Verdict in one queue; the verdict's threshold
+    is Calibrate's, with its file as the source. The user directory's calibration files are restored after."""
+    import copy
+    import json
+
+    from comfy_server import COMFY_DIR, NO_MODEL, ComfyServer, model_folder
+    from dejaguard.core.detect import ScoreSettings
+
+    if model_folder() is None:
+        pytest.skip(NO_MODEL)
+    graph = copy.deepcopy(_workflow("calibrate_guard_sd15")[1])
+    graph["1"] = {"class_type": "DejaGuardTestbedLoader", "inputs": {"model": "testbed (bundled)", "folder": ""}}
+    if model_folder() != HERE.parents[1] / "core" / "testbed" / "model":
+        graph["1"]["inputs"]["folder"] = str(model_folder())
+    graph["2"]["inputs"].update(prompt_limit=4, recalibrate=True)
+    graph["6"]["inputs"].update(width=256, height=256)
+    graph["7"]["inputs"].update(steps=2)
+    saved_dir = COMFY_DIR / "user" / "dejaguard" / "calibrations"  # the March 2024 ComfyUI's fixed user directory
+    before = {f: f.read_bytes() for f in saved_dir.glob("*.json")} if saved_dir.is_dir() else {}
+    try:
+        with ComfyServer(threads=1) as server:
+            entry = server.run(graph, timeout=900)
+        verdict = entry["outputs"]["8"]["dejaguard"][0]
+        summary = entry["outputs"]["2"]["text"][0]
+        file = Path(verdict["threshold_source"].split(", ", 1)[1])
+        assert verdict["threshold_source"].startswith("DejaGuard Calibrate, ") and file.parent == saved_dir
+        assert verdict["threshold"] == json.loads(file.read_text())[ScoreSettings().key()]["threshold"]
+        assert "4 UNet calls" in summary and len(verdict["scores"]) == 1 and verdict["full_noise"]
+    finally:
+        for f in saved_dir.glob("*.json") if saved_dir.is_dir() else ():
+            if f not in before:
+                f.unlink()
+        for f, data in before.items():
+            f.write_bytes(data)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not comfy_available(), reason="ComfyUI not set up (bash tests/comfy/setup_comfy.sh)")
+@pytest.mark.skipif(IN_COMFY_VENV, reason="already running inside the .comfy venv")
+def test_families_in_comfy_venv() -> None:
+    """Runs the in-process tests above with the .comfy venv's python (it has ComfyUI's dependencies)."""
+    run_in_comfy_venv(Path(__file__), 900, "-k", "not on_server and not in_comfy_venv")  # those two run here
