@@ -85,6 +85,28 @@ class Levels(NamedTuple):
     source: str
 
 
+def calibration_from_scores(scores: Sequence[float], target_fpr: float, settings: ScoreSettings, fingerprint: str,
+                            prompts_source: str, n_prompts: int | None = None,
+                            memorized_tpr: float | None = None) -> Calibration:
+    """The calibration rule, for any front end that scored non-memorized prompts itself (the CLI through
+    :func:`calibrate`, ComfyUI's Calibrate node from its sampler's predictions): the threshold is the
+    ``1 - target_fpr`` quantile of ``scores`` (``method="higher"``: flagged means ``score > threshold``, so at most
+    ``target_fpr`` of them are flagged), with the median, 90th and 99th percentiles kept for the mitigation levels.
+    """
+    if not 0 < target_fpr < 1:
+        raise DejaGuardError("target FPR must lie in (0, 1)")
+    values = np.asarray(scores, dtype=float)
+    if values.size == 0 or not np.isfinite(values).all():
+        raise DejaGuardError("calibration needs finite scores of at least one prompt")
+    return Calibration(
+        threshold=float(np.quantile(values, 1 - target_fpr, method="higher")), target_fpr=target_fpr,
+        settings=asdict(settings), fingerprint=fingerprint,
+        n_prompts=int(values.size if n_prompts is None else n_prompts), prompts_source=prompts_source,
+        nonmemorized_quantiles={q: float(np.quantile(values, float(q))) for q in ("0.5", "0.9", "0.99")},
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), memorized_tpr=memorized_tpr,
+    )
+
+
 def calibrate(
     denoiser: Denoiser,
     nonmemorized_prompts: Sequence[str],
@@ -109,17 +131,11 @@ def calibrate(
             f"got {len(nonmemorized_prompts)}")
     scores = np.array([r.score for r in first_step_scores(denoiser, nonmemorized_prompts, settings,
                                                           progress=progress)])
-    threshold = float(np.quantile(scores, 1 - target_fpr, method="higher"))
-    tpr = None
+    calibration = calibration_from_scores(scores, target_fpr, settings, denoiser.fingerprint(), prompts_source)
     if memorized_prompts:
         mem = first_step_scores(denoiser, memorized_prompts, settings, progress=progress)
-        tpr = float(np.mean([r.score > threshold for r in mem]))
-    return Calibration(
-        threshold=threshold, target_fpr=target_fpr, settings=asdict(settings),
-        fingerprint=denoiser.fingerprint(), n_prompts=len(scores), prompts_source=prompts_source,
-        nonmemorized_quantiles={q: float(np.quantile(scores, float(q))) for q in ("0.5", "0.9", "0.99")},
-        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), memorized_tpr=tpr,
-    )
+        calibration.memorized_tpr = float(np.mean([r.score > calibration.threshold for r in mem]))
+    return calibration
 
 
 def calibration_file(location: str | Path | None) -> Path:

@@ -41,14 +41,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from ..core.calibration import Calibration, read_calibrations, save_calibration
+from ..core.calibration import Calibration, calibration_from_scores, read_calibrations, save_calibration
 from ..core.detect import ScoreSettings
 from ..core.errors import DejaGuardError, NonFiniteError
 from ..core.progress import Progress, report
@@ -151,13 +150,6 @@ def first_step_scores_comfy(model: Any, clip: Any, prompts: Sequence[str], gener
     return CalibrationRun(scores, calls[0], time.monotonic() - start)
 
 
-def threshold_at_fpr(scores: Sequence[float], target_fpr: float) -> float:
-    """The ``1 - target_fpr`` quantile of ``scores`` (``method="higher"``, as :func:`core.calibration.calibrate`)."""
-    if not 0 < target_fpr < 1:
-        raise DejaGuardError("target FPR must lie in (0, 1)")
-    return float(np.quantile(np.asarray(scores, dtype=float), 1 - target_fpr, method="higher"))
-
-
 def calibrate_model(model: Any, clip: Any, target_fpr: float = 0.01, generations: int = 1, prompt_limit: int = 0,
                     latent_size: tuple[int, int] | None = None, progress: Progress | None = None,
                     recalibrate: bool = False) -> tuple[Calibration, Path, str]:
@@ -187,12 +179,8 @@ def calibrate_model(model: Any, clip: Any, target_fpr: float = 0.01, generations
                                    f"false-positive rate, calibrated {calibration.created} ({source}); found in "
                                    f"{file}: 0 UNet calls (set recalibrate to run again).")
     run = first_step_scores_comfy(model, clip, prompts, generations, size, progress)
-    threshold = threshold_at_fpr(run.scores, target_fpr)
-    calibration = Calibration(
-        threshold=threshold, target_fpr=target_fpr, settings=asdict(settings), fingerprint=fingerprint,
-        n_prompts=len(prompts), prompts_source=source,
-        nonmemorized_quantiles={q: float(np.quantile(run.scores, float(q))) for q in ("0.5", "0.9", "0.99")},
-        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    calibration = calibration_from_scores(run.scores, target_fpr, settings, fingerprint, source, len(prompts))
+    threshold = calibration.threshold
     file = save_calibration(calibration, file)
     needed = math.ceil(1 / target_fpr)
     lines = [f"DejaGuard Calibrate: threshold {threshold:.4g} for a {target_fpr:g} false-positive rate on "

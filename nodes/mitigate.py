@@ -33,7 +33,7 @@ from ..core.mitigate import (
     mitigate_embedding,
 )
 from .comfy_denoiser import ComfyDenoiser
-from .guard import NO_THRESHOLD_HINT
+from .guard import NO_THRESHOLD_HINT, calibration_location
 from .model_check import comfy_fingerprint
 
 UI_KEY = "dejaguard_mitigation"
@@ -41,11 +41,13 @@ UI_KEY = "dejaguard_mitigation"
 
 def resolve_levels(model: Any, threshold: float, target: float, calibration: str = "") -> tuple[float, float, str]:
     """(threshold, target, where they came from): values > 0 set on the node win; 0 = from the calibration that
-    matches this model (as the guard finds its threshold), by :func:`core.calibration.resolve_levels`."""
+    matches this model, found where the Guard finds its threshold (:func:`nodes.guard.calibration_location`: the
+    node's ``calibration``, else DejaGuard Calibrate's file for this model, else the bundled testbed's), by
+    :func:`core.calibration.resolve_levels`."""
     given = (threshold if threshold > 0 else None, target if target > 0 else None)
     fingerprint = "" if None not in given else comfy_fingerprint(model)
     try:
-        levels = core_resolve_levels(*given, calibration.strip() or None, fingerprint)
+        levels = core_resolve_levels(*given, calibration_location(calibration, fingerprint), fingerprint)
     except DejaGuardError as err:
         if None not in given:
             raise

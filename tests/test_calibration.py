@@ -14,6 +14,7 @@ from dejaguard.core.calibration import (
     Calibration,
     calibrate,
     calibration_file,
+    calibration_from_scores,
     find_calibration,
     read_calibrations,
     resolve_levels,
@@ -156,3 +157,49 @@ def test_calibration_round_trip_and_fpr(testbed, testbed_prompts, tmp_path):
     assert json.loads(path.read_text())  # plain JSON, never pickle
     with pytest.raises(DejaGuardError, match="at least 20"):
         calibrate(testbed, prompts[:10], target_fpr=0.05)
+
+
+def test_a_checkpoint_file_has_its_calibration_beside_it(tmp_path):
+    """A single-file checkpoint is never taken for the calibration file itself (it would be overwritten)."""
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"not json")
+    assert calibration_file(weights) == tmp_path / f"model.{CALIBRATION_FILE}"
+    assert calibration_file(tmp_path / "other.ckpt") == tmp_path / f"other.{CALIBRATION_FILE}"
+    assert calibration_file(tmp_path / "cal.json") == tmp_path / "cal.json"
+    cal = Calibration(1.0, 0.01, {"steps": 1, "generations": 1, "guidance_scale": 7.5, "num_inference_steps": 50},
+                      FP, 100, "a")
+    assert save_calibration(cal, weights) == tmp_path / f"model.{CALIBRATION_FILE}"
+    assert weights.read_bytes() == b"not json"
+    assert find_calibration(weights, ScoreSettings(), FP).threshold == 1.0
+
+
+def test_calibration_from_scores_is_the_quantile_rule():
+    scores = list(range(1, 101))  # 1..100
+    cal = calibration_from_scores(scores, 0.01, ScoreSettings(), FP, "test")
+    assert cal.threshold == 100.0 and cal.n_prompts == 100 and cal.fingerprint == FP
+    assert sum(s > cal.threshold for s in scores) <= 1
+    assert calibration_from_scores(scores, 0.1, ScoreSettings(), FP, "test", n_prompts=50).threshold == 91.0
+    assert cal.nonmemorized_quantiles["0.5"] == pytest.approx(50.5)
+    with pytest.raises(DejaGuardError, match="target FPR"):
+        calibration_from_scores(scores, 0.0, ScoreSettings(), FP, "test")
+    with pytest.raises(DejaGuardError, match="finite"):
+        calibration_from_scores([1.0, float("nan")], 0.5, ScoreSettings(), FP, "test")
+
+
+@pytest.mark.parametrize("command", ["audit", "calibrate", "explain", "generate"])
+def test_checkpoint_option_refuses_pickles_in_one_line(tmp_path, command):
+    """`--checkpoint` on every model-loading command; a pickled file is refused before it is read."""
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"\x80\x02}q\x00.")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    extra = {"audit": ["--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"), "--threshold", "1"],
+             "calibrate": ["--prompts", str(prompts)], "explain": ["--prompt", "a red circle"],
+             "generate": ["--prompt", "a red circle", "--out", str(tmp_path / "x.png")]}[command]
+    proc = subprocess.run([sys.executable, "-m", "dejaguard", command, "--checkpoint", str(ckpt), *extra],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "pickle" in proc.stderr and proc.stderr.count("dejaguard: error:") == 1
+    both = subprocess.run([sys.executable, "-m", "dejaguard", command, "--checkpoint", str(ckpt), "--model",
+                           str(tmp_path), *extra], capture_output=True, text=True, timeout=600)
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
