@@ -53,18 +53,27 @@ def test_structure_ssim_ignores_brightness_contrast_and_grain():
     assert structure_ssim(original, rng.uniform(-1, 1, size=(3, 32, 32))) < 0.2
 
 
-@pytest.mark.parametrize("shape", [(6, 4, 32, 32), (36, 4, 32, 32), (12, 3, 64, 48), (3, 4, 8, 8), (2, 4, 5, 7)])
-def test_ssim_batch_equals_nemo_pairwise_ssim(shape):
-    """The one SSIM gives NeMo's score bit for bit (float32, each pair's own data range)."""
+@pytest.mark.parametrize("shape", [(6, 4, 32, 32), (3, 3, 64, 48), (2, 4, 16, 16)])
+def test_ssim_batch_with_each_pairs_range_equals_scikit_image(shape):
+    """NeMo's use of the one SSIM (several channels, each pair's joint max - min as data range): scikit-image's
+    structural_similarity over the channels, to float64 rounding, and to float32 rounding in float32."""
     import torch
     from dejaguard.core.metrics import ssim_batch
-    from dejaguard.core.neurons import pairwise_ssim
+    from skimage.metrics import structural_similarity
 
     g = torch.Generator().manual_seed(shape[0])
-    a = torch.randn(*shape, generator=g)
-    b = a + torch.randn(*shape, generator=g) * torch.rand(shape[0], 1, 1, 1, generator=g)
-    assert torch.equal(ssim_batch(a, b), pairwise_ssim(a, b))
-    assert torch.equal(ssim_batch(a.double(), 3 * b), pairwise_ssim(a.double(), 3 * b))
+    a = torch.randn(*shape, generator=g, dtype=torch.float64)
+    b = a + torch.randn(*shape, generator=g, dtype=torch.float64) * torch.rand(shape[0], 1, 1, 1, generator=g,
+                                                                              dtype=torch.float64)
+    ours64, ours32 = ssim_batch(a, b, dtype=torch.float64), ssim_batch(a, b)
+    assert ours32.dtype == torch.float32
+    for i in range(shape[0]):
+        x, y = a[i].numpy(), b[i].numpy()
+        data_range = float(max(x.max(), y.max()) - min(x.min(), y.min()))
+        ref = structural_similarity(x, y, data_range=data_range, channel_axis=0, gaussian_weights=True, sigma=1.5,
+                                    use_sample_covariance=False)
+        assert float(ours64[i]) == pytest.approx(ref, abs=1e-12)
+        assert float(ours32[i]) == pytest.approx(ref, abs=1e-5)
 
 
 def test_image_ssims_equal_scikit_image():
