@@ -251,7 +251,11 @@ def read_dejaguard_file(path: Path, fmt: str, version: int, what: str) -> tuple[
     if not isinstance(header, dict) or header.get("format") != fmt:
         raise DejaGuardError(f"{path} is not a DejaGuard {what} (format {header.get('format')!r})"
                              if isinstance(header, dict) else f"malformed {what} header in {path}")
-    if int(header.get("version", 0)) > version:
+    try:
+        file_version = int(header.get("version", 0))
+    except (TypeError, ValueError) as err:
+        raise DejaGuardError(f"malformed {what} header in {path}: version {header.get('version')!r}") from err
+    if file_version > version:
         raise DejaGuardError(f"{path} was written by a newer DejaGuard ({what} format version "
                              f"{header.get('version')}); update DejaGuard")
     return tensors, header

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -212,6 +213,55 @@ def test_statistics_cached_per_model(testbed, stats, tmp_path):
     assert again.threshold == first.threshold
     assert all(torch.equal(again.mean[k], first.mean[k]) for k in first.mean)
     assert 0 < stats.threshold < 1 and set(stats.mean) == set(nemo_layers(testbed))
+
+
+def _rewrite_statistics(path, header_change=None, drop_tensor=None, raw=None):
+    """Rewrite a cached statistics file: change its JSON header, drop a tensor, or replace it by ``raw`` bytes."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if raw is not None:
+        path.write_bytes(raw(path.read_bytes()))
+        return
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["dejaguard"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    if header_change:
+        header_change(header)
+    if drop_tensor:
+        tensors.pop(next(k for k in tensors if k.startswith(drop_tensor)))
+    save_file(tensors, str(path), metadata={"dejaguard": json.dumps(header)})
+
+
+@pytest.mark.parametrize("damage", [
+    {"header_change": lambda h: h.pop("score_mean")},  # defect 3: a missing field raised KeyError
+    {"header_change": lambda h: h.update(threshold="high")},
+    {"header_change": lambda h: h.update(fingerprint="0123456789abcdef")},
+    {"header_change": lambda h: h["settings"].update(blocks="all")},
+    {"header_change": lambda h: h.update(version="one")},
+    {"drop_tensor": "std/"},
+    {"raw": lambda data: data[: len(data) // 2]},
+    {"raw": lambda data: b"\x00" * 16},
+], ids=["missing-field", "bad-field", "other-model", "other-settings", "bad-version", "missing-tensor", "truncated",
+        "garbage"])
+def test_unusable_statistics_cache_entry_is_recomputed(testbed, tmp_path, damage):
+    """An unreadable, incomplete or mismatched statistics cache entry is recomputed with a warning, never an error,
+    and replaced by a complete one."""
+    prompts = default_statistics_prompts()[:4]
+    first = nemo_statistics(testbed, prompts, seeds=2, score_prompts=2, cache=tmp_path)
+    (path,) = tmp_path.glob("nemo-*.safetensors")
+    _rewrite_statistics(path, **damage)
+    before = testbed.counter.snapshot()
+    with pytest.warns(UserWarning, match="recomputing the NeMo statistics"):
+        again = nemo_statistics(testbed, prompts, seeds=2, score_prompts=2, cache=tmp_path)
+    assert testbed.counter.since(before).forwards == 2 * 2 * 2  # recomputed: the score prompts' predictions
+    assert again.threshold == pytest.approx(first.threshold) and again.fingerprint == testbed.fingerprint()
+    assert all(torch.equal(again.mean[k], first.mean[k]) for k in first.mean)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the rewritten entry is complete: read without a warning or a UNet call
+        before = testbed.counter.snapshot()
+        nemo_statistics(testbed, prompts, seeds=2, score_prompts=2, cache=tmp_path)
+        assert testbed.counter.since(before).forwards == 0
 
 
 def test_zscore_ranking_orders_every_neuron_once(testbed, stats):

@@ -8,7 +8,9 @@ prompts. Why cached: the threshold costs ``2 S`` noise predictions per prompt (6
 model's statistics do not change; the CLI and a ComfyUI server share the cache.
 
 Cache: one safetensors file per model fingerprint and settings, ``cache_dir()/nemo-<fingerprint>-<key>``
-(tensors ``mean/<layer>`` and ``std/<layer>``, each ``(N,)``; the rest in the JSON header).
+(tensors ``mean/<layer>`` and ``std/<layer>``, each ``(N,)``; the rest in the JSON header). An entry that
+cannot be read, lacks a field, or does not match the model, prompts, settings or layers it is looked up for
+is recomputed with a warning, never trusted and never an error.
 
 Shapes: ``N`` neurons of a layer, ``P`` prompts.
 """
@@ -19,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,16 +105,60 @@ class ActivationStats:
 
     @classmethod
     def load(cls, path: Path) -> ActivationStats:
+        """Read a file written by :meth:`save`; DejaGuardError if it is unreadable or lacks a field."""
         tensors, h = read_dejaguard_file(path, STATS_FORMAT, STATS_VERSION, "statistics file")
         mean = {k[5:]: v for k, v in tensors.items() if k.startswith("mean/")}
         std = {k[4:]: v for k, v in tensors.items() if k.startswith("std/")}
-        return cls(mean=mean, std=std, fingerprint=h["fingerprint"], threshold=float(h["threshold"]),
-                   score_mean=float(h["score_mean"]), score_std=float(h["score_std"]), settings=h["settings"],
-                   prompts_sha=h["prompts_sha"], n_prompts=int(h["n_prompts"]), created=h.get("created", ""))
+        try:
+            stats = cls(mean=mean, std=std, fingerprint=str(h["fingerprint"]), threshold=float(h["threshold"]),
+                        score_mean=float(h["score_mean"]), score_std=float(h["score_std"]),
+                        settings=dict(h["settings"]), prompts_sha=str(h["prompts_sha"]),
+                        n_prompts=int(h["n_prompts"]), created=str(h.get("created", "")))
+        except KeyError as err:
+            raise DejaGuardError(f"incomplete statistics file {path}: its header lacks {err}") from err
+        except (TypeError, ValueError) as err:
+            raise DejaGuardError(f"malformed statistics file {path}: {err}") from err
+        if set(mean) != set(std) or not mean:
+            raise DejaGuardError(f"incomplete statistics file {path}: mean and std of different or no layers")
+        return stats
+
+    def mismatch(self, fingerprint: str, prompts_sha: str, settings: dict[str, Any],
+                 layers: dict[str, torch.nn.Module]) -> str:
+        """Why these statistics do not serve the given model, prompts, settings and layers; "" if they do."""
+        if self.fingerprint != fingerprint:
+            return f"made for model {self.fingerprint}, not {fingerprint}"
+        if self.prompts_sha != prompts_sha:
+            return "made from other prompts"
+        if self.settings != settings:
+            return f"made with settings {self.settings}, not {settings}"
+        if set(self.mean) != set(layers):
+            return "made for other layers"
+        for name, module in layers.items():
+            size = layer_shape(module)[0]
+            if tuple(self.mean[name].shape) != (size,) or tuple(self.std[name].shape) != (size,):
+                return f"{name} has {size} neurons, the statistics {tuple(self.mean[name].shape)}"
+        if not math.isfinite(self.threshold):
+            return f"the threshold is {self.threshold}"
+        return ""
 
 
 def _prompts_sha(prompts: Sequence[str]) -> str:
     return hashlib.sha256("\x00".join(prompts).encode()).hexdigest()[:16]
+
+
+def _cached(path: Path, fingerprint: str, prompts_sha: str, settings: dict[str, Any],
+            layers: dict[str, torch.nn.Module]) -> ActivationStats | None:
+    """The cache entry at ``path`` if it is complete and matches; None, with a warning, if it must be recomputed."""
+    try:
+        stats = ActivationStats.load(path)
+    except DejaGuardError as err:
+        problem = str(err)
+    else:
+        problem = stats.mismatch(fingerprint, prompts_sha, settings, layers)
+        if not problem:
+            return stats
+    warnings.warn(f"DejaGuard: recomputing the NeMo statistics cached in {path}: {problem}", stacklevel=3)
+    return None
 
 
 def nemo_statistics(
@@ -133,8 +180,9 @@ def nemo_statistics(
     ``prompts``: non-memorized prompts (default :func:`default_statistics_prompts`); all of them give
     the activation mean and std (text encoder + one linear layer each, cheap); the first
     ``score_prompts`` give the score threshold (``2 * seeds`` noise predictions each). The cache file
-    is ``cache_dir(cache)/nemo-<fingerprint>-<settings hash>.safetensors``. ``progress(done, total, stage)``:
-    stage "activation statistics" counts chunks of 32 prompts, "score threshold" the score prompts.
+    is ``cache_dir(cache)/nemo-<fingerprint>-<settings hash>.safetensors``; an unusable entry is recomputed
+    (with a warning). ``progress(done, total, stage)``: stage "activation statistics" counts chunks of 32
+    prompts, "score threshold" the score prompts.
     """
     prompts = list(prompts) if prompts is not None else default_statistics_prompts()
     if len(prompts) < 2:
@@ -150,12 +198,9 @@ def nemo_statistics(
     path = cache_dir(cache) / f"nemo-{fingerprint}-{key}.safetensors"
     layers = nemo_layers(denoiser, blocks)
     if use_cache and path.is_file():
-        try:
-            stats = ActivationStats.load(path)
-            if stats.fingerprint == fingerprint and stats.prompts_sha == sha:
-                return stats
-        except DejaGuardError:
-            pass  # a broken cache entry is recomputed
+        stats = _cached(path, fingerprint, sha, settings, layers)
+        if stats is not None:
+            return stats
     sums = {k: torch.zeros(layer_shape(m)[0], dtype=torch.float64) for k, m in layers.items()}
     squares = {k: torch.zeros_like(v) for k, v in sums.items()}
     chunk = 32
