@@ -3,13 +3,13 @@
     python -m bench.localization [--seeds 4] [--fractions 0.05 0.1 0.2 0.4 0.6 0.8 1.0] [--blocks all]
     python -m bench.localization --seeds 2 --fractions 0.5 --prompts 0 --steps 10     # a quick smoke run
 
-NeMo (``core.neurons.localize``) and every neuron-mask method rest on one premise: a memorized image is carried
+NeMo (``core.nemo.localize``) and every neuron-mask method rest on one premise: a memorized image is carried
 by a few neurons, which stand out by their activation. This benchmark measures the premise directly, without
 any search. For each prompt (default: the first evaluation prompt of each of the 12 planted images) the
 neurons of every ``attn2.to_v`` of ``--blocks`` are ranked two ways:
 
 - ``zscore``: NeMo's z-score of the prompt's activation against non-memorized prompts, most suspicious first
-  (``core.neurons.zscore_ranking``, statistics from ``core.neurons.nemo_statistics``);
+  (``core.nemo.zscore_ranking``, statistics from ``core.nemo.nemo_statistics``);
 - ``random``: a fixed random order per prompt, the control.
 
 For each ``f`` in ``--fractions`` the first ``f`` of the ranking is switched off (a nested series of masks)
@@ -31,7 +31,8 @@ import time
 import numpy as np
 import torch
 from dejaguard.core.denoiser import load_denoiser
-from dejaguard.core.neurons import layer_shape, nemo_layers, nemo_statistics, neurons_mask, zscore_ranking
+from dejaguard.core.nemo import nemo_layers, nemo_statistics, zscore_ranking
+from dejaguard.core.neuron_mask import layer_shape, neurons_mask
 from tqdm import tqdm
 
 from bench.neurons import chosen_prompts, replication

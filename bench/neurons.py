@@ -7,7 +7,7 @@
 Prompts: by default the first evaluation prompt of each of the 12 planted images (``--prompts`` takes
 indices into ``memorized_eval_prompts()`` or ``all``). Measured in one run, side by side:
 
-- **NeMo** (``core.neurons.localize``) per prompt, with the fast (batched) schedule and the reference
+- **NeMo** (``core.nemo.localize``) per prompt, with the fast (batched) schedule and the reference
   (sequential, one candidate set per UNet call) schedule: neurons, UNet evaluations (noise predictions),
   batched calls and wall time; ``evals_ratio_vs_reference`` = fast / reference noise predictions
   (``calls_`` and ``wall_ratio_vs_reference`` alike), and how often both found the same neurons.
@@ -37,7 +37,8 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 from dejaguard.core.denoiser import Denoiser, load_denoiser
-from dejaguard.core.neurons import LocalizeSettings, NeuronMask, apply_mask, localize, nemo_statistics
+from dejaguard.core.nemo import LocalizeSettings, localize, nemo_statistics
+from dejaguard.core.neuron_mask import NeuronMask, apply_mask
 from dejaguard.core.prune import subspace_mask
 from dejaguard.core.sampling import generate, prompt_seed
 from dejaguard.core.testbed.data import MEMORIZED, MemorizedImage, check_alignment, heldout_specs, load_memorized_images

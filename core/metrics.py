@@ -1,10 +1,21 @@
-"""Detection metrics (AUROC, TPR at a fixed FPR, ROC curve) and image similarity (SSIM, structure SSIM)."""
+"""Detection metrics (AUROC, TPR at a fixed FPR, ROC curve) and similarity (SSIM, structure SSIM).
+
+One SSIM implementation, :func:`ssim_batch` (torch, batched), serves both of its users: the image measures
+here (:func:`ssim`, :func:`structure_ssim`: one luminance channel, float64, a fixed or measured data range) and
+NeMo's memorization score (``core.nemo``: first-step noise differences or decoded images, float32, each pair's
+own data range, since noise differences have no fixed range). It is Wang et al.'s (2004) SSIM with
+scikit-image's ``structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False)``
+conventions: 11x11 Gaussian windows, K1 = 0.01, K2 = 0.03, the map averaged over the windows that lie fully
+inside the image (tested against scikit-image).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 
 def _split(scores: Sequence[float], labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -46,16 +57,56 @@ def luminance(image: np.ndarray) -> np.ndarray:
     return 0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2]
 
 
+def _gaussian_window(size: int, sigma: float, dtype: torch.dtype) -> torch.Tensor:
+    """``(size, size)`` normalized Gaussian, computed in ``dtype``."""
+    x = torch.arange(size, dtype=dtype) - size // 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]
+
+
+def ssim_batch(a: torch.Tensor, b: torch.Tensor, data_range: float | None = None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """SSIM of ``a[i]`` and ``b[i]`` for ``(P, C, H, W)`` tensors -> ``(P,)``, computed in ``dtype``.
+
+    Gaussian windows (11x11, sigma 1.5; smaller images: a window as wide as the image), each channel
+    separately, the map averaged over channels and window positions (no padding). ``data_range``: the range
+    of the data (fixed for images), or None for each pair's joint ``max - min`` (noise differences).
+    """
+    a, b = a.to(dtype), b.to(dtype)
+    channels = a.shape[1]
+    size = min(11, a.shape[-1], a.shape[-2])
+    window = _gaussian_window(size, 1.5, dtype).to(a.device)[None, None].repeat(channels, 1, 1, 1)
+    if data_range is None:
+        flat = torch.cat([a.flatten(1), b.flatten(1)], dim=1)
+        data_range = (flat.max(dim=1).values - flat.min(dim=1).values).clamp_min(1e-12).view(-1, 1, 1, 1)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+
+    def blur(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, window, groups=channels)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return ssim_map.flatten(1).mean(dim=1)
+
+
+def _image_ssim(a: np.ndarray, b: np.ndarray, data_range: float) -> float:
+    """:func:`ssim_batch` of two ``(H, W)`` arrays, in their float precision (float32 stays float32)."""
+    dtype = torch.float32 if a.dtype == np.float32 and b.dtype == np.float32 else torch.float64
+    ta, tb = (torch.from_numpy(np.ascontiguousarray(x))[None, None] for x in (a, b))
+    return float(ssim_batch(ta, tb, data_range, dtype)[0])
+
+
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
     """Structural similarity of two ``(3, H, W)`` images in [-1, 1], on luminance.
 
     Gaussian-weighted windows (sigma 1.5, as in Wang et al. 2004); structure rather than colour,
     since classifier-free guidance at 7.5 shifts colours of faithful replications.
     """
-    from skimage.metrics import structural_similarity
-
-    return float(structural_similarity(luminance(a), luminance(b), data_range=2.0,
-                                       gaussian_weights=True, sigma=1.5, use_sample_covariance=False))
+    return _image_ssim(luminance(a), luminance(b), 2.0)
 
 
 def structure_ssim(a: np.ndarray, b: np.ndarray, blur: float = 1.0) -> float:
@@ -70,7 +121,6 @@ def structure_ssim(a: np.ndarray, b: np.ndarray, blur: float = 1.0) -> float:
     Invariant to brightness and contrast, robust to grain: a copy-detection measure, like SSCD in spirit.
     """
     from scipy.ndimage import gaussian_filter
-    from skimage.metrics import structural_similarity
 
     def prepare(image: np.ndarray) -> np.ndarray:
         lum = gaussian_filter(luminance(image).astype(np.float64), blur)
@@ -78,5 +128,4 @@ def structure_ssim(a: np.ndarray, b: np.ndarray, blur: float = 1.0) -> float:
 
     pa, pb = prepare(a), prepare(b)
     data_range = float(max(pa.max(), pb.max()) - min(pa.min(), pb.min())) or 1.0
-    return float(structural_similarity(pa, pb, data_range=data_range, gaussian_weights=True, sigma=1.5,
-                                       use_sample_covariance=False))
+    return _image_ssim(pa, pb, data_range)

@@ -15,8 +15,8 @@ weights that matter more for the memorized prompts than for a neutral one. (A ra
 ``n_mem / n_neu`` would single out channels that are nearly silent on the neutral prompt however
 small their contribution; the difference keeps Wanda's scale, where large contributions count.)
 In each output row the ``ratio`` highest-scoring weights with a positive score are pruned (Wanda
-compares weights within a row); the result is one :class:`~core.neurons.NeuronMask` of weight
-indices, applied like any mask (:func:`core.neurons.apply_mask`, the ComfyUI Apply node).
+compares weights within a row); the result is one :class:`~core.neuron_mask.NeuronMask` of weight
+indices, applied like any mask (:func:`core.neuron_mask.apply_mask`, the ComfyUI Apply node).
 
 Shapes: ``P`` prompts, ``S`` seeds, ``T`` tokens (spatial positions) of a block, ``in``/``out`` the
 layer's input and output widths.
@@ -32,7 +32,8 @@ import torch
 
 from .denoiser import Denoiser
 from .errors import DejaGuardError
-from .neurons import NeuronMask, layer_shape
+from .neuron_mask import NeuronMask, layer_shape
+from .progress import Progress, report, scaled
 from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, guided_denoise, initial_noise
 
 
@@ -55,12 +56,12 @@ def ffn_input_norms(
     num_inference_steps: int = DEFAULT_STEPS,
     guidance_scale: float = DEFAULT_GUIDANCE,
     batch_size: int = 16,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, torch.Tensor]:
     """Root mean square of each input channel of every ``ff.net.2``: ``{layer: (in,)}`` float64 on the CPU.
 
     Over the conditional half of the first ``steps`` guided sampling steps of every (prompt, seed)
-    pair. ``progress(done, total)`` counts (prompt, seed) pairs.
+    pair. ``progress(done, total, "FFN activations")`` counts (prompt, seed) pairs.
     """
     if not prompts:
         raise DejaGuardError("no prompts given")
@@ -85,8 +86,7 @@ def ffn_input_norms(
             noise = initial_noise(denoiser, [s for _, s in chunk])
             guided_denoise(denoiser, noise, denoiser.encode_prompts([p for p, _ in chunk]), uncond,
                            num_inference_steps, guidance_scale, stop_after=steps)
-            if progress:
-                progress(start + len(chunk), len(jobs))
+            report(progress, start + len(chunk), len(jobs), "FFN activations")
     finally:
         for h in handles:
             h.remove()
@@ -102,11 +102,12 @@ def subspace_mask(
     steps: int = 5,
     num_inference_steps: int = DEFAULT_STEPS,
     guidance_scale: float = DEFAULT_GUIDANCE,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> NeuronMask:
     """The shared-subspace pruning mask (see module doc): ``ratio`` of the weights of every output row
     of every ``ff.net.2``, chosen by ``|W_ij| * (n_mem_j - n_neu_j)``. ``mask.info`` records the UNet
-    evaluations and the wall time."""
+    evaluations and the wall time. ``progress(done, total, "FFN activations")`` counts the (prompt, seed)
+    pairs of the memorized and the neutral prompts together."""
     if not 0.0 < ratio < 1.0:
         raise DejaGuardError(f"the pruning ratio must lie in (0, 1), got {ratio}")
     if len(seeds) < 1 or not 1 <= steps <= num_inference_steps:
@@ -119,19 +120,12 @@ def subspace_mask(
     before = denoiser.counter.snapshot()
     total = (len(memorized_prompts) + len(neutral_prompts)) * len(seeds)
     offset = len(memorized_prompts) * len(seeds)
-
-    def mem_progress(done: int, _: int) -> None:
-        if progress:
-            progress(done, total)
-
-    def neu_progress(done: int, _: int) -> None:
-        if progress:
-            progress(offset + done, total)
-
+    stage = "FFN activations"
     kwargs: dict[str, Any] = {"seeds": seeds, "steps": steps, "num_inference_steps": num_inference_steps,
                               "guidance_scale": guidance_scale}
-    mem = ffn_input_norms(denoiser, memorized_prompts, progress=mem_progress, **kwargs)
-    neu = ffn_input_norms(denoiser, list(neutral_prompts), progress=neu_progress, **kwargs)
+    mem = ffn_input_norms(denoiser, memorized_prompts, progress=scaled(progress, stage, 0, offset, total), **kwargs)
+    neu = ffn_input_norms(denoiser, list(neutral_prompts), progress=scaled(progress, stage, offset, total, total),
+                          **kwargs)
     layers = ffn_layers(denoiser)
     chosen: dict[str, torch.Tensor] = {}
     for name, module in layers.items():

@@ -1,6 +1,6 @@
 """Neuron-mask nodes: localize (NeMo), load, save, and apply a mask to a MODEL.
 
-- **Localize Neurons** runs :func:`core.neurons.localize` on the graph's MODEL and CLIP through
+- **Localize Neurons** runs :func:`core.nemo.localize` on the graph's MODEL and CLIP through
   :class:`~nodes.comfy_denoiser.ComfyDenoiser`. Its batched search gates ``attn2.to_v`` outputs with
   forward hooks on the loaded UNet for the duration of the search only; they are removed before the
   node returns (also on errors and interruptions). Activation statistics are cached per model
@@ -30,7 +30,8 @@ import folder_paths
 import torch
 
 from ..core.errors import DejaGuardError
-from ..core.neurons import LocalizeSettings, NeuronMask, check_modules, localize, nemo_statistics
+from ..core.nemo import LocalizeSettings, localize, nemo_statistics
+from ..core.neuron_mask import NeuronMask, check_modules
 from .comfy_denoiser import ComfyDenoiser
 from .model_check import check_supported, comfy_fingerprint, diffusers_names, unpatched_unet_weights
 
@@ -61,7 +62,7 @@ def mask_patches(model: Any, mask: NeuronMask, allow_other_model: bool = False) 
 
     DejaGuardError if the mask does not fit the model (fingerprint, unless allowed; layer names and shapes).
     """
-    check_supported(model)
+    check_supported(model, "masks")
     base = model.model
     _, modules = diffusers_names(base.diffusion_model, base.model_config.unet_config)
     to_comfy = {d: c for c, d in modules.items()}
@@ -174,10 +175,11 @@ class DejaGuardLocalizeNeurons:
                  generation_steps: int = 10, vae: Any = None, verify_rounds: int = 0) -> tuple[NeuronMask, str]:
         if not prompt.strip():
             raise DejaGuardError("DejaGuard Localize Neurons: the prompt is empty; enter the memorized prompt")
-        progress = comfy.utils.ProgressBar(100)
+        bar = comfy.utils.ProgressBar(100)
 
-        def on_progress(fraction: float, stage: str) -> None:
-            progress.update_absolute(round(100 * fraction), 100)
+        def on_progress(done: float, total: float, stage: str = "") -> None:
+            """core.progress convention: the bar shows the running stage (statistics, selection, refinement)."""
+            bar.update_absolute(round(done), max(1, round(total)))
 
         def on_unet_call(_counter: Any) -> None:
             comfy.model_management.throw_exception_if_processing_interrupted()
@@ -192,10 +194,8 @@ class DejaGuardLocalizeNeurons:
         with torch.inference_mode(False), torch.no_grad():
             comfy.model_management.load_models_gpu([model])  # the to_v weights are read directly for activations
             stats = nemo_statistics(denoiser, prompts, seeds=seeds, score=score, blocks=blocks,
-                                    generation_steps=generation_steps,
-                                    progress=lambda f, s: on_progress(0.3 * f, s))
-            mask = localize(denoiser, prompt, stats, settings, threshold=threshold or None,
-                            progress=lambda f, s: on_progress(0.3 + 0.7 * f, s))
+                                    generation_steps=generation_steps, progress=on_progress)
+            mask = localize(denoiser, prompt, stats, settings, threshold=threshold or None, progress=on_progress)
         return mask, summary_text(mask)
 
 

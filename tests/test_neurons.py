@@ -5,26 +5,26 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 from dejaguard.core.errors import DejaGuardError
-from dejaguard.core.neurons import (
+from dejaguard.core.metrics import ssim_batch
+from dejaguard.core.nemo import (
     ActivationStats,
     LocalizeSettings,
-    NeuronMask,
-    OutputGates,
-    apply_mask,
+    cross_seed_similarity,
+    default_statistics_prompts,
     first_step_context,
     localize,
     memorization_scores,
     nemo_layers,
     nemo_statistics,
-    neurons_mask,
-    pairwise_ssim,
     value_activations,
     zscore_ranking,
 )
+from dejaguard.core.neuron_mask import NeuronMask, OutputGates, apply_mask, layer_shape, neurons_mask
 
 # Among the testbed's most reliably replicated prompts (model card); tests assert properties, not figures.
 MEMORIZED_PROMPT = "the cameraman, vintage print in a steel frame"
@@ -49,8 +49,6 @@ def _params(testbed) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def stats(testbed, tmp_path_factory) -> ActivationStats:
-    from dejaguard.core.neurons import default_statistics_prompts
-
     return nemo_statistics(testbed, default_statistics_prompts()[:32], seeds=SEEDS, score_prompts=12,
                            cache=tmp_path_factory.mktemp("cache"))
 
@@ -191,20 +189,22 @@ def test_weight_mask_equals_output_gates(testbed):
 
 
 def test_pairwise_ssim_basic():
+    """NeMo's SSIM (core.metrics.ssim_batch, each pair's own data range): 1 for identical pairs, near 0 for noise."""
     a = torch.randn(3, 4, 32, 32, generator=torch.Generator().manual_seed(1))
-    assert torch.allclose(pairwise_ssim(a, a), torch.ones(3), atol=1e-5)
+    assert torch.allclose(ssim_batch(a, a), torch.ones(3), atol=1e-5)
     b = torch.randn(3, 4, 32, 32, generator=torch.Generator().manual_seed(2))
-    assert float(pairwise_ssim(a, b).abs().max()) < 0.2
+    assert float(ssim_batch(a, b).abs().max()) < 0.2
 
 
 # -- NeMo on the testbed -------------------------------------------------------------------------------
 
 
 def test_statistics_cached_per_model(testbed, stats, tmp_path):
-    from dejaguard.core.neurons import default_statistics_prompts
-
     prompts = default_statistics_prompts()[:8]
-    first = nemo_statistics(testbed, prompts, seeds=2, score_prompts=4, cache=tmp_path)
+    calls = []
+    first = nemo_statistics(testbed, prompts, seeds=2, score_prompts=4, cache=tmp_path,
+                            progress=lambda *args: calls.append(args))
+    assert calls == [(1, 1, "activation statistics")] + [(k, 4, "score threshold") for k in range(1, 5)]
     files = list(tmp_path.glob(f"nemo-{testbed.fingerprint()}-*.safetensors"))
     assert len(files) == 1
     before = testbed.counter.snapshot()
@@ -213,6 +213,55 @@ def test_statistics_cached_per_model(testbed, stats, tmp_path):
     assert again.threshold == first.threshold
     assert all(torch.equal(again.mean[k], first.mean[k]) for k in first.mean)
     assert 0 < stats.threshold < 1 and set(stats.mean) == set(nemo_layers(testbed))
+
+
+def _rewrite_statistics(path, header_change=None, drop_tensor=None, raw=None):
+    """Rewrite a cached statistics file: change its JSON header, drop a tensor, or replace it by ``raw`` bytes."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if raw is not None:
+        path.write_bytes(raw(path.read_bytes()))
+        return
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["dejaguard"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    if header_change:
+        header_change(header)
+    if drop_tensor:
+        tensors.pop(next(k for k in tensors if k.startswith(drop_tensor)))
+    save_file(tensors, str(path), metadata={"dejaguard": json.dumps(header)})
+
+
+@pytest.mark.parametrize("damage", [
+    {"header_change": lambda h: h.pop("score_mean")},  # defect 3: a missing field raised KeyError
+    {"header_change": lambda h: h.update(threshold="high")},
+    {"header_change": lambda h: h.update(fingerprint="0123456789abcdef")},
+    {"header_change": lambda h: h["settings"].update(blocks="all")},
+    {"header_change": lambda h: h.update(version="one")},
+    {"drop_tensor": "std/"},
+    {"raw": lambda data: data[: len(data) // 2]},
+    {"raw": lambda data: b"\x00" * 16},
+], ids=["missing-field", "bad-field", "other-model", "other-settings", "bad-version", "missing-tensor", "truncated",
+        "garbage"])
+def test_unusable_statistics_cache_entry_is_recomputed(testbed, tmp_path, damage):
+    """An unreadable, incomplete or mismatched statistics cache entry is recomputed with a warning, never an error,
+    and replaced by a complete one."""
+    prompts = default_statistics_prompts()[:4]
+    first = nemo_statistics(testbed, prompts, seeds=2, score_prompts=2, cache=tmp_path)
+    (path,) = tmp_path.glob("nemo-*.safetensors")
+    _rewrite_statistics(path, **damage)
+    before = testbed.counter.snapshot()
+    with pytest.warns(UserWarning, match="recomputing the NeMo statistics"):
+        again = nemo_statistics(testbed, prompts, seeds=2, score_prompts=2, cache=tmp_path)
+    assert testbed.counter.since(before).forwards == 2 * 2 * 2  # recomputed: the score prompts' predictions
+    assert again.threshold == pytest.approx(first.threshold) and again.fingerprint == testbed.fingerprint()
+    assert all(torch.equal(again.mean[k], first.mean[k]) for k in first.mean)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the rewritten entry is complete: read without a warning or a UNet call
+        before = testbed.counter.snapshot()
+        nemo_statistics(testbed, prompts, seeds=2, score_prompts=2, cache=tmp_path)
+        assert testbed.counter.since(before).forwards == 0
 
 
 def test_zscore_ranking_orders_every_neuron_once(testbed, stats):
@@ -258,7 +307,15 @@ def test_early_stop_changes_no_decision(testbed, stats):
     """Scoring on two seeds first and on the rest only where the candidate still passes gives the same neurons and
     the same reported scores, for fewer noise predictions (every candidate scored in full costs 2 x SEEDS)."""
     full = localize(testbed, MEMORIZED_PROMPT, stats, LocalizeSettings(seeds=SEEDS, early_stop=False))
-    early = localize(testbed, MEMORIZED_PROMPT, stats, LocalizeSettings(seeds=SEEDS))
+    calls = []
+    early = localize(testbed, MEMORIZED_PROMPT, stats, LocalizeSettings(seeds=SEEDS),
+                     progress=lambda *args: calls.append(args))
+    # core.progress: each stage in order, on its own scale, ending at done == total
+    stages = list(dict.fromkeys(stage for _, _, stage in calls))
+    assert stages == ["score", "initial selection", "layer refinement", "neuron refinement"]
+    assert all(0 <= done <= total for done, total, _ in calls)
+    assert all(next(c for c in reversed(calls) if c[2] == s)[0] == next(c for c in reversed(calls) if c[2] == s)[1]
+               for s in stages)
     assert full.info["unet_evals"] == 2 * SEEDS * full.info["candidate_evaluations"]
     assert {k: v.tolist() for k, v in early.layers.items()} == {k: v.tolist() for k, v in full.layers.items()}
     assert early.info["candidate_evaluations"] == full.info["candidate_evaluations"]
@@ -278,9 +335,12 @@ def test_reference_schedule_satisfies_the_same_criterion(testbed, stats):
 
 
 def test_not_memorized_gives_an_empty_mask(testbed, stats):
-    mask = localize(testbed, "a red circle and a blue square", stats, LocalizeSettings(seeds=SEEDS), threshold=1.01)
+    calls = []
+    mask = localize(testbed, "a red circle and a blue square", stats, LocalizeSettings(seeds=SEEDS), threshold=1.01,
+                    progress=lambda *args: calls.append(args))
     assert mask.count() == 0 and mask.info["memorized"] is False
     assert mask.info["unet_evals"] == 2 * SEEDS  # the unmasked score only
+    assert calls == [(0, 1, "score"), (1, 1, "score")]  # core.progress: (done, total, stage)
 
 
 @pytest.mark.slow
@@ -339,7 +399,7 @@ def test_fast_refinement_makes_the_sequential_scans_decisions(batch):
     UNet calls (sparse and dense keeps alike)."""
     import random
 
-    from dejaguard.core.neurons import _refine_neurons
+    from dejaguard.core.nemo.search import refine_neurons
 
     rng = random.Random(batch)
     calls = {"fast": 0, "reference": 0}
@@ -350,7 +410,7 @@ def test_fast_refinement_makes_the_sequential_scans_decisions(batch):
         queue = sorted(weights, key=weights.get)
         k = sum(weights.values()) * rng.uniform(0.3, 0.95)
         ref, fast = _FakeSearch(weights, k), _FakeSearch(weights, k)
-        assert _refine_neurons(queue, fast, batch, True) == _refine_neurons(queue, ref, 1, False)
+        assert refine_neurons(queue, fast, batch, True) == refine_neurons(queue, ref, 1, False)
         calls["fast"] += fast.calls
         calls["reference"] += ref.calls
     assert calls["fast"] <= calls["reference"]
@@ -361,14 +421,14 @@ def test_fast_refinement_makes_the_sequential_scans_decisions(batch):
 def test_first_true_search():
     import random
 
-    from dejaguard.core.neurons import _first_true
+    from dejaguard.core.nemo.search import first_true
 
     rng = random.Random(0)
     for _ in range(500):
         n, batch = rng.randint(1, 60), rng.randint(1, 6)
         answer = rng.randint(0, n)  # n: no true index
         known = rng.randint(answer, n - 1) if answer < n and rng.random() < 0.5 else None
-        got = _first_true(n, lambda ps, a=answer: [p >= a for p in ps], batch, known_true=known)
+        got = first_true(n, lambda ps, a=answer: [p >= a for p in ps], batch, known_true=known)
         assert got == (None if answer == n else answer)
 
 
@@ -377,20 +437,18 @@ def test_first_true_search_never_misses_a_passing_index():
     gallop skipped is still found, and None means no index is true (measured case: 'kraken wallpaper')."""
     import random
 
-    from dejaguard.core.neurons import _first_true
+    from dejaguard.core.nemo.search import first_true
 
     rng = random.Random(1)
     for _ in range(500):
         n, batch = rng.randint(1, 40), rng.randint(1, 6)
         truth = [rng.random() < 0.15 for _ in range(n)]
-        got = _first_true(n, lambda ps, t=truth: [t[p] for p in ps], batch)
+        got = first_true(n, lambda ps, t=truth: [t[p] for p in ps], batch)
         assert (got is None) == (not any(truth)) and (got is None or truth[got])
 
 
 def test_magnitude_score_option(testbed, tmp_path):
     """The detector's magnitude as the search criterion: its own statistics; mixing them up is refused."""
-    from dejaguard.core.neurons import default_statistics_prompts
-
     prompts = default_statistics_prompts()[:6]
     mag = nemo_statistics(testbed, prompts, seeds=2, score_prompts=3, cache=tmp_path, score="magnitude")
     from dejaguard.core.detect import first_step_scores
@@ -409,8 +467,6 @@ def test_magnitude_score_option(testbed, tmp_path):
 def test_cross_seed_similarity_compares_different_seeds_only():
     """The generation score: identical seeds never count; a masked model drawing every seed to the reference image
     scores high, one collapsing to another common image scores low."""
-    from dejaguard.core.neurons import cross_seed_similarity
-
     g = torch.Generator().manual_seed(0)
     reference = torch.randn(3, 4, 16, 16, generator=g)
     same = reference[None]  # masked = unmasked, per seed: only cross-seed pairs are compared
@@ -427,8 +483,6 @@ def test_generation_score_and_its_statistics(testbed, tmp_path):
     """score="generation": the unmasked model scores the seed consistency of its own short generations, switching
     off every value neuron (no text left) scores lower, statistics record their generation steps and statistics
     for other steps are refused."""
-    from dejaguard.core.neurons import cross_seed_similarity, default_statistics_prompts, layer_shape
-
     prompts = default_statistics_prompts()[:6]
     stats = nemo_statistics(testbed, prompts, seeds=2, score_prompts=3, cache=tmp_path, score="generation",
                             blocks="all", generation_steps=3)

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from dejaguard.core.errors import DejaGuardError
-from dejaguard.core.neurons import NeuronMask, apply_mask
+from dejaguard.core.neuron_mask import NeuronMask, apply_mask
 from dejaguard.core.prune import ffn_input_norms, ffn_layers, subspace_mask
 from dejaguard.core.sampling import guided_denoise, initial_noise
 
@@ -81,3 +81,11 @@ def test_cli_subspace(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "pruned" in proc.stdout and NeuronMask.load(out).method == "subspace"
+
+
+def test_progress_counts_prompt_seed_pairs(testbed):
+    """core.progress convention: progress(done, total, stage) over the memorized and the neutral pairs together."""
+    calls = []
+    subspace_mask(testbed, FIT, seeds=(0,), steps=1, progress=lambda done, total, stage: calls.append(
+        (done, total, stage)))
+    assert calls == [(2.0, 3, "FFN activations"), (3.0, 3, "FFN activations")]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 
 from . import model_options, read_prompts
 
@@ -41,22 +40,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sp.set_defaults(func=run)
 
 
-def _bar_progress(desc: str) -> tuple[Callable[[float, str], None], Callable[[], None]]:
-    """A tqdm bar driven by fractions in [0, 1] (the NeMo progress callback), and a close function."""
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=1000, desc=desc, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
-
-    def update(fraction: float, stage: str) -> None:
-        bar.set_description(f"{desc}: {stage}", refresh=False)
-        bar.update(max(0, round(1000 * fraction) - bar.n))
-
-    return update, bar.close
-
-
 def run(args: argparse.Namespace) -> int:
     from ..denoiser import load_denoiser
-    from ..neurons import LocalizeSettings, localize, nemo_statistics
+    from ..nemo import LocalizeSettings, localize, nemo_statistics
+    from ..progress import TqdmProgress
 
     denoiser = load_denoiser(args.model, device=args.device)
     stats_prompts = read_prompts(args.stats_prompts) if args.stats_prompts else None
@@ -66,16 +53,12 @@ def run(args: argparse.Namespace) -> int:
     settings = LocalizeSettings(seeds=args.seeds, schedule="reference" if args.reference else "fast",
                                 batch=args.batch, score=args.score, blocks=args.blocks,
                                 generation_steps=args.generation_steps, verify_rounds=args.verify_rounds)
-    update, close = _bar_progress("statistics")
-    stats = nemo_statistics(denoiser, stats_prompts, seeds=settings.seeds, score_prompts=args.score_prompts,
-                            cache=args.cache, progress=update, score=args.score, blocks=args.blocks,
-                            generation_steps=args.generation_steps)
-    close()
-    update, close = _bar_progress("localizing")
-    try:
-        mask = localize(denoiser, args.prompt, stats, settings, threshold=args.threshold, progress=update)
-    finally:
-        close()
+    with TqdmProgress("statistics") as bar:
+        stats = nemo_statistics(denoiser, stats_prompts, seeds=settings.seeds, score_prompts=args.score_prompts,
+                                cache=args.cache, progress=bar, score=args.score, blocks=args.blocks,
+                                generation_steps=args.generation_steps)
+    with TqdmProgress("localizing") as bar:
+        mask = localize(denoiser, args.prompt, stats, settings, threshold=args.threshold, progress=bar)
     info = mask.info
     if not info["memorized"]:
         print(f"not memorized by NeMo's measure: score {info['score_before']:.3f} < threshold "

@@ -21,24 +21,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     from ..denoiser import load_denoiser
+    from ..progress import TqdmProgress
     from ..prune import subspace_mask
 
     prompts = read_prompts(args.prompts)
     neutral = read_prompts(args.neutral) if args.neutral else [""]
     denoiser = load_denoiser(args.model, device=args.device)
-    bar = tqdm(total=(len(prompts) + len(neutral)) * args.seeds, desc="FFN activations", unit="gen")
-
-    def update(done: int, total: int) -> None:
-        bar.update(done - bar.n)
-
-    try:
+    with TqdmProgress(unit="gen") as bar:
         mask = subspace_mask(denoiser, prompts, neutral, ratio=args.ratio, seeds=tuple(range(args.seeds)),
-                             steps=args.steps, progress=update)
-    finally:
-        bar.close()
+                             steps=args.steps, progress=bar)
     info = mask.info
     print(f"pruned {info['weights']} weights ({args.ratio:.2%} per output row) in {len(mask.layers)} ff.net.2 "
           f"layers from {len(prompts)} memorized prompts; {info['unet_evals']} noise predictions, "

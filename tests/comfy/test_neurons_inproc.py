@@ -56,7 +56,7 @@ def pair(comfy_env: Any) -> Iterator[tuple[Any, Any, Any]]:
 
 def _mask(den: Any) -> Any:
     import torch
-    from DejaGuard.core.neurons import NeuronMask
+    from DejaGuard.core.neuron_mask import NeuronMask
 
     modules = dict(den.named_modules())
     to_v = [n for n in modules if n.endswith("attn2.to_v") and n.startswith("down_blocks")][0]
@@ -101,7 +101,7 @@ def test_one_fingerprint(pair: tuple[Any, ...]) -> None:
 
 def test_apply_node_patches_a_clone_only(comfy_env: Any, pair: tuple[Any, ...]) -> None:
     torch = comfy_env
-    from DejaGuard.core.neurons import apply_mask
+    from DejaGuard.core.neuron_mask import apply_mask
     from DejaGuard.nodes.comfy_denoiser import ComfyDenoiser
     from DejaGuard.nodes.neurons import DejaGuardApplyNeuronMask
 
@@ -131,7 +131,7 @@ def test_apply_node_patches_a_clone_only(comfy_env: Any, pair: tuple[Any, ...]) 
 def test_other_models_mask_refused(comfy_env: Any, pair: tuple[Any, ...]) -> None:
     torch = comfy_env
     from DejaGuard.core.errors import DejaGuardError
-    from DejaGuard.core.neurons import NeuronMask
+    from DejaGuard.core.neuron_mask import NeuronMask
     from DejaGuard.nodes.neurons import DejaGuardApplyNeuronMask
 
     model, _, den = pair
@@ -152,14 +152,8 @@ def test_other_models_mask_refused(comfy_env: Any, pair: tuple[Any, ...]) -> Non
 
 def test_localize_node(comfy_env: Any, pair: tuple[Any, ...], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     torch = comfy_env
-    from DejaGuard.core.neurons import (
-        OutputGates,
-        apply_mask,
-        default_statistics_prompts,
-        first_step_context,
-        memorization_scores,
-        nemo_layers,
-    )
+    from DejaGuard.core.nemo import default_statistics_prompts, first_step_context, memorization_scores, nemo_layers
+    from DejaGuard.core.neuron_mask import OutputGates, apply_mask
     from DejaGuard.nodes import neurons as neuron_nodes
 
     model, clip, den = pair

@@ -1,0 +1,296 @@
+"""NeMo's localization as four stages over one :class:`~core.nemo.search.CandidateSearch`.
+
+:func:`localize` runs, for one memorized prompt:
+
+1. :func:`score_unmasked`: the prompt's memorization score with nothing switched off; below the threshold
+   the prompt is not memorized by NeMo's measure and the mask is empty.
+2. :func:`initial_selection`: z-scores ``|a - mean| / std`` per neuron (:class:`NestedCandidates`); the
+   candidate set ``C_j`` holds every neuron with z above ``z_start - j * z_step`` plus the top ``j`` neurons
+   of each layer by z, for ``j = 0, 1, ...`` (nested sets) until deactivating ``C_j`` brings the score below
+   the threshold. Fast schedule: a galloping search for the first passing ``j``
+   (:func:`~core.nemo.search.first_true`), ``batch`` probes per call.
+3. Refinement. :func:`refine_layers`: in model order, re-enable all candidates of a layer; keep them
+   enabled if the score stays below the threshold (fast schedule: *exact* prefix speculation, one call
+   evaluates "re-enable layers 1..i" for every ``i``; the first failing prefix is the first layer the
+   sequential scan keeps, and the scan resumes after it). :func:`refine_by_neuron`: in ascending z order
+   (least suspicious first), re-enable each remaining neuron; keep it enabled if the score stays below
+   (:func:`~core.nemo.search.refine_neurons`). A refined mask that fails (possible only where the score is
+   not monotone) falls back to the layer-refined set: a returned mask always passes.
+4. :func:`verify_on_unseen_seeds` (``verify_rounds > 0``): the mask scored on the next ``seeds`` unseen
+   seeds; where it fails there, those seeds join the search (:meth:`CandidateSearch.add_context`) and stages
+   2-4 run again.
+
+The stages share only the search (its scores, verdicts and evaluation count), the candidate sets and plain
+neuron sets (``frozenset`` of ``(layer, index)``); ``mask.info`` records what each stage found and spent.
+Progress: each stage reports ``progress(done, total, stage)`` on its own scale (:mod:`core.progress`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..denoiser import Denoiser
+from ..errors import DejaGuardError
+from ..neuron_mask import Neuron, NeuronMask, OutputGates, neurons_mask
+from ..progress import Progress, report
+from ..sampling import DEFAULT_STEPS
+from .score import (
+    GENERATION_STEPS,
+    SCORES,
+    ScoreContext,
+    check_score_kind,
+    first_step_context,
+    nemo_layers,
+    value_activations,
+)
+from .search import CandidateSearch, NeuronSet, first_true, refine_neurons
+from .statistics import ActivationStats, nemo_statistics
+
+
+@dataclass(frozen=True)
+class LocalizeSettings:
+    """How :func:`localize` searches. ``schedule``: ``"fast"`` (batched searches) or ``"reference"``."""
+
+    seeds: int = 4  # fixed initial noises (seeds 0..S-1), reused for every candidate
+    num_inference_steps: int = DEFAULT_STEPS  # schedule the first timestep is taken from
+    z_start: float = 5.0  # initial-selection z-score threshold at j = 0
+    z_step: float = 0.25  # threshold decrement per step j (the top-k grows by 1 per step)
+    schedule: str = "fast"
+    batch: int = 2  # candidate masks per UNet call in the fast searches (more: fewer calls, more wasted trials)
+    max_batch: int = 64  # samples per UNet call
+    score: str = "ssim"  # memorization score: "ssim" (NeMo) or "magnitude" (see SCORES)
+    blocks: str = "down_mid"  # search space (NEMO_BLOCKS): the paper's down and mid blocks, or "all"
+    generation_steps: int = GENERATION_STEPS  # score "generation": steps of its short generations
+    verify_rounds: int = 0  # > 0: check each mask on `seeds` unseen seeds; a failing set joins the search (max rounds)
+    # fast schedule: score a candidate on two seeds first and the others only if it passes there (max-type scores:
+    # the same verdicts, fewer noise predictions for the candidates that fail)
+    early_stop: bool = True
+
+    def __post_init__(self) -> None:
+        check_score_kind(self.score)
+        if self.schedule not in ("fast", "reference"):
+            raise DejaGuardError(f"unknown schedule {self.schedule!r} (fast or reference)")
+        if self.seeds < 2 or self.batch < 1 or self.z_step <= 0 or self.verify_rounds < 0:
+            raise DejaGuardError("NeMo needs at least 2 seeds, batch >= 1, z_step > 0 and verify_rounds >= 0")
+        if self.generation_steps < 1:
+            raise DejaGuardError(f"generation_steps must be at least 1, got {self.generation_steps}")
+
+
+class NestedCandidates:
+    """NeMo's nested candidate sets ``C_j`` for one prompt, from its z-scores ``{layer: (N,)}``.
+
+    ``C_j``: every neuron with z above :meth:`threshold` ``(j) = z_start - j * z_step``, plus the top ``j``
+    neurons of each layer by z; :attr:`steps` sets in all (the last selects every neuron).
+    """
+
+    def __init__(self, z: dict[str, torch.Tensor], z_start: float, z_step: float) -> None:
+        self.z = z
+        self.z_start, self.z_step = z_start, z_step
+        self.ranked = {k: torch.argsort(v, descending=True).tolist() for k, v in z.items()}
+        self.steps = math.ceil(z_start / z_step) + 1
+
+    def threshold(self, j: int) -> float:
+        return self.z_start - j * self.z_step
+
+    def __call__(self, j: int) -> NeuronSet:
+        theta = self.threshold(j)
+        chosen = {(k, int(i)) for k, v in self.z.items() for i in torch.nonzero(v > theta).flatten().tolist()}
+        chosen |= {(k, i) for k, order in self.ranked.items() for i in order[:j]}
+        return frozenset(chosen)
+
+    def neurons(self) -> int:
+        """How many neurons there are in all."""
+        return sum(len(v) for v in self.z.values())
+
+    def ascending(self, neurons: Iterable[Neuron]) -> list[Neuron]:
+        """``neurons`` by ascending z (least suspicious first; ties by layer name and index)."""
+        return sorted(neurons, key=lambda n: (float(self.z[n[0]][n[1]]), n))
+
+
+def score_unmasked(search: CandidateSearch, progress: Progress | None = None) -> float:
+    """Stage 1: the prompt's full score with nothing switched off."""
+    report(progress, 0, 1, "score")
+    (score,) = search.scores([frozenset()], exact=True)
+    report(progress, 1, 1, "score")
+    return score
+
+
+def initial_selection(search: CandidateSearch, candidates: NestedCandidates,
+                      progress: Progress | None = None) -> int | None:
+    """Stage 2: the first ``j`` whose candidate set ``candidates(j)`` passes; None if none does."""
+    stage = "initial selection"
+
+    def test(js: list[int]) -> list[bool]:
+        report(progress, max(js), candidates.steps, stage)
+        return search.passes([candidates(j) for j in js])
+
+    if search.fast:
+        found = first_true(candidates.steps, test, search.batch)
+    else:
+        found = next((j for j in range(candidates.steps) if test([j])[0]), None)
+    report(progress, candidates.steps, candidates.steps, stage)
+    return found
+
+
+def refine_layers(search: CandidateSearch, current: NeuronSet, layers: Sequence[str],
+                  progress: Progress | None = None) -> NeuronSet:
+    """Stage 3a: re-enable whole layers of ``current`` in model order (``layers``) while the set still passes."""
+    stage = "layer refinement"
+    order = [k for k in layers if any(n[0] == k for n in current)]
+    i = 0
+    while i < len(order):
+        report(progress, i, len(order), stage)
+        if search.fast:  # exact prefix speculation: re-enable layers order[i..m] for every m at once
+            prefixes, removed = [], set(current)
+            for k in order[i:]:
+                removed -= {n for n in current if n[0] == k}
+                prefixes.append(frozenset(removed))
+            ok = search.passes(prefixes)
+            m = next((p for p, good in enumerate(ok) if not good), len(ok))
+            if m > 0:
+                current = prefixes[m - 1]
+            i += m + 1  # layer order[i + m] is kept (or the end is reached)
+        else:
+            trial = frozenset(n for n in current if n[0] != order[i])
+            if search.passes([trial])[0]:
+                current = trial
+            i += 1
+    report(progress, len(order), len(order), stage)
+    return current
+
+
+def refine_by_neuron(search: CandidateSearch, current: NeuronSet, order: list[Neuron],
+                     progress: Progress | None = None) -> tuple[NeuronSet, float, bool]:
+    """Stage 3b: re-enable the neurons of ``current`` one by one in ``order`` while the set still passes.
+
+    Returns the neurons that stay off, their score, and whether the refined set failed and ``current`` (which
+    passes) was returned instead."""
+    kept = frozenset(refine_neurons(order, search, search.batch, search.fast, progress))
+    (score,) = search.scores([kept])
+    if score < search.threshold:
+        return kept, score, False
+    return current, search.scores([current])[0], True
+
+
+def verify_on_unseen_seeds(search: CandidateSearch, held: ScoreContext, seeds: Sequence[int], kept: NeuronSet,
+                           progress: Progress | None = None, stage: str = "verification") -> dict[str, Any]:
+    """Stage 4: the unmasked and the masked score on the seed set ``held`` (seeds ``seeds``), outside the search.
+
+    Returns the record kept in ``mask.info["verification"]``."""
+    report(progress, 0, 1, stage)
+    before, after = search.score_elsewhere(held, [frozenset(), kept])
+    report(progress, 1, 1, stage)
+    return {"seeds": list(seeds), "score_unmasked": before, "score_masked": after,
+            "passed": after < search.threshold, "neurons": len(kept)}
+
+
+def _statistics_layers(denoiser: Denoiser, stats: ActivationStats,
+                       settings: LocalizeSettings) -> dict[str, torch.nn.Module]:
+    """The search space, after checking that ``stats`` calibrate this model, score and space."""
+    if stats.settings.get("score", "ssim") != settings.score:
+        raise DejaGuardError(f"the statistics calibrate the {stats.settings.get('score')!r} score, the search uses "
+                             f"{settings.score!r}: compute statistics with score={settings.score!r}")
+    if settings.score == "generation" and stats.settings.get("generation_steps") != settings.generation_steps:
+        raise DejaGuardError(f"the statistics calibrate {stats.settings.get('generation_steps')}-step generations, "
+                             f"the search uses {settings.generation_steps}: recompute them with those steps")
+    if stats.fingerprint != denoiser.fingerprint():
+        raise DejaGuardError(f"activation statistics are for model {stats.fingerprint}, not {denoiser.fingerprint()}")
+    layers = nemo_layers(denoiser, settings.blocks)
+    if set(layers) != set(stats.mean):
+        raise DejaGuardError(f"activation statistics were computed on other layers than the {settings.blocks!r} "
+                             "blocks: recompute them with the same blocks")
+    return layers
+
+
+def localize(
+    denoiser: Denoiser,
+    prompt: str,
+    stats: ActivationStats | None = None,
+    settings: LocalizeSettings | None = None,
+    threshold: float | None = None,
+    progress: Progress | None = None,
+) -> NeuronMask:
+    """NeMo: the ``attn2.to_v`` neurons (down and mid blocks) whose deactivation stops ``prompt``'s memorization.
+
+    Returns a :class:`NeuronMask` of kind "neurons"; empty when the prompt's score is already below the
+    threshold (not memorized by NeMo's measure; ``info["memorized"]`` is False). ``threshold``
+    overrides the statistics' threshold. DejaGuardError if even switching off every neuron of these
+    layers leaves the score above the threshold (the memorization is not localized there).
+    ``mask.info`` records scores, candidate counts per stage, UNet evaluations and wall time.
+    ``progress(done, total, stage)``: each stage on its own scale (statistics first, if not given).
+    """
+    settings = settings or LocalizeSettings()
+    if not prompt.strip():
+        raise DejaGuardError("the prompt is empty: nothing to localize")
+    stats = stats or nemo_statistics(denoiser, seeds=settings.seeds, num_inference_steps=settings.num_inference_steps,
+                                     score=settings.score, blocks=settings.blocks,
+                                     generation_steps=settings.generation_steps, progress=progress)
+    layers = _statistics_layers(denoiser, stats, settings)
+    tau = float(stats.threshold if threshold is None else threshold)
+    start_time = time.perf_counter()
+    before = denoiser.counter.snapshot()
+    fast = settings.schedule == "fast"
+    cond = denoiser.encode_prompts([prompt])
+    candidates = NestedCandidates(stats.zscores(value_activations(layers, cond)), settings.z_start, settings.z_step)
+
+    with OutputGates(layers) as gates:
+
+        def context(seeds: range) -> ScoreContext:
+            return first_step_context(denoiser, cond, seeds, gates, settings.num_inference_steps,
+                                      settings.max_batch, settings.score, settings.generation_steps)
+
+        search = CandidateSearch(context(range(settings.seeds)), tau, early_stop=fast and settings.early_stop,
+                                 fast=fast, batch=settings.batch if fast else 1)
+        score_before = score_unmasked(search, progress)
+        info: dict[str, Any] = {"score_before": score_before, "threshold": tau, "memorized": score_before >= tau}
+        kept: NeuronSet = frozenset()
+        verification: list[dict[str, Any]] = []
+        for round_index in range(max(1, settings.verify_rounds)):
+            if score_before < tau:
+                break
+            j = initial_selection(search, candidates, progress)
+            if j is None:
+                raise DejaGuardError(
+                    f"switching off all {candidates.neurons()} neurons of the {len(layers)} "
+                    f"{settings.blocks} attn2.to_v layers leaves the memorization score above the threshold "
+                    f"{tau:.3f}: this prompt's memorization is not localized in these neurons")
+            current = candidates(j)
+            info.update(initial_step=j, initial_z_threshold=candidates.threshold(j),
+                        initial_candidates=len(current), evaluations_initial=search.evaluations - 1)
+            mark = search.evaluations
+            current = refine_layers(search, current, list(layers), progress)
+            info.update(after_layer_refinement=len(current), evaluations_layer=search.evaluations - mark)
+            mark = search.evaluations
+            kept, score_after, fell_back = refine_by_neuron(search, current, candidates.ascending(current), progress)
+            if fell_back:
+                info["refinement_fallback"] = True
+            info.update(score_after=score_after, evaluations_neuron=search.evaluations - mark)
+            if settings.verify_rounds == 0:
+                break
+            held_seeds = range((round_index + 1) * settings.seeds, (round_index + 2) * settings.seeds)
+            held = context(held_seeds)
+            record = verify_on_unseen_seeds(search, held, held_seeds, kept, progress,
+                                            f"verification {round_index + 1}")
+            verification.append(record)
+            if record["passed"] or round_index + 1 == settings.verify_rounds:
+                break
+            search.add_context(held, {frozenset(): record["score_unmasked"], kept: record["score_masked"]})
+        if verification:
+            info.update(verification=verification, verified=verification[-1]["passed"])
+    spent = denoiser.counter.since(before)
+    info.update(neurons=len(kept), candidate_evaluations=search.evaluations, unet_evals=spent.forwards,
+                unet_calls=spent.calls, wall_s=round(time.perf_counter() - start_time, 3))
+    return neurons_mask(
+        denoiser, layers, kept, method="nemo", prompts=[prompt],
+        thresholds={"memorization_score": tau, "score": SCORES[settings.score],
+                    "statistics_threshold_rule": stats.settings.get("threshold_rule", "")},
+        settings={**{k: getattr(settings, k) for k in settings.__dataclass_fields__},
+                  "statistics": {**stats.settings, "n_prompts": stats.n_prompts, "prompts_sha": stats.prompts_sha}},
+        info=info,
+    )
