@@ -118,12 +118,13 @@ class ComfyDenoiser:
 
     ``clip`` may be None for UNet-only methods (embedding mitigation): the text methods then refuse.
     ``vae`` (ComfyUI VAE) is only needed by :meth:`decode`. ``sample_shape`` ``(C, H, W)`` defaults to
-    :func:`default_sample_shape`. ``callback(counter)`` runs after every :meth:`predict_noise` (progress
-    bars, interruption).
+    :func:`default_sample_shape`. Every :meth:`predict_noise` ends with ComfyUI's interruption check, so a
+    long method (localization, explanation, mitigation) stops at the next UNet call when the user cancels the
+    queue; progress goes through core's ``progress`` arguments.
     """
 
-    def __init__(self, model: Any, clip: Any, vae: Any = None, sample_shape: tuple[int, int, int] | None = None,
-                 callback: Callable[[UNetCounter], None] | None = None) -> None:
+    def __init__(self, model: Any, clip: Any, vae: Any = None,
+                 sample_shape: tuple[int, int, int] | None = None) -> None:
         self.info = check_supported(model, None)  # None: every adapter feature; all adapter users inherit it
         if clip is not None and not hasattr(clip, "tokenize"):  # None: UNet-only use (text methods then refuse)
             raise DejaGuardError("a CLIP text encoder is required (connect the loader's CLIP output)")
@@ -134,7 +135,6 @@ class ComfyDenoiser:
         self.dtype = torch.float32  # apply_model casts to the UNet's dtype and returns float32
         self.sample_shape = tuple(sample_shape) if sample_shape else default_sample_shape(model)
         self.counter = UNetCounter()
-        self.callback = callback
         self._weights: dict[str, torch.Tensor] | None = None
         self._clip_weights: dict[str, torch.Tensor] | None = None
         base = model.model
@@ -341,8 +341,7 @@ class ComfyDenoiser:
             eps = self.counter.count((x_k - denoised) / sigma.view(-1, 1, 1, 1))
         if not torch.isfinite(eps).all():
             raise NonFiniteError("the UNet returned NaN or infinite values")
-        if self.callback is not None:
-            self.callback(self.counter)
+        comfy.model_management.throw_exception_if_processing_interrupted()
         return eps
 
     def new_scheduler(self) -> Any:

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import comfy.model_management
 import comfy.utils
 import torch
 
-from ..core.denoiser import UNetCounter
 from ..core.errors import DejaGuardError
 from ..core.explain import TokenSignificance, ranking_text, to_json, token_significance
 from .comfy_denoiser import ComfyDenoiser
@@ -79,13 +77,10 @@ class DejaGuardTokenHighlight:
         shape = tuple(int(s) for s in latent["samples"].shape[1:]) if latent is not None else None
         bar = comfy.utils.ProgressBar(steps)
 
-        def on_unet_call(_counter: UNetCounter) -> None:
-            comfy.model_management.throw_exception_if_processing_interrupted()
-
         def progress(done: float, total: float, _stage: str = "") -> None:
             bar.update_absolute(done, total)  # one step = one backward pass
 
-        denoiser = ComfyDenoiser(model, clip, sample_shape=shape, callback=on_unet_call)  # type: ignore[arg-type]
+        denoiser = ComfyDenoiser(model, clip, sample_shape=shape)  # type: ignore[arg-type]
         with torch.inference_mode(False), torch.enable_grad():  # graphs run under inference mode
             result = token_significance(denoiser, prompt, steps=steps, seed=seed, progress=progress)
         return {"ui": {UI_KEY: [ui_payload(result, steps)]}, "result": (ranking_text(result, steps),)}

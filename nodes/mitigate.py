@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import comfy.model_management
 import comfy.sample
 import comfy.utils
 import torch
@@ -132,7 +131,6 @@ class DejaGuardMitigateEmbedding:
         bar = comfy.utils.ProgressBar(len(positive) * units)
 
         def progress(done: float, _total: float, _stage: str = "") -> None:  # done: the iterate whose score is known
-            comfy.model_management.throw_exception_if_processing_interrupted()
             bar.update_absolute(len(entries) * units + int(done) + 1)
 
         uncond = negative[0][0]

@@ -181,10 +181,7 @@ class DejaGuardLocalizeNeurons:
             """core.progress convention: the bar shows the running stage (statistics, selection, refinement)."""
             bar.update_absolute(round(done), max(1, round(total)))
 
-        def on_unet_call(_counter: Any) -> None:
-            comfy.model_management.throw_exception_if_processing_interrupted()
-
-        denoiser = ComfyDenoiser(model, clip, vae=vae, callback=on_unet_call)  # refuses unsupported models
+        denoiser = ComfyDenoiser(model, clip, vae=vae)  # refuses unsupported models; interruptible at every UNet call
         if score == "generation" and vae is None:
             raise DejaGuardError("DejaGuard Localize Neurons: the 'generation' score compares decoded images; "
                                  "connect the model's VAE")

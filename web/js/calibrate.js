@@ -1,7 +1,7 @@
 // DejaGuard Calibrate: shows the node's summary (threshold, prompts scored, UNet calls, wall time, where it was
 // saved) on the node when it has run (its ui {"text": [summary]}). Text is set with textContent only.
 import { app } from "../../scripts/app.js";
-import { domElement } from "./dom_widget.js";
+import { domElement, extendNode } from "./dom_widget.js";
 
 const CALIBRATE = "DejaGuardCalibrate";
 const WIDGET = "dejaguard_calibration";
@@ -24,19 +24,14 @@ app.registerExtension({
 	name: "DejaGuard.CalibrationSummary",
 	async beforeRegisterNodeDef(nodeType, nodeData) {
 		if (nodeData?.name !== CALIBRATE) return;
-		const onNodeCreated = nodeType.prototype.onNodeCreated;
-		nodeType.prototype.onNodeCreated = function () {
-			const r = onNodeCreated?.apply(this, arguments);
-			summaryElement(this);
-			return r;
-		};
-		const onExecuted = nodeType.prototype.onExecuted;
-		nodeType.prototype.onExecuted = function (message) {
-			onExecuted?.apply(this, arguments);
-			const text = message?.text?.[0];
-			if (text === undefined) return;
-			summaryElement(this).textContent = String(text);
-			this.setDirtyCanvas?.(true, true);
-		};
+		extendNode(nodeType, {
+			created: summaryElement,
+			executed(node, message) {
+				const text = message?.text?.[0];
+				if (text === undefined) return;
+				summaryElement(node).textContent = String(text);
+				node.setDirtyCanvas?.(true, true);
+			},
+		});
 	},
 });

@@ -4,7 +4,7 @@
 // Text is set with textContent only, never innerHTML.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { domElement } from "./dom_widget.js";
+import { domElement, extendNode } from "./dom_widget.js";
 
 const GUARD = "DejaGuardMemorizationGuard";
 const VERDICT = "DejaGuardMemorizationVerdict";
@@ -57,20 +57,13 @@ app.registerExtension({
 	name: "DejaGuard.MemorizationBadge",
 	async beforeRegisterNodeDef(nodeType, nodeData) {
 		if (nodeData?.name !== GUARD && nodeData?.name !== VERDICT) return;
-		const onNodeCreated = nodeType.prototype.onNodeCreated;
-		nodeType.prototype.onNodeCreated = function () {
-			const r = onNodeCreated?.apply(this, arguments);
-			badgeElement(this);
-			return r;
-		};
-		if (nodeData.name === VERDICT) {
-			const onExecuted = nodeType.prototype.onExecuted;
-			nodeType.prototype.onExecuted = function (message) {
-				onExecuted?.apply(this, arguments);
+		extendNode(nodeType, {
+			created: badgeElement,
+			executed: nodeData.name === VERDICT ? (node, message) => {
 				const data = message?.dejaguard?.[0];
-				if (data) paint(this, data);
-			};
-		}
+				if (data) paint(node, data);
+			} : undefined,
+		});
 	},
 	async setup() {
 		// During sampling: the guard node shows the scores of the run that just started.

@@ -2,7 +2,7 @@
 // each shaded by its significance (nodes/explain.py sends {"dejaguard_tokens": [{words, word_scores, ...}]}).
 // The DOM is built from the prompt text with textContent only, never innerHTML.
 import { app } from "../../scripts/app.js";
-import { domElement } from "./dom_widget.js";
+import { domElement, extendNode } from "./dom_widget.js";
 
 const NODE_TYPE = "DejaGuardTokenHighlight";
 const WIDGET = "dejaguard_tokens";
@@ -62,21 +62,14 @@ app.registerExtension({
 	name: "DejaGuard.TokenHighlight",
 	async beforeRegisterNodeDef(nodeType, nodeData) {
 		if (nodeData?.name !== NODE_TYPE) return;
-
-		const onNodeCreated = nodeType.prototype.onNodeCreated;
-		nodeType.prototype.onNodeCreated = function () {
-			const r = onNodeCreated?.apply(this, arguments);
-			tokenElement(this);
-			return r;
-		};
-
-		const onExecuted = nodeType.prototype.onExecuted;
-		nodeType.prototype.onExecuted = function (message) {
-			onExecuted?.apply(this, arguments);
-			const data = message?.[UI_KEY]?.[0];
-			if (!data) return;
-			render(tokenElement(this), data);
-			this.setDirtyCanvas?.(true, true);
-		};
+		extendNode(nodeType, {
+			created: tokenElement,
+			executed(node, message) {
+				const data = message?.[UI_KEY]?.[0];
+				if (!data) return;
+				render(tokenElement(node), data);
+				node.setDirtyCanvas?.(true, true);
+			},
+		});
 	},
 });
