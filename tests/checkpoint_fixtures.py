@@ -37,7 +37,7 @@ COMFY_DIR = COMFY_ROOT / "ComfyUI"
 COMFY_PYTHON = COMFY_ROOT / "venv" / "bin" / "python"
 
 FIXTURE_VERSION = "1"
-FIXTURES = ("sd15", "sd21_768_v")
+FIXTURES = ("sd15", "sd21_768_v", "sdxl")
 V_SPREAD = 0.2  # std of the SD2-v marker bias (ComfyUI: > 0.09 means v-prediction)
 
 
@@ -85,11 +85,16 @@ def checkpoint_file(name: str, timeout: float = 900.0) -> Path:
 
 
 def _unet_config(name: str) -> dict[str, Any]:
-    """What ``comfy.model_detection.detect_unet_config`` finds in an SD1.5 / SD2.1 checkpoint."""
+    """What ``comfy.model_detection.detect_unet_config`` finds in an SD1.5 / SD2.1 / SDXL base checkpoint."""
     sys.path.insert(0, str(REPO / "tests" / "comfy"))
     from test_arch_smoke import SD15_UNET_CONFIG
 
     config = dict(SD15_UNET_CONFIG)
+    if name == "sdxl":  # two text encoders (context 768 + 1280), pooled-text 'adm' conditioning, three levels
+        config.update(num_classes="sequential", adm_in_channels=2816, num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4],
+                      transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_middle=10,
+                      transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], use_linear_in_transformer=True,
+                      context_dim=2048, num_heads=-1, num_head_channels=64)
     if name == "sd21_768_v":  # OpenCLIP-H context, linear projections in the transformers, 64 channels a head
         config.update(context_dim=1024, use_linear_in_transformer=True, num_heads=-1, num_head_channels=64)
     return config
@@ -117,7 +122,7 @@ def build(name: str, out: Path) -> None:
     from test_arch_smoke import _random_init
 
     config = comfy.model_detection.model_config_from_unet_config(dict(unet_config))
-    expected = {"sd15": "SD15", "sd21_768_v": "SD20"}[name]
+    expected = {"sd15": "SD15", "sd21_768_v": "SD20", "sdxl": "SDXL"}[name]
     assert type(config).__name__ == expected, type(config).__name__
     config.set_inference_dtype(torch.float16, None)
     marker = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
