@@ -18,6 +18,8 @@ the .comfy venv.
 - :func:`reduced_clip` ``(family)``: ComfyUI's own CLIP for SD1 (CLIP-L) or SD2 (OpenCLIP-H) with its real
   tokenizer and width but the encoder cut to a few layers: what Token Highlighting needs (token pieces, input
   embeddings, gradients through the encoder).
+- :func:`direct_score`: the first-step score ``||eps(x_T, c) - eps(x_T, uncond)||`` computed directly through the
+  model's ``apply_model``, what the Guard's score is checked against.
 - :func:`flux_model`: a stand-in of ComfyUI's Flux class (the March 2024 ComfyUI has none): the support check
   refuses Flux by its class name.
 """
@@ -130,6 +132,30 @@ def reduced_clip(family: str, layers: int = CLIP_LAYERS, seed: int = 7) -> Any:
         encoder.transformer.num_layers = encoder.num_layers = layers
         _random_init(clip.cond_stage_model, seed)
     return clip
+
+
+def direct_score(model: Any, positive: list[list[Any]], negative: list[list[Any]], sigma: float, seed: int) -> float:
+    """``||pred(x_T, positive) - pred(x_T, negative)||`` of the first image, computed directly: ``x_T`` as ComfyUI's
+    sampler builds it at ``sigma`` from its noise for ``seed`` (``randn(LATENT)``, the model's ``noise_scaling``),
+    then two ``apply_model`` calls (SDXL: the pooled output and the 64x64 px image size as the ``adm`` input ``y``),
+    ``pred = (x - denoised) / sigma``: the noise for epsilon and v-prediction models. Shapes: latent
+    :data:`LATENT`, conditioning ``(1, 77, D)``."""
+    import torch
+    from DejaGuard.nodes.model_check import model_sampling
+
+    base = model.model
+    sigmas = torch.tensor([sigma], dtype=torch.float32)
+    noise = torch.randn(LATENT, generator=torch.Generator().manual_seed(seed))
+    x = model_sampling(model).noise_scaling(sigmas[0], noise, torch.zeros(LATENT), max_denoise=True)
+
+    def pred(cond: list[list[Any]]) -> torch.Tensor:
+        kwargs = {}
+        if cond[0][1].get("pooled_output") is not None:
+            kwargs["y"] = base.encode_adm(pooled_output=cond[0][1]["pooled_output"], width=LATENT[3] * 8,
+                                          height=LATENT[2] * 8)
+        return (x - base.apply_model(x, sigmas, c_crossattn=cond[0][0], **kwargs)) / sigmas
+
+    return float((pred(positive) - pred(negative)).flatten(1).norm(dim=1)[0])
 
 
 def flux_model() -> Any:

@@ -45,7 +45,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
 from comfy_server import comfy_available  # noqa: E402
-from families import LATENT, StubClip, build, conditioning, flux_model  # noqa: E402
+from families import LATENT, StubClip, build, conditioning, direct_score, flux_model  # noqa: E402
 from families import setup as _setup  # noqa: E402
 from test_explain_comfy import IN_COMFY_VENV  # noqa: E402
 from workflow_checks import run_in_comfy_venv  # noqa: E402
@@ -86,7 +86,6 @@ def test_guard_score_equals_direct(family: str) -> None:
 
     cg = _setup()
     from DejaGuard.nodes.guard import DejaGuardMemorizationGuard, DejaGuardMemorizationVerdict
-    from DejaGuard.nodes.model_check import model_sampling
 
     model = build(family)
     positive, negative = conditioning(family, 10), conditioning(family, 11)
@@ -107,20 +106,7 @@ def test_guard_score_equals_direct(family: str) -> None:
         assert run.full_noise and verdict["matched"]
 
         # Direct: x_T as the sampler builds it from ComfyUI's noise, two apply_model calls, eps = (x - x0) / sigma.
-        base = model.model
-        sigma = torch.tensor([run.first_sigma], dtype=torch.float32)
-        noise = torch.randn(LATENT, generator=torch.Generator().manual_seed(seed))
-        x = model_sampling(model).noise_scaling(sigma[0], noise, torch.zeros(LATENT), max_denoise=True)
-
-        def eps(cond: list[list[Any]]) -> torch.Tensor:
-            kwargs = {}
-            if family == "sdxl":
-                kwargs["y"] = base.encode_adm(pooled_output=cond[0][1]["pooled_output"], width=LATENT[3] * 8,
-                                              height=LATENT[2] * 8)
-            denoised = base.apply_model(x, sigma, c_crossattn=cond[0][0], **kwargs)
-            return (x - denoised) / sigma
-
-        direct = float((eps(positive) - eps(negative)).flatten(1).norm(dim=1)[0])
+        direct = direct_score(model, positive, negative, run.first_sigma, seed)
     score = verdict["scores"][0]
     assert math.isfinite(direct) and direct > 0
     assert abs(score - direct) / direct <= 1e-4, (family, score, direct)
