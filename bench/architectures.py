@@ -33,8 +33,8 @@ positive and negative conditioning, seed 5):
   node's refusal text.
 
 Prints a table and the refusals, then as its LAST line one JSON object ``{"families": {"sd1": {...}, "sd2_v":
-{...}, "sdxl": {...}, "sd3": {...}, "flux_distilled": {...}}, "comfyui": "<version or commit>"}``. About a
-minute on one CPU core.
+{...}, "sdxl": {...}, "sd3": {...}, "flux_distilled": {...}}, "comfyui": "<version or commit>"}``. About 15 s
+(imports included) and 1.7 GB peak memory on one CPU core.
 """
 
 from __future__ import annotations
