@@ -3,7 +3,8 @@
 In process on the real (March 2024) ComfyUI, so the tests run in the .comfy venv
 (``test_families_in_comfy_venv`` runs them there from the project's interpreter). Models are built with
 ComfyUI's own model classes and the configs ``comfy/model_detection.py`` finds in real checkpoints, at
-reduced width (``model_channels`` 32 instead of 320, same depths, heads of 16 channels) and random weights:
+reduced width (``model_channels`` 32 instead of 320, same depths, heads of 16 channels) and random weights, by the
+builders of ``families.py`` (shared with ``bench/architectures.py``):
 
 - ``test_support_matrix``: SD1.x, SD2.x v-prediction and SDXL are classified into their families; the Guard
   and Calibrate accept all three; Token Highlighting / Mitigate / neuron masks refuse SDXL with "not yet
@@ -44,69 +45,18 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
 from comfy_server import comfy_available  # noqa: E402
+from families import LATENT, StubClip, build, conditioning, direct_score, flux_model  # noqa: E402
+from families import setup as _setup  # noqa: E402
 from test_explain_comfy import IN_COMFY_VENV  # noqa: E402
 from workflow_checks import run_in_comfy_venv  # noqa: E402
 
 inproc = pytest.mark.skipif(not IN_COMFY_VENV, reason="imports ComfyUI: runs in the .comfy venv "
                             "(test_families_in_comfy_venv runs it there)")
-REDUCED = {"model_channels": 32, "num_heads": -1, "num_head_channels": 16}  # heads set again in build()
-_COMMON = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-           "legacy": False, "in_channels": 4, "use_temporal_attention": False, "use_temporal_resblock": False}
-# comfy/model_detection.py's entries for SD1.5, SD2.1-768 and SDXL base, at reduced width.
-CONFIGS: dict[str, dict[str, Any]] = {
-    "sd1": {**_COMMON, "adm_in_channels": None, "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
-            "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
-            "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_linear_in_transformer": False,
-            "context_dim": 768, "num_heads": 8, "model_channels": 32},
-    "sd2_v": {**_COMMON, "adm_in_channels": None, "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
-              "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
-              "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_linear_in_transformer": True,
-              "context_dim": 1024, **REDUCED},
-    "sdxl": {**_COMMON, "num_classes": "sequential", "adm_in_channels": 2816, "num_res_blocks": [2, 2, 2],
-             "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_middle": 10,
-             "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_linear_in_transformer": True,
-             "context_dim": 2048, **REDUCED},
-}
-LATENT = (1, 4, 8, 8)  # 64x64 px
-
-
-def _setup() -> Any:
-    import check_guard as cg  # ComfyUI on the CPU, the pack importable as DejaGuard, tiny configs, call counter
-
-    return cg
-
-
-def build(family: str) -> Any:
-    """A random-weight ModelPatcher of ``family`` from ComfyUI's own classes (reduced width)."""
-    import torch
-    from test_arch_smoke import _random_init
-
-    cg = _setup()
-    sm, mb = cg.comfy.supported_models, cg.comfy.model_base
-    config = {"sd1": sm.SD15, "sd2_v": sm.SD20, "sdxl": sm.SDXL}[family](dict(CONFIGS[family]))
-    if family != "sd1":  # the class's extra config sets 64-channel heads: keep them at 16 for the reduced width
-        config.unet_config.update(num_heads=-1, num_head_channels=16)
-    if family == "sd2_v":
-        base = mb.BaseModel(config, model_type=mb.ModelType.V_PREDICTION)
-    else:
-        base = config.get_model({})
-    _random_init(base.diffusion_model, {"sd1": 1, "sd2_v": 2, "sdxl": 3}[family])
-    return cg.patcher(base.eval().requires_grad_(False).to(torch.float32))
-
-
-def conditioning(family: str, seed: int) -> list[list[Any]]:
-    """CONDITIONING as CLIPTextEncode gives it (random text embedding; SDXL: with its pooled output)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    dim = CONFIGS[family]["context_dim"]
-    extra = {"pooled_output": torch.randn(1, 1280, generator=g)} if family == "sdxl" else {}
-    return [[torch.randn(1, 77, dim, generator=g), extra]]
 
 
 @inproc
 def test_support_matrix() -> None:
-    cg = _setup()
+    _setup()
     from DejaGuard.core.errors import DejaGuardError
     from DejaGuard.nodes.model_check import FEATURES, check_supported, model_info
 
@@ -123,7 +73,7 @@ def test_support_matrix() -> None:
     with pytest.raises(DejaGuardError, match="unsupported model for Token Highlighting.*SDXL"):
         check_supported(build("sdxl"), "explain")
 
-    flux = cg.patcher(cg.Flux(cg.comfy.supported_models.SD15(cg.tiny_unet_config(768))))
+    flux = flux_model()
     for feature in FEATURES:
         with pytest.raises(DejaGuardError, match="Flux.*guidance-distilled.*without an unconditional prediction"):
             check_supported(flux, feature)
@@ -136,7 +86,6 @@ def test_guard_score_equals_direct(family: str) -> None:
 
     cg = _setup()
     from DejaGuard.nodes.guard import DejaGuardMemorizationGuard, DejaGuardMemorizationVerdict
-    from DejaGuard.nodes.model_check import model_sampling
 
     model = build(family)
     positive, negative = conditioning(family, 10), conditioning(family, 11)
@@ -157,20 +106,7 @@ def test_guard_score_equals_direct(family: str) -> None:
         assert run.full_noise and verdict["matched"]
 
         # Direct: x_T as the sampler builds it from ComfyUI's noise, two apply_model calls, eps = (x - x0) / sigma.
-        base = model.model
-        sigma = torch.tensor([run.first_sigma], dtype=torch.float32)
-        noise = torch.randn(LATENT, generator=torch.Generator().manual_seed(seed))
-        x = model_sampling(model).noise_scaling(sigma[0], noise, torch.zeros(LATENT), max_denoise=True)
-
-        def eps(cond: list[list[Any]]) -> torch.Tensor:
-            kwargs = {}
-            if family == "sdxl":
-                kwargs["y"] = base.encode_adm(pooled_output=cond[0][1]["pooled_output"], width=LATENT[3] * 8,
-                                              height=LATENT[2] * 8)
-            denoised = base.apply_model(x, sigma, c_crossattn=cond[0][0], **kwargs)
-            return (x - denoised) / sigma
-
-        direct = float((eps(positive) - eps(negative)).flatten(1).norm(dim=1)[0])
+        direct = direct_score(model, positive, negative, run.first_sigma, seed)
     score = verdict["scores"][0]
     assert math.isfinite(direct) and direct > 0
     assert abs(score - direct) / direct <= 1e-4, (family, score, direct)
@@ -237,27 +173,9 @@ def test_calibrate_node_on_testbed(tmp_path: Path, monkeypatch: pytest.MonkeyPat
             DejaGuardCalibrate().calibrate(model, clip, 0.01, 1, 2)
         comfy.model_management.interrupt_current_processing(False)
 
-        flux = cg.patcher(cg.Flux(cg.comfy.supported_models.SD15(cg.tiny_unet_config(768))))
+        flux = flux_model()
         with pytest.raises(DejaGuardError, match="unsupported model for DejaGuard Calibrate: not supported for Flux"):
             DejaGuardCalibrate().calibrate(flux, clip, 0.01, 1, 2)
-
-
-class StubClip:
-    """A CLIP stand-in for a family whose real text encoders are too large for this test: CLIPTextEncode's
-    ``encode_from_tokens(tokens, return_pooled=True)`` gives a random embedding and pooled output seeded by the
-    text (SDXL widths: ``(1, 77, 2048)`` and ``(1, 1280)``)."""
-
-    def __init__(self, family: str) -> None:
-        self.family = family
-
-    def tokenize(self, text: str) -> str:
-        return text
-
-    def encode_from_tokens(self, tokens: str, return_pooled: bool = False) -> Any:
-        import zlib
-
-        cond = conditioning(self.family, zlib.crc32(tokens.encode()))[0]
-        return (cond[0], cond[1].get("pooled_output")) if return_pooled else cond[0]
 
 
 @inproc
