@@ -123,9 +123,11 @@ class ComfyDenoiser:
     queue; progress goes through core's ``progress`` arguments.
     """
 
-    def __init__(self, model: Any, clip: Any, vae: Any = None,
-                 sample_shape: tuple[int, int, int] | None = None) -> None:
-        self.info = check_supported(model, None)  # None: every adapter feature; all adapter users inherit it
+    def __init__(self, model: Any, clip: Any, vae: Any = None, sample_shape: tuple[int, int, int] | None = None,
+                 feature: str | None = None) -> None:
+        # The one support check, for the feature the caller serves ("explain", "mitigate", "masks"; None: all the
+        # adapter's features), so every node building the adapter refuses what it cannot do, in its own name.
+        self.info = check_supported(model, feature)
         if clip is not None and not hasattr(clip, "tokenize"):  # None: UNet-only use (text methods then refuse)
             raise DejaGuardError("a CLIP text encoder is required (connect the loader's CLIP output)")
         self.model = model

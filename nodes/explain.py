@@ -80,7 +80,7 @@ class DejaGuardTokenHighlight:
         def progress(done: float, total: float, _stage: str = "") -> None:
             bar.update_absolute(done, total)  # one step = one backward pass
 
-        denoiser = ComfyDenoiser(model, clip, sample_shape=shape)  # type: ignore[arg-type]
+        denoiser = ComfyDenoiser(model, clip, sample_shape=shape, feature="explain")  # type: ignore[arg-type]
         with torch.inference_mode(False), torch.enable_grad():  # graphs run under inference mode
             result = token_significance(denoiser, prompt, steps=steps, seed=seed, progress=progress)
         return {"ui": {UI_KEY: [ui_payload(result, steps)]}, "result": (ranking_text(result, steps),)}

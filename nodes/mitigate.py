@@ -124,7 +124,7 @@ class DejaGuardMitigateEmbedding:
         if not positive or not negative:
             raise DejaGuardError("DejaGuard Mitigate Embedding: empty conditioning; connect CLIPTextEncode outputs")
         samples = latent_image["samples"]
-        denoiser = ComfyDenoiser(model, None, sample_shape=tuple(samples.shape[1:]))  # refuses unsupported models
+        denoiser = ComfyDenoiser(model, None, sample_shape=tuple(samples.shape[1:]), feature="mitigate")  # or refuses
         threshold, target, source = resolve_levels(model, threshold, target, calibration)
         noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))  # KSampler's own x_T
         units = max_iterations + 1  # per conditioning: iterates 0..max_iterations

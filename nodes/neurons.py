@@ -181,7 +181,7 @@ class DejaGuardLocalizeNeurons:
             """core.progress convention: the bar shows the running stage (statistics, selection, refinement)."""
             bar.update_absolute(round(done), max(1, round(total)))
 
-        denoiser = ComfyDenoiser(model, clip, vae=vae)  # refuses unsupported models; interruptible at every UNet call
+        denoiser = ComfyDenoiser(model, clip, vae=vae, feature="masks")  # or refuses; interruptible at every UNet call
         if score == "generation" and vae is None:
             raise DejaGuardError("DejaGuard Localize Neurons: the 'generation' score compares decoded images; "
                                  "connect the model's VAE")
