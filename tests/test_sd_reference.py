@@ -25,7 +25,14 @@ from dejaguard.bench.sd_reference import REFERENCES, SETTINGS, detection_figures
 from dejaguard.core.prompt_sets import memorized_reference
 
 sys.path.insert(0, str(Path(__file__).parent))
-from checkpoint_fixtures import REPO, builder_available, cache_dir, checkpoint_file  # noqa: E402
+from checkpoint_fixtures import (  # noqa: E402
+    FIXTURE_VERSION,
+    REPO,
+    _is_current,
+    builder_available,
+    cache_dir,
+    checkpoint_file,
+)
 
 FIGURES = ("auroc", "tpr_at_1pct_fpr", "auroc_verbatim", "tpr_at_1pct_fpr_verbatim", "auroc_template",
            "tpr_at_1pct_fpr_template")
@@ -70,7 +77,7 @@ def test_bad_input_is_one_line(tmp_path, args, message):
 
 @pytest.mark.slow
 def test_bench_end_to_end_on_a_full_size_checkpoint(tmp_path):
-    if not builder_available() and not any(cache_dir().glob("sd15-v*.safetensors")):
+    if not builder_available() and not _is_current(cache_dir() / f"sd15-v{FIXTURE_VERSION}.safetensors"):
         pytest.skip("ComfyUI not set up (tests/comfy/setup_comfy.sh): it writes the SD1.5 fixture checkpoint")
     path = checkpoint_file("sd15")
     out_file = tmp_path / "sd_reference.json"
