@@ -415,6 +415,18 @@ def _load_vae(path: Path) -> torch.nn.Module:
     return cls.from_pretrained(path, torch_dtype=torch.float32, use_safetensors=True)
 
 
+def quiet_model_libraries() -> None:
+    """Errors only from diffusers' and transformers' loggers, and no progress bars of theirs: loading a model
+    folder or checkpoint otherwise prints config notes and bars that bury the command's own output."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def load_denoiser(model: str | Path | None = None, **kwargs: Any) -> DiffusersDenoiser:
     """The CLI's, audits' and benchmarks' loader: a diffusers folder, a single-file SD1.x / SD2.x ``.safetensors``
     checkpoint (:func:`core.checkpoint.load_checkpoint`; pickled files are refused), or the bundled testbed if

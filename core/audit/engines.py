@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..denoiser import Denoiser, load_denoiser
+from ..denoiser import Denoiser, load_denoiser, quiet_model_libraries
 from ..errors import DejaGuardError
 from ..progress import Progress, report
 from .inputs import Rejected
@@ -87,7 +87,7 @@ class ScoringActor:
             device = "cpu"
         if device == "cpu" or not torch.cuda.is_available():
             torch.set_num_threads(1)  # one actor per CPU: threads would only fight each other
-        _quiet()
+        quiet_model_libraries()
         self.denoiser = load_denoiser(model, device=device)
         self.job = job
         self.fault = fault
@@ -115,16 +115,6 @@ class ScoringActor:
             except FileExistsError:
                 return
             os._exit(1)
-
-
-def _quiet() -> None:
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def init_ray(address: str | None = None, workers: int | None = None) -> bool:

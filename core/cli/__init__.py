@@ -30,13 +30,9 @@ SUBCOMMANDS = ("demo", "audit", "audit_training", "calibrate", "localize", "subs
 
 
 def _quiet_libraries() -> None:
-    import diffusers
-    import transformers
+    from ..denoiser import quiet_model_libraries
 
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_model_libraries()
     warnings.formatwarning = lambda msg, *a, **k: f"dejaguard: warning: {msg}\n"
 
 
