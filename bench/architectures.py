@@ -122,35 +122,6 @@ def node_status(run: Callable[[], Any]) -> str:
     return "ok"
 
 
-def guard_against_direct(cg: Any, model: Any, family: str) -> dict[str, Any]:
-    """The Guard's first-step score of a KSampler run vs the direct computation, and the UNet calls of a guarded
-    and a plain run (see the module doc). Shapes: latent ``(1, 4, 8, 8)``, conditioning ``(1, 77, D)``."""
-    import torch
-    from DejaGuard.nodes.guard import DejaGuardMemorizationGuard, DejaGuardMemorizationVerdict
-    from families import LATENT, conditioning, direct_score
-
-    positive, negative = conditioning(family, 10), conditioning(family, 11)
-    latent = {"samples": torch.zeros(LATENT)}
-
-    def sample(m: Any) -> dict[str, Any]:
-        return cg.comfy_nodes.common_ksampler(m, SEED, STEPS, CFG, "euler", "normal", positive, negative, latent)[0]
-
-    guarded, state = DejaGuardMemorizationGuard().guard(model, 1.0, cg.CFG1_UNAVAILABLE, unique_id=f"arch-{family}")
-    with cg.UNetCalls(model) as plain:
-        sample(model)
-    with cg.UNetCalls(model) as watched:
-        out = sample(guarded)
-    verdict = DejaGuardMemorizationVerdict().verdict(state, out)["ui"]["dejaguard"][0]
-    run = state.runs[-1]
-
-    direct = direct_score(model, positive, negative, run.first_sigma, SEED)
-    score = float(verdict["scores"][0])
-    return {"score": score, "direct_score": direct, "score_rel_diff": abs(score - direct) / direct,
-            "run_matched": bool(verdict["matched"]), "plain_unet_calls": plain.calls,
-            "guarded_unet_calls": watched.calls, "extra_unet_calls": watched.calls - plain.calls,
-            "extra_unet_samples": watched.samples - plain.samples}
-
-
 def calibrate_then_guard(cg: Any, model: Any, clip: Any, family: str, prompt_limit: int) -> dict[str, Any]:
     """The Calibrate node into the (temporary) user directory, then a Guard with threshold 0: does it find it?"""
     from DejaGuard.nodes.calibrate import DejaGuardCalibrate
@@ -173,7 +144,7 @@ def measure(cg: Any, family: str, prompt_limit: int) -> dict[str, Any]:
     from DejaGuard.nodes.explain import DejaGuardTokenHighlight
     from DejaGuard.nodes.mitigate import DejaGuardMitigateEmbedding
     from DejaGuard.nodes.model_check import check_supported
-    from families import LATENT, StubClip, build, flux_model, reduced_clip
+    from families import LATENT, StubClip, build, flux_model, guard_against_direct, reduced_clip
 
     start = time.monotonic()
     entry: dict[str, Any] = {"model": None, "guard_supported": None, "score_rel_diff": None, "extra_unet_calls": None,
@@ -200,7 +171,7 @@ def measure(cg: Any, family: str, prompt_limit: int) -> dict[str, Any]:
         entry.update(guard_supported=False, refusal=str(err), calibrated=False)
     with torch.inference_mode():
         if entry["guard_supported"]:
-            entry.update(guard_against_direct(cg, model, family))
+            entry.update(guard_against_direct(model, family, SEED, STEPS, CFG))
             entry.update(calibrate_then_guard(cg, model, clip, family, prompt_limit))
         latent = {"samples": torch.zeros(LATENT)}
         entry["explain"] = node_status(lambda: DejaGuardTokenHighlight().explain(model, clip, PROMPT, 0, 1, latent))

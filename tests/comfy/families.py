@@ -158,6 +158,38 @@ def direct_score(model: Any, positive: list[list[Any]], negative: list[list[Any]
     return float((pred(positive) - pred(negative)).flatten(1).norm(dim=1)[0])
 
 
+def guard_against_direct(model: Any, family: str, seed: int = 5, steps: int = 2, cfg: float = 7.5) -> dict[str, Any]:
+    """The Guard's first-step score of a ``steps``-step KSampler run (Euler, CFG ``cfg``) vs :func:`direct_score`,
+    and the UNet calls of a guarded and a plain run, under ``torch.inference_mode()`` as ComfyUI runs graphs.
+    Shapes: latent ``(1, 4, 8, 8)``, conditioning ``(1, 77, D)``. Used by test_families and bench.architectures."""
+    import torch
+    from DejaGuard.nodes.guard import DejaGuardMemorizationGuard, DejaGuardMemorizationVerdict
+
+    cg = setup()
+    positive, negative = conditioning(family, 10), conditioning(family, 11)
+    latent = {"samples": torch.zeros(LATENT)}
+
+    def sample(m: Any) -> dict[str, Any]:
+        return cg.comfy_nodes.common_ksampler(m, seed, steps, cfg, "euler", "normal", positive, negative, latent)[0]
+
+    with torch.inference_mode():
+        guarded, state = DejaGuardMemorizationGuard().guard(model, 1.0, cg.CFG1_UNAVAILABLE,
+                                                            unique_id=f"families-{family}")
+        with cg.UNetCalls(model) as plain:
+            sample(model)
+        with cg.UNetCalls(model) as watched:
+            out = sample(guarded)
+        verdict = DejaGuardMemorizationVerdict().verdict(state, out)["ui"]["dejaguard"][0]
+        run = state.runs[-1]
+        # Direct: x_T as the sampler builds it from ComfyUI's noise, two apply_model calls, eps = (x - x0) / sigma.
+        direct = direct_score(model, positive, negative, run.first_sigma, seed)
+    score = float(verdict["scores"][0])
+    return {"score": score, "direct_score": direct, "score_rel_diff": abs(score - direct) / direct,
+            "run_matched": bool(verdict["matched"]), "full_noise": bool(run.full_noise),
+            "plain_unet_calls": plain.calls, "guarded_unet_calls": watched.calls,
+            "extra_unet_calls": watched.calls - plain.calls, "extra_unet_samples": watched.samples - plain.samples}
+
+
 def flux_model() -> Any:
     """A ModelPatcher of a stand-in for ComfyUI's ``Flux`` class (a tiny SD-layout UNet under that class name):
     the support check refuses guidance-distilled models by class name, before it looks at the weights."""

@@ -45,7 +45,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
 from comfy_server import comfy_available  # noqa: E402
-from families import LATENT, StubClip, build, conditioning, direct_score, flux_model  # noqa: E402
+from families import LATENT, StubClip, build, flux_model, guard_against_direct  # noqa: E402
 from families import setup as _setup  # noqa: E402
 from test_explain_comfy import IN_COMFY_VENV  # noqa: E402
 from workflow_checks import run_in_comfy_venv  # noqa: E402
@@ -82,35 +82,12 @@ def test_support_matrix() -> None:
 @inproc
 @pytest.mark.parametrize("family", ["sd1", "sd2_v", "sdxl"])
 def test_guard_score_equals_direct(family: str) -> None:
-    import torch
-
-    cg = _setup()
-    from DejaGuard.nodes.guard import DejaGuardMemorizationGuard, DejaGuardMemorizationVerdict
-
-    model = build(family)
-    positive, negative = conditioning(family, 10), conditioning(family, 11)
-    latent = {"samples": torch.zeros(LATENT)}
-    seed = 5
-
-    def sample(m: Any) -> dict[str, Any]:
-        return cg.comfy_nodes.common_ksampler(m, seed, 2, 7.5, "euler", "normal", positive, negative, latent)[0]
-
-    with torch.inference_mode():
-        guarded, state = DejaGuardMemorizationGuard().guard(model, 1.0, cg.CFG1_UNAVAILABLE, unique_id="1")
-        with cg.UNetCalls(model) as plain:
-            sample(model)
-        with cg.UNetCalls(model) as watched:
-            out = sample(guarded)
-        verdict = DejaGuardMemorizationVerdict().verdict(state, out)["ui"]["dejaguard"][0]
-        run = state.runs[-1]
-        assert run.full_noise and verdict["matched"]
-
-        # Direct: x_T as the sampler builds it from ComfyUI's noise, two apply_model calls, eps = (x - x0) / sigma.
-        direct = direct_score(model, positive, negative, run.first_sigma, seed)
-    score = verdict["scores"][0]
-    assert math.isfinite(direct) and direct > 0
-    assert abs(score - direct) / direct <= 1e-4, (family, score, direct)
-    assert (watched.calls, watched.samples) == (plain.calls, plain.samples), (family, watched.calls, plain.calls)
+    _setup()
+    r = guard_against_direct(build(family), family, seed=5, steps=2, cfg=7.5)
+    assert r["full_noise"] and r["run_matched"]
+    assert math.isfinite(r["direct_score"]) and r["direct_score"] > 0
+    assert r["score_rel_diff"] <= 1e-4, (family, r["score"], r["direct_score"])
+    assert (r["extra_unet_calls"], r["extra_unet_samples"]) == (0, 0), (family, r)
 
 
 @inproc
