@@ -111,7 +111,8 @@ def test_calibrate_node_on_testbed(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     if hasattr(folder_paths, "get_user_directory"):
         monkeypatch.setattr(folder_paths, "get_user_directory", lambda: str(tmp_path))
     ticks: list[tuple[int, int]] = []
-    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, _preview: ticks.append((value, total)))
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK",  # newer ComfyUI also passes node_id=
+                        lambda value, total, _preview, **_: ticks.append((value, total)))
     prompts = calibration_prompts()[:4]
     with torch.inference_mode():
         model, clip, _ = DejaGuardTestbedLoader().load("testbed (bundled)")
