@@ -12,8 +12,9 @@ builders ``tests/comfy/test_families.py`` and ``test_sd3.py`` check too): ``sd1`
 depth 2, flow matching, 16 latent channels, pooled ``adm`` input); ``sd1`` and ``sd2_v`` get ComfyUI's own CLIP
 (real tokenizer and width, encoder cut to 2 layers), ``sdxl`` and ``sd3`` a CLIP stand-in (random conditioning per
 text, the family's widths). ``sd3`` is measured only where the ComfyUI has an SD3 class (not the March 2024
-ComfyUI of CI: there its entry stays null with the reason); ``flux_distilled`` is a stand-in of ComfyUI's Flux
-class (the March 2024 ComfyUI has none), which the support check refuses by name.
+ComfyUI of CI: there its entry stays null with the reason); ``flux_distilled`` is ComfyUI's Flux class at reduced
+width, or a stand-in under its name where the ComfyUI has none (March 2024), which the support check refuses by
+name.
 
 Per family (a KSampler run is ``common_ksampler``: 2 Euler steps, CFG 7.5, an 8x8 latent = 64x64 px, a random
 positive and negative conditioning, seed 5):
@@ -157,8 +158,9 @@ def measure(cg: Any, family: str, prompt_limit: int) -> dict[str, Any]:
         return entry
     if family == "flux_distilled":
         model, clip = flux_model(), StubClip("sd1")
-        has_flux = hasattr(cg.comfy.model_base, "Flux")
-        entry["model"] = "stand-in of ComfyUI's Flux class" + ("" if has_flux else " (not in this ComfyUI version)")
+        real = type(model.model) is getattr(cg.comfy.model_base, "Flux", None)
+        entry["model"] = ("ComfyUI's Flux class, reduced width, random weights" if real else
+                          "stand-in of ComfyUI's Flux class (not in this ComfyUI version)")
     else:
         model = build(family)
         clip = StubClip(family) if family in ("sdxl", "sd3") else reduced_clip(family)

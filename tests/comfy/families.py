@@ -29,8 +29,8 @@ the .comfy venv.
 - :func:`direct_score`: the first-step score ``||eps(x_T, c) - eps(x_T, uncond)||`` computed directly through the
   model's ``apply_model`` (SD3: ``||v(x_T, c) - v(x_T, uncond)||``, the velocity, read from the MMDiT's own
   output), what the Guard's score is checked against.
-- :func:`flux_model`: a stand-in of ComfyUI's Flux class (the March 2024 ComfyUI has none): the support check
-  refuses Flux by its class name.
+- :func:`flux_model`: ComfyUI's Flux class at reduced width where the ComfyUI has it, else a stand-in under that
+  class name (the March 2024 ComfyUI has none): the support check refuses Flux by its class name.
 """
 
 from __future__ import annotations
@@ -68,6 +68,12 @@ SD3_CONFIG: dict[str, Any] = {
     "in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 2, "input_size": None, "adm_in_channels": 2048,
     "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
     "num_patches": 64, "pos_embed_max_size": 8, "pos_embed_scaling_factor": None, "x_block_self_attn_layers": []}
+# comfy/model_detection.py's Flux-dev entry (hidden 3072, 24 heads, 19 + 38 blocks, rope axes 16/56/56) at hidden 64,
+# 2 heads of 32 (rope axes 8/12/12), one double and one single block.
+FLUX_CONFIG: dict[str, Any] = {
+    "image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 768,
+    "context_in_dim": 4096, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+    "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True, "guidance_embed": True}
 # family -> (text embedding width D, pooled output width or None), as CLIPTextEncode gives them
 WIDTHS: dict[str, tuple[int, int | None]] = {"sd1": (768, None), "sd2_v": (1024, None), "sdxl": (2048, 1280),
                                              "sd3": (4096, 2048)}
@@ -248,7 +254,16 @@ def guard_against_direct(model: Any, family: str, seed: int = 5, steps: int = 2,
 
 
 def flux_model() -> Any:
-    """A ModelPatcher of a stand-in for ComfyUI's ``Flux`` class (a tiny SD-layout UNet under that class name):
-    the support check refuses guidance-distilled models by class name, before it looks at the weights."""
+    """A ModelPatcher of ComfyUI's ``Flux`` class where the ComfyUI has it (:data:`FLUX_CONFIG`: Flux-dev's config
+    from ``model_detection.py``, guidance embedding included, at width 64 with one block of each kind, random
+    weights), else of a stand-in under that class name (a tiny SD-layout UNet; the March 2024 ComfyUI has no
+    Flux): the support check refuses guidance-distilled models by class name, before it looks at the weights."""
+    import torch
+    from test_arch_smoke import _random_init
+
     cg = setup()
-    return cg.patcher(cg.Flux(cg.comfy.supported_models.SD15(cg.tiny_unet_config(768))))
+    if not hasattr(cg.comfy.supported_models, "Flux"):
+        return cg.patcher(cg.Flux(cg.comfy.supported_models.SD15(cg.tiny_unet_config(768))))
+    base = cg.comfy.supported_models.Flux(dict(FLUX_CONFIG)).get_model({})
+    _random_init(base.diffusion_model, 6)
+    return cg.patcher(base.eval().requires_grad_(False).to(torch.float32))

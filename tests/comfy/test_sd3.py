@@ -16,13 +16,16 @@ is 1.0, so the implied noise of every prompt is ``x_T`` and its difference 0; th
 
 - ``test_sd3_support_matrix``: the model is family ``sd3``, ``flow``, ``sigma_max`` 1.0; the Guard and Calibrate
   accept it; Token Highlighting, Mitigate Embedding, Localize Neurons and Apply Neuron Mask refuse it, each
-  with a one-line error naming SD3 and what is missing (SD-style ``attn2`` cross-attention); the Flux
-  stand-in is refused by every feature.
+  with a one-line error naming SD3 and what is missing (SD-style ``attn2`` cross-attention); ComfyUI's own Flux
+  class (reduced, ``families.flux_model``) is refused by every feature, naming the missing unconditional
+  prediction.
 - ``test_sd3_guard_score_is_velocity_difference``: the run starts at sigma exactly 1.0 (full noise); the
   Guard's first-step score of a KSampler run (CFG 7.5, 2 Euler steps) equals ``||v(x_T, c) - v(x_T, empty)||``
   with ``v`` the MMDiT's own output on the same ``x_T`` and conditioning, to 1e-4 relative; the guarded run
-  makes no extra UNet call (nor sample); and on that ``x_T`` the implied-noise difference is 0 while the
-  velocity difference is not (why the score is the velocity).
+  makes no extra UNet call (nor sample); at CFG 1 the score is unavailable, or, with "one extra UNet
+  evaluation", the same score for one extra noise prediction; the stock ModelSamplingSD3 node (shift 6) keeps
+  the first sigma at 1.0 and the score; and on that ``x_T`` the implied-noise difference is 0 while the velocity
+  difference is not (why the score is the velocity).
 - ``test_sd3_calibrate_then_guard``: Calibrate's scores are the Guard's own on KSampler runs of the same
   prompts and noises (64x64 px); the Calibrate node's threshold, saved in the user directory, is found by a
   Guard with threshold 0; the summary names the velocity score.
@@ -71,7 +74,7 @@ def _comfy_has_sd3() -> bool:
 def test_sd3_support_matrix() -> None:
     import torch
 
-    _setup()
+    cg = _setup()
     from DejaGuard.core.errors import DejaGuardError
     from DejaGuard.core.mitigate import DEFAULT_LR
     from DejaGuard.core.neuron_mask import NeuronMask
@@ -108,6 +111,7 @@ def test_sd3_support_matrix() -> None:
             assert "\n" not in message, message
 
     flux = flux_model()
+    assert type(flux.model) is cg.comfy.model_base.Flux  # the real class: this ComfyUI has SD3, so Flux too
     for feature in FEATURES:
         with pytest.raises(DejaGuardError, match="Flux.*guidance-distilled.*without an unconditional prediction"):
             check_supported(flux, feature)
@@ -118,7 +122,7 @@ def test_sd3_support_matrix() -> None:
 def test_sd3_guard_score_is_velocity_difference() -> None:
     import torch
 
-    _setup()
+    cg = _setup()
     from DejaGuard.nodes.model_check import model_sampling
 
     model = build("sd3")
@@ -127,6 +131,26 @@ def test_sd3_guard_score_is_velocity_difference() -> None:
     assert math.isfinite(r["direct_score"]) and r["direct_score"] > 0, r
     assert r["score_rel_diff"] <= 1e-4, r
     assert (r["extra_unet_calls"], r["extra_unet_samples"]) == (0, 0), r
+
+    # CFG 1 (no unconditional prediction) and a stock shift node.
+    import comfy_extras.nodes_model_advanced as advanced
+    from DejaGuard.nodes.guard import CFG1_EXTRA_EVAL, DejaGuardMemorizationGuard
+
+    positive, negative = conditioning("sd3", 10), conditioning("sd3", 11)
+    latent = {"samples": torch.zeros(latent_shape(model))}
+    shifted = advanced.ModelSamplingSD3().patch(model, 6.0)[0]
+    with torch.inference_mode():
+        for mode, m, cfg in ((cg.CFG1_UNAVAILABLE, model, 1.0), (CFG1_EXTRA_EVAL, model, 1.0),
+                             (cg.CFG1_UNAVAILABLE, shifted, 7.5)):
+            guarded, state = DejaGuardMemorizationGuard().guard(m, 1.0, mode, unique_id="sd3-cfg")
+            cg.comfy_nodes.common_ksampler(guarded, 5, 2, cfg, "euler", "normal", positive, negative, latent)
+            run = state.runs[-1]
+            assert run.first_sigma == 1.0 and run.full_noise, (mode, cfg, run)
+            if mode == cg.CFG1_UNAVAILABLE and cfg == 1.0:
+                assert run.scores is None and "unavailable at CFG 1" in run.status, run
+            else:
+                assert run.scores[0] == pytest.approx(r["score"], rel=1e-5), (mode, cfg, run)
+                assert run.extra_unet_evals == int(cfg == 1.0), run
 
     # Why the velocity: at sigma 1 the implied noise (x - (1 - sigma) x0) / sigma is x_T whatever the prompt.
     base, shape = model.model, latent_shape(model)
