@@ -28,8 +28,8 @@ builders of ``families.py`` (shared with ``bench/architectures.py``):
 - ``test_calibrate_workflows`` (any interpreter) and ``test_calibrate_workflows_validate`` (in process): the
   example workflows "Calibrate once, then Guard on every generation" for SD1.5 and SDXL checkpoints.
 
-SD3 (flow matching) is not tested here: the March 2024 ComfyUI has no SD3 model class. Its support rests on
-:mod:`nodes.model_check` (class ``SD3``, ``CONST`` sampling) and is untested until a newer ComfyUI runs these.
+SD3 (flow matching) is tested in ``test_sd3.py``, on a ComfyUI that has it (the March 2024 one has no SD3 model
+class). There ``flux_model`` is ComfyUI's own Flux class; on the March 2024 ComfyUI a stand-in under its name.
 """
 
 from __future__ import annotations
