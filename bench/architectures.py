@@ -7,11 +7,14 @@ with ``DEJAGUARD_COMFY_ROOT``). In one process, ComfyUI imported as the in-proce
 the pack importable as ``DejaGuard``), every node called under ``torch.inference_mode()`` as a graph calls it.
 
 Models: random weights in ComfyUI's own model classes at reduced width, from ``tests/comfy/families.py`` (the
-builders ``tests/comfy/test_families.py`` checks too): ``sd1`` (SD15 config, epsilon), ``sd2_v`` (SD20 config,
-v-prediction), ``sdxl`` (SDXL class, pooled ``adm`` conditioning); ``sd1`` and ``sd2_v`` get ComfyUI's own CLIP
-(real tokenizer and width, encoder cut to 2 layers), ``sdxl`` a CLIP stand-in (random conditioning per text).
-``sd3`` is measured only where the ComfyUI has an SD3 class; ``flux_distilled`` is a stand-in of ComfyUI's Flux
-class (the March 2024 ComfyUI has none), which the support check refuses by name.
+builders ``tests/comfy/test_families.py`` and ``test_sd3.py`` check too): ``sd1`` (SD15 config, epsilon), ``sd2_v``
+(SD20 config, v-prediction), ``sdxl`` (SDXL class, pooled ``adm`` conditioning), ``sd3`` (SD3 class: MMDiT at
+depth 2, flow matching, 16 latent channels, pooled ``adm`` input); ``sd1`` and ``sd2_v`` get ComfyUI's own CLIP
+(real tokenizer and width, encoder cut to 2 layers), ``sdxl`` and ``sd3`` a CLIP stand-in (random conditioning per
+text, the family's widths). ``sd3`` is measured only where the ComfyUI has an SD3 class (not the March 2024
+ComfyUI of CI: there its entry stays null with the reason); ``flux_distilled`` is ComfyUI's Flux class at reduced
+width, or a stand-in under its name where the ComfyUI has none (March 2024), which the support check refuses by
+name.
 
 Per family (a KSampler run is ``common_ksampler``: 2 Euler steps, CFG 7.5, an 8x8 latent = 64x64 px, a random
 positive and negative conditioning, seed 5):
@@ -20,9 +23,10 @@ positive and negative conditioning, seed 5):
   ``refusal`` holds its one-line error.
 - ``score_rel_diff``: ``|s - d| / d`` with ``s`` the Guard's first-step score of a KSampler run (read from the
   sampler's own cond/uncond predictions) and ``d = ||pred(x_T, c) - pred(x_T, empty)||`` computed directly by
-  two ``apply_model`` calls on the same ``x_T`` (ComfyUI's noise for the seed, scaled by the model's sampling
-  object) with the same conditioning (SDXL: its ``adm`` input ``y`` from the pooled output), where
-  ``pred = (x - denoised) / sigma`` (the noise for epsilon and v-prediction models). Target <= 1e-4.
+  two model calls on the same ``x_T`` (ComfyUI's noise for the seed, scaled by the model's sampling
+  object) with the same conditioning (SDXL, SD3: the ``adm`` input ``y`` from the pooled output), where ``pred``
+  is the noise ``(x - denoised) / sigma`` for epsilon and v-prediction models and the velocity (the MMDiT's own
+  output) for SD3, whose first sigma is 1.0. Target <= 1e-4.
 - ``extra_unet_calls``: UNet calls of the guarded run minus the plain run's, counted by a forward hook on the
   diffusion model (one per ``apply_model`` call, whatever the batch). Target 0: the score costs nothing.
 - ``calibrated``: the DejaGuard Calibrate node (the first ``--prompt-limit`` bundled prompts, 64x64 px) saves
@@ -144,23 +148,22 @@ def measure(cg: Any, family: str, prompt_limit: int) -> dict[str, Any]:
     from DejaGuard.nodes.explain import DejaGuardTokenHighlight
     from DejaGuard.nodes.mitigate import DejaGuardMitigateEmbedding
     from DejaGuard.nodes.model_check import check_supported
-    from families import LATENT, StubClip, build, flux_model, guard_against_direct, reduced_clip
+    from families import NO_SD3, StubClip, build, flux_model, guard_against_direct, has_sd3, latent_shape, reduced_clip
 
     start = time.monotonic()
     entry: dict[str, Any] = {"model": None, "guard_supported": None, "score_rel_diff": None, "extra_unet_calls": None,
                              "calibrated": None, "explain": None, "mitigate": None, "refusal": None}
-    if family == "sd3":
-        has_sd3 = hasattr(cg.comfy.supported_models, "SD3")
-        entry["reason"] = ("SD3 is in this ComfyUI, but bench.architectures builds no reduced SD3 model yet"
-                           if has_sd3 else "not in this ComfyUI version")
+    if family == "sd3" and not has_sd3():
+        entry["reason"] = NO_SD3
         return entry
     if family == "flux_distilled":
         model, clip = flux_model(), StubClip("sd1")
-        has_flux = hasattr(cg.comfy.model_base, "Flux")
-        entry["model"] = "stand-in of ComfyUI's Flux class" + ("" if has_flux else " (not in this ComfyUI version)")
+        real = type(model.model) is getattr(cg.comfy.model_base, "Flux", None)
+        entry["model"] = ("ComfyUI's Flux class, reduced width, random weights" if real else
+                          "stand-in of ComfyUI's Flux class (not in this ComfyUI version)")
     else:
         model = build(family)
-        clip = StubClip(family) if family == "sdxl" else reduced_clip(family)
+        clip = StubClip(family) if family in ("sdxl", "sd3") else reduced_clip(family)
         base = model.model
         entry["model"] = (f"ComfyUI's {type(base.model_config).__name__} config in its {type(base).__name__} class, "
                           "reduced width, random weights")
@@ -173,7 +176,7 @@ def measure(cg: Any, family: str, prompt_limit: int) -> dict[str, Any]:
         if entry["guard_supported"]:
             entry.update(guard_against_direct(model, family, SEED, STEPS, CFG))
             entry.update(calibrate_then_guard(cg, model, clip, family, prompt_limit))
-        latent = {"samples": torch.zeros(LATENT)}
+        latent = {"samples": torch.zeros(latent_shape(model))}
         entry["explain"] = node_status(lambda: DejaGuardTokenHighlight().explain(model, clip, PROMPT, 0, 1, latent))
         positive, negative = cg.encode(clip, PROMPT), cg.encode(clip, "")
         entry["mitigate"] = node_status(lambda: DejaGuardMitigateEmbedding().mitigate(

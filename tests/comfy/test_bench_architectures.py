@@ -9,7 +9,11 @@ skipped when ``bash tests/comfy/setup_comfy.sh`` has not been run), and reads th
 - Token Highlighting and Mitigate Embedding run ("ok") on SD1 and SD2-v, and refuse SDXL with a text that names
   SDXL and why (one text encoder in the adapter).
 - The Flux stand-in is refused by the Guard with a reason naming why (guidance-distilled, no unconditional
-  prediction), and by every other node; SD3 is measured only where the ComfyUI has it, else null with a reason.
+  prediction), and by every other node.
+- SD3 is measured only where the ComfyUI has it (``DEJAGUARD_COMFY_ROOT`` naming a current ComfyUI, see
+  ``test_sd3.py``): then like SD1 (first sigma 1.0, ``score_rel_diff <= 1e-4`` against the velocity difference,
+  no extra UNet call, ``calibrated``) with Token Highlighting and Mitigate refusing it (no SD-style ``attn2``
+  cross-attention); else its entry is null with the reason.
 """
 
 from __future__ import annotations
@@ -73,7 +77,15 @@ def test_bench_architectures_targets(bench: tuple[str, dict[str, Any]]) -> None:
     assert "Flux" in flux["explain"] and "Flux" in flux["mitigate"]
 
     sd3 = families["sd3"]
-    if sd3["guard_supported"] is None:
-        assert sd3["reason"], sd3
-    else:
-        assert sd3["guard_supported"] is True and sd3["score_rel_diff"] <= TOL and sd3["extra_unet_calls"] == 0
+    assert "| sd3 |" in out
+    if sd3["guard_supported"] is None:  # a ComfyUI without SD3 (the March 2024 one of CI)
+        assert "no SD3 model class" in sd3["reason"], sd3
+        assert all(sd3[k] is None for k in ("score_rel_diff", "extra_unet_calls", "calibrated", "explain")), sd3
+    else:  # a current ComfyUI: measured like the others, the score being the velocity difference
+        assert sd3["guard_supported"] is True and sd3["refusal"] is None, sd3
+        assert (sd3["family"], sd3["prediction"], sd3["first_sigma"]) == ("sd3", "flow", 1.0), sd3
+        assert sd3["score_rel_diff"] <= TOL and sd3["direct_score"] > 0, sd3
+        assert sd3["extra_unet_calls"] == 0 and sd3["plain_unet_calls"] > 0, sd3
+        assert sd3["calibrated"] is True, sd3
+        for node in ("explain", "mitigate"):
+            assert "not yet supported for SD3" in sd3[node] and "attn2 cross-attention" in sd3[node], sd3[node]

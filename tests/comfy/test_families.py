@@ -28,8 +28,8 @@ builders of ``families.py`` (shared with ``bench/architectures.py``):
 - ``test_calibrate_workflows`` (any interpreter) and ``test_calibrate_workflows_validate`` (in process): the
   example workflows "Calibrate once, then Guard on every generation" for SD1.5 and SDXL checkpoints.
 
-SD3 (flow matching) is not tested here: the March 2024 ComfyUI has no SD3 model class. Its support rests on
-:mod:`nodes.model_check` (class ``SD3``, ``CONST`` sampling) and is untested until a newer ComfyUI runs these.
+SD3 (flow matching) is tested in ``test_sd3.py``, on a ComfyUI that has it (the March 2024 one has no SD3 model
+class). There ``flux_model`` is ComfyUI's own Flux class; on the March 2024 ComfyUI a stand-in under its name.
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ def test_calibrate_node_on_testbed(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     if hasattr(folder_paths, "get_user_directory"):
         monkeypatch.setattr(folder_paths, "get_user_directory", lambda: str(tmp_path))
     ticks: list[tuple[int, int]] = []
-    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, _preview: ticks.append((value, total)))
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK",  # newer ComfyUI also passes node_id=
+                        lambda value, total, _preview, **_: ticks.append((value, total)))
     prompts = calibration_prompts()[:4]
     with torch.inference_mode():
         model, clip, _ = DejaGuardTestbedLoader().load("testbed (bundled)")
