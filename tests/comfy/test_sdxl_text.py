@@ -22,6 +22,8 @@ loader inside a graph makes them). Never a full-size model.
   hidden states and the pooled output, keeps the entry's other options and leaves its input untouched; the
   returned CONDITIONING, sampled from the same x_T through ``apply_model`` (``direct_score``), has the score the
   node reported; conditioning without ``pooled_output`` is refused in one line.
+- ``test_refusals_that_remain``: the adapter refuses SDXL for neuron masks (naming SDXL and the feature), and an SD1
+  CLIP given with the SDXL model (or SDXL's CLIP with an SD1 model) in one line instead of a shape error.
 """
 
 from __future__ import annotations
@@ -196,6 +198,19 @@ def test_mitigate_node(sdxl: tuple[Any, Any, Any]) -> None:
     with torch.inference_mode(), pytest.raises(DejaGuardError, match="SDXL conditioning without a pooled output"):
         DejaGuardMitigateEmbedding().mitigate(model, [[positive[0][0], {}]], negative, latent, SEED, 1e-3, 1e-3,
                                               0.01, 1)
+
+
+@inproc
+def test_refusals_that_remain(sdxl: tuple[Any, Any, Any]) -> None:
+    from DejaGuard.core.errors import DejaGuardError
+    from families import build, reduced_clip
+
+    _, model, clip = sdxl
+    with pytest.raises(DejaGuardError, match="^unsupported model for neuron masks: not yet supported for SDXL: "):
+        _denoiser(model, clip, feature="masks")
+    for wrong in (_denoiser(model, reduced_clip("sd1")), _denoiser(build("sd1"), clip)):
+        with pytest.raises(DejaGuardError, match="does not belong to this (sdxl|sd1) model"):
+            wrong.prompt_tokens(PROMPT)
 
 
 @pytest.mark.slow
