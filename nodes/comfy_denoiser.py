@@ -188,14 +188,15 @@ class ComfyDenoiser:
                                  "connect the CLIP output of the model's own checkpoint loader")
         return encoders
 
-    def _tokenizers(self) -> list[Any]:
-        """The sub-tokenizer of each of :meth:`_encoders` (attribute ``clip_<key>`` of the CLIP's tokenizer)."""
+    def _tokenizers(self, keys: Sequence[str]) -> dict[str, Any]:
+        """Token key -> sub-tokenizer (attribute ``clip_<key>`` of the CLIP's tokenizer: ``clip_l`` / ``clip_h`` for
+        SD1/SD2, ``clip_l`` and ``clip_g`` for SDXL). Reads the tokenizer only, not the text encoders."""
         tokenizer = self.clip.tokenizer
-        subs = [getattr(tokenizer, f"clip_{key}", None) for key, _ in self._encoders()]
-        if any(sub is None or not hasattr(sub, "inv_vocab") for sub in subs):
+        subs = {key: getattr(tokenizer, f"clip_{key}", None) for key in keys}
+        if not subs or any(sub is None or not hasattr(sub, "inv_vocab") for sub in subs.values()):
             raise DejaGuardError(f"unsupported tokenizer {type(tokenizer).__name__} "
                                  "(expected an SD1/SD2 CLIP or SDXL tokenizer)")
-        if any(getattr(sub, "start_token", None) is None for sub in subs):
+        if any(getattr(sub, "start_token", None) is None for sub in subs.values()):
             raise DejaGuardError("unsupported tokenizer: no start (BOS) token")
         return subs
 
@@ -220,6 +221,7 @@ class ComfyDenoiser:
     def _encode(self, tokens: dict[str, list[list[tuple[Any, ...]]]]) -> torch.Tensor:
         """``clip.encode_from_tokens(tokens)`` in this denoiser's layout: hidden states ``(1, 77, D)``; SDXL: with
         CLIP-G's pooled output packed as row 78 (:func:`~core.conditioning.pack_pooled`), ``(1, 78, 2048)``."""
+        self._encoders()  # the CLIP must be the model's family: one line here, not a shape error in the UNet
         if not self.pooled_width:
             return self.clip.encode_from_tokens(tokens)
         cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)  # as CLIPTextEncode calls it
@@ -239,8 +241,9 @@ class ComfyDenoiser:
         """BPE pieces at embedding positions ``1..n`` (``"</w>"`` ends a word); a textual-inversion
         vector is ``"<embedding>"``. SDXL: its two tokenizers share the BPE and the positions (:meth:`_first_chunk`)."""
         tokens = self._first_chunk(prompt, word_ids=True)
-        sub = self._tokenizers()[0]
-        chunk = tokens[self._encoders()[0][0]][0]
+        key = "l" if "l" in tokens else next(iter(tokens))  # SDXL: CLIP-L's (CLIP-G's are the same pieces)
+        sub = self._tokenizers([key])[key]
+        chunk = tokens[key][0]
         body = []
         for token, _weight, word in chunk[1:]:
             if word == 0:  # EOS, then padding
@@ -352,7 +355,7 @@ class ComfyDenoiser:
                 tensors = [*stage.named_parameters(), *stage.named_buffers()]
                 with torch.no_grad():
                     self._clip_weights = {f"stage.{n}": t.detach().clone() for n, t in tensors if t.is_inference()}
-            starts = {key: sub.start_token for (key, _), sub in zip(encoders, self._tokenizers())}
+            starts = {key: sub.start_token for key, sub in self._tokenizers([k for k, _ in encoders]).items()}
             conds = []
             for i, p in enumerate(prompts):
                 tokens = self._first_chunk(p)

@@ -210,7 +210,7 @@ def test_refusals_that_remain(sdxl: tuple[Any, Any, Any]) -> None:
         _denoiser(model, clip, feature="masks")
     for wrong in (_denoiser(model, reduced_clip("sd1")), _denoiser(build("sd1"), clip)):
         with pytest.raises(DejaGuardError, match="does not belong to this (sdxl|sd1) model"):
-            wrong.prompt_tokens(PROMPT)
+            wrong.encode_prompts([PROMPT])
 
 
 @pytest.mark.slow
