@@ -134,6 +134,8 @@ class ComfyDenoiser:
     """:class:`~core.denoiser.Denoiser` over ComfyUI's MODEL (``ModelPatcher``) and CLIP (see module doc).
 
     ``clip`` may be None for UNet-only methods (embedding mitigation): the text methods then refuse.
+    ``pooled_width``: 1280 for SDXL, whose conditioning carries CLIP-G's pooled output as its last row (module doc),
+    0 for SD1/SD2 and the testbed (hidden states alone).
     ``vae`` (ComfyUI VAE) is only needed by :meth:`decode`. ``sample_shape`` ``(C, H, W)`` defaults to
     :func:`default_sample_shape`. Every :meth:`predict_noise` ends with ComfyUI's interruption check, so a
     long method (localization, explanation, mitigation) stops at the next UNet call when the user cancels the
