@@ -1,7 +1,7 @@
 """Core's :class:`~core.denoiser.Denoiser` protocol over a ComfyUI MODEL (ModelPatcher) and CLIP.
 
 Every DejaGuard method written against the protocol (token significance, detection, ...) runs on
-whatever UNet a graph has loaded: the testbed from the DejaGuard loader, or an SD1.x / SD2.x
+whatever UNet a graph has loaded: the testbed from the DejaGuard loader, or an SD1.x / SD2.x / SDXL
 checkpoint from the stock CheckpointLoaderSimple (eps or v-prediction).
 
 Spaces and parametrization (shapes: ``B`` batch, ``C, H, W`` latent, ``L = 77``, ``D`` text width):
@@ -23,12 +23,20 @@ Spaces and parametrization (shapes: ``B`` batch, ``C, H, W`` latent, ``L = 77``,
   ``alphas_cumprod = 1 / (1 + sigmas^2)`` (so patched schedules are honoured), trailing spacing,
   epsilon prediction: its first timestep is 999, the first timestep of ComfyUI's "normal" scheduler.
 
+SDXL (two text encoders, pooled conditioning): the conditioning is one tensor in the layout of
+``core/conditioning.py``: hidden states ``(B, 77, 2048)`` (CLIP-L's 768 and OpenCLIP-G's 1280 channels, as
+ComfyUI concatenates them) with OpenCLIP-G's pooled output ``(B, 1280)`` packed as one extra row, ``(B, 78, 2048)``
+(:attr:`ComfyDenoiser.pooled_width` 1280; 0 for SD1/SD2, whose conditioning is ``(B, 77, D)`` as before).
+:meth:`~ComfyDenoiser.encode_prompts` packs what ``CLIPTextEncode`` gives; :meth:`~ComfyDenoiser.predict_noise`
+unpacks it and passes the pooled vector as the UNet's ``adm`` input ``y`` (with the image size, as ComfyUI's
+sampler does). Core's methods never unpack: token significance reads rows ``1..n``, embedding mitigation optimizes
+every row, so it steers the pooled vector too.
+
 Support, names and fingerprint come from the adapter core, ``nodes/model_check.py``: the constructor runs
-:func:`~nodes.model_check.check_supported` for all the adapter's features (Token Highlighting, embedding
-mitigation, neuron masks: so every node that builds this adapter refuses alike, e.g. SDXL with "the adapter
-handles one text encoder", while the Guard, which needs no adapter, accepts it), :meth:`named_modules` uses
-its one diffusers <-> ComfyUI name map and :meth:`fingerprint` is its
-:func:`~nodes.model_check.comfy_fingerprint`.
+:func:`~nodes.model_check.check_supported` for the feature its node serves (Token Highlighting, embedding
+mitigation, neuron masks; None: all of them), so every node that builds this adapter refuses alike, in its own
+name (SDXL: neuron masks), :meth:`named_modules` uses its one diffusers <-> ComfyUI name map and
+:meth:`fingerprint` is its :func:`~nodes.model_check.comfy_fingerprint`.
 
 What is honoured from the ModelPatcher: weight patches (LoRA, DejaGuard neuron masks), object
 patches and ``transformer_options`` patches (attention patches), because the model is loaded with
@@ -51,9 +59,11 @@ modifying the cached model other graphs use:
 The same two measures make the text encoder differentiable for token significance:
 :meth:`ComfyDenoiser.token_embeddings` reads the input token embeddings (textual-inversion vectors included)
 during ``clip.encode_from_tokens``, and
-:meth:`ComfyDenoiser.encode_token_embeddings` runs ``encode_from_tokens`` (prompt weights, CLIP skip) with that
-table's output replaced by the given tensor, through a module forward hook: ComfyUI's March-2024 CLIP takes no
-embeddings argument.
+:meth:`ComfyDenoiser.encode_token_embeddings` runs ``encode_from_tokens`` (prompt weights, CLIP skip) with each
+text encoder's token-embedding table output replaced by the given tensor, through one module forward hook:
+ComfyUI's March-2024 CLIP takes no embeddings argument. SDXL has two tables (``cond_stage_model.clip_l`` and
+``.clip_g``); its input token embeddings are both encoders' at the same token positions (same BPE), concatenated
+along the last axis ``(B, 77, 768 + 1280)``, so a token's significance covers the words of both encoders.
 """
 
 from __future__ import annotations
@@ -66,9 +76,12 @@ import comfy.model_base
 import comfy.model_management
 import torch
 
+from ..core.conditioning import pack_pooled, unpack_pooled
 from ..core.denoiser import UNetCounter
 from ..core.errors import DejaGuardError, NonFiniteError
 from .model_check import check_supported, comfy_fingerprint, diffusers_names, model_sampling
+
+SDXL_POOLED_WIDTH = 1280  # OpenCLIP-G's projected pooled output, the first 1280 of SDXL's 2816 adm channels
 
 
 class _ApplyModel(torch.nn.Module):
@@ -79,27 +92,29 @@ class _ApplyModel(torch.nn.Module):
         self.base = base
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
-                transformer_options: dict[str, Any]) -> torch.Tensor:
-        return self.base.apply_model(x, sigma, c_crossattn=context, transformer_options=transformer_options)
+                transformer_options: dict[str, Any], y: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {} if y is None else {"y": y}  # SDXL's adm input (B, 2816); SD1/SD2 take none
+        return self.base.apply_model(x, sigma, c_crossattn=context, transformer_options=transformer_options, **extra)
 
 
 class _EncodeFromTokens(torch.nn.Module):
     """``clip.encode_from_tokens`` as a ``forward`` over ``cond_stage_model`` (registered as ``stage``), so that
     ``functional_call`` can swap the text encoder's weights."""
 
-    def __init__(self, denoiser: ComfyDenoiser, hook: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
+    def __init__(self, denoiser: ComfyDenoiser,
+                 hooks: Sequence[Callable[[torch.Tensor], torch.Tensor | None]]) -> None:
         super().__init__()
         self.stage = denoiser.clip.cond_stage_model
         self._denoiser = denoiser
-        self._hook = hook
+        self._hooks = hooks
 
     def forward(self, tokens: dict[str, list[list[tuple[Any, ...]]]]) -> torch.Tensor:
-        return self._denoiser._encode_with_token_hook(tokens, self._hook)
+        return self._denoiser._encode_with_token_hook(tokens, self._hooks)
 
 
 def default_sample_shape(model: Any) -> tuple[int, int, int]:
-    """The model's native latent shape ``(C, H, W)``: the testbed's configured size, 96x96 for
-    v-prediction SD2 (768 px), 64x64 otherwise (512 px)."""
+    """The model's native latent shape ``(C, H, W)``: the testbed's configured size, 128x128 for SDXL (1024 px),
+    96x96 for v-prediction SD2 (768 px), 64x64 otherwise (512 px)."""
     from .diffusers_folder import DiffusersModelConfig
 
     base = model.model
@@ -109,6 +124,8 @@ def default_sample_shape(model: Any) -> tuple[int, int, int]:
         size = config.unet_config.get("image_size", 64)
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return channels, int(h), int(w)
+    if isinstance(base, comfy.model_base.SDXL):
+        return channels, 128, 128
     side = 96 if base.model_type == comfy.model_base.ModelType.V_PREDICTION else 64
     return channels, side, side
 
@@ -117,6 +134,8 @@ class ComfyDenoiser:
     """:class:`~core.denoiser.Denoiser` over ComfyUI's MODEL (``ModelPatcher``) and CLIP (see module doc).
 
     ``clip`` may be None for UNet-only methods (embedding mitigation): the text methods then refuse.
+    ``pooled_width``: 1280 for SDXL, whose conditioning carries CLIP-G's pooled output as its last row (module doc),
+    0 for SD1/SD2 and the testbed (hidden states alone).
     ``vae`` (ComfyUI VAE) is only needed by :meth:`decode`. ``sample_shape`` ``(C, H, W)`` defaults to
     :func:`default_sample_shape`. Every :meth:`predict_noise` ends with ComfyUI's interruption check, so a
     long method (localization, explanation, mitigation) stops at the next UNet call when the user cancels the
@@ -128,6 +147,9 @@ class ComfyDenoiser:
         # The one support check, for the feature the caller serves ("explain", "mitigate", "masks"; None: all the
         # adapter's features), so every node building the adapter refuses what it cannot do, in its own name.
         self.info = check_supported(model, feature)
+        # Width of the pooled text vector packed as the conditioning's last row (core/conditioning.py): SDXL's
+        # CLIP-G projection (1280), 0 for models conditioned on hidden states alone (SD1.x, SD2.x, the testbed).
+        self.pooled_width = SDXL_POOLED_WIDTH if self.info.family == "sdxl" else 0
         if clip is not None and not hasattr(clip, "tokenize"):  # None: UNet-only use (text methods then refuse)
             raise DejaGuardError("a CLIP text encoder is required (connect the loader's CLIP output)")
         self.model = model
@@ -146,38 +168,84 @@ class ComfyDenoiser:
 
     # -- text ----------------------------------------------------------------------------------
 
-    def _first_chunk(self, prompt: str, word_ids: bool = False) -> dict[str, list[list[tuple[Any, ...]]]]:
-        """ComfyUI tokens of ``prompt`` (weights parsed), cut to the first 77-token chunk."""
+    def _encoders(self) -> list[tuple[str, Any]]:
+        """The CLIP's text encoders as ``(token key, SDClipModel)``, in the order ComfyUI concatenates their hidden
+        states: one for SD1/SD2 (``cond_stage_model.clip_l`` / ``clip_h``, tokens under ``"l"`` / ``"h"``), two for
+        SDXL (``SDXLClipModel.clip_l`` then ``.clip_g``, tokens under ``"l"`` and ``"g"``)."""
         if self.clip is None:
             raise DejaGuardError("a CLIP text encoder is required (connect the loader's CLIP output)")
-        tokens = self.clip.tokenize(prompt, return_word_ids=word_ids)
+        stage = self.clip.cond_stage_model
+        if isinstance(getattr(stage, "clip", None), str):  # SD1ClipModel: one encoder, attribute clip_<name>
+            encoders = [(stage.clip_name, getattr(stage, stage.clip, None))]
+        elif hasattr(stage, "clip_l") and hasattr(stage, "clip_g"):  # SDXLClipModel: CLIP-L and OpenCLIP-G
+            encoders = [("l", stage.clip_l), ("g", stage.clip_g)]
+        else:
+            encoders = []
+        if not encoders or any(not hasattr(getattr(inner, "transformer", None), "get_input_embeddings")
+                               for _, inner in encoders):
+            raise DejaGuardError(f"unsupported text encoder {type(stage).__name__} (expected an SD1/SD2 CLIP or "
+                                 "SDXL's CLIP-L + OpenCLIP-G)")
+        if bool(self.pooled_width) != (len(encoders) == 2):
+            raise DejaGuardError(f"the CLIP ({type(stage).__name__}) does not belong to this {self.info.family} model: "
+                                 "connect the CLIP output of the model's own checkpoint loader")
+        return encoders
+
+    def _tokenizers(self, keys: Sequence[str]) -> dict[str, Any]:
+        """Token key -> sub-tokenizer (attribute ``clip_<key>`` of the CLIP's tokenizer: ``clip_l`` / ``clip_h`` for
+        SD1/SD2, ``clip_l`` and ``clip_g`` for SDXL). Reads the tokenizer only, not the text encoders."""
+        tokenizer = self.clip.tokenizer
+        subs = {key: getattr(tokenizer, f"clip_{key}", None) for key in keys}
+        if not subs or any(sub is None or not hasattr(sub, "inv_vocab") for sub in subs.values()):
+            raise DejaGuardError(f"unsupported tokenizer {type(tokenizer).__name__} "
+                                 "(expected an SD1/SD2 CLIP or SDXL tokenizer)")
+        if any(getattr(sub, "start_token", None) is None for sub in subs.values()):
+            raise DejaGuardError("unsupported tokenizer: no start (BOS) token")
+        return subs
+
+    def _first_chunk(self, prompt: str, word_ids: bool = False) -> dict[str, list[list[tuple[Any, ...]]]]:
+        """ComfyUI tokens of ``prompt`` (weights parsed), cut to the first 77-token chunk. With two encoders (SDXL)
+        their tokens must hold the same words at the same positions (the embedding rows of :meth:`token_embeddings`
+        pair them up): same BPE, so they do unless a textual-inversion file has vectors for one encoder only."""
+        if self.clip is None:
+            raise DejaGuardError("a CLIP text encoder is required (connect the loader's CLIP output)")
+        tokens = self.clip.tokenize(prompt, return_word_ids=True)
         if any(len(chunks) > 1 for chunks in tokens.values()):
             warnings.warn(f"prompt longer than one 77-token chunk, truncated: {prompt[:60]!r}...", stacklevel=3)
-        return {key: chunks[:1] for key, chunks in tokens.items()}
+        tokens = {key: chunks[:1] for key, chunks in tokens.items()}
+        layouts = {tuple(word for _t, _w, word in chunks[0]) for chunks in tokens.values()}
+        if len(layouts) > 1:
+            raise DejaGuardError(f"the text encoders' tokenizers place the words of {prompt[:60]!r} differently "
+                                 "(a textual-inversion embedding for one encoder only?)")
+        if word_ids:
+            return tokens
+        return {key: [[(t, w) for t, w, _word in chunk] for chunk in chunks] for key, chunks in tokens.items()}
+
+    def _encode(self, tokens: dict[str, list[list[tuple[Any, ...]]]]) -> torch.Tensor:
+        """``clip.encode_from_tokens(tokens)`` in this denoiser's layout: hidden states ``(1, 77, D)``; SDXL: with
+        CLIP-G's pooled output packed as row 78 (:func:`~core.conditioning.pack_pooled`), ``(1, 78, 2048)``."""
+        self._encoders()  # the CLIP must be the model's family: one line here, not a shape error in the UNet
+        if not self.pooled_width:
+            return self.clip.encode_from_tokens(tokens)
+        cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)  # as CLIPTextEncode calls it
+        if pooled is None:
+            raise DejaGuardError("the CLIP gives no pooled output, which SDXL needs: connect the SDXL "
+                                 "checkpoint's CLIP")
+        return pack_pooled(cond, pooled)
 
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Prompts -> conditioning ``(B, 77, D)`` as CLIPTextEncode makes it (first chunk only)."""
+        """Prompts -> conditioning as CLIPTextEncode makes it (first chunk only): ``(B, 77, D)``; SDXL: hidden
+        states and pooled output packed, ``(B, 78, 2048)`` (:meth:`_encode`)."""
         with torch.inference_mode(False), torch.no_grad():
-            conds = [self.clip.encode_from_tokens(self._first_chunk(p)) for p in prompts]
+            conds = [self._encode(self._first_chunk(p)) for p in prompts]
             return torch.cat(conds).to(self.device, self.dtype).clone()
-
-    def _sub_tokenizer(self) -> Any:
-        if self.clip is None:
-            raise DejaGuardError("a CLIP text encoder is required (connect the loader's CLIP output)")
-        tokenizer = self.clip.tokenizer
-        sub = getattr(tokenizer, getattr(tokenizer, "clip", ""), None)
-        if sub is None or not hasattr(sub, "inv_vocab"):
-            raise DejaGuardError(f"unsupported tokenizer {type(tokenizer).__name__} "
-                                 "(expected an SD1/SD2 CLIP tokenizer)")
-        if getattr(sub, "start_token", None) is None:
-            raise DejaGuardError("unsupported tokenizer: no start (BOS) token")
-        return sub
 
     def prompt_tokens(self, prompt: str) -> list[str]:
         """BPE pieces at embedding positions ``1..n`` (``"</w>"`` ends a word); a textual-inversion
-        vector is ``"<embedding>"``."""
-        sub = self._sub_tokenizer()
-        (chunk,) = next(iter(self._first_chunk(prompt, word_ids=True).values()))
+        vector is ``"<embedding>"``. SDXL: its two tokenizers share the BPE and the positions (:meth:`_first_chunk`)."""
+        tokens = self._first_chunk(prompt, word_ids=True)
+        key = "l" if "l" in tokens else next(iter(tokens))  # SDXL: CLIP-L's (CLIP-G's are the same pieces)
+        sub = self._tokenizers([key])[key]
+        chunk = tokens[key][0]
         body = []
         for token, _weight, word in chunk[1:]:
             if word == 0:  # EOS, then padding
@@ -192,46 +260,37 @@ class ComfyDenoiser:
                 pieces.append("<embedding>" + ("</w>" if last else ""))
         return pieces
 
-    def _text_model(self) -> Any:
-        """ComfyUI's ``SDClipModel`` inside the CLIP (``cond_stage_model.clip_l`` for SD1, ``clip_h`` for SD2)."""
-        if self.clip is None:
-            raise DejaGuardError("a CLIP text encoder is required (connect the loader's CLIP output)")
-        stage = self.clip.cond_stage_model
-        inner = getattr(stage, getattr(stage, "clip", ""), None)
-        if inner is None or not hasattr(getattr(inner, "transformer", None), "get_input_embeddings"):
-            raise DejaGuardError(f"unsupported text encoder {type(stage).__name__} (expected an SD1/SD2 CLIP)")
-        return inner
-
     def _encode_with_token_hook(self, tokens: dict[str, list[list[tuple[Any, ...]]]],
-                                hook: Callable[[torch.Tensor], torch.Tensor | None]) -> torch.Tensor:
-        """``clip.encode_from_tokens(tokens)`` with ``hook(out)`` seeing (and possibly replacing) the output
-        ``(n, 77, E)`` of the text encoder's token-embedding table, row 0 being the prompt's.
+                                hooks: Sequence[Callable[[torch.Tensor], torch.Tensor | None]]) -> torch.Tensor:
+        """:meth:`_encode` ``(tokens)`` with ``hooks[i](out)`` seeing (and possibly replacing) the output
+        ``(n, 77, E_i)`` of the token-embedding table of text encoder ``i`` of :meth:`_encoders`, row 0 being the
+        prompt's.
 
-        The table is found when it runs (``transformer.get_input_embeddings()`` at call time: ComfyUI swaps in a
-        larger table for textual-inversion vectors) through a process-wide module hook, removed on return. Only
-        its first call is hooked: March 2024 ComfyUI looks up all rows in one call, late-2025 ComfyUI one row per
-        call, the prompt's first (a weighted prompt adds an empty one).
+        Each table is found when it runs (``transformer.get_input_embeddings()`` at call time: ComfyUI swaps in a
+        larger table for textual-inversion vectors) through one process-wide module hook, removed on return. Only
+        the first call of each table is hooked: March 2024 ComfyUI looks up all rows in one call, late-2025 ComfyUI
+        one row per call, the prompt's first (a weighted prompt adds an empty one).
         """
-        inner = self._text_model()
-        calls = 0
+        inners = [inner for _, inner in self._encoders()]
+        calls = [0] * len(inners)
 
         def on_forward(module: torch.nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor | None:
-            nonlocal calls
-            if module is inner.transformer.get_input_embeddings():
-                calls += 1
-                if calls == 1:
-                    return hook(out)
+            for i, inner in enumerate(inners):
+                if module is inner.transformer.get_input_embeddings():
+                    calls[i] += 1
+                    return hooks[i](out) if calls[i] == 1 else None
             return None
 
         handle = torch.nn.modules.module.register_module_forward_hook(on_forward)
         try:
-            return self.clip.encode_from_tokens(tokens)
+            return self._encode(tokens)
         finally:
             handle.remove()
 
     def token_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
         """Prompts -> input token embeddings ``(B, 77, E)`` of the first chunk (textual-inversion vectors
-        included), before position embeddings.
+        included), before position embeddings. SDXL: both encoders' at the same token positions, concatenated
+        along the last axis (CLIP-L then OpenCLIP-G, ``E = 768 + 1280``), so a token's gradient norm covers both.
 
         March 2024 ComfyUI looks textual-inversion vectors up in its token-embedding table (swapped for a larger
         one); late-2025 ComfyUI inserts them after the table lookup and passes the result to the text
@@ -240,39 +299,56 @@ class ComfyDenoiser:
         return torch.cat([self._prompt_token_embeddings(p) for p in prompts]).to(self.device)
 
     def _prompt_token_embeddings(self, prompt: str) -> torch.Tensor:
-        inner = self._text_model()
-        looked_up, passed = [], []
+        inners = [inner for _, inner in self._encoders()]
+        looked_up: list[list[torch.Tensor]] = [[] for _ in inners]
+        passed: list[list[torch.Tensor]] = [[] for _ in inners]
 
-        def capture(out: torch.Tensor) -> None:
-            looked_up.append(out[:1].detach().float().clone())  # row 0: the prompt (weights add "" after it)
+        def capture(i: int) -> Callable[[torch.Tensor], None]:
+            def keep(out: torch.Tensor) -> None:  # row 0: the prompt (weights add "" after it)
+                looked_up[i].append(out[:1].detach().float().clone())
+            return keep
 
-        def on_transformer(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
-            if kwargs.get("embeds") is not None:
-                passed.append(kwargs["embeds"][:1].detach().float().clone())
+        def on_transformer(i: int) -> Callable[..., None]:
+            def keep(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+                if kwargs.get("embeds") is not None:
+                    passed[i].append(kwargs["embeds"][:1].detach().float().clone())
+            return keep
 
         tokens = self._first_chunk(prompt)
-        handle = inner.transformer.register_forward_pre_hook(on_transformer, with_kwargs=True)
+        handles = [inner.transformer.register_forward_pre_hook(on_transformer(i), with_kwargs=True)
+                   for i, inner in enumerate(inners)]
         try:
             with torch.inference_mode(False), torch.no_grad():
-                self._encode_with_token_hook(tokens, capture)
+                self._encode_with_token_hook(tokens, [capture(i) for i in range(len(inners))])
         finally:
-            handle.remove()
-        row = (passed or looked_up)[0]
+            for handle in handles:
+                handle.remove()
         length = len(next(iter(tokens.values()))[0])
-        if tuple(row.shape[:2]) != (1, length):
-            raise DejaGuardError(f"token embeddings of shape {tuple(row.shape)} for {length} tokens: this "
-                                 "ComfyUI's text encoder is not supported")
-        return row
+        rows = []
+        for got, looked in zip(passed, looked_up):
+            if not (got or looked) or tuple((got or looked)[0].shape[:2]) != (1, length):
+                shape = tuple((got or looked)[0].shape) if got or looked else None
+                raise DejaGuardError(f"token embeddings of shape {shape} for {length} tokens: this "
+                                     "ComfyUI's text encoder is not supported")
+            rows.append((got or looked)[0])
+        return torch.cat(rows, dim=-1)
 
     def encode_token_embeddings(self, prompts: Sequence[str], token_embeddings: torch.Tensor) -> torch.Tensor:
-        """CLIPTextEncode's conditioning ``(B, 77, D)`` of ``prompts`` (weights applied, first chunk) with the
-        input token embeddings replaced by ``token_embeddings (B, 77, E)``; differentiable w.r.t. them.
+        """CLIPTextEncode's conditioning of ``prompts`` (weights applied, first chunk; the layout of
+        :meth:`encode_prompts`) with the input token embeddings replaced by ``token_embeddings (B, 77, E)``;
+        differentiable w.r.t. them. SDXL: ``E = 768 + 1280`` is split between CLIP-L and OpenCLIP-G, and the
+        packed pooled row depends on the OpenCLIP-G half too (its EOS hidden state through ``text_projection``).
 
         Gradients through ComfyUI's CLIP need what the UNet needs (module doc): ordinary copies of
         inference-tensor weights (``functional_call``) and copies of saved activations (its layers add in place).
         """
         if token_embeddings.shape[0] != len(prompts):
             raise DejaGuardError(f"{token_embeddings.shape[0]} token-embedding rows for {len(prompts)} prompts")
+        encoders = self._encoders()
+        widths = [int(inner.transformer.get_input_embeddings().weight.shape[1]) for _, inner in encoders]
+        if token_embeddings.shape[-1] != sum(widths):
+            raise DejaGuardError(f"token embeddings of width {token_embeddings.shape[-1]}; the text encoders take "
+                                 f"{' + '.join(map(str, widths))}")
         grad = torch.is_grad_enabled()
         with torch.inference_mode(False), torch.set_grad_enabled(grad):
             self.clip.load_model()
@@ -281,23 +357,25 @@ class ComfyDenoiser:
                 tensors = [*stage.named_parameters(), *stage.named_buffers()]
                 with torch.no_grad():
                     self._clip_weights = {f"stage.{n}": t.detach().clone() for n, t in tensors if t.is_inference()}
-            start = self._sub_tokenizer().start_token
+            starts = {key: sub.start_token for key, sub in self._tokenizers([k for k, _ in encoders]).items()}
             conds = []
             for i, p in enumerate(prompts):
                 tokens = self._first_chunk(p)
                 # The ids only select embedding rows, which are replaced: a textual-inversion vector (already in
                 # token_embeddings) gets a plain id so ComfyUI builds no new embedding table on the grad path.
-                tokens = {k: [[(t if isinstance(t, int) else start, *rest) for t, *rest in chunk] for chunk in chunks]
-                          for k, chunks in tokens.items()}
+                tokens = {k: [[(t if isinstance(t, int) else starts.get(k, 0), *rest) for t, *rest in chunk]
+                              for chunk in chunks] for k, chunks in tokens.items()}
                 row = token_embeddings[i : i + 1]
                 if tuple(row.shape[1:2]) != (len(next(iter(tokens.values()))[0]),):
                     raise DejaGuardError(f"token embeddings {tuple(token_embeddings.shape)} do not match the "
                                          "prompt's 77 tokens")
 
-                def substitute(out: torch.Tensor, row: torch.Tensor = row) -> torch.Tensor:
-                    return torch.cat([row.to(out.device, out.dtype), out[1:]])
+                def substitute(part: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+                    def replace(out: torch.Tensor) -> torch.Tensor:
+                        return torch.cat([part.to(out.device, out.dtype), out[1:]])
+                    return replace
 
-                call = _EncodeFromTokens(self, substitute)
+                call = _EncodeFromTokens(self, [substitute(part) for part in torch.split(row, widths, dim=-1)])
                 weights = self._clip_weights
                 with _clone_saved_activations([*weights.values(), *stage.parameters(), *stage.buffers()]):
                     if weights:
@@ -322,7 +400,12 @@ class ComfyDenoiser:
     def predict_noise(self, samples: torch.Tensor, timestep: torch.Tensor | int,
                       text_embeddings: torch.Tensor) -> torch.Tensor:
         """``samples (B, C, H, W)`` = ``x_t``, one timestep ``t`` in [0, 999], ``text_embeddings (B, 77, D)``
-        -> eps ``(B, C, H, W)`` (see module doc for the sigma mapping)."""
+        (SDXL: packed ``(B, 78, 2048)``, see :meth:`encode_prompts`) -> eps ``(B, C, H, W)`` (see module doc for the
+        sigma mapping).
+
+        SDXL: the pooled row is unpacked and given to the UNet as its ``adm`` input
+        ``y = encode_adm(pooled_output=pooled, width=8 W, height=8 H)`` ``(B, 2816)``, as ComfyUI's sampler builds it
+        by default (image size = latent size x 8, no crop, target size = image size)."""
         grad = torch.is_grad_enabled()
         with torch.inference_mode(False), torch.set_grad_enabled(grad):  # leaving inference mode enables grad
             weights = self._load()
@@ -334,17 +417,30 @@ class ComfyDenoiser:
             x_k = x * (1.0 + sigma.view(-1, 1, 1, 1) ** 2).sqrt()
             options = dict(self.model.model_options.get("transformer_options", {}))
             options.update(cond_or_uncond=[0] * batch, sigmas=sigma)
-            context = text_embeddings.to(self.device)
+            context, y = self._unet_conditioning(text_embeddings.to(self.device), x.shape[2], x.shape[3])
             with _clone_saved_activations([*weights.values(), *base.parameters(), *base.buffers()]):
                 if weights:
-                    denoised = torch.func.functional_call(self._wrapper, weights, (x_k, sigma, context, options))
+                    denoised = torch.func.functional_call(self._wrapper, weights, (x_k, sigma, context, options, y))
                 else:
-                    denoised = self._wrapper(x_k, sigma, context, options)
+                    denoised = self._wrapper(x_k, sigma, context, options, y)
             eps = self.counter.count((x_k - denoised) / sigma.view(-1, 1, 1, 1))
         if not torch.isfinite(eps).all():
             raise NonFiniteError("the UNet returned NaN or infinite values")
         comfy.model_management.throw_exception_if_processing_interrupted()
         return eps
+
+    def _unet_conditioning(self, text_embeddings: torch.Tensor, height: int,
+                           width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Conditioning in this denoiser's layout -> (cross-attention context ``(B, L, D)``, adm input ``y`` or None)
+        for a latent of ``height x width``. Differentiable (mitigation optimizes the pooled row too)."""
+        if not self.pooled_width:
+            return text_embeddings, None
+        if text_embeddings.dim() != 3 or text_embeddings.shape[1] % 77 != 1:
+            raise DejaGuardError(f"SDXL conditioning of shape {tuple(text_embeddings.shape)}: expected 77k token rows "
+                                 "and the packed pooled row (encode prompts with this denoiser)")
+        context, pooled = unpack_pooled(text_embeddings, self.pooled_width)
+        y = self.model.model.encode_adm(pooled_output=pooled, width=width * 8, height=height * 8)
+        return context, y.to(self.device)
 
     def new_scheduler(self) -> Any:
         """DDIM (eta 0, trailing spacing, epsilon) over the model's own ``alphas_cumprod``."""

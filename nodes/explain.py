@@ -4,7 +4,9 @@ Runs :func:`core.explain.token_significance` on the graph's MODEL and CLIP throu
 :class:`~nodes.comfy_denoiser.ComfyDenoiser`: the gradient of ``||eps(x_t, c) - eps(x_t, "")||`` with respect to
 each token's input embedding (its token-embedding row, before position embeddings), averaged over the first
 ``steps`` DDIM steps (BOS, EOS and padding excluded), normalized to sum to 1, pieces grouped into words. For a
-memorized prompt the trigger words carry most of it.
+memorized prompt the trigger words carry most of it. SDXL: a token's input embedding is its row in both text
+encoders' tables (CLIP-L and OpenCLIP-G, same BPE and positions), so its score is the gradient norm over both, and
+the gradient reaches the UNet through the hidden states and CLIP-G's pooled output alike.
 
 Output: a readable ranking (STRING), and ``{"ui": {"dejaguard_tokens": [{...}]}}`` that
 ``web/js/tokens.js`` draws as the prompt's words shaded by score. With the same seed as a KSampler
@@ -37,8 +39,10 @@ class DejaGuardTokenHighlight:
     def INPUT_TYPES(cls) -> dict[str, Any]:  # noqa: N802 (ComfyUI's name)
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model (SD1.x / SD2.x UNet, or the DejaGuard testbed)."}),
-                "clip": ("CLIP", {"tooltip": "The text encoder that belongs to the model."}),
+                "model": ("MODEL", {"tooltip": "The diffusion model (SD1.x / SD2.x / SDXL UNet, or the DejaGuard "
+                                               "testbed)."}),
+                "clip": ("CLIP", {"tooltip": "The text encoder that belongs to the model (SDXL: both of its "
+                                             "encoders; a word's score covers both)."}),
                 "prompt": ("STRING", {
                     "multiline": True, "default": "a photograph of kraken",
                     "tooltip": "The prompt to explain. Only its first 75 tokens are scored (CLIP's window); "
@@ -56,7 +60,8 @@ class DejaGuardTokenHighlight:
             "optional": {
                 "latent": ("LATENT", {
                     "tooltip": "Optional latent (e.g. Empty Latent Image) whose size is used; without it the "
-                               "model's native size (testbed 256x256, SD1 512x512, SD2-v 768x768)."}),
+                               "model's native size (testbed 256x256, SD1 512x512, SD2-v 768x768, SDXL "
+                               "1024x1024)."}),
             },
         }
 

@@ -10,6 +10,13 @@ model's calibration: threshold = detection threshold, target = half the median s
 (``core.calibration.resolve_levels``). The negative conditioning plays the unconditional prompt; the calibration
 assumes an empty negative prompt, as the Memorization Guard does.
 
+SDXL: its CONDITIONING carries CLIP-G's pooled output (``pooled_output``, ``(1, 1280)``) beside the hidden states
+``(1, 77, 2048)``; the UNet reads it through its ``adm`` input. The node packs it as one extra row
+(``core/conditioning.py``: ``(1, 78, 2048)``, the layout of :class:`~nodes.comfy_denoiser.ComfyDenoiser` for SDXL),
+so the optimization steers both, and unpacks the result into CONDITIONING again (the mitigated hidden states and
+``pooled_output``; the entry's other options, e.g. CLIPTextEncodeSDXL's sizes, are kept). The adm input uses the
+latent's size x 8 as image and target size, no crop: ComfyUI's sampler default.
+
 Runs outside inference mode on cloned tensors (graphs execute under ``torch.inference_mode()``); the cached model
 and the input conditioning are not modified. Reports iterations, score before/after and UNet passes in its ``ui``
 (``dejaguard_mitigation``) and as a STRING.
@@ -24,6 +31,7 @@ import comfy.utils
 import torch
 
 from ..core.calibration import resolve_levels as core_resolve_levels
+from ..core.conditioning import pack_pooled, unpack_pooled
 from ..core.errors import DejaGuardError
 from ..core.mitigate import (
     DEFAULT_LR,
@@ -65,6 +73,28 @@ def summary_text(entries: list[dict[str, Any]], threshold: float, target: float,
     return "\n".join(lines)
 
 
+def denoiser_layout(pooled_width: int, cond: torch.Tensor, extra: dict[str, Any]) -> torch.Tensor:
+    """One CONDITIONING entry -> the adapter's conditioning tensor: ``cond (1, L, D)`` itself, or for a model with a
+    pooled input (SDXL, ``pooled_width`` 1280) ``cond`` with ``extra["pooled_output"] (1, P)`` packed,
+    ``(1, L + 1, D)``."""
+    if not pooled_width:
+        return cond
+    pooled = extra.get("pooled_output")
+    if pooled is None:
+        raise DejaGuardError("DejaGuard Mitigate Embedding: SDXL conditioning without a pooled output; connect "
+                             "CLIPTextEncode (or CLIPTextEncodeSDXL) outputs of the SDXL checkpoint's CLIP")
+    return pack_pooled(cond, pooled.to(cond.device))
+
+
+def conditioning_entry(pooled_width: int, embedding: torch.Tensor, extra: dict[str, Any]) -> list[Any]:
+    """The inverse of :func:`denoiser_layout`: an optimized conditioning tensor -> ``[cond, extra]`` with the
+    entry's other options kept (SDXL: the optimized pooled row as ``pooled_output``)."""
+    if not pooled_width:
+        return [embedding, extra.copy()]
+    cond, pooled = unpack_pooled(embedding, pooled_width)
+    return [cond.clone(), {**extra, "pooled_output": pooled.clone()}]
+
+
 class DejaGuardMitigateEmbedding:
     """Optimizes the positive conditioning so the memorization score of the next KSampler run falls to a target."""
 
@@ -72,9 +102,10 @@ class DejaGuardMitigateEmbedding:
     def INPUT_TYPES(cls) -> dict[str, Any]:  # noqa: N802 (ComfyUI's name)
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model the KSampler uses (SD1.x / SD2.x UNet or the "
-                                               "DejaGuard testbed). It is not modified."}),
-                "positive": ("CONDITIONING", {"tooltip": "The prompt's conditioning (from CLIPTextEncode)."}),
+                "model": ("MODEL", {"tooltip": "The diffusion model the KSampler uses (SD1.x / SD2.x / SDXL UNet or "
+                                               "the DejaGuard testbed). It is not modified."}),
+                "positive": ("CONDITIONING", {"tooltip": "The prompt's conditioning (from CLIPTextEncode). SDXL: its "
+                                                         "pooled output is optimized together with it."}),
                 "negative": ("CONDITIONING", {
                     "tooltip": "The KSampler's negative conditioning; it stands for the unconditional prediction "
                                "(an empty prompt matches the calibrated threshold)."}),
@@ -133,15 +164,16 @@ class DejaGuardMitigateEmbedding:
         def progress(done: float, _total: float, _stage: str = "") -> None:  # done: the iterate whose score is known
             bar.update_absolute(len(entries) * units + int(done) + 1)
 
-        uncond = negative[0][0]
         out, entries = [], []
         with torch.inference_mode(False):  # graphs run under inference mode; core clones what it optimizes
+            uncond = denoiser_layout(denoiser.pooled_width, *negative[0])
             for cond, extra in positive:
                 result: MitigationResult = mitigate_embedding(
-                    denoiser, cond, noise, target, uncond=uncond, threshold=threshold, lr=lr,
-                    max_iterations=max_iterations, progress=progress)
+                    denoiser, denoiser_layout(denoiser.pooled_width, cond, extra), noise, target, uncond=uncond,
+                    threshold=threshold, lr=lr, max_iterations=max_iterations, progress=progress)
                 entries.append(result.summary())
-                out.append([result.embedding, extra.copy()] if result.iterations else [cond, extra])
+                out.append(conditioning_entry(denoiser.pooled_width, result.embedding, extra) if result.iterations
+                           else [cond, extra])
         report = summary_text(entries, threshold, target, source)
         ui = [{**e, "levels_source": source} for e in entries]
         return {"ui": {UI_KEY: ui}, "result": (out if any(e["iterations"] for e in entries) else positive, report)}

@@ -8,16 +8,17 @@ Three decisions every node needs, each made once here:
 
   - ``sd1`` (SD1.x and the testbed, epsilon), ``sd2`` (SD2.x 512, epsilon), ``sd2_v`` (SD2.x 768,
     v-prediction): everything.
-  - ``sdxl`` (epsilon): Guard and Calibrate; Token Highlighting, Mitigate and neuron masks refused (the adapter
-    handles one text encoder).
+  - ``sdxl`` (epsilon): Guard, Calibrate, Token Highlighting (the words of both text encoders) and embedding
+    mitigation (hidden states and pooled vector); neuron masks refused (not yet checked on SDXL's UNet).
   - ``sd3`` (flow matching; ComfyUI versions that have it): Guard and Calibrate; the rest refused (MMDiT joint
     attention, no SD-style cross-attention).
   - ``flux_distilled``: everything refused (no unconditional prediction).
 
   The Guard reads its score from the sampler's own cond/uncond predictions, so it needs nothing of the model's
   insides and works on every family ComfyUI samples with classifier-free guidance; explanation, mitigation and
-  masks go through :class:`~nodes.comfy_denoiser.ComfyDenoiser`, which assumes one text encoder and SD-style
-  ``attn2`` cross-attention. Guidance-distilled models (Flux-dev; Flux-schnell is step-distilled) are sampled
+  masks go through :class:`~nodes.comfy_denoiser.ComfyDenoiser`, which needs SD-style ``attn2`` cross-attention
+  and handles one text encoder or SDXL's two (their pooled output packed into the conditioning,
+  ``core/conditioning.py``). Guidance-distilled models (Flux-dev; Flux-schnell is step-distilled) are sampled
   without any unconditional prediction, so there is no difference to score. Everything else (inpainting,
   image-conditioned, unknown classes) is refused for every feature. Every node calls :func:`check_supported`
   with its feature; ``ComfyDenoiser`` calls it with ``feature=None`` (all adapter features), so every node
@@ -52,7 +53,8 @@ FEATURE_NAMES = {"guard": "the Memorization Guard", "calibrate": "DejaGuard Cali
                  "explain": "Token Highlighting", "mitigate": "embedding mitigation", "masks": "neuron masks",
                  None: "Token Highlighting, embedding mitigation and neuron masks"}
 
-_ONE_ENCODER = "the adapter handles one text encoder; SDXL has two and pooled 'adm' conditioning"
+_SDXL_MASKS = ("neuron localization and masks are not yet checked on SDXL's UNet (its 70 cross-attention blocks and "
+               "two text encoders); Token Highlighting and embedding mitigation are supported")
 _NO_CROSS_ATTN = "the adapter needs SD-style attn2 cross-attention; SD3's MMDiT has joint attention"
 _DISTILLED = ("Flux-dev is guidance-distilled (Flux-schnell step-distilled): it is sampled without an "
               "unconditional prediction, so there is no cond/uncond difference to score")
@@ -62,8 +64,7 @@ SUPPORT: dict[str, dict[str, str | None]] = {
     "sd1": dict.fromkeys(FEATURES),
     "sd2": dict.fromkeys(FEATURES),
     "sd2_v": dict.fromkeys(FEATURES),
-    "sdxl": {"guard": None, "calibrate": None, **{f: f"not yet supported for SDXL: {_ONE_ENCODER}"
-                                                  for f in ADAPTER_FEATURES}},
+    "sdxl": {**dict.fromkeys(FEATURES), "masks": f"not yet supported for SDXL: {_SDXL_MASKS}"},
     "sd3": {"guard": None, "calibrate": None, **{f: f"not yet supported for SD3: {_NO_CROSS_ATTN}"
                                                  for f in ADAPTER_FEATURES}},
     "flux_distilled": {f: f"not supported for Flux: {_DISTILLED}" for f in FEATURES},

@@ -22,10 +22,10 @@ the .comfy venv.
 - :func:`latent_shape` ``(model)``: the test latent ``(1, C, 8, 8)`` (64x64 px) with the model's own latent
   channels (4; SD3 16).
 - :class:`StubClip`: a CLIP stand-in giving :func:`conditioning` per text, for families whose real text
-  encoders are too large (SDXL's CLIP-L + OpenCLIP-G, SD3's CLIP-L + CLIP-G).
-- :func:`reduced_clip` ``(family)``: ComfyUI's own CLIP for SD1 (CLIP-L) or SD2 (OpenCLIP-H) with its real
-  tokenizer and width but the encoder cut to a few layers: what Token Highlighting needs (token pieces, input
-  embeddings, gradients through the encoder).
+  encoders are too large (SD3's CLIP-L + CLIP-G).
+- :func:`reduced_clip` ``(family)``: ComfyUI's own CLIP for SD1 (CLIP-L), SD2 (OpenCLIP-H) or SDXL (CLIP-L +
+  OpenCLIP-G) with its real tokenizer and widths but each encoder cut to a few layers: what Token Highlighting
+  and embedding mitigation need (token pieces, input embeddings, pooled output, gradients through the encoders).
 - :func:`direct_score`: the first-step score ``||eps(x_T, c) - eps(x_T, uncond)||`` computed directly through the
   model's ``apply_model`` (SD3: ``||v(x_T, c) - v(x_T, uncond)||``, the velocity, read from the MMDiT's own
   output), what the Guard's score is checked against.
@@ -169,10 +169,11 @@ class StubClip:
 
 
 def reduced_clip(family: str, layers: int = CLIP_LAYERS, seed: int = 7) -> Any:
-    """ComfyUI's CLIP of ``family`` (``sd1``: CLIP-L, ``sd2_v``: OpenCLIP-H, penultimate layer) from the model
-    class's own ``clip_target()``, with its real tokenizer and width (77 tokens of 768 / 1024 channels) but only
-    the first ``layers`` encoder layers, random weights. ComfyUI allocates layers without initialising them, so
-    building the full encoder before cutting it costs no time."""
+    """ComfyUI's CLIP of ``family`` (``sd1``: CLIP-L, ``sd2_v``: OpenCLIP-H, penultimate layer; ``sdxl``: CLIP-L and
+    OpenCLIP-G, penultimate layers, OpenCLIP-G's projected pooled output) from the model class's own
+    ``clip_target()``, with its real tokenizer and widths (77 tokens of 768 / 1024 / 768 + 1280 channels) but only
+    the first ``layers`` layers of each encoder, random weights. ComfyUI allocates layers without initialising them,
+    so building the full encoders before cutting them costs no time."""
     import torch
 
     cg = setup()
@@ -180,13 +181,15 @@ def reduced_clip(family: str, layers: int = CLIP_LAYERS, seed: int = 7) -> Any:
     from test_arch_smoke import _random_init
 
     sm = cg.comfy.supported_models
-    config = {"sd1": sm.SD15, "sd2_v": sm.SD20}[family](dict(CONFIGS[family]))
+    config = {"sd1": sm.SD15, "sd2_v": sm.SD20, "sdxl": sm.SDXL}[family](dict(CONFIGS[family]))
     with torch.inference_mode():  # as CheckpointLoaderSimple builds it inside a graph: inference tensors
         clip = comfy.sd.CLIP(config.clip_target())
-        encoder = getattr(clip.cond_stage_model, clip.cond_stage_model.clip)  # SDClipModel (clip_l / clip_h)
-        encoder.transformer.text_model.encoder.layers = encoder.transformer.text_model.encoder.layers[:layers]
-        encoder.transformer.num_layers = encoder.num_layers = layers
-        _random_init(clip.cond_stage_model, seed)
+        stage = clip.cond_stage_model
+        # SDClipModel(s): clip_l / clip_h (SD1ClipModel names it in .clip), or SDXLClipModel's clip_l and clip_g
+        for encoder in [getattr(stage, stage.clip)] if family != "sdxl" else [stage.clip_l, stage.clip_g]:
+            encoder.transformer.text_model.encoder.layers = encoder.transformer.text_model.encoder.layers[:layers]
+            encoder.transformer.num_layers = encoder.num_layers = layers
+        _random_init(stage, seed)
     return clip
 
 

@@ -9,7 +9,8 @@
   ComfyUI's own classes are refused by Token Highlighting, Mitigate Embedding and Localize Neurons with the
   Guard's own message, because all of them go through ``model_check.check_supported`` (before, the adapter had
   rules of its own and let inpainting and unknown families through). A tiny SDXL-class model (a supported
-  family of the Guard since issue 24) is refused alike by the three adapter nodes, with one message.
+  family of the Guard since issue 24) passes the check of Token Highlighting and Mitigate Embedding (they go on
+  to its text encoder and conditioning) and is refused by Localize Neurons, which names neuron masks and SDXL.
 """
 
 from __future__ import annotations
@@ -96,13 +97,14 @@ def test_unsupported_models_refused_alike() -> None:
     for name, base in models.items():
         model = cg.patcher(base)
         guard = refusal(lambda m: DejaGuardMemorizationGuard().guard(m, 1.0, CFG1_UNAVAILABLE, unique_id="1"), model)
-        if name == "sdxl":  # issue 24: the Guard reads SDXL's cond/uncond predictions; the adapter nodes refuse it,
-            assert guard == "(accepted)"  # each naming the feature it serves
-            for node, feature in {"Token Highlighting": "Token Highlighting", "Mitigate Embedding":
-                                  "embedding mitigation", "Localize Neurons": "neuron masks"}.items():
-                text = refusal(paths[node], model)
-                assert text.startswith(f"unsupported model for {feature}: ") and \
-                    "not yet supported for SDXL: the adapter handles one text encoder" in text, (node, text)
+        if name == "sdxl":  # issue 24: the Guard, Token Highlighting and Mitigate accept SDXL; neuron masks refuse it
+            assert guard == "(accepted)"
+            with pytest.raises(AssertionError, match="the text encoder was used"):  # past the model check
+                refusal(paths["Token Highlighting"], model)
+            text = refusal(paths["Mitigate Embedding"], model)  # past the check, at the (SD1-shaped) conditioning
+            assert text.startswith("DejaGuard Mitigate Embedding: SDXL conditioning without a pooled output"), text
+            text = refusal(paths["Localize Neurons"], model)
+            assert text.startswith("unsupported model for neuron masks: not yet supported for SDXL: "), text
             continue
         assert guard.startswith("unsupported model"), (name, guard)
         for node, call in paths.items():

@@ -7,8 +7,9 @@ reduced width (``model_channels`` 32 instead of 320, same depths, heads of 16 ch
 builders of ``families.py`` (shared with ``bench/architectures.py``):
 
 - ``test_support_matrix``: SD1.x, SD2.x v-prediction and SDXL are classified into their families; the Guard
-  and Calibrate accept all three; Token Highlighting / Mitigate / neuron masks refuse SDXL with "not yet
-  supported for SDXL: the adapter handles one text encoder"; a Flux-class model (ComfyUI's class name; this
+  and Calibrate accept all three, and so do Token Highlighting and Mitigate (SDXL: both text encoders, pooled
+  conditioning; ``test_sdxl_text.py``); neuron masks refuse SDXL with "not yet supported for SDXL" and why (also
+  for ``feature=None``, all the adapter's features); a Flux-class model (ComfyUI's class name; this
   ComfyUI has no Flux) is refused by every feature, naming the missing unconditional prediction.
 - ``test_guard_score_equals_direct[sd1|sd2_v|sdxl]``: the Guard's first-step score of a KSampler run equals
   ``||eps(x_T, c) - eps(x_T, empty)||`` computed directly through the model's ``apply_model`` with the same
@@ -65,13 +66,13 @@ def test_support_matrix() -> None:
         info = model_info(build(family))
         assert (info.family, info.prediction) == (name, prediction)
         assert info.sigma_max == pytest.approx(14.6146, rel=1e-4)
-        for feature in ("guard", "calibrate"):
-            assert info.refusal(feature) is None
+        for feature in ("guard", "calibrate", "explain", "mitigate"):
+            assert info.refusal(feature) is None, (family, feature)
     xl = model_info(build("sdxl"))
-    for feature in ("explain", "mitigate", "masks", None):
-        assert "not yet supported for SDXL: the adapter handles one text encoder" in xl.refusal(feature)
-    with pytest.raises(DejaGuardError, match="unsupported model for Token Highlighting.*SDXL"):
-        check_supported(build("sdxl"), "explain")
+    for feature in ("masks", None):
+        assert "not yet supported for SDXL: neuron localization and masks are not yet checked" in xl.refusal(feature)
+    with pytest.raises(DejaGuardError, match="unsupported model for neuron masks: not yet supported for SDXL"):
+        check_supported(build("sdxl"), "masks")
 
     flux = flux_model()
     for feature in FEATURES:
