@@ -161,3 +161,37 @@ def test_mismatched_parts_are_one_line_errors():
     clip_l = parts["text_encoder"]
     with pytest.raises(DejaGuardError, match="do not fit the UNet"):
         DiffusersDenoiser(**{**parts, "text_encoder_2": clip_l.__class__(clip_l.config)})  # no projection_dim 40
+
+
+def test_cli_on_an_sdxl_folder(tmp_path, capsys):
+    """The commands a user runs on SDXL, on a reduced SDXL diffusers folder: calibrate, audit (finding that
+    calibration), explain (words of both encoders), generate with embedding mitigation, subspace (FFN masks);
+    localize (NeMo) refuses with one line, since its statistics would read the pooled row as a token."""
+    import json
+
+    from dejaguard.core.cli import main
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = tmp_path / "sdxl"
+    StableDiffusionXLPipeline(**_parts()).save_pretrained(folder, safe_serialization=True)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a watercolor of a fox\na bowl of ramen\na castle on a hill\na red bicycle\n")
+    model = ["--model", str(folder), "--device", "cpu"]
+    assert main(["calibrate", *model, "--prompts", str(prompts), "--target-fpr", "0.5"]) == 0
+    assert (folder / "dejaguard_calibration.json").is_file()
+    assert main(["audit", *model, "--prompts", str(prompts), "--out", str(tmp_path / "a.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and sum(r["flagged"] for r in rows) <= 2
+    capsys.readouterr()
+    assert main(["explain", *model, "--prompt", PROMPT, "--json"]) == 0
+    explained = json.loads(capsys.readouterr().out)
+    assert PROMPT.split()[-1] in json.dumps(explained)
+    assert main(["generate", *model, "--prompt", PROMPT, "--out", str(tmp_path / "x.png"), "--steps", "2",
+                 "--mitigate", "embedding", "--threshold", "0", "--max-iterations", "2"]) == 0
+    assert "mitigation (embedding)" in capsys.readouterr().out and (tmp_path / "x.png").is_file()
+    assert main(["subspace", *model, "--prompts", str(prompts), "--out", str(tmp_path / "s.safetensors"), "--steps",
+                 "1", "--seeds", "1"]) == 0  # FFN masks read image tokens only: the pooled row is never among them
+    assert (tmp_path / "s.safetensors").is_file()
+    assert main(["localize", *model, "--prompt", PROMPT, "--out", str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("dejaguard: error: NeMo localization is not supported for SDXL")
