@@ -14,15 +14,27 @@ benchmarks use for a diffusers folder, offline:
    v-prediction (the 768 px models) when the spread of
    ``model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias`` is above 0.09 (population
    std), the rule ComfyUI applies to the same file (``supported_models.SD20.model_type``), so a file is the
-   same model in both. SDXL, SD3, Flux and unknown files get a one-line refusal that names what was found.
+   same model in both. SDXL base (and its fine-tunes) has two text encoders, CLIP-L
+   (``conditioner.embedders.0.transformer.``) and OpenCLIP-G (``conditioner.embedders.1.model.``), 2048-wide
+   cross-attention and a 2816-wide added ("adm") embedding (``label_emb``: pooled text 1280 + six size
+   embeddings of 256). The SDXL refiner, SD3, Flux, inpainting models and unknown files get a one-line refusal
+   that names what was found and why it is not loaded.
 3. **Convert with diffusers' own single-file converters** (``convert_ldm_unet_checkpoint``,
-   ``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint`` / ``convert_open_clip_checkpoint``) into
-   models built from configs shipped in ``core/configs/`` (diffusers-format ``config.json`` of the UNet, VAE
-   and text encoder per family, one scheduler config): nothing is fetched from a hub. Loading is strict: a
-   weight the model needs and the file lacks is an error, not a silently random layer.
+   ``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint`` / ``convert_open_clip_checkpoint``, the
+   functions ``from_single_file`` calls) into models built from configs shipped in ``core/configs/``
+   (diffusers-format ``config.json`` of the UNet, VAE and text encoder(s) per family, one scheduler config):
+   nothing is fetched from a hub. Loading is strict: a weight the model needs and the file lacks is an error,
+   not a silently random layer.
 4. **Tokenizer**: the SD1 CLIP BPE files of the bundled testbed (``core/testbed/model/tokenizer``, the real
-   SD1 vocabulary). SD2's OpenCLIP-H tokenizer is the same BPE; it only pads with ``"!"`` (id 0) where SD1
-   pads with the end token, so nothing else is shipped for it.
+   SD1 vocabulary). SD2's OpenCLIP-H and SDXL's OpenCLIP-G tokenizers are the same BPE; they only pad with
+   ``"!"`` (id 0) where SD1 (and SDXL's CLIP-L) pads with the end token (diffusers' SDXL ``tokenizer_2``), so
+   nothing else is shipped for them.
+
+Memory: the file is read tensor by tensor with plain reads (not through a memory map, whose touched pages would
+count as resident until the whole file is closed) and cast to ``dtype`` one tensor at a time, one component at a
+time (text encoders, VAE, then the UNet, built on the meta device and given the read tensors without a copy). So
+the peak is about the loaded models plus one text encoder's weights (figures for SDXL in
+``tests/test_checkpoint.py``).
 
 Parametrization: core's methods work in epsilon (:meth:`Denoiser.predict_noise` returns eps). A v-prediction UNet
 predicts ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0``; :class:`DiffusersDenoiser` with
@@ -36,8 +48,9 @@ adapter hashes the same weights under the same (mapped) names, so a calibration 
 is found for that file in a graph. Weights are read in the file's dtype and cast once (fp16 values are
 exact in fp32, so the hash does not depend on the dtype loaded).
 
-Shapes: SD1/SD2-512 latents ``(4, 64, 64)``, SD2-768 ``(4, 96, 96)``; text embeddings ``(B, 77, 768)`` (SD1)
-or ``(B, 77, 1024)`` (SD2).
+Shapes: SD1/SD2-512 latents ``(4, 64, 64)``, SD2-768 ``(4, 96, 96)``, SDXL ``(4, 128, 128)``; text embeddings
+``(B, 77, 768)`` (SD1), ``(B, 77, 1024)`` (SD2) or packed ``(B, 78, 2048)`` (SDXL: the pooled CLIP-G output as the
+last row, ``core.conditioning``).
 """
 
 from __future__ import annotations
@@ -61,8 +74,13 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 UNET = "model.diffusion_model."
 CLIP_L = "cond_stage_model.transformer."
 OPEN_CLIP = "cond_stage_model.model."
+XL_CLIP_L = "conditioner.embedders.0.transformer."  # SDXL base: CLIP ViT-L/14
+XL_CLIP_G = "conditioner.embedders.1.model."  # SDXL base: OpenCLIP ViT-bigG/14 (with its text projection)
+XL_REFINER = "conditioner.embedders.0.model."  # the SDXL refiner's only encoder, OpenCLIP-G
 VAE = "first_stage_model."
 ATTN2_K = UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"  # (320, context width)
+XL_ATTN2_K = UNET + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"  # SDXL: (640, 2048)
+XL_ADM = UNET + "label_emb.0.0.weight"  # SDXL: (1280, 2816) = pooled 1280 + 6 x 256 size embeddings
 CONV_IN = UNET + "input_blocks.0.0.weight"  # (320, in channels, 3, 3)
 V_MARKER = UNET + "output_blocks.11.1.transformer_blocks.0.norm1.bias"  # (320,)
 V_THRESHOLD = 0.09  # ComfyUI: population std of V_MARKER above this -> v-prediction
@@ -72,20 +90,22 @@ V_THRESHOLD = 0.09  # ComfyUI: population std of V_MARKER above this -> v-predic
 class Family:
     """What is needed to build one model family from a single file."""
 
-    name: str  # "sd1", "sd2", "sd2-v"
+    name: str  # "sd1", "sd2", "sd2-v", "sdxl"
     label: str  # for messages
-    configs: str  # folder under core/configs with unet/ and text_encoder/
+    configs: str  # folder under core/configs: unet/ and text_encoder/ (SDXL: unet/, text_encoder_2/, vae/)
     pad_token: str | None  # None: the SD1 tokenizer's own (end token)
     sample_size: int  # latent side
     v_prediction: bool
+    two_encoders: bool = False  # SDXL: SD1's CLIP-L + OpenCLIP-G, pooled conditioning; tokenizer 2 pads with "!"
 
 
 FAMILIES = {
     "sd1": Family("sd1", "SD1.x", "sd1", None, 64, False),
     "sd2": Family("sd2", "SD2.x 512 (epsilon)", "sd2", "!", 64, False),
     "sd2-v": Family("sd2-v", "SD2.x 768 (v-prediction)", "sd2", "!", 96, True),
+    "sdxl": Family("sdxl", "SDXL base", "sdxl", None, 128, False, two_encoders=True),
 }
-_NOT_YET = "the DejaGuard library does not load it yet (the ComfyUI nodes are where support for it comes first)"
+_LOADS = "the library loads SD1.x, SD2.x and SDXL base single-file checkpoints"
 
 
 def _one_line(err: BaseException) -> str:
@@ -135,25 +155,26 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]], v_marker: torch.Tensor 
     def has(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in keys)
 
-    if has("conditioner.embedders.1.model.") or has("conditioner.embedders.0.transformer."):
-        raise DejaGuardError(f"this is an SDXL checkpoint (two text encoders, pooled conditioning): {_NOT_YET}")
-    if has("conditioner.embedders.0.model."):
-        raise DejaGuardError(f"this is an SDXL refiner checkpoint (OpenCLIP-G, pooled conditioning): {_NOT_YET}")
+    if has(XL_REFINER):
+        raise DejaGuardError("this is an SDXL refiner checkpoint: not loaded, because the refiner runs only the last, "
+                             "low-noise steps after an SDXL base and never makes the first-step prediction the score "
+                             "reads; score the base model")
     if has(UNET + "joint_blocks.") or has("joint_blocks.") or has("text_encoders.clip_g."):
-        raise DejaGuardError(f"this is an SD3 / SD3.5 checkpoint (MMDiT, flow matching): {_NOT_YET}")
+        raise DejaGuardError("this is an SD3 / SD3.5 checkpoint (MMDiT, flow matching): not loaded, because the "
+                             "library's denoiser runs noise-predicting UNets, not flow-matching transformers (the "
+                             "ComfyUI Guard and Calibrate nodes score SD3)")
     if has(UNET + "double_blocks.") or has("double_blocks."):
-        raise DejaGuardError(f"this is a Flux checkpoint (guidance-distilled MMDiT, no unconditional prediction): "
-                             f"{_NOT_YET}")
+        raise DejaGuardError("this is a Flux checkpoint: refused, because guidance-distilled Flux has no "
+                             "unconditional prediction, and the score is the conditional minus the unconditional one")
+    if has(XL_CLIP_G) or has(XL_CLIP_L):
+        return _sdxl_family(shapes, has)
     if ATTN2_K not in shapes:
         found = "no Stable Diffusion UNet" if not has(UNET) else "a UNet without SD1/SD2 cross-attention"
-        raise DejaGuardError(f"unknown model family ({found} under {UNET}); the library loads SD1.x and SD2.x "
-                             "single-file checkpoints")
+        raise DejaGuardError(f"unknown model family ({found} under {UNET}); {_LOADS}")
     if has(UNET + "label_emb."):
-        raise DejaGuardError(f"this is a class- or image-conditioned SD2 model (unCLIP, upscaler): {_NOT_YET}")
-    in_channels = shapes.get(CONV_IN, (0, 4))[1]
-    if in_channels != 4:
-        raise DejaGuardError(f"this is an inpainting or depth model ({in_channels} UNet input channels, not 4): "
-                             f"{_NOT_YET}")
+        raise DejaGuardError("this is a class- or image-conditioned SD2 model (unCLIP, upscaler): not loaded, because "
+                             "its UNet needs an image embedding besides the prompt")
+    _check_in_channels(shapes)
     width = shapes[ATTN2_K][-1]
     text = "CLIP-L" if has(CLIP_L) else "OpenCLIP" if has(OPEN_CLIP) else None
     if not has(VAE):
@@ -167,6 +188,29 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]], v_marker: torch.Tensor 
         return FAMILIES["sd2-v" if spread > V_THRESHOLD else "sd2"]
     raise DejaGuardError(f"unknown model family: {width}-wide cross-attention with "
                          f"{text or 'no'} text encoder keys (SD1.x: 768 and CLIP-L; SD2.x: 1024 and OpenCLIP-H)")
+
+
+def _check_in_channels(shapes: Mapping[str, tuple[int, ...]]) -> None:
+    in_channels = shapes.get(CONV_IN, (0, 4))[1]
+    if in_channels != 4:
+        raise DejaGuardError(f"this is an inpainting or depth model ({in_channels} UNet input channels, not 4): not "
+                             "loaded, because its UNet needs a masked image or depth map besides the noise")
+
+
+def _sdxl_family(shapes: Mapping[str, tuple[int, ...]], has: Any) -> Family:
+    """SDXL base: both text encoders, the 2048-wide cross-attention, the 2816-wide added embedding, a VAE."""
+    missing = [name for prefix, name in ((XL_CLIP_L, "CLIP-L"), (XL_CLIP_G, "OpenCLIP-G")) if not has(prefix)]
+    if missing:
+        raise DejaGuardError(f"SDXL checkpoint without its {missing[0]} text encoder weights (an SDXL file holds "
+                             f"{XL_CLIP_L}* and {XL_CLIP_G}*): a full SDXL checkpoint is needed")
+    width, adm = shapes.get(XL_ATTN2_K, (0, 0))[-1], shapes.get(XL_ADM, (0, 0))[-1]
+    if (width, adm) != (2048, 2816):
+        raise DejaGuardError(f"unknown SDXL-like model: cross-attention width {width or 'absent'} and added "
+                             f"embedding width {adm or 'absent'} (SDXL base: 2048 and 2816)")
+    _check_in_channels(shapes)
+    if not has(VAE):
+        raise DejaGuardError("the checkpoint has no VAE weights (first_stage_model.*): a full SD checkpoint is needed")
+    return FAMILIES["sdxl"]
 
 
 def read_family(path: str | Path) -> Family:
@@ -189,17 +233,33 @@ def _checked_path(path: str | Path) -> Path:
     return path
 
 
-def _read(f: Any, path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The tensors of the UNet, text encoder and VAE (EMA copies and other extras are skipped), cast to ``dtype``
-    one at a time so that no second full copy is held."""
-    wanted = (UNET, CLIP_L, OPEN_CLIP, VAE)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read(path: Path, prefixes: tuple[str, ...], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors whose names start with one of ``prefixes`` (EMA copies and other extras are skipped), floating
+    ones cast to ``dtype`` one at a time, read with plain file reads (module doc: no memory map stays resident).
+    :func:`_open` has checked the file before (header sound, not truncated)."""
     weights: dict[str, torch.Tensor] = {}
     try:
-        for key in f.keys():
-            if key.startswith(wanted):
-                tensor = f.get_tensor(key)
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+            for key, entry in header.items():
+                if key == "__metadata__" or not key.startswith(prefixes):
+                    continue
+                begin, end = entry["data_offsets"]
+                f.seek(8 + length + begin)
+                data = bytearray(end - begin)
+                if f.readinto(data) != end - begin:
+                    raise OSError(f"{key} is cut short")
+                kind = _DTYPES[entry["dtype"]]
+                tensor = (torch.frombuffer(data, dtype=kind) if data else torch.empty(0, dtype=kind))
+                tensor = tensor.reshape(entry["shape"])
                 weights[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    except (OSError, ValueError, RuntimeError) as err:  # safe_open checked the size; a damaged disk fails here
+    except (OSError, ValueError, KeyError, RuntimeError) as err:  # a damaged disk, an unknown dtype
         raise DejaGuardError(f"{path.name} could not be read: {_one_line(err)}") from None
     for key in [k for k in weights if k.startswith(CLIP_L) and not k.startswith(CLIP_L + "text_model.")]:
         weights[key.replace(CLIP_L, CLIP_L + "text_model.", 1)] = weights.pop(key)  # older SD1 layout
@@ -223,7 +283,17 @@ def _load_strict(model: torch.nn.Module, weights: dict[str, torch.Tensor], part:
         raise DejaGuardError(f"{path.name}: the {part} has no value for {left[0]}")
 
 
-def _build(family: Family, weights: dict[str, torch.Tensor], path: Path) -> tuple[Any, Any, Any, Any, Any]:
+def _text_weights(encoder: torch.nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Converted CLIP weights under ``encoder``'s names (transformers flattened ``CLIPTextModel``: no
+    ``text_model.`` prefix; ``CLIPTextModelWithProjection`` keeps it)."""
+    if hasattr(encoder, "text_model"):
+        return weights
+    return {k.removeprefix("text_model."): v for k, v in weights.items()}
+
+
+def _build(family: Family, path: Path, dtype: torch.dtype) -> dict[str, Any]:
+    """The denoiser's parts (keyword arguments of :class:`DiffusersDenoiser`), one component at a time: the text
+    encoder(s), the VAE, then the UNet (module doc: memory)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,
@@ -231,64 +301,71 @@ def _build(family: Family, weights: dict[str, torch.Tensor], path: Path) -> tupl
         convert_ldm_vae_checkpoint,
         convert_open_clip_checkpoint,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = CONFIGS / family.configs
+    parts: dict[str, Any] = {}
+    # transformers' CLIP text models keep non-persistent buffers (position ids) that the file does not hold: built
+    # in memory (123M / 340M / 695M parameters), not on the meta device; before the UNet, so that a random text
+    # encoder and its read weights are never held beside the UNet.
+    if family.two_encoders:  # SDXL: SD1's CLIP ViT-L/14 (penultimate layer), then OpenCLIP-G with its projection
+        clip_l = CLIPTextModel(CLIPTextConfig.from_pretrained(CONFIGS / "sd1" / "text_encoder"))
+        weights = convert_ldm_clip_checkpoint(_read(path, (XL_CLIP_L,), dtype))
+        _load_strict(clip_l, _text_weights(clip_l, weights), "CLIP-L text encoder", path)
+        clip_g = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
+        weights = convert_open_clip_checkpoint(clip_g, _read(path, (XL_CLIP_G,), dtype), prefix=XL_CLIP_G)
+        _load_strict(clip_g, _text_weights(clip_g, weights), "OpenCLIP-G text encoder", path)
+        parts.update(text_encoder=clip_l, text_encoder_2=clip_g,
+                     tokenizer=CLIPTokenizer.from_pretrained(SD1_TOKENIZER),
+                     tokenizer_2=CLIPTokenizer.from_pretrained(SD1_TOKENIZER, pad_token="!"))
+    else:
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+        if family.pad_token is None:
+            weights = convert_ldm_clip_checkpoint(_read(path, (CLIP_L,), dtype))
+        else:
+            weights = convert_open_clip_checkpoint(text_encoder, _read(path, (OPEN_CLIP,), dtype), prefix=OPEN_CLIP)
+        _load_strict(text_encoder, _text_weights(text_encoder, weights), "text encoder", path)
+        pad = {} if family.pad_token is None else {"pad_token": family.pad_token}
+        parts.update(text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(SD1_TOKENIZER, **pad))
+    del weights
+
+    vae_config = AutoencoderKL.load_config(folder / "vae" if (folder / "vae").is_dir() else CONFIGS / "vae")
+    with torch.device("meta"):
+        parts["vae"] = AutoencoderKL.from_config(vae_config)
+    _load_strict(parts["vae"], convert_ldm_vae_checkpoint(_read(path, (VAE,), dtype), vae_config), "VAE", path)
+
     unet_config = dict(UNet2DConditionModel.load_config(folder / "unet"), sample_size=family.sample_size)
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(unet_config)
-    _load_strict(unet, convert_ldm_unet_checkpoint(weights, unet_config), "UNet", path)
-    for key in [k for k in weights if k.startswith(UNET)]:
-        del weights[key]
+        parts["unet"] = UNet2DConditionModel.from_config(unet_config)
+    _load_strict(parts["unet"], convert_ldm_unet_checkpoint(_read(path, (UNET,), dtype), unet_config), "UNet", path)
 
-    vae_config = AutoencoderKL.load_config(CONFIGS / "vae")
-    with torch.device("meta"):
-        vae = AutoencoderKL.from_config(vae_config)
-    _load_strict(vae, convert_ldm_vae_checkpoint(weights, vae_config), "VAE", path)
-
-    # transformers' CLIPTextModel keeps non-persistent buffers (position ids) that the file does not hold: built
-    # in memory (123M / 340M parameters), not on the meta device.
-    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
-    if family.pad_token is None:
-        text_weights = convert_ldm_clip_checkpoint(weights)
-    else:
-        text_weights = convert_open_clip_checkpoint(text_encoder, weights, prefix=OPEN_CLIP)
-    if not hasattr(text_encoder, "text_model"):  # transformers flattened CLIPTextModel: no text_model. prefix
-        text_weights = {k.removeprefix("text_model."): v for k, v in text_weights.items()}
-    _load_strict(text_encoder, text_weights, "text encoder", path)
-    weights.clear()
-
-    pad = {} if family.pad_token is None else {"pad_token": family.pad_token}
-    tokenizer = CLIPTokenizer.from_pretrained(SD1_TOKENIZER, **pad)
     scheduler_config = json.loads((CONFIGS / "scheduler" / "scheduler_config.json").read_text())
-    scheduler = DDIMScheduler.from_config(scheduler_config)
-    return unet, text_encoder, tokenizer, scheduler, vae
+    parts["scheduler"] = DDIMScheduler.from_config(scheduler_config)
+    return parts
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device | None = None,
                     dtype: torch.dtype = torch.float32) -> DiffusersDenoiser:
-    """A single-file SD1.x / SD2.x ``.safetensors`` checkpoint as a denoiser, offline (see the module doc).
+    """A single-file SD1.x / SD2.x / SDXL ``.safetensors`` checkpoint as a denoiser, offline (see the module doc).
 
     ``device``: as :func:`~core.denoiser.resolve_device` (CUDA if there is one, else the CPU). ``dtype``: of
-    the models. Returns a :class:`DiffusersDenoiser` (``prediction_type`` "v_prediction" for SD2 768-v) whose
-    ``family`` attribute names what was found (``"sd1"``, ``"sd2"``, ``"sd2-v"``). Raises DejaGuardError with
-    one line for a pickle, a missing / non-safetensors / truncated file, and families it does not load.
+    the models. Returns a :class:`DiffusersDenoiser` (``prediction_type`` "v_prediction" for SD2 768-v; two text
+    encoders and packed conditioning for SDXL) whose ``family`` attribute names what was found (``"sd1"``,
+    ``"sd2"``, ``"sd2-v"``, ``"sdxl"``). Raises DejaGuardError with one line for a pickle, a missing /
+    non-safetensors / truncated file, and families it does not load.
     """
     path = _checked_path(path)
-    with _open(path) as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        family = detect_family(shapes, f.get_tensor(V_MARKER) if V_MARKER in shapes else None)
-        weights = _read(f, path, dtype)
+    family = read_family(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            unet, text_encoder, tokenizer, scheduler, vae = _build(family, weights, path)
+            parts = _build(family, path, dtype)
     except DejaGuardError:
         raise
     except Exception as err:  # a converter meeting a layout it does not expect
         raise DejaGuardError(f"{path.name}: cannot convert this {family.label} checkpoint: "
                              f"{type(err).__name__}: {_one_line(err)}") from None
-    denoiser = DiffusersDenoiser(unet, text_encoder, tokenizer, scheduler, vae=vae, device=device, dtype=dtype,
+    denoiser = DiffusersDenoiser(**parts, device=device, dtype=dtype,
                                  prediction_type="v_prediction" if family.v_prediction else "epsilon")
     denoiser.family = family.name  # type: ignore[attr-defined]
     return denoiser

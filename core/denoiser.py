@@ -6,6 +6,15 @@ pipeline object or a diffusers-format folder). The ComfyUI adapter lives in ``no
 
 Shapes: ``B`` batch, ``C, H, W`` the model's sample shape (latent, or pixels for a pixel-space
 model), ``L`` text tokens (77 for CLIP), ``D`` text embedding width.
+
+Two text encoders (SDXL): the UNet cross-attends to the concatenation of CLIP-L's and CLIP-G's penultimate hidden
+states (``(B, 77, 768 + 1280)``) and receives CLIP-G's pooled, projected output (``(B, 1280)``) with the image
+size through its added ("text_time") embedding. :class:`DiffusersDenoiser` packs the pooled vector as one extra
+conditioning row (``core.conditioning``), so its text embeddings are ``(B, 78, 2048)`` and every method runs
+unchanged; :meth:`DiffusersDenoiser.predict_noise` unpacks it. The unconditional prompt ``""`` is *encoded* like
+any prompt, as ComfyUI encodes an empty negative prompt, not zeroed as diffusers' SDXL pipeline does with
+``force_zeros_for_empty_prompt``: so the library's scores on a checkpoint match the ComfyUI Guard's on the same
+file.
 """
 
 from __future__ import annotations
@@ -15,12 +24,14 @@ import hashlib
 import json
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from .conditioning import pack_pooled, unpack_pooled
 from .errors import DejaGuardError, NonFiniteError
 
 BUNDLED_TESTBED = Path(__file__).parent / "testbed" / "model"
@@ -162,12 +173,17 @@ class DiffusersDenoiser:
     """:class:`Denoiser` over a diffusers text-to-image pipeline (UNet2DConditionModel + CLIP).
 
     ``vae`` may be None: then the model is pixel-space and samples are images in [-1, 1].
+    ``text_encoder_2`` (a ``CLIPTextModelWithProjection``) and ``tokenizer_2``: the second text encoder of an
+    SDXL-type UNet (``addition_embed_type="text_time"``); then text embeddings are packed ``(B, L + 1, D)`` with
+    ``D`` the two encoders' widths together and the pooled output in the last row (module doc), and
+    :attr:`pooled_width` is the pooled width (None for one encoder).
     """
 
     def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module, tokenizer: Any,
                  scheduler: Any, vae: torch.nn.Module | None = None,
                  device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                 prediction_type: str | None = None) -> None:
+                 prediction_type: str | None = None, text_encoder_2: torch.nn.Module | None = None,
+                 tokenizer_2: Any = None) -> None:
         config = getattr(unet, "config", None)
         if config is None or not hasattr(config, "cross_attention_dim"):
             raise DejaGuardError(
@@ -183,6 +199,9 @@ class DiffusersDenoiser:
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.vae = _placed(vae, self.device, dtype) if vae is not None else None
+        self.pooled_width = _pooled_width(config, text_encoder, text_encoder_2, tokenizer_2)
+        self.text_encoder_2 = _placed(text_encoder_2, self.device, dtype) if self.pooled_width else None
+        self.tokenizer_2 = tokenizer_2 if self.pooled_width else None
         size = config.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         self.sample_shape = (int(config.in_channels), int(h), int(w))
@@ -208,11 +227,13 @@ class DiffusersDenoiser:
         if missing:
             raise DejaGuardError(f"unsupported pipeline {type(pipe).__name__}: missing {', '.join(missing)}")
         return cls(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
-                   vae=getattr(pipe, "vae", None), **kwargs)
+                   vae=getattr(pipe, "vae", None), text_encoder_2=getattr(pipe, "text_encoder_2", None),
+                   tokenizer_2=getattr(pipe, "tokenizer_2", None), **kwargs)
 
     @classmethod
     def from_folder(cls, folder: str | Path, **kwargs: Any) -> DiffusersDenoiser:
-        """From a diffusers-format folder: ``unet/ text_encoder/ tokenizer/ scheduler/ [vae/]``.
+        """From a diffusers-format folder: ``unet/ text_encoder/ tokenizer/ scheduler/ [vae/]``, and for SDXL
+        ``text_encoder_2/ tokenizer_2/`` too.
 
         A folder without ``vae/`` is a pixel-space model.
         """
@@ -224,15 +245,18 @@ class DiffusersDenoiser:
             raise DejaGuardError(
                 f"not a diffusers model folder: {folder} lacks {', '.join(m + '/' for m in missing)}")
         from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         unet_cls = _config_class(folder / "unet")
         if unet_cls != "UNet2DConditionModel":
             raise DejaGuardError(
                 f"unsupported model: unet/ is a {unet_cls or 'unknown model'}, not a text-conditioned "
                 "UNet2DConditionModel (no cross-attention)")
-        for component in ("unet", "text_encoder", "vae"):
-            if component != "vae" or (folder / component).is_dir():
+        second = (folder / "text_encoder_2").is_dir()
+        if second and not (folder / "tokenizer_2").is_dir():
+            raise DejaGuardError(f"not a diffusers model folder: {folder} has text_encoder_2/ but lacks tokenizer_2/")
+        for component in ("unet", "text_encoder", "vae", "text_encoder_2"):
+            if component in ("unet", "text_encoder") or (folder / component).is_dir():
                 safetensors_weights(folder / component)  # never fall back to pickled .bin weights
         try:
             with warnings.catch_warnings():
@@ -244,6 +268,10 @@ class DiffusersDenoiser:
                 tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
                 scheduler = _load_scheduler(folder / "scheduler")
                 vae = _load_vae(folder / "vae") if (folder / "vae").is_dir() else None
+                if second:
+                    kwargs["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+                        folder / "text_encoder_2", torch_dtype=torch.float32, use_safetensors=True)
+                    kwargs["tokenizer_2"] = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
         except DejaGuardError:
             raise
         except Exception as err:  # diffusers/transformers raise many kinds for a broken folder
@@ -259,41 +287,76 @@ class DiffusersDenoiser:
             n = _count_tokens(self.tokenizer, p)
             if n > limit:
                 warnings.warn(f"prompt has {n} tokens, truncated to {limit}: {p[:60]!r}...", stacklevel=3)
-        return self.tokenizer(list(prompts), padding="max_length", max_length=limit, truncation=True,
-                              return_tensors="pt").input_ids.to(self.device)
+        return self._ids(self.tokenizer, prompts)
+
+    def _ids(self, tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
+        return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids.to(self.device)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompts -> ``(B, L, D)``; with two encoders packed ``(B, L + 1, D)`` (module doc). ``""`` is encoded."""
+        if self.pooled_width:
+            return self._encode_two(self.tokenize(prompts), self._ids(self.tokenizer_2, prompts))
         return self.text_encoder(self.tokenize(prompts)).last_hidden_state.to(self.dtype)
 
+    def _encode_two(self, ids: torch.Tensor, ids_2: torch.Tensor) -> torch.Tensor:
+        """SDXL's conditioning of token ids ``(B, L)`` of each tokenizer: the penultimate hidden states of both
+        encoders (no final layer norm) side by side ``(B, L, D1 + D2)``, and CLIP-G's pooled projection of its
+        last layer, packed -> ``(B, L + 1, D1 + D2)``."""
+        hidden = self.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        out = self.text_encoder_2(ids_2, output_hidden_states=True)
+        return pack_pooled(torch.cat([hidden, out.hidden_states[-2]], dim=-1), out.text_embeds).to(self.dtype)
+
     def prompt_tokens(self, prompt: str) -> list[str]:
+        """The pieces of the first tokenizer; SDXL's second tokenizer is the same BPE, so its pieces sit at the
+        same positions (it only pads differently)."""
         ids = self.tokenizer(prompt, truncation=True, max_length=self.tokenizer.model_max_length).input_ids
         return self.tokenizer.convert_ids_to_tokens(ids[1:-1])
 
     @torch.no_grad()
     def token_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        return self.text_encoder.get_input_embeddings()(self.tokenize(prompts)).to(self.dtype)
+        """``(B, L, E)``; with two encoders both tables' rows side by side, ``E = E1 + E2`` (768 + 1280 for SDXL)."""
+        rows = self.text_encoder.get_input_embeddings()(self.tokenize(prompts))
+        if self.pooled_width:
+            rows_2 = self.text_encoder_2.get_input_embeddings()(self._ids(self.tokenizer_2, prompts))
+            rows = torch.cat([rows, rows_2], dim=-1)
+        return rows.to(self.dtype)
 
     def encode_token_embeddings(self, prompts: Sequence[str], token_embeddings: torch.Tensor) -> torch.Tensor:
         ids = self.tokenize(prompts)
-        if tuple(token_embeddings.shape[:2]) != tuple(ids.shape):
+        width = self.text_encoder.get_input_embeddings().embedding_dim
+        if self.pooled_width:
+            width += self.text_encoder_2.get_input_embeddings().embedding_dim
+        if tuple(token_embeddings.shape[:2]) != tuple(ids.shape) or token_embeddings.shape[-1] != width:
             raise DejaGuardError(f"token embeddings {tuple(token_embeddings.shape)} do not match the "
-                                 f"{len(prompts)} prompt(s) of {ids.shape[1]} tokens")
-        # A forward hook substitutes the embedding table's output: transformers' CLIPTextModel needs
-        # input_ids (causal mask, pooling) and does not take inputs_embeds in every version.
-        layer = self.text_encoder.get_input_embeddings()
-        handle = layer.register_forward_hook(lambda _m, _i, out: token_embeddings.to(out.device, out.dtype))
-        try:
-            return self.text_encoder(ids).last_hidden_state.to(self.dtype)
-        finally:
-            handle.remove()
+                                 f"{len(prompts)} prompt(s) of {ids.shape[1]} tokens and width {width}")
+        if not self.pooled_width:
+            with _substituted(self.text_encoder, token_embeddings):
+                return self.text_encoder(ids).last_hidden_state.to(self.dtype)
+        first = self.text_encoder.get_input_embeddings().embedding_dim
+        with _substituted(self.text_encoder, token_embeddings[..., :first]), \
+                _substituted(self.text_encoder_2, token_embeddings[..., first:]):
+            return self._encode_two(ids, self._ids(self.tokenizer_2, prompts))
 
     def predict_noise(self, samples: torch.Tensor, timestep: torch.Tensor | int,
                       text_embeddings: torch.Tensor) -> torch.Tensor:
         """``samples (B, C, H, W)`` = x_t, one timestep ``t`` (or one per sample), ``text_embeddings (B, L, D)``
         -> eps ``(B, C, H, W)``. A v-prediction UNet's output ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0`` is
-        mapped to ``eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t`` (differentiable, like the UNet call)."""
-        out = self.counter.count(self.unet(samples, timestep, encoder_hidden_states=text_embeddings).sample)
+        mapped to ``eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t`` (differentiable, like the UNet call).
+
+        Two encoders: ``text_embeddings`` are packed ``(B, L + 1, D)``; the pooled row and the size conditioning
+        ``time_ids = [H', W', 0, 0, H', W']`` (original size, crop top-left, target size; ``H', W'`` the image
+        size of the samples, 8 H x 8 W: what ComfyUI passes by default) go to the added embedding."""
+        if self.pooled_width:
+            hidden, pooled = unpack_pooled(text_embeddings, self.pooled_width)
+            h, w = (int(n) * self._image_factor for n in samples.shape[-2:])
+            time_ids = torch.tensor([h, w, 0, 0, h, w], device=hidden.device, dtype=hidden.dtype)
+            added = {"text_embeds": pooled, "time_ids": time_ids.expand(hidden.shape[0], -1)}
+            out = self.unet(samples, timestep, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+        else:
+            out = self.unet(samples, timestep, encoder_hidden_states=text_embeddings).sample
+        out = self.counter.count(out)
         if not torch.isfinite(out).all():
             raise NonFiniteError("the UNet returned NaN or infinite values")
         if self.prediction_type == "epsilon":
@@ -325,10 +388,15 @@ class DiffusersDenoiser:
     def image_shape(self) -> tuple[int, int, int]:
         """``(3, H', W')``: the image size the VAE encodes to ``sample_shape`` (8x for SD's VAE;
         the sample size itself for a pixel-space model)."""
-        factor = 1
-        if self.vae is not None:
-            factor = 2 ** (len(getattr(self.vae.config, "block_out_channels", (1,))) - 1)
+        factor = self._image_factor
         return (3, self.sample_shape[1] * factor, self.sample_shape[2] * factor)
+
+    @property
+    def _image_factor(self) -> int:
+        """Image pixels per sample pixel: 8 for SD's VAE, 1 for a pixel-space model."""
+        if self.vae is None:
+            return 1
+        return 2 ** (len(getattr(self.vae.config, "block_out_channels", (1,))) - 1)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -353,6 +421,46 @@ class DiffusersDenoiser:
         if self._fingerprint is None:
             self._fingerprint = state_fingerprint(self.unet.state_dict())
         return self._fingerprint
+
+
+def _pooled_width(config: Any, text_encoder: torch.nn.Module, text_encoder_2: torch.nn.Module | None,
+                  tokenizer_2: Any) -> int | None:
+    """The pooled width of an SDXL-type UNet (``addition_embed_type="text_time"``) with its second text encoder,
+    None for a UNet without added text conditioning; DejaGuardError, one line, when the parts do not fit."""
+    kind = getattr(config, "addition_embed_type", None)
+    if kind is None:
+        if text_encoder_2 is not None:
+            raise DejaGuardError("a second text encoder was given, but the UNet takes no pooled text "
+                                 "(addition_embed_type is not 'text_time')")
+        return None
+    if kind != "text_time":
+        raise DejaGuardError(f"unsupported model: the UNet's added conditioning {kind!r} (DejaGuard handles SDXL's "
+                             "'text_time')")
+    if text_encoder_2 is None or tokenizer_2 is None:
+        raise DejaGuardError("an SDXL-type UNet (pooled text and size conditioning) needs its second text encoder "
+                             "and tokenizer (text_encoder_2, tokenizer_2)")
+    pooled = int(text_encoder_2.config.projection_dim)
+    widths = int(text_encoder.config.hidden_size) + int(text_encoder_2.config.hidden_size)
+    adm = pooled + 6 * int(config.addition_time_embed_dim)
+    if widths != config.cross_attention_dim or adm != config.projection_class_embeddings_input_dim:
+        raise DejaGuardError(f"the text encoders (widths {text_encoder.config.hidden_size} + "
+                             f"{text_encoder_2.config.hidden_size}, pooled {pooled}) do not fit the UNet "
+                             f"(cross-attention {config.cross_attention_dim}, added embedding "
+                             f"{config.projection_class_embeddings_input_dim})")
+    return pooled
+
+
+@contextmanager
+def _substituted(encoder: torch.nn.Module, rows: torch.Tensor) -> Iterator[None]:
+    """Within the block, ``encoder``'s embedding table outputs ``rows (B, L, E)`` instead of its own rows.
+
+    A forward hook, because transformers' CLIP text models need ``input_ids`` (causal mask, pooling at the end
+    token) and do not take ``inputs_embeds`` in every version. Differentiable with respect to ``rows``."""
+    handle = encoder.get_input_embeddings().register_forward_hook(lambda _m, _i, out: rows.to(out.device, out.dtype))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _placed(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -428,9 +536,9 @@ def quiet_model_libraries() -> None:
 
 
 def load_denoiser(model: str | Path | None = None, **kwargs: Any) -> DiffusersDenoiser:
-    """The CLI's, audits' and benchmarks' loader: a diffusers folder, a single-file SD1.x / SD2.x ``.safetensors``
-    checkpoint (:func:`core.checkpoint.load_checkpoint`; pickled files are refused), or the bundled testbed if
-    None."""
+    """The CLI's, audits' and benchmarks' loader: a diffusers folder, a single-file SD1.x / SD2.x / SDXL
+    ``.safetensors`` checkpoint (:func:`core.checkpoint.load_checkpoint`; pickled files are refused), or the bundled
+    testbed if None."""
     if model is not None and Path(model).is_file():
         from .checkpoint import load_checkpoint
 

@@ -59,8 +59,8 @@ def model_options(sp: argparse.ArgumentParser, scoring: bool = True) -> None:
     which.add_argument("--model", type=Path, default=None,
                        help="diffusers-format model folder (default: the bundled testbed)")
     which.add_argument("--checkpoint", type=Path, default=None,
-                       help="single-file SD1.x / SD2.x .safetensors checkpoint (pickled .ckpt files are refused); "
-                       "its calibration is FILE.dejaguard_calibration.json beside it")
+                       help="single-file SD1.x / SD2.x / SDXL .safetensors checkpoint (pickled .ckpt files are "
+                       "refused); its calibration is FILE.dejaguard_calibration.json beside it")
     sp.add_argument("--device", default=None, help=DEVICE_HELP)
     if scoring:
         sp.add_argument("--steps", type=int, default=1, help="first sampling steps averaged (default 1)")
