@@ -229,7 +229,14 @@ def diffusers_names(unet: torch.nn.Module, unet_config: dict[str, Any]) -> tuple
     except (KeyError, TypeError, IndexError):
         return {}, {}
     present = set(unet.state_dict())
-    params = {c: d for d, c in mapping.items() if c in present}
+    # ComfyUI's map names label_emb.* twice (class_embedding.* and add_embedding.*) and builds it from a set, so
+    # "last one wins" would depend on PYTHONHASHSEED; choose the name diffusers gives: add_embedding for SDXL
+    # (base adm 2816, refiner 2560), class_embedding otherwise.
+    preferred = "add_embedding." if unet_config.get("adm_in_channels") in (2560, 2816) else "class_embedding."
+    params: dict[str, str] = {}
+    for d, c in sorted(mapping.items()):
+        if c in present and (c not in params or d.startswith(preferred)):
+            params[c] = d
     modules: dict[str, str] = {}
     for c_param, d_param in params.items():
         c_parts, d_parts = c_param.split(".")[:-1], d_param.split(".")[:-1]

@@ -20,6 +20,7 @@ its own CLIP ``encode_from_tokens(return_pooled=True)`` and ``encode_adm`` at an
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import math
@@ -232,8 +233,9 @@ def test_fixture_cache_rebuilds_stale_files(tmp_path):
     assert not _is_current(path)
 
 
+@functools.cache
 def _in_comfy(path: Path) -> dict:
-    """tests/comfy/check_checkpoint.py on ``path``: the file as CheckpointLoaderSimple loads it."""
+    """tests/comfy/check_checkpoint.py on ``path``: the file as CheckpointLoaderSimple loads it (once per session)."""
     proc = subprocess.run([str(COMFY_PYTHON), str(REPO / "tests" / "comfy" / "check_checkpoint.py"), str(path),
                            *PROMPTS], capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -245,6 +247,7 @@ def _in_comfy(path: Path) -> dict:
 @pytest.mark.parametrize(("fixture", "family", "comfy_type", "shape"), [
     ("sd15", "sd1", "EPS", (4, 64, 64)),
     ("sd21_768_v", "sd2-v", "V_PREDICTION", (4, 96, 96)),
+    ("sdxl", "sdxl", "EPS", (4, 128, 128)),
 ])
 def test_full_size_checkpoint_as_in_comfy(no_network, fixture, family, comfy_type, shape):
     path = checkpoint_file(fixture)
@@ -255,6 +258,8 @@ def test_full_size_checkpoint_as_in_comfy(no_network, fixture, family, comfy_typ
     assert isinstance(den, DiffusersDenoiser) and den.family == family
     assert den.prediction_type == ("v_prediction" if family == "sd2-v" else "epsilon")
     assert den.sample_shape == shape
+    if family == "sdxl":  # two encoders: CLIP-L + OpenCLIP-G hidden states, the pooled row packed last
+        assert den.pooled_width == 1280 and den.encode_prompts(PROMPTS[:1]).shape == (1, 78, 2048)
     assert den.fingerprint() == comfy["fingerprint"]  # a calibration made with the CLI is found in a graph
     den.sample_shape = (4, 8, 8)
     scores = [s.score for s in first_step_scores(den, PROMPTS, seed=0)]
@@ -267,27 +272,18 @@ def test_full_size_checkpoint_as_in_comfy(no_network, fixture, family, comfy_typ
 
 @pytest.mark.slow
 @needs_builder
-def test_full_size_sdxl(no_network, tmp_path, monkeypatch):
-    """The full-size random SDXL file written by ComfyUI: loaded strictly, offline, as a two-encoder denoiser with
-    finite, prompt-dependent first-step scores; then `dejaguard calibrate --checkpoint` (run in this process, one
-    model held at a time, with the family's latent shrunk to 8x8 and three prompts at target FPR 0.5) writes
-    my-sdxl.dejaguard_calibration.json beside the file, for the fingerprint of the same weights."""
+def test_full_size_sdxl_cli_calibration_found_in_comfy(no_network, tmp_path, monkeypatch):
+    """`dejaguard calibrate --checkpoint` on the full-size random SDXL file (one model held at a time; the family's
+    latent shrunk to 8x8, three prompts at target FPR 0.5) writes my-sdxl.dejaguard_calibration.json beside the
+    file the user named, under the fingerprint ComfyUI's adapter computes for the same file: a calibration made
+    with the CLI is found in a graph."""
     from dataclasses import replace
 
     from dejaguard.core.calibration import read_calibrations
     from dejaguard.core.cli import main
 
     path = checkpoint_file("sdxl")
-    den = load_checkpoint(path, device="cpu")
-    assert den.family == "sdxl" and den.pooled_width == 1280 and den.sample_shape == (4, 128, 128)
-    assert den.encode_prompts(PROMPTS[:1]).shape == (1, 78, 2048)
-    fingerprint = den.fingerprint()
-    den.sample_shape = (4, 8, 8)
-    scores = [s.score for s in first_step_scores(den, PROMPTS, seed=0)]
-    assert all(math.isfinite(s) and s > 0 for s in scores) and scores[0] != scores[1]
-    del den
-    gc.collect()
-
+    fingerprint = _in_comfy(path)["fingerprint"]  # cached from test_full_size_checkpoint_as_in_comfy[sdxl]
     link = tmp_path / "my-sdxl.safetensors"  # the sidecar goes beside the file the user named
     link.symlink_to(path)
     prompts = tmp_path / "prompts.txt"

@@ -195,3 +195,11 @@ def test_cli_on_an_sdxl_folder(tmp_path, capsys):
     assert main(["localize", *model, "--prompt", PROMPT, "--out", str(tmp_path / "m.safetensors")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("dejaguard: error: NeMo localization is not supported for SDXL")
+
+
+def test_nemo_refuses_sdxl_in_the_library(sdxl):
+    """The refusal lives in core (nemo_layers), so a library call refuses like the CLI, before any statistics."""
+    from dejaguard.core.nemo.score import nemo_layers
+
+    with pytest.raises(DejaGuardError, match="NeMo localization is not supported for SDXL"):
+        nemo_layers(sdxl)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import DejaGuardError
 from . import model_options, read_prompts
 
 
@@ -47,9 +46,6 @@ def run(args: argparse.Namespace) -> int:
     from ..progress import TqdmProgress
 
     denoiser = load_denoiser(args.model, device=args.device)
-    if getattr(denoiser, "pooled_width", None):
-        raise DejaGuardError("NeMo localization is not supported for SDXL: its neuron statistics read every row of "
-                             "the text conditioning as a token, and SDXL's carries a pooled row besides its tokens")
     stats_prompts = read_prompts(args.stats_prompts) if args.stats_prompts else None
     if stats_prompts is None and args.model is not None:
         print("dejaguard: note: activation statistics from the testbed's compositional captions; pass "

@@ -50,6 +50,9 @@ def nemo_layers(denoiser: Denoiser, blocks: str = "down_mid") -> dict[str, torch
     """
     if blocks not in NEMO_BLOCKS:
         raise DejaGuardError(f"unknown NeMo blocks {blocks!r} (one of {', '.join(NEMO_BLOCKS)})")
+    if getattr(denoiser, "pooled_width", None):  # library, CLI and nodes alike
+        raise DejaGuardError("NeMo localization is not supported for SDXL: its neuron statistics read every row of "
+                             "the text conditioning as a token, and SDXL's carries a pooled row besides its tokens")
     layers = {name: m for name, m in denoiser.named_modules()
               if name.endswith("attn2.to_v") and name.startswith(NEMO_BLOCKS[blocks])}
     if not layers:

@@ -289,3 +289,35 @@ def test_calibrate_then_guard_on_server() -> None:
 def test_families_in_comfy_venv() -> None:
     """Runs the in-process tests above with the .comfy venv's python (it has ComfyUI's dependencies)."""
     run_in_comfy_venv(Path(__file__), 900, "-k", "not on_server and not in_comfy_venv")  # those two run here
+
+
+_NAME_MAP_PROBE = """
+import sys
+sys.path.insert(0, {here!r})
+from families import build, setup
+setup()
+from DejaGuard.nodes.model_check import comfy_fingerprint, diffusers_names
+model = build("sdxl")
+base = model.model
+params, _ = diffusers_names(base.diffusion_model, base.model_config.unet_config)
+print(sorted(d for c, d in params.items() if c.startswith("label_emb.")), comfy_fingerprint(model))
+"""
+
+
+@inproc
+def test_sdxl_name_map_does_not_depend_on_the_hash_seed() -> None:
+    """ComfyUI maps SDXL's label_emb.* to both class_embedding.* and add_embedding.* (built from a set, so its order
+    follows PYTHONHASHSEED); the name map and the fingerprint must not, or a calibration saved for an SDXL model is
+    lost at the next start. Diffusers' SDXL UNet calls them add_embedding.*: the name the library's fingerprint uses."""
+    import os
+    import subprocess
+
+    outputs = set()
+    for seed in ("0", "1", "2", "3"):
+        proc = subprocess.run([sys.executable, "-c", _NAME_MAP_PROBE.format(here=str(HERE))], capture_output=True,
+                              text=True, timeout=300, env=dict(os.environ, PYTHONHASHSEED=seed))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs.add(proc.stdout.strip().splitlines()[-1])
+    assert len(outputs) == 1, outputs
+    (line,) = outputs
+    assert "add_embedding.linear_1.weight" in line and "class_embedding" not in line
