@@ -1,0 +1,102 @@
+"""Run a real WebUI headless and record three txt2img jobs (run by tests/webui/test_webui_server.py).
+
+    python tests/webui/check_webui.py ROOT CHECKPOINT OUT
+
+ROOT is what ``setup_webui_checkout.sh`` built (``ROOT/webui``, ``ROOT/venv``, ``ROOT/hf``). The server starts on
+a free loopback port with the checkpoint, on the CPU in fp32, offline (the hub variables set; the test runs this
+script inside a network namespace of its own, ``unshare -rn``), with the test probe on
+(``DEJAGUARD_WEBUI_PROBE=OUT/probe``). Jobs, all 64x64, 3 Euler steps, CFG 7.5, 2 images, seed 1234, empty
+negative prompt: ``calibrated`` (DejaGuard on, threshold 0: the calibration beside the checkpoint), ``given``
+(DejaGuard on, threshold 1e9) and ``off`` (DejaGuard off). ``OUT/results.json`` holds per job the API's ``info``
+(parsed) and the images (base64 PNG); ``OUT/server.log`` the server's output. The server is stopped at the end.
+Only the standard library: it runs with any Python.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+PROMPT = "a photograph of an astronaut riding a horse"
+JOBS = {"calibrated": [True, 0.0], "given": [True, 1e9], "off": [False, 0.0]}
+READY_TIMEOUT = 900.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def command(root: Path, checkpoint: Path, port: int) -> list[str]:
+    forge = (root / "webui" / "backend").is_dir()
+    device = ["--always-cpu", "--all-in-fp32"] if forge else ["--use-cpu", "all", "--no-half", "--precision", "full"]
+    return [str(root / "venv" / "bin" / "python"), "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test",
+            "--skip-version-check", *device, "--api", "--port", str(port), "--ckpt", str(checkpoint),
+            "--no-download-sd-model", "--no-hashing", "--do-not-download-clip"]
+
+
+def call(port: int, path: str, payload: dict | None = None, timeout: float = 600.0) -> dict:
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def wait_ready(port: int, server: subprocess.Popen, log: Path) -> None:
+    deadline = time.time() + READY_TIMEOUT
+    while time.time() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the WebUI exited ({server.returncode}):\n{log.read_text()[-4000:]}")
+        try:
+            call(port, "/sdapi/v1/sd-models", timeout=10)
+            return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            time.sleep(2)
+    raise RuntimeError(f"the WebUI was not ready in {READY_TIMEOUT:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+def main(root: Path, checkpoint: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    port, log = free_port(), out / "server.log"
+    env = dict(os.environ, HF_HOME=str(root / "hf"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               GRADIO_ANALYTICS_ENABLED="False", DEJAGUARD_WEBUI_PROBE=str(out / "probe"),
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    env.pop("PYTHONPATH", None)
+    with open(log, "w") as log_file:
+        server = subprocess.Popen(command(root, checkpoint, port), cwd=root / "webui", env=env, stdout=log_file,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    results = {}
+    try:
+        started = time.time()
+        wait_ready(port, server, log)
+        results["ready_s"] = time.time() - started
+        for name, args in JOBS.items():
+            started = time.time()
+            response = call(port, "/sdapi/v1/txt2img", {
+                "prompt": PROMPT, "negative_prompt": "", "steps": 3, "width": 64, "height": 64, "batch_size": 2,
+                "n_iter": 1, "seed": 1234, "cfg_scale": 7.5, "sampler_name": "Euler",
+                "alwayson_scripts": {"dejaguard": {"args": args}}})
+            results[name] = {"info": json.loads(response["info"]), "images": response["images"],
+                             "seconds": time.time() - started}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        (out / "results.json").write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))
