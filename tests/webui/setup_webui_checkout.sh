@@ -113,7 +113,10 @@ if [ ! -f "$STAMP" ]; then
     if [ -n "$CLIP_SRC" ]; then
         "${PIP[@]}" --no-build-isolation "$CLIP_SRC"
     fi
-    "$ROOT/venv/bin/python" -c "import diffusers" 2>/dev/null || "${PIP[@]}" diffusers
+    if ! "$ROOT/venv/bin/python" -c "import diffusers" 2>/dev/null; then  # A1111: a diffusers that leaves its pins
+        "$ROOT/venv/bin/python" -m pip freeze --exclude-editable > "$ROOT/installed.txt"
+        "${PIP[@]}" -c "$ROOT/installed.txt" "diffusers>=0.27"
+    fi
     touch "$STAMP"
 fi
 

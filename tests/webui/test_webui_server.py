@@ -14,6 +14,9 @@ server stopped, the test checks:
 - no extra UNet call: the probe's count of UNet calls and rows is the same with DejaGuard on and off;
 - the images are bit-identical with DejaGuard on and off.
 
+``DEJAGUARD_WEBUI_OUT=DIR`` keeps a run's output (results, probe records, server log) in DIR;
+``DEJAGUARD_WEBUI_RESULTS=DIR`` checks such a folder again without starting a server.
+
 Memory: the WebUI uses 5-7 GiB, the direct computation about 5 GiB after it; on a shared machine run it under
 ``flock /tmp/bigmem.lock``.
 """
@@ -62,7 +65,11 @@ def run(tmp_path_factory):
     # A calibration beside the checkpoint, for its fingerprint, with a threshold every image exceeds.
     save_calibration(calibration_from_scores([1e-3], 0.5, ScoreSettings(), checkpoint_fingerprint(checkpoint),
                                              "tests/webui"), checkpoint)
-    out = tmp / "out"
+    reuse = os.environ.get("DEJAGUARD_WEBUI_RESULTS")  # a finished run's output folder: check it, start no server
+    if reuse:
+        return checkpoint, json.loads((Path(reuse) / "results.json").read_text()), _probes(Path(reuse))
+    out = Path(os.environ.get("DEJAGUARD_WEBUI_OUT") or tmp / "out")  # where the run's output is kept
+    shutil.rmtree(out, ignore_errors=True)
     isolate = [] if os.environ.get("DEJAGUARD_WEBUI_NETNS") == "0" else \
         ["unshare", "-rn", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
     proc = subprocess.run([*isolate, sys.executable, str(CHECK), str(WEBUI_ROOT), str(checkpoint), str(out)],
@@ -70,10 +77,25 @@ def run(tmp_path_factory):
     log = (out / "server.log").read_text() if (out / "server.log").is_file() else ""
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + log[-3000:]
     results = json.loads((out / "results.json").read_text())
-    probes = [torch.load(out / "probe" / f"{i}.pt", weights_only=True)["calls"] for i in range(3)]
+    probes = _probes(out)
     print(f"WebUI ready in {results['ready_s']:.0f} s; jobs " +
           ", ".join(f"{k} {results[k]['seconds']:.1f} s" for k in ("calibrated", "given", "off")))
     return checkpoint, results, probes
+
+
+def _probes(out: Path) -> list[list[dict]]:
+    """The probe's UNet calls per job (calibrated, given, off)."""
+    return [torch.load(out / "probe" / f"{i}.pt", weights_only=True)["calls"] for i in range(3)]
+
+
+def _pixels(images: list[str]) -> list[bytes]:
+    """The decoded pixels of base64 PNGs (their "parameters" text differs with DejaGuard on and off)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    return [Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB").tobytes() for b in images]
 
 
 def _params(job: dict) -> dict:
@@ -97,8 +119,10 @@ def test_verdicts_and_threshold_sources(run):
 
 def test_images_identical_and_no_extra_unet_call(run):
     _, results, probes = run
-    assert results["calibrated"]["images"] == results["off"]["images"]
-    assert results["given"]["images"] == results["off"]["images"]
+    off = _pixels(results["off"]["images"])
+    assert len(off) == 2 and off[0] != off[1]
+    assert _pixels(results["calibrated"]["images"]) == off
+    assert _pixels(results["given"]["images"]) == off
     rows = [[int(c["x"].shape[0]) for c in calls] for calls in probes]
     assert rows[0] == rows[1] == rows[2] and len(rows[2]) >= 3, rows
 
