@@ -8,7 +8,9 @@ script inside a network namespace of its own, ``unshare -rn``), with the test pr
 (``DEJAGUARD_WEBUI_PROBE=OUT/probe``). Jobs, all 64x64, 3 Euler steps, CFG 7.5, 2 images, seed 1234, empty
 negative prompt: ``calibrated`` (DejaGuard on, threshold 0: the calibration beside the checkpoint), ``given``
 (DejaGuard on, threshold 1e9) and ``off`` (DejaGuard off). ``OUT/results.json`` holds per job the API's ``info``
-(parsed) and the images (base64 PNG); ``OUT/server.log`` the server's output. The server is stopped at the end.
+(parsed) and the images (base64 PNG), and, with ``DEJAGUARD_WEBUI_NODE_MODULES`` naming a ``node_modules`` folder
+holding playwright-core, what headless Chromium finds of the DejaGuard sections on the page (``page``);
+``OUT/server.log`` the server's output. The server is stopped at the end.
 Only the standard library: it runs with any Python.
 """
 
@@ -65,6 +67,41 @@ def wait_ready(port: int, server: subprocess.Popen, log: Path) -> None:
     raise RuntimeError(f"the WebUI was not ready in {READY_TIMEOUT:.0f} s:\n{log.read_text()[-4000:]}")
 
 
+# Headless Chromium (Debian's, driven by playwright-core from NODE_PATH) opens the page and reads the DejaGuard
+# sections of txt2img and img2img (their accordions' elem_id). Prints one JSON object.
+PAGE_SCRIPT = """
+import { createRequire } from 'module';
+import path from 'path';
+const { chromium } = createRequire(path.join(process.env.NODE_PATH, 'x.js'))('playwright-core');
+const browser = await chromium.launch({ executablePath: '/usr/bin/chromium', args: ['--no-sandbox', '--disable-gpu',
+  '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'] });
+const page = await browser.newPage({ viewport: { width: 1600, height: 1000 } });
+const errors = [];
+page.on('pageerror', e => errors.push(String(e)));
+await page.goto(process.argv[1]);
+const found = {};
+for (const tab of ['txt2img', 'img2img']) {
+  try {
+    const el = await page.waitForSelector('#dejaguard_' + tab, { state: 'attached', timeout: 180000 });
+    found[tab] = await el.evaluate(e => e.textContent);
+  } catch (e) { found[tab] = null; errors.push(String(e)); }
+}
+console.log(JSON.stringify({ ...found, errors }));
+await browser.close();
+"""
+
+
+def page_sections(port: int) -> dict | None:
+    """What the page shows of the DejaGuard sections; None without node, chromium or playwright-core."""
+    modules = os.environ.get("DEJAGUARD_WEBUI_NODE_MODULES", "")
+    if not (modules and Path(modules, "playwright-core").is_dir() and Path("/usr/bin/chromium").is_file()):
+        return None
+    proc = subprocess.run(["node", "--input-type=module", "-e", PAGE_SCRIPT, f"http://127.0.0.1:{port}/"],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, NODE_PATH=modules))
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    return json.loads(lines[-1]) if lines else {"txt2img": None, "img2img": None, "errors": [proc.stderr[-2000:]]}
+
+
 def main(root: Path, checkpoint: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     port, log = free_port(), out / "server.log"
@@ -88,6 +125,7 @@ def main(root: Path, checkpoint: Path, out: Path) -> None:
                 "alwayson_scripts": {"dejaguard": {"args": args}}})
             results[name] = {"info": json.loads(response["info"]), "images": response["images"],
                              "seconds": time.time() - started}
+        results["page"] = page_sections(port)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

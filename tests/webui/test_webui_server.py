@@ -12,7 +12,9 @@ server stopped, the test checks:
 - the verdict and threshold source in ``info`` and in each image's infotext (the calibration beside the checkpoint,
   found by fingerprint; a threshold given through the API);
 - no extra UNet call: the probe's count of UNet calls and rows is the same with DejaGuard on and off;
-- the images are bit-identical with DejaGuard on and off.
+- the images are bit-identical with DejaGuard on and off;
+- with ``DEJAGUARD_WEBUI_NODE_MODULES`` (playwright-core) and chromium: the page shows the DejaGuard section in
+  txt2img and img2img (headless Chromium).
 
 ``DEJAGUARD_WEBUI_OUT=DIR`` keeps a run's output (results, probe records, server log) in DIR;
 ``DEJAGUARD_WEBUI_RESULTS=DIR`` checks such a folder again without starting a server.
@@ -125,6 +127,16 @@ def test_images_identical_and_no_extra_unet_call(run):
     assert _pixels(results["given"]["images"]) == off
     rows = [[int(c["x"].shape[0]) for c in calls] for calls in probes]
     assert rows[0] == rows[1] == rows[2] and len(rows[2]) >= 3, rows
+
+
+def test_page_shows_the_section(run):
+    """Headless Chromium sees the DejaGuard section in txt2img and img2img."""
+    page = run[1].get("page")
+    if page is None:
+        pytest.skip("no headless browser: set DEJAGUARD_WEBUI_NODE_MODULES to a node_modules folder with "
+                    "playwright-core (tests/comfy/setup_browser.sh builds .comfy/pw/node_modules) and install chromium")
+    assert "DejaGuard" in (page["txt2img"] or ""), page
+    assert "DejaGuard" in (page["img2img"] or ""), page
 
 
 def test_scores_equal_direct_computation(run):
