@@ -224,3 +224,69 @@ def test_checkpoint_fingerprint_is_cores():
     path = _fixture("sd15")
     expected = load_checkpoint(path, device="cpu").fingerprint()
     assert checkpoint_fingerprint(path) == expected
+
+
+@pytest.fixture
+def glue(monkeypatch):
+    """:mod:`webui.script` imported against stand-ins of the WebUI's modules (removed again afterwards)."""
+    import importlib
+    import types
+
+    stubs = {name: types.ModuleType(name) for name in
+             ("gradio", "modules", "modules.scripts", "modules.script_callbacks", "modules.sd_samplers_timesteps")}
+    stubs["modules.scripts"].Script = type("Script", (), {})
+    stubs["modules.scripts"].AlwaysVisible = object()
+    stubs["modules.sd_samplers_timesteps"].CFGDenoiserTimesteps = type("CFGDenoiserTimesteps", (), {})
+    for name in ("scripts", "script_callbacks", "sd_samplers_timesteps"):
+        setattr(stubs["modules"], name, stubs[f"modules.{name}"])
+    for name, module in stubs.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.delitem(sys.modules, "dejaguard.webui.script", raising=False)
+    yield importlib.import_module("dejaguard.webui.script")
+    sys.modules.pop("dejaguard.webui.script", None)
+
+
+def _a1111_step(glue, job, out_rows, rows=4, step=0):
+    """One A1111 CFG step of a 2-image batch: on_cfg_denoiser with ``rows`` input rows, then on_cfg_denoised."""
+    from types import SimpleNamespace
+
+    p = SimpleNamespace(dejaguard_job=job, iteration=0, batch_size=2, sd_model=SimpleNamespace())
+    denoiser = SimpleNamespace(p=p, step=step, inner_model=SimpleNamespace(sigma_max=14.6146))
+    x = torch.randn(rows, 4, 8, 8) * 14.6146
+    glue.on_cfg_denoiser(SimpleNamespace(denoiser=denoiser, text_uncond=torch.zeros(2, 77, 768), x=x,
+                                         sigma=torch.full((rows,), 14.6146)))
+    glue.on_cfg_denoised(SimpleNamespace(x=out_rows(x)))
+    return x
+
+
+def test_a1111_callbacks_score_the_first_step(glue):
+    job = Job(images=2, threshold=1.0, threshold_source="set in the UI")
+    out = torch.randn(4, 4, 8, 8)
+    x = _a1111_step(glue, job, lambda x: out)
+    expected = first_step_scores(x[2:], out[:2], out[2:], torch.full((2,), 14.6146))
+    assert job.scores == [f"{float(s):.7g}" for s in expected]
+    later = Job(images=2, threshold=1.0, threshold_source="set in the UI")
+    _a1111_step(glue, later, lambda x: out, step=1)  # not the first step: nothing
+    assert later.scores == [None, None] and later.verdicts == [None, None]
+
+
+def test_a1111_no_score_never_zero(glue):
+    """A skipped unconditional pass (its rows copies of the conditional ones) and AND prompts: "no score"."""
+    skipped = Job(images=2, threshold=1.0, threshold_source="set in the UI")
+    cond = torch.randn(2, 4, 8, 8)
+    _a1111_step(glue, skipped, lambda x: torch.cat([cond, cond]))
+    assert skipped.scores == [None, None] and skipped.verdicts == [UNSCORED, UNSCORED]
+    assert "skipped" in skipped.notes[0]
+    anded = Job(images=2, threshold=1.0, threshold_source="set in the UI")
+    _a1111_step(glue, anded, lambda x: torch.randn(5, 4, 8, 8), rows=5)
+    assert anded.verdicts == [UNSCORED, UNSCORED] and "AND" in anded.notes[0]
+
+
+def test_forge_post_cfg_scores_and_cfg1(glue):
+    job = Job(images=2, threshold=1.0, threshold_source="set in the UI")
+    x, cond, uncond, sigma = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.ones(2)
+    glue._score_forge(job, 0, 2, {"input": x, "cond_denoised": cond, "uncond_denoised": uncond, "sigma": sigma})
+    assert job.scores == [f"{float(s):.7g}" for s in first_step_scores(x, cond, uncond, sigma)]
+    cfg1 = Job(images=2, threshold=1.0, threshold_source="set in the UI")
+    glue._score_forge(cfg1, 0, 2, {"input": x, "cond_denoised": cond, "uncond_denoised": None, "sigma": sigma})
+    assert cfg1.verdicts == [UNSCORED, UNSCORED] and "CFG 1" in cfg1.notes[0]
