@@ -50,8 +50,11 @@ def call(port: int, path: str, payload: dict | None = None, timeout: float = 600
     data = None if payload is None else json.dumps(payload).encode()
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
                                      headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as err:  # the WebUI's API puts the error in the body
+        raise RuntimeError(f"{path}: HTTP {err.code}: {err.read()[-3000:].decode(errors='replace')}") from None
 
 
 def wait_ready(port: int, server: subprocess.Popen, log: Path) -> None:
@@ -62,7 +65,7 @@ def wait_ready(port: int, server: subprocess.Popen, log: Path) -> None:
         try:
             call(port, "/sdapi/v1/sd-models", timeout=10)
             return
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, RuntimeError):
             time.sleep(2)
     raise RuntimeError(f"the WebUI was not ready in {READY_TIMEOUT:.0f} s:\n{log.read_text()[-4000:]}")
 
