@@ -290,3 +290,28 @@ def test_forge_post_cfg_scores_and_cfg1(glue):
     cfg1 = Job(images=2, threshold=1.0, threshold_source="set in the UI")
     glue._score_forge(cfg1, 0, 2, {"input": x, "cond_denoised": cond, "uncond_denoised": None, "sigma": sigma})
     assert cfg1.verdicts == [UNSCORED, UNSCORED] and "CFG 1" in cfg1.notes[0]
+
+
+def test_install_adds_diffusers_with_the_webuis_pins(tmp_path):
+    """``install.py`` (run by the WebUI at start-up) asks the WebUI's ``launch.run_pip`` for diffusers only when it
+    is missing, pinning the installed huggingface_hub and safetensors; without a WebUI it does nothing."""
+    (tmp_path / "launch.py").write_text("calls = []\ndef run_pip(command, desc):\n    calls.append(command)\n")
+    code = textwrap.dedent(f"""
+        import importlib.util, runpy, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import launch
+        runpy.run_path({str(REPO / 'install.py')!r})
+        assert launch.calls == [], launch.calls  # diffusers is installed here
+        real = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, *a: None if name == "diffusers" else real(name, *a)
+        runpy.run_path({str(REPO / 'install.py')!r})
+        import huggingface_hub, safetensors
+        print(launch.calls)
+        assert launch.calls == [f'install "diffusers>=0.27" "huggingface_hub=={{huggingface_hub.__version__}}" '
+                                f'"safetensors=={{safetensors.__version__}}"'], launch.calls
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = subprocess.run([sys.executable, str(REPO / "install.py")], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path.parent)
+    assert proc.returncode == 0 and proc.stdout == "", proc.stdout + proc.stderr
