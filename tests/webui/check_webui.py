@@ -62,9 +62,12 @@ def wait_ready(port: int, server: subprocess.Popen, log: Path) -> None:
     while time.time() < deadline:
         if server.poll() is not None:
             raise RuntimeError(f"the WebUI exited ({server.returncode}):\n{log.read_text()[-4000:]}")
-        try:
+        try:  # the API answers once its routes exist, but builds the scripts' default arguments after them: a
+            # txt2img before that fails (IndexError in init_script_args); the log's "Startup time" comes after
             call(port, "/sdapi/v1/sd-models", timeout=10)
-            return
+            if "Startup time" in log.read_text(errors="replace"):
+                return
+            time.sleep(2)
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, RuntimeError):
             time.sleep(2)
     raise RuntimeError(f"the WebUI was not ready in {READY_TIMEOUT:.0f} s:\n{log.read_text()[-4000:]}")
