@@ -1,0 +1,146 @@
+"""Run a real WebUI headless and record three txt2img jobs (run by tests/webui/test_webui_server.py).
+
+    python tests/webui/check_webui.py ROOT CHECKPOINT OUT
+
+ROOT is what ``setup_webui_checkout.sh`` built (``ROOT/webui``, ``ROOT/venv``, ``ROOT/hf``). The server starts on
+a free loopback port with the checkpoint, on the CPU in fp32, offline (the hub variables set; the test runs this
+script inside a network namespace of its own, ``unshare -rn``), with the test probe on
+(``DEJAGUARD_WEBUI_PROBE=OUT/probe``). Jobs, all 64x64, 3 Euler steps, CFG 7.5, 2 images, seed 1234, empty
+negative prompt: ``calibrated`` (DejaGuard on, threshold 0: the calibration beside the checkpoint), ``given``
+(DejaGuard on, threshold 1e9) and ``off`` (DejaGuard off). ``OUT/results.json`` holds per job the API's ``info``
+(parsed) and the images (base64 PNG), and, with ``DEJAGUARD_WEBUI_NODE_MODULES`` naming a ``node_modules`` folder
+holding playwright-core, what headless Chromium finds of the DejaGuard sections on the page (``page``);
+``OUT/server.log`` the server's output. The server is stopped at the end.
+Only the standard library: it runs with any Python.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+PROMPT = "a photograph of an astronaut riding a horse"
+JOBS = {"calibrated": [True, 0.0], "given": [True, 1e9], "off": [False, 0.0]}
+READY_TIMEOUT = 900.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def command(root: Path, checkpoint: Path, port: int) -> list[str]:
+    forge = (root / "webui" / "backend").is_dir()
+    device = ["--always-cpu", "--all-in-fp32"] if forge else ["--use-cpu", "all", "--no-half", "--precision", "full"]
+    return [str(root / "venv" / "bin" / "python"), "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test",
+            "--skip-version-check", *device, "--api", "--port", str(port), "--ckpt", str(checkpoint),
+            "--no-download-sd-model", "--no-hashing", "--do-not-download-clip"]
+
+
+def call(port: int, path: str, payload: dict | None = None, timeout: float = 600.0) -> dict:
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as err:  # the WebUI's API puts the error in the body
+        raise RuntimeError(f"{path}: HTTP {err.code}: {err.read()[-3000:].decode(errors='replace')}") from None
+
+
+def wait_ready(port: int, server: subprocess.Popen, log: Path) -> None:
+    deadline = time.time() + READY_TIMEOUT
+    while time.time() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the WebUI exited ({server.returncode}):\n{log.read_text()[-4000:]}")
+        try:  # the API answers once its routes exist, but builds the scripts' default arguments after them: a
+            # txt2img before that fails (IndexError in init_script_args); the log's "Startup time" comes after
+            call(port, "/sdapi/v1/sd-models", timeout=10)
+            if "Startup time" in log.read_text(errors="replace"):
+                return
+            time.sleep(2)
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, RuntimeError):
+            time.sleep(2)
+    raise RuntimeError(f"the WebUI was not ready in {READY_TIMEOUT:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+# Headless Chromium (Debian's, driven by playwright-core from NODE_PATH) opens the page and reads the DejaGuard
+# sections of txt2img and img2img (their accordions' elem_id). Prints one JSON object.
+PAGE_SCRIPT = """
+import { createRequire } from 'module';
+import path from 'path';
+const { chromium } = createRequire(path.join(process.env.NODE_PATH, 'x.js'))('playwright-core');
+const browser = await chromium.launch({ executablePath: '/usr/bin/chromium', args: ['--no-sandbox', '--disable-gpu',
+  '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'] });
+const page = await browser.newPage({ viewport: { width: 1600, height: 1000 } });
+const errors = [];
+page.on('pageerror', e => errors.push(String(e)));
+await page.goto(process.argv[1]);
+const found = {};
+for (const tab of ['txt2img', 'img2img']) {
+  try {
+    const el = await page.waitForSelector('#dejaguard_' + tab, { state: 'attached', timeout: 180000 });
+    found[tab] = await el.evaluate(e => e.textContent);
+  } catch (e) { found[tab] = null; errors.push(String(e)); }
+}
+console.log(JSON.stringify({ ...found, errors }));
+await browser.close();
+"""
+
+
+def page_sections(port: int) -> dict | None:
+    """What the page shows of the DejaGuard sections; None without node, chromium or playwright-core."""
+    modules = os.environ.get("DEJAGUARD_WEBUI_NODE_MODULES", "")
+    if not (modules and Path(modules, "playwright-core").is_dir() and Path("/usr/bin/chromium").is_file()):
+        return None
+    proc = subprocess.run(["node", "--input-type=module", "-e", PAGE_SCRIPT, f"http://127.0.0.1:{port}/"],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, NODE_PATH=modules))
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    return json.loads(lines[-1]) if lines else {"txt2img": None, "img2img": None, "errors": [proc.stderr[-2000:]]}
+
+
+def main(root: Path, checkpoint: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    port, log = free_port(), out / "server.log"
+    env = dict(os.environ, HF_HOME=str(root / "hf"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               GRADIO_ANALYTICS_ENABLED="False", DEJAGUARD_WEBUI_PROBE=str(out / "probe"),
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    env.pop("PYTHONPATH", None)
+    with open(log, "w") as log_file:
+        server = subprocess.Popen(command(root, checkpoint, port), cwd=root / "webui", env=env, stdout=log_file,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    results = {}
+    try:
+        started = time.time()
+        wait_ready(port, server, log)
+        results["ready_s"] = time.time() - started
+        for name, args in JOBS.items():
+            started = time.time()
+            response = call(port, "/sdapi/v1/txt2img", {
+                "prompt": PROMPT, "negative_prompt": "", "steps": 3, "width": 64, "height": 64, "batch_size": 2,
+                "n_iter": 1, "seed": 1234, "cfg_scale": 7.5, "sampler_name": "Euler",
+                "alwayson_scripts": {"dejaguard": {"args": args}}})
+            results[name] = {"info": json.loads(response["info"]), "images": response["images"],
+                             "seconds": time.time() - started}
+        results["page"] = page_sections(port)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        (out / "results.json").write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))

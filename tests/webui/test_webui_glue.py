@@ -1,0 +1,317 @@
+"""The WebUI extension without a WebUI: import isolation both ways, the score formula, the job's generation
+info, checkpoint support and the checkpoint fingerprint.
+
+Import isolation (issue 27): the library and the ComfyUI node pack never import WebUI modules or the extension's
+``webui`` package, and the WebUI's loading of ``scripts/dejaguard.py`` never imports ComfyUI's modules nor the
+node pack, even where ComfyUI's modules are importable. Each side runs in a fresh interpreter that records every
+import; the WebUI side loads the script file exactly as A1111 and Forge do (a loose module, the extension folder
+on ``sys.path``), against stand-ins of ``modules.*`` and gradio.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from dejaguard.core.sampling import text_conditional_magnitude
+from dejaguard.webui.guard import (
+    KEY_NOTE,
+    KEY_SCORE,
+    KEY_THRESHOLD,
+    KEY_VERDICT,
+    MEMORIZED,
+    NO_THRESHOLD,
+    NOT_MEMORIZED,
+    UNSCORED,
+    Job,
+    check_checkpoint,
+    first_step_scores,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+COMFY_DIR = REPO / ".comfy" / "ComfyUI"
+COMFY_PYTHON = REPO / ".comfy" / "venv" / "bin" / "python"
+WEBUI_MODULES = ("modules", "gradio", "launch", "webui")  # top-level names of A1111 / Forge and their UI
+COMFY_MODULES = ("comfy", "comfy_extras", "folder_paths", "nodes", "server", "execution", "comfy_api")
+
+# Records every import (top-level name and full name) before the code under test runs; printed as JSON at exit.
+TRACKER = textwrap.dedent("""
+    import atexit, json, sys
+    seen = set()
+    class Tracker:
+        def find_spec(self, name, path=None, target=None):
+            seen.add(name)
+            return None
+    sys.meta_path.insert(0, Tracker())
+    atexit.register(lambda: print("IMPORTS=" + json.dumps(sorted(seen | set(sys.modules)))))
+""")
+
+
+def _imports(python: Path | str, code: str, cwd: Path, extra_path: list[Path] = ()) -> set[str]:
+    prelude = "import sys\n" + "".join(f"sys.path.insert(0, {str(p)!r})\n" for p in extra_path)
+    proc = subprocess.run([str(python), "-c", TRACKER + prelude + textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=600, cwd=cwd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("IMPORTS=")][-1]
+    return set(json.loads(line[len("IMPORTS="):]))
+
+
+def _hits(names: set[str], tops: tuple[str, ...], package: str) -> list[str]:
+    return sorted(n for n in names if n.split(".")[0] in tops or n.startswith(f"{package}.webui")
+                  or n.startswith(f"{package}.scripts"))
+
+
+def test_library_never_imports_webui():
+    """``import dejaguard`` and every core module (the library, the CLI) import nothing of a WebUI."""
+    names = _imports(sys.executable, """
+        import pkgutil, importlib, dejaguard, dejaguard.core
+        for m in pkgutil.walk_packages(dejaguard.core.__path__, "dejaguard.core."):
+            if m.name.startswith("dejaguard.core.testbed.train"):
+                continue
+            importlib.import_module(m.name)
+    """, cwd=REPO)
+    assert "dejaguard.core.calibration" in names and "dejaguard.core.cli" in names
+    assert _hits(names, WEBUI_MODULES, "dejaguard") == []
+
+
+def test_no_module_outside_the_extension_imports_it():
+    """Statically: only ``webui/`` and ``scripts/`` refer to the ``webui`` package."""
+    offenders = []
+    for path in REPO.rglob("*.py"):
+        rel = path.relative_to(REPO)
+        if rel.parts[0] in ("webui", "scripts", "tests", ".venv", ".comfy", ".cache"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            module = node.module if isinstance(node, ast.ImportFrom) else None
+            names = [a.name for a in node.names] if isinstance(node, (ast.Import, ast.ImportFrom)) else []
+            if (module and "webui" in module.split(".")) or any("webui" in n.split(".") for n in names):
+                offenders.append(str(rel))
+    assert offenders == []
+
+
+@pytest.mark.skipif(not (COMFY_PYTHON.is_file() and (COMFY_DIR / "main.py").is_file()),
+                    reason="ComfyUI not set up (bash tests/comfy/setup_comfy.sh)")
+def test_comfyui_never_imports_webui():
+    """ComfyUI's loading of the pack (the repository's ``__init__.py`` as module ``DejaGuard``, as its
+    ``load_custom_node`` does) builds the nodes and imports nothing of a WebUI."""
+    names = _imports(COMFY_PYTHON, f"""
+        import importlib.util
+        from comfy.cli_args import args
+        args.cpu = True  # before comfy.model_management is imported: no CUDA device here
+        spec = importlib.util.spec_from_file_location("DejaGuard", {str(REPO / '__init__.py')!r},
+                                                      submodule_search_locations=[{str(REPO)!r}])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["DejaGuard"] = module
+        spec.loader.exec_module(module)
+        assert "DejaGuardMemorizationGuard" in module.NODE_CLASS_MAPPINGS
+    """, cwd=COMFY_DIR, extra_path=[COMFY_DIR])
+    assert "DejaGuard.nodes.guard" in names
+    assert _hits(names, WEBUI_MODULES, "DejaGuard") == []
+
+
+# Stand-ins for the WebUI's modules: just what the extension touches at import and registration.
+_STUBS = {
+    "modules/__init__.py": "",
+    "modules/scripts.py": textwrap.dedent("""
+        AlwaysVisible = object()
+        class Script:
+            pass
+    """),
+    "modules/script_callbacks.py": textwrap.dedent("""
+        registered = []
+        def on_cfg_denoiser(callback, *, name=None):
+            registered.append(("cfg_denoiser", callback, name))
+        def on_cfg_denoised(callback, *, name=None):
+            registered.append(("cfg_denoised", callback, name))
+    """),
+    "gradio.py": "",
+    # ComfyUI's modules, importable: the pack's __init__ would build its nodes if it ran.
+    "comfy/__init__.py": "",
+    "folder_paths.py": "",
+}
+
+
+def test_webui_import_never_imports_comfyui(tmp_path):
+    """The WebUI's loading of ``scripts/dejaguard.py`` registers the script and the two CFG callbacks, and imports
+    neither ComfyUI's modules (importable here) nor the node pack nor the repository's ComfyUI ``__init__``."""
+    for rel, text in _STUBS.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    script = REPO / "scripts" / "dejaguard.py"
+    names = _imports(sys.executable, f"""
+        import importlib.util, inspect
+        sys.path.insert(0, {str(REPO)!r})  # the WebUI puts the extension folder first while loading its scripts
+        spec = importlib.util.spec_from_file_location("dejaguard.py", {str(script)!r})
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        import modules.scripts, modules.script_callbacks
+        found = [c for c in vars(module).values() if inspect.isclass(c) and issubclass(c, modules.scripts.Script)]
+        assert [c.__name__ for c in found] == ["DejaGuardScript"], found
+        assert [(k, n) for k, _, n in modules.script_callbacks.registered] == \\
+            [("cfg_denoiser", "dejaguard"), ("cfg_denoised", "dejaguard")]
+        assert not hasattr(sys.modules["dejaguard"], "NODE_CLASS_MAPPINGS")  # the ComfyUI entry never ran
+    """, cwd=tmp_path, extra_path=[tmp_path])
+    assert "dejaguard.webui.script" in names
+    assert sorted(n for n in names if n.split(".")[0] in COMFY_MODULES or n.startswith("dejaguard.nodes")) == []
+
+
+def test_score_from_denoised_equals_score_from_eps():
+    """k-diffusion hands over x0 = x - sigma * eps; the score is core's magnitude of the eps difference."""
+    gen = torch.Generator().manual_seed(0)
+    eps_c, eps_u = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
+    sigma = torch.full((3,), 14.6146)
+    x = torch.randn(3, 4, 8, 8, generator=gen) * sigma[:, None, None, None]
+    direct = text_conditional_magnitude(eps_c, eps_u)
+    s = sigma[:, None, None, None]
+    torch.testing.assert_close(first_step_scores(x, x - s * eps_c, x - s * eps_u, sigma), direct, rtol=1e-5, atol=0)
+    torch.testing.assert_close(first_step_scores(x, eps_c, eps_u, sigma, outputs="eps"), direct, rtol=0, atol=0)
+    with pytest.raises(ValueError):
+        first_step_scores(x, eps_c, eps_u, sigma, outputs="v")
+
+
+def test_job_fills_per_image_generation_info():
+    job = Job(images=4, threshold=2.0, threshold_source="set in the UI")
+    params = job.generation_params()
+    assert params[KEY_THRESHOLD] == "2 (set in the UI)"
+    job.record(0, 2, [1.5, 2.5])
+    job.record(2, 2, None, "the unconditional prediction was skipped")
+    assert params[KEY_SCORE] == ["1.5", "2.5", None, None]  # the same lists, filled in place
+    assert params[KEY_VERDICT] == [NOT_MEMORIZED, MEMORIZED, UNSCORED, UNSCORED]
+    assert params[KEY_NOTE] == ["no score: the unconditional prediction was skipped"] * 4
+    uncalibrated = Job(images=1, threshold=None, threshold_source="no calibration")
+    uncalibrated.record(0, 1, [3.0])
+    assert uncalibrated.generation_params()[KEY_THRESHOLD] == "none: no calibration"
+    assert uncalibrated.verdicts == [NO_THRESHOLD]
+
+
+def _fixture(name: str) -> Path:
+    from checkpoint_fixtures import cache_dir
+
+    path = cache_dir() / f"{name}-v1.safetensors"
+    if not path.is_file():
+        pytest.skip(f"fixture checkpoint {path} not built (tests/checkpoint_fixtures.py)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _fixtures_importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "tests"))
+
+
+def test_checkpoint_support_one_line(tmp_path):
+    assert check_checkpoint(None).startswith("unsupported model")
+    assert "not found" in check_checkpoint(tmp_path / "missing.safetensors")
+    assert check_checkpoint(_fixture("sd15")) is None
+    sd2 = check_checkpoint(_fixture("sd21_768_v"))
+    assert "SD2.x 768 (v-prediction) is not supported in the WebUI yet" in sd2 and "\n" not in sd2
+    sdxl = check_checkpoint(_fixture("sdxl"))
+    assert "SDXL" in sdxl and "\n" not in sdxl
+
+
+@pytest.mark.slow
+def test_checkpoint_fingerprint_is_cores():
+    """The fingerprint read from the file's memory map under diffusers' names equals the CLI's (core loading the
+    same file), so a calibration made with ``dejaguard calibrate --checkpoint`` is found in the WebUI."""
+    from dejaguard.core.checkpoint import load_checkpoint
+    from dejaguard.webui.guard import checkpoint_fingerprint
+
+    path = _fixture("sd15")
+    expected = load_checkpoint(path, device="cpu").fingerprint()
+    assert checkpoint_fingerprint(path) == expected
+
+
+@pytest.fixture
+def glue(monkeypatch):
+    """:mod:`webui.script` imported against stand-ins of the WebUI's modules (removed again afterwards)."""
+    import importlib
+    import types
+
+    stubs = {name: types.ModuleType(name) for name in
+             ("gradio", "modules", "modules.scripts", "modules.script_callbacks", "modules.sd_samplers_timesteps")}
+    stubs["modules.scripts"].Script = type("Script", (), {})
+    stubs["modules.scripts"].AlwaysVisible = object()
+    stubs["modules.sd_samplers_timesteps"].CFGDenoiserTimesteps = type("CFGDenoiserTimesteps", (), {})
+    for name in ("scripts", "script_callbacks", "sd_samplers_timesteps"):
+        setattr(stubs["modules"], name, stubs[f"modules.{name}"])
+    for name, module in stubs.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.delitem(sys.modules, "dejaguard.webui.script", raising=False)
+    yield importlib.import_module("dejaguard.webui.script")
+    sys.modules.pop("dejaguard.webui.script", None)
+
+
+def _a1111_step(glue, job, out_rows, rows=4, step=0):
+    """One A1111 CFG step of a 2-image batch: on_cfg_denoiser with ``rows`` input rows, then on_cfg_denoised."""
+    from types import SimpleNamespace
+
+    p = SimpleNamespace(dejaguard_job=job, iteration=0, batch_size=2, sd_model=SimpleNamespace())
+    denoiser = SimpleNamespace(p=p, step=step, inner_model=SimpleNamespace(sigma_max=14.6146))
+    x = torch.randn(rows, 4, 8, 8) * 14.6146
+    glue.on_cfg_denoiser(SimpleNamespace(denoiser=denoiser, text_uncond=torch.zeros(2, 77, 768), x=x,
+                                         sigma=torch.full((rows,), 14.6146)))
+    glue.on_cfg_denoised(SimpleNamespace(x=out_rows(x)))
+    return x
+
+
+def test_a1111_callbacks_score_the_first_step(glue):
+    job = Job(images=2, threshold=1.0, threshold_source="set in the UI")
+    out = torch.randn(4, 4, 8, 8)
+    x = _a1111_step(glue, job, lambda x: out)
+    expected = first_step_scores(x[2:], out[:2], out[2:], torch.full((2,), 14.6146))
+    assert job.scores == [f"{float(s):.7g}" for s in expected]
+    later = Job(images=2, threshold=1.0, threshold_source="set in the UI")
+    _a1111_step(glue, later, lambda x: out, step=1)  # not the first step: nothing
+    assert later.scores == [None, None] and later.verdicts == [None, None]
+
+
+def test_a1111_no_score_never_zero(glue):
+    """A skipped unconditional pass (its rows copies of the conditional ones) and AND prompts: "no score"."""
+    skipped = Job(images=2, threshold=1.0, threshold_source="set in the UI")
+    cond = torch.randn(2, 4, 8, 8)
+    _a1111_step(glue, skipped, lambda x: torch.cat([cond, cond]))
+    assert skipped.scores == [None, None] and skipped.verdicts == [UNSCORED, UNSCORED]
+    assert "skipped" in skipped.notes[0]
+    anded = Job(images=2, threshold=1.0, threshold_source="set in the UI")
+    _a1111_step(glue, anded, lambda x: torch.randn(5, 4, 8, 8), rows=5)
+    assert anded.verdicts == [UNSCORED, UNSCORED] and "AND" in anded.notes[0]
+
+
+def test_forge_post_cfg_scores_and_cfg1(glue):
+    job = Job(images=2, threshold=1.0, threshold_source="set in the UI")
+    x, cond, uncond, sigma = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.ones(2)
+    glue._score_forge(job, 0, 2, {"input": x, "cond_denoised": cond, "uncond_denoised": uncond, "sigma": sigma})
+    assert job.scores == [f"{float(s):.7g}" for s in first_step_scores(x, cond, uncond, sigma)]
+    cfg1 = Job(images=2, threshold=1.0, threshold_source="set in the UI")
+    glue._score_forge(cfg1, 0, 2, {"input": x, "cond_denoised": cond, "uncond_denoised": None, "sigma": sigma})
+    assert cfg1.verdicts == [UNSCORED, UNSCORED] and "CFG 1" in cfg1.notes[0]
+
+
+def test_install_adds_diffusers_with_the_webuis_pins(tmp_path):
+    """``install.py`` (run by the WebUI at start-up) asks the WebUI's ``launch.run_pip`` for diffusers only when it
+    is missing, pinning the installed huggingface_hub and safetensors; without a WebUI it does nothing."""
+    (tmp_path / "launch.py").write_text("calls = []\ndef run_pip(command, desc):\n    calls.append(command)\n")
+    code = textwrap.dedent(f"""
+        import importlib.util, runpy, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import launch
+        runpy.run_path({str(REPO / 'install.py')!r})
+        assert launch.calls == [], launch.calls  # diffusers is installed here
+        real = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, *a: None if name == "diffusers" else real(name, *a)
+        runpy.run_path({str(REPO / 'install.py')!r})
+        import huggingface_hub, safetensors
+        print(launch.calls)
+        assert launch.calls == [f'install "diffusers>=0.27" "huggingface_hub=={{huggingface_hub.__version__}}" '
+                                f'"safetensors=={{safetensors.__version__}}"'], launch.calls
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = subprocess.run([sys.executable, str(REPO / "install.py")], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path.parent)
+    assert proc.returncode == 0 and proc.stdout == "", proc.stdout + proc.stderr

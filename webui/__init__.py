@@ -1,0 +1,14 @@
+"""DejaGuard inside Stable Diffusion WebUI (AUTOMATIC1111 and its Forge fork).
+
+The WebUI loads ``scripts/dejaguard.py`` from the repository root (the repository placed or linked into the
+WebUI's ``extensions/`` folder); that file loads this package and nothing else of the repository's entry points,
+so the WebUI never imports ComfyUI's modules (the node pack in ``nodes/`` is not touched), and nothing outside
+this package imports it, so the library and the ComfyUI node pack never import WebUI modules.
+
+- :mod:`webui.guard`: the WebUI-independent part (plain torch): which checkpoints are supported, their
+  fingerprint and calibrated threshold, the score from the WebUI's own first-step cond/uncond predictions, and
+  the per-image generation parameters. Importable and testable without a WebUI.
+- :mod:`webui.script`: the glue (imports ``modules.*`` and gradio): the always-visible "DejaGuard" script and
+  the CFG hooks of A1111 (``on_cfg_denoiser`` / ``on_cfg_denoised``) and Forge (a post-CFG function on a clone
+  of ``forge_objects.unet``).
+"""

@@ -1,0 +1,195 @@
+"""The WebUI guard without the WebUI: support, fingerprint, threshold, score and generation info of a job.
+
+Method: Wen et al.'s first-step score ``||eps(x_T, c) - eps(x_T, uncond)||_2`` per image, read from the two
+predictions the WebUI's own CFG denoiser makes at the first sampling step (no extra UNet evaluation). What the
+WebUI hands over depends on the sampler:
+
+- k-diffusion samplers (Euler, DPM++, ... in A1111; every sampler in Forge): *denoised* predictions ``x0``
+  of the input ``x`` at ``sigma``, so ``eps = (x - x0) / sigma`` (as in ComfyUI's post-CFG hook);
+- A1111's timestep samplers (DDIM, PLMS, UniPC): the noise predictions ``eps`` themselves.
+
+Either way the score goes through core's one scoring function
+(:func:`core.sampling.text_conditional_magnitude`). The unconditional prediction is that of the job's negative
+prompt: with an empty negative prompt it is Wen et al.'s ``eps(x_T, "")``, the setting thresholds are calibrated
+in; a job with a negative prompt gets a note in its info.
+
+Support: SD1.x single-file checkpoints (:func:`core.checkpoint.read_family`, header only). Others get one line
+(SD2.x: untested in the WebUI; SDXL, SD3, Flux, inpainting: core's refusal).
+
+Threshold: a value set in the UI wins; else the calibration of this checkpoint found by core
+(:func:`core.calibration.find_calibration` at the checkpoint file, i.e. ``MODEL.dejaguard_calibration.json``
+beside it, as ``dejaguard calibrate --checkpoint MODEL.safetensors`` writes), keyed by the UNet's fingerprint.
+
+Fingerprint (:func:`checkpoint_fingerprint`): core's :func:`~core.denoiser.state_fingerprint` of the file's UNet
+weights under their diffusers names (diffusers' own ``convert_ldm_unet_checkpoint`` renames them, as
+:mod:`core.checkpoint` does when it loads the file), so it equals ``DiffusersDenoiser.fingerprint()`` of the same
+file loaded by the CLI and ``comfy_fingerprint`` of it in ComfyUI. It is read from the file, not from the WebUI's
+loaded weights (which a LoRA may have patched in place), through a copy-on-write memory map: only the ~256 values
+per tensor that the fingerprint samples are read.
+
+Shapes: ``B`` images in a batch, latents ``(B, 4, H/8, W/8)``, ``sigma`` ``(B,)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..core.calibration import find_calibration
+from ..core.checkpoint import CONFIGS, UNET, read_family
+from ..core.denoiser import state_fingerprint
+from ..core.detect import ScoreSettings
+from ..core.errors import DejaGuardError
+from ..core.sampling import text_conditional_magnitude
+
+SUPPORTED_FAMILIES = ("sd1",)
+KEY_SCORE = "DejaGuard score"
+KEY_VERDICT = "DejaGuard verdict"
+KEY_THRESHOLD = "DejaGuard threshold"
+KEY_NOTE = "DejaGuard note"
+MEMORIZED, NOT_MEMORIZED, UNSCORED, NO_THRESHOLD = "memorized", "not memorized", "no score", "no threshold"
+_SAFETENSORS_DTYPES = {"F16": (np.float16, None), "F32": (np.float32, None), "F64": (np.float64, None),
+                       "BF16": (np.uint16, torch.bfloat16)}
+
+
+def check_checkpoint(path: str | Path | None) -> str | None:
+    """None when the WebUI guard supports the checkpoint file ``path``; else one line saying why not."""
+    if not path:
+        return "unsupported model: the WebUI names no checkpoint file for it"
+    try:
+        family = read_family(path)
+    except DejaGuardError as err:
+        return f"unsupported model: {err}"
+    if family.name not in SUPPORTED_FAMILIES:
+        return (f"unsupported model: {family.label} is not supported in the WebUI yet (SD1.x is; ComfyUI's Guard "
+                "takes SD2.x, SDXL and SD3)")
+    return None
+
+
+def unet_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The UNet tensors (``model.diffusion_model.*``, LDM names) of a safetensors file, memory-mapped
+    copy-on-write: nothing is read until a value is used, and nothing is ever written back."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    data = np.memmap(path, dtype=np.uint8, mode="c")
+    tensors = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numpy views of a memory map are fine for torch.from_numpy
+        for name, meta in header.items():
+            if name == "__metadata__" or not name.startswith(UNET):
+                continue
+            if meta["dtype"] not in _SAFETENSORS_DTYPES:
+                raise DejaGuardError(f"{path.name}: UNet weight {name} has dtype {meta['dtype']}, not a float type")
+            np_dtype, torch_view = _SAFETENSORS_DTYPES[meta["dtype"]]
+            start, end = (8 + length + offset for offset in meta["data_offsets"])
+            tensor = torch.from_numpy(data[start:end].view(np_dtype))
+            tensors[name] = (tensor.view(torch_view) if torch_view else tensor).reshape(meta["shape"])
+    return tensors
+
+
+_FINGERPRINTS: dict[tuple[str, int, int], str] = {}
+
+
+def checkpoint_fingerprint(path: str | Path, family: str = "sd1") -> str:
+    """Core's fingerprint of the UNet in the single-file checkpoint ``path`` (see the module doc), cached per file
+    (path, size and modification time)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _FINGERPRINTS:
+        config = json.loads((CONFIGS / family / "unet" / "config.json").read_text())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            renamed = convert_ldm_unet_checkpoint(unet_tensors(path), config)
+        _FINGERPRINTS[key] = state_fingerprint(renamed)
+    return _FINGERPRINTS[key]
+
+
+def resolve_threshold(threshold: float, checkpoint: str | Path) -> tuple[float | None, str]:
+    """``(threshold, where it came from)``: a value above 0 as set in the UI; else the calibration of this
+    checkpoint (``(None, why there is none)`` when there is none)."""
+    if threshold > 0:
+        return float(threshold), "set in the UI"
+    try:
+        found = find_calibration(checkpoint, ScoreSettings(), checkpoint_fingerprint(checkpoint))
+    except DejaGuardError as err:
+        return None, (f"{err} (set a threshold in the DejaGuard section, or run `dejaguard calibrate --checkpoint "
+                      f"{Path(checkpoint).name}`)")
+    return found.threshold, f"calibration {found.file.name}"
+
+
+def first_step_scores(x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, sigma: torch.Tensor,
+                      outputs: str = "denoised") -> torch.Tensor:
+    """Per-image score from the sampler's first-step predictions: ``x``, ``cond``, ``uncond`` ``(B, C, H, W)``,
+    ``sigma`` ``(B,)`` -> ``(B,)``.
+
+    ``outputs``: ``"denoised"`` (k-diffusion: ``cond`` and ``uncond`` are x0 predictions of ``x`` at ``sigma``)
+    or ``"eps"`` (timestep samplers: they are the noise predictions; ``x`` and ``sigma`` are not used).
+    """
+    if outputs == "eps":
+        return text_conditional_magnitude(cond.float(), uncond.float())
+    if outputs != "denoised":
+        raise ValueError(f"outputs must be 'denoised' or 'eps', got {outputs!r}")
+    s = sigma.reshape(-1, *([1] * (x.ndim - 1))).float()
+    return text_conditional_magnitude((x.float() - cond.float()) / s, (x.float() - uncond.float()) / s)
+
+
+@dataclass
+class Job:
+    """What the guard reports for one WebUI job (``n_iter`` batches of ``batch_size`` images).
+
+    Its lists are the values of ``p.extra_generation_params`` (one entry per image of the job, which the WebUI
+    picks by image index for each image's infotext and hands whole to the API's ``info``); they are filled in
+    place as each batch's first step is seen.
+    """
+
+    images: int
+    threshold: float | None
+    threshold_source: str
+    scores: list[str | None] = field(default_factory=list)
+    verdicts: list[str | None] = field(default_factory=list)
+    notes: list[str | None] = field(default_factory=list)  # per image: the job's notes, "; "-joined
+    _texts: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.scores = [None] * self.images
+        self.verdicts = [None] * self.images
+        self.notes = [None] * self.images
+
+    def generation_params(self) -> dict[str, object]:
+        """The entries for ``p.extra_generation_params`` (the same list objects, filled later)."""
+        threshold = (f"{self.threshold:.6g} ({self.threshold_source})" if self.threshold is not None
+                     else f"none: {self.threshold_source}")
+        return {KEY_SCORE: self.scores, KEY_VERDICT: self.verdicts, KEY_THRESHOLD: threshold, KEY_NOTE: self.notes}
+
+    def note(self, text: str) -> None:
+        """Add a note for every image of the job (once)."""
+        if text not in self._texts:
+            self._texts.append(text)
+            self.notes[:] = ["; ".join(self._texts)] * self.images
+
+    def record(self, first_index: int, count: int, scores: list[float] | None, reason: str = "") -> None:
+        """The scores of the batch of ``count`` images whose first is image ``first_index`` of the job (None:
+        unavailable, ``reason`` says why)."""
+        if scores is None:
+            self.note(f"no score: {reason}")
+            for i in range(first_index, min(first_index + count, self.images)):
+                self.verdicts[i] = UNSCORED
+            return
+        for offset, score in enumerate(scores):
+            i = first_index + offset
+            if i >= self.images or not math.isfinite(score):
+                continue
+            self.scores[i] = f"{score:.7g}"
+            self.verdicts[i] = (NO_THRESHOLD if self.threshold is None else
+                                MEMORIZED if score > self.threshold else NOT_MEMORIZED)
