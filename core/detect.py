@@ -17,11 +17,14 @@ Score options (``ScoreSettings.score``):
   positions (in ``[-1, 1]``). Why: the norm measures the curvature of the log-probability only when that is
   isotropic; where it is not, a memorized prompt shows as a guidance direction that points along the
   unconditional score rather than as a large one. The weights (1 for the norm, 2 for the alignment) are the
-  authors' Stable Diffusion 1.x setting (they use 0.1 for the alignment on SD2). One difference, for zero
-  cost: the authors' code reads the alignment from a second cond/uncond pair, the same ``x_T`` fed at a
-  low-noise timestep (the third-last of a 50-step DDIM schedule), i.e. two more noise predictions; here it is
-  read from the first step's own pair, the one the magnitude already uses and the ComfyUI Guard already has,
-  so the option costs nothing extra and the Guard can compute it inside any sampler.
+  authors' Stable Diffusion 1.x setting (they use 0.1 for the alignment on SD2); the norm grows with the
+  latent size and the alignment does not, so the mix of the two terms differs between models and resolutions
+  (on the testbed, 4x32x32 latents, non-memorized prompts' medians are about 0.5 for the norm and 0.7 for the
+  anisotropy score). One difference, for zero cost: the authors' code reads the alignment from a second
+  cond/uncond pair, the same ``x_T`` fed at a low-noise timestep (the third-last of a 50-step DDIM schedule),
+  i.e. two more noise predictions; here it is read from the first step's own pair, the one the magnitude
+  already uses and the ComfyUI Guard already has, so the option costs nothing extra and the Guard can compute
+  it inside any sampler.
 
 Both are computed per step and averaged over the first ``steps`` steps of guided sampling and over
 ``generations`` initial noises, alike. Scores of different options are on different scales: thresholds are
