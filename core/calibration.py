@@ -5,7 +5,10 @@ score setting it was measured for. :func:`calibrate` scores prompts known not to
 threshold at their ``1 - target_fpr`` quantile (flagged means ``score > threshold``, so at most
 ``target_fpr`` of such prompts are flagged). The result is stored per setting (:meth:`ScoreSettings.key`)
 in a JSON file (``dejaguard_calibration.json`` beside a diffusers model, or any file the user names), with
-the fingerprint of the UNet it was measured on.
+the fingerprint of the UNet it was measured on. Each score option (``ScoreSettings.score``: magnitude,
+anisotropy) has its own entries, since the scores live on different scales: a setting's key names its option
+when it is not the default magnitude (so files made before the option existed keep working), and a front end
+asking for one option's threshold never gets the other's.
 
 Everything that needs a threshold goes through this module: the command line, the ComfyUI nodes, the audit
 engines and the benches.
@@ -33,7 +36,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .denoiser import BUNDLED_TESTBED, Denoiser
-from .detect import ScoreSettings, first_step_scores
+from .detect import MAGNITUDE, ScoreSettings, first_step_scores
 from .errors import DejaGuardError
 from .progress import Progress
 
@@ -187,6 +190,11 @@ def find_calibration(location: str | Path | None, settings: ScoreSettings, finge
     if not math.isfinite(threshold):
         raise DejaGuardError(f"malformed calibration file {file}: threshold {entry['threshold']!r} for "
                              f"{settings.key()} is not a finite number; recalibrate")
+    stored = entry.get("settings")
+    made_with = stored.get("score", MAGNITUDE) if isinstance(stored, dict) else settings.score
+    if made_with != settings.score:  # a hand-edited file: a threshold of one score never serves another
+        raise DejaGuardError(f"malformed calibration file {file}: the entry for {settings.key()} was calibrated "
+                             f"with the {made_with} score, not {settings.score}; recalibrate")
     if entry["fingerprint"] != fingerprint:
         raise DejaGuardError(f"calibration in {file} was made for another model (fingerprint {entry['fingerprint']}, "
                              f"this model {fingerprint}): recalibrate")

@@ -13,6 +13,9 @@ threshold where the Guard finds it by itself:
   function that applies the Guard's own :func:`~nodes.guard.scores_from_denoised`. Noise of prompt ``p``:
   ``randn((generations, C, H, W))`` seeded with :func:`core.sampling.prompt_seed` ``(p)``, so a rerun gives
   the same threshold.
+- **Same score option.** The node's ``score`` input (magnitude or anisotropy, :data:`core.detect.SCORES`) is
+  passed to :func:`~nodes.guard.scores_from_denoised` and is part of the stored setting, so a Guard with the
+  same option finds this threshold and a Guard with the other option never does.
 - **Same setting.** Each noise is one image as the Guard scores it (one noise per image), so with
   ``generations`` noises per prompt all ``prompts x generations`` scores enter the quantile, and the entry is
   stored under the Guard's :class:`~core.detect.ScoreSettings` key (first step, one noise per score).
@@ -48,7 +51,7 @@ from typing import Any
 import torch
 
 from ..core.calibration import Calibration, calibration_from_scores, read_calibrations, save_calibration
-from ..core.detect import ScoreSettings
+from ..core.detect import MAGNITUDE, SCORES, ScoreSettings
 from ..core.errors import DejaGuardError, NonFiniteError
 from ..core.progress import Progress, report
 from ..core.prompt_sets import calibration_prompts
@@ -89,8 +92,9 @@ class CalibrationRun:
 
 def first_step_scores_comfy(model: Any, clip: Any, prompts: Sequence[str], generations: int = 1,
                             latent_size: tuple[int, int] | None = None,
-                            progress: Progress | None = None) -> CalibrationRun:
-    """Score ``prompts`` as the Guard scores a generation (see the module doc); ``generations`` noises each.
+                            progress: Progress | None = None, score: str = MAGNITUDE) -> CalibrationRun:
+    """Score ``prompts`` as the Guard scores a generation (see the module doc); ``generations`` noises each,
+    with the score option ``score``.
 
     ``latent_size`` ``(H, W)``: default the model's native size. ``progress(done, total, "calibrating")`` is
     called before the first and after every prompt (the node raises ComfyUI's interruption from it).
@@ -113,7 +117,7 @@ def first_step_scores_comfy(model: Any, clip: Any, prompts: Sequence[str], gener
         if args.get("uncond_denoised") is None:
             raise DejaGuardError("the sampler computed no unconditional prediction (CFG 1?)")
         found.append(scores_from_denoised(args["input"], args["cond_denoised"], args["uncond_denoised"],
-                                          args["sigma"]).cpu())
+                                          args["sigma"], score).cpu())
         return args["denoised"]
 
     previous = model.model_options.get("model_function_wrapper")
@@ -152,7 +156,7 @@ def first_step_scores_comfy(model: Any, clip: Any, prompts: Sequence[str], gener
 
 def calibrate_model(model: Any, clip: Any, target_fpr: float = 0.01, generations: int = 1, prompt_limit: int = 0,
                     latent_size: tuple[int, int] | None = None, progress: Progress | None = None,
-                    recalibrate: bool = False) -> tuple[Calibration, Path, str]:
+                    recalibrate: bool = False, score: str = MAGNITUDE) -> tuple[Calibration, Path, str]:
     """Calibrate ``model`` on the bundled prompts (the first ``prompt_limit``, 0 = all) and save it for the Guard.
 
     Calibrate once: when this model's file already holds a calibration of the same run (prompts, noises, size,
@@ -164,7 +168,7 @@ def calibrate_model(model: Any, clip: Any, target_fpr: float = 0.01, generations
         prompts = prompts[:prompt_limit]
     size = latent_size or native_latent_size(model, info)
     fingerprint = comfy_fingerprint(model)
-    settings = ScoreSettings()
+    settings = ScoreSettings(score=score)
     source = (f"{PROMPTS_SOURCE}: {len(prompts)} prompts x {generations} noise(s), {size[1] * 8}x{size[0] * 8} px, "
               f"DejaGuard Calibrate in ComfyUI ({info.family}, {info.prediction})")
     file = user_calibration_file(fingerprint)
@@ -178,14 +182,15 @@ def calibrate_model(model: Any, clip: Any, target_fpr: float = 0.01, generations
         return calibration, file, (f"DejaGuard Calibrate: threshold {calibration.threshold:.4g} for a {target_fpr:g} "
                                    f"false-positive rate, calibrated {calibration.created} ({source}); found in "
                                    f"{file}: 0 UNet calls (set recalibrate to run again).")
-    run = first_step_scores_comfy(model, clip, prompts, generations, size, progress)
+    run = first_step_scores_comfy(model, clip, prompts, generations, size, progress, score)
     calibration = calibration_from_scores(run.scores, target_fpr, settings, fingerprint, source, len(prompts))
     threshold = calibration.threshold
     file = save_calibration(calibration, file)
     needed = math.ceil(1 / target_fpr)
     lines = [f"DejaGuard Calibrate: threshold {threshold:.4g} for a {target_fpr:g} false-positive rate on "
              f"{len(run.scores)} scores ({len(prompts)} non-memorized prompts x {generations} noise(s), "
-             f"{size[1] * 8}x{size[0] * 8} px, {FAMILY_SCORE[info.prediction]}).",
+             f"{size[1] * 8}x{size[0] * 8} px, {FAMILY_SCORE[info.prediction]}"
+             f"{'' if score == MAGNITUDE else f'; {score} score built on it'}).",
              f"cost: {run.unet_calls} UNet calls, {run.seconds:.1f} s wall time.",
              f"saved for model {fingerprint} ({settings.key()}) in {file}; the Memorization Guard finds it "
              "when its threshold is 0."]
@@ -234,6 +239,11 @@ class DejaGuardCalibrate:
                                              "size you generate at: scores depend on it."}),
                 "height": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8,
                                    "tooltip": "Image height; 0 = the model's native size."}),
+                "score": (list(SCORES), {
+                    "default": MAGNITUDE,
+                    "tooltip": "The score option to calibrate, as set on the Memorization Guard: 'magnitude' "
+                               "(||eps_c - eps_u||) or 'anisotropy' (that norm plus twice its mean cosine with "
+                               "eps_u). Each option has its own threshold; the Guard uses only its own."}),
             },
         }
 
@@ -251,7 +261,8 @@ class DejaGuardCalibrate:
                    "user directory. Run it once per checkpoint; the Guard (threshold 0) then finds it.")
 
     def calibrate(self, model: Any, clip: Any, target_fpr: float, generations: int, prompt_limit: int,
-                  recalibrate: bool = False, width: int = 0, height: int = 0) -> dict[str, Any]:
+                  recalibrate: bool = False, width: int = 0, height: int = 0,
+                  score: str = MAGNITUDE) -> dict[str, Any]:
         import comfy.model_management
         import comfy.utils
 
@@ -265,7 +276,7 @@ class DejaGuardCalibrate:
             bar.update_absolute(done, total)
 
         calibration, file, summary = calibrate_model(model, clip, target_fpr, generations, prompt_limit, size,
-                                                     progress, recalibrate)
+                                                     progress, recalibrate, score)
         return {"ui": {"text": [summary]}, "result": (calibration.threshold, summary, str(file))}
 
 

@@ -1,4 +1,4 @@
-"""The Memorization Guard and Memorization Verdict nodes: Wen et al.'s first-step score inside any sampler.
+"""The Memorization Guard and Memorization Verdict nodes: a first-step memorization score inside any sampler.
 
 The guard clones the ModelPatcher (the input MODEL, cached for other graphs, is never changed) and
 adds a post-CFG function. ComfyUI calls it once per sampling step with the conditional and
@@ -15,6 +15,12 @@ evaluation when CFG > 1. What that quantity is depends on the family's parametri
   noise equals ``x`` for every prompt and its difference is identically 0; the same formula is the model's
   velocity ``v = (x - denoised) / sigma``, and the score is ``||v(x_T, c) - v(x_T, empty)||``. Its scale is
   not comparable with the other families': every family is calibrated on its own (DejaGuard Calibrate).
+
+Score option (the node's ``score`` input, :data:`core.detect.SCORES`): ``magnitude`` (the default, the norm
+above) or ``anisotropy`` (that norm plus twice the mean per-position cosine between the unconditional
+prediction and the guidance direction, Asthana & Belagiannis 2026). Both are computed by
+:func:`core.detect.prediction_scores` from the same two predictions, so neither costs a UNet evaluation; the
+threshold is looked up for the chosen option only (each has its own calibration entry).
 
 A run is "full noise" (comparable with the calibrated threshold) when its first sigma is the model's own
 ``sigma_max`` (1.0 for flow models), read from the model's sampling object.
@@ -49,9 +55,8 @@ from typing import Any
 import torch
 
 from ..core.calibration import find_calibration
-from ..core.detect import ScoreSettings
+from ..core.detect import MAGNITUDE, SCORE_DESCRIPTIONS, SCORES, ScoreSettings, prediction_scores
 from ..core.errors import DejaGuardError
-from ..core.sampling import text_conditional_magnitude
 from .model_check import ModelInfo, check_supported, comfy_fingerprint
 
 log = logging.getLogger("DejaGuard")
@@ -69,16 +74,17 @@ MATCH_TOL = 1e-2  # relative distance under which a run's last denoised predicti
 
 
 def scores_from_denoised(x: torch.Tensor, cond_denoised: torch.Tensor, uncond_denoised: torch.Tensor,
-                         sigma: torch.Tensor) -> torch.Tensor:
+                         sigma: torch.Tensor, score: str = MAGNITUDE) -> torch.Tensor:
     """Per-image first-step score from ComfyUI's denoised predictions: ``(B, C, H, W)`` x3, sigma ``(B,)`` -> ``(B,)``.
 
     ``(x - denoised) / sigma``: the noise prediction for epsilon models, the implied noise for v-prediction
-    models, the velocity for flow-matching models (see the module doc).
+    models, the velocity for flow-matching models (see the module doc); ``score`` (:data:`core.detect.SCORES`)
+    is then computed from the two by core's :func:`~core.detect.prediction_scores`.
     """
     s = sigma.reshape(-1, *([1] * (x.ndim - 1))).float()
     eps_cond = (x.float() - cond_denoised.float()) / s
     eps_uncond = (x.float() - uncond_denoised.float()) / s
-    return text_conditional_magnitude(eps_cond, eps_uncond)
+    return prediction_scores(eps_cond, eps_uncond, score)
 
 
 def starts_new_run(sigma: float, last_sigma: float | None, last_was_first: bool = False,
@@ -238,8 +244,9 @@ class GuardState:
     """What one guard node observes, shared by its post-CFG function and its verdicts (the handle)."""
 
     def __init__(self, node_id: str, threshold: float, threshold_source: str, info: ModelInfo, cfg1_mode: str,
-                 to_latent: Callable[[torch.Tensor], torch.Tensor]) -> None:
+                 to_latent: Callable[[torch.Tensor], torch.Tensor], score: str = MAGNITUDE) -> None:
         self.node_id = node_id
+        self.score = score  # core.detect.SCORES
         self.threshold = threshold
         self.threshold_source = threshold_source
         self.info = info
@@ -280,7 +287,8 @@ class GuardState:
                       f"the guard's at_cfg_1 to '{CFG1_EXTRA_EVAL}'")
         scores = None
         if uncond_denoised is not None:
-            scores = [float(s) for s in scores_from_denoised(x, cond_denoised, uncond_denoised, args["sigma"])]
+            scores = [float(s) for s in scores_from_denoised(x, cond_denoised, uncond_denoised, args["sigma"],
+                                                                     self.score)]
         flagged = [s > self.threshold for s in scores] if scores is not None else []
         if self.runs and self.runs[-1].last_denoised is not None:  # keep older runs' final latents off the GPU
             self.runs[-1].last_denoised = self.runs[-1].last_denoised.detach().cpu()
@@ -343,8 +351,9 @@ def calibration_location(calibration: str, fingerprint: str) -> str | Path | Non
     return saved if saved.is_file() else None
 
 
-def resolve_threshold(model: Any, threshold: float, calibration: str = "") -> tuple[float, str]:
-    """(threshold, where it came from). ``threshold > 0`` wins; else the calibration that matches this model.
+def resolve_threshold(model: Any, threshold: float, calibration: str = "", score: str = MAGNITUDE) -> tuple[float, str]:
+    """(threshold, where it came from). ``threshold > 0`` wins; else the calibration that matches this model and
+    the score option ``score`` (a threshold calibrated for another score option is never used).
 
     ``calibration``: a calibration JSON file or a diffusers model folder holding one, looked up by
     :func:`core.calibration.find_calibration` with this model's UNet fingerprint. Empty: the file DejaGuard
@@ -355,9 +364,12 @@ def resolve_threshold(model: Any, threshold: float, calibration: str = "") -> tu
     fingerprint = comfy_fingerprint(model)
     location = calibration_location(calibration, fingerprint)
     try:
-        found = find_calibration(location, ScoreSettings(), fingerprint)
+        found = find_calibration(location, ScoreSettings(score=score), fingerprint)
     except DejaGuardError as err:
-        raise DejaGuardError(f"this model has no calibrated threshold: {err}; {NO_THRESHOLD_HINT}") from err
+        hint = NO_THRESHOLD_HINT if score == MAGNITUDE else NO_THRESHOLD_HINT.replace(
+            "run the DejaGuard Calibrate node once on this model", f"run DejaGuard Calibrate with score '{score}' "
+            "once on this model").replace("`dejaguard calibrate`", f"`dejaguard calibrate --score {score}`")
+        raise DejaGuardError(f"this model has no calibrated {score} threshold: {err}; {hint}") from err
     if location is not None and Path(location) == user_calibration_file(fingerprint):
         return found.threshold, f"DejaGuard Calibrate, {found.file}"
     return found.threshold, found.source
@@ -398,6 +410,12 @@ class DejaGuardMemorizationGuard:
                 "calibrated": (CALIBRATION_TYPE, {
                     "tooltip": "Optional: the 'calibration' output of DejaGuard Calibrate on this model. The Guard "
                                "then runs after it in the same queue and uses its threshold (when threshold is 0)."}),
+                "score": (list(SCORES), {
+                    "default": MAGNITUDE,
+                    "tooltip": "Which first-step score, both from the two predictions CFG computes anyway (no extra "
+                               "UNet evaluation). 'magnitude': ||eps_c - eps_u|| (Wen et al. 2024). 'anisotropy': "
+                               "that norm plus twice its mean per-position cosine with eps_u (Asthana & Belagiannis "
+                               "2026). Each needs its own calibration (DejaGuard Calibrate with the same score)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -413,13 +431,17 @@ class DejaGuardMemorizationGuard:
                    "Scores appear on this node while sampling and in Memorization Verdict nodes.")
 
     def guard(self, model: Any, threshold: float, at_cfg_1: str, calibration: str = "", calibrated: str | None = None,
-              unique_id: str | None = None) -> tuple[Any, GuardState]:
+              unique_id: str | None = None, score: str = MAGNITUDE) -> tuple[Any, GuardState]:
         info = check_supported(model, "guard")
-        value, source = resolve_threshold(model, threshold, calibration.strip() or str(calibrated or ""))
+        if score not in SCORES:
+            raise DejaGuardError(f"unknown score {score!r}: choose one of {', '.join(SCORES)}")
+        value, source = resolve_threshold(model, threshold, calibration.strip() or str(calibrated or ""), score)
+        if score != MAGNITUDE:
+            info.notes.append(f"{score} score: {SCORE_DESCRIPTIONS[score]}")
         if model.patches and threshold <= 0:
             info.notes.append(f"the model carries {len(model.patches)} weight patches (LoRA, neuron mask): the "
                               "threshold was calibrated for the unpatched model")
-        state = GuardState(str(unique_id or ""), value, source, info, at_cfg_1, model.model.process_latent_out)
+        state = GuardState(str(unique_id or ""), value, source, info, at_cfg_1, model.model.process_latent_out, score)
 
         # A plain closure (not a bound method or callable object): ModelPatcher.clone deep-copies
         # model_options, and deepcopy keeps functions but would copy an object and its state.

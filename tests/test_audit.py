@@ -221,7 +221,9 @@ def test_resume_refuses_a_run_with_other_settings(tmp_path, testbed, prompts, mo
                           ({"settings": ScoreSettings(guidance_scale=3.0)}, "guidance_scale=7.5, this run has"),
                           ({"settings": ScoreSettings(num_inference_steps=25)}, "schedule=50, this run has "
                            "schedule=25"),
-                          ({"threshold": 2.0}, "threshold=1.0, this run has threshold=2.0")]:
+                          ({"threshold": 2.0}, "threshold=1.0, this run has threshold=2.0"),
+                          ({"settings": ScoreSettings(score="anisotropy")}, "score=None, this run has "
+                           "score='anisotropy'")]:
         with pytest.raises(DejaGuardError, match=f"cannot resume .*{named}") as err:
             audit_prompts(src, out, **{**kw, **change})
         assert "\n" not in str(err.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -203,3 +204,24 @@ def test_checkpoint_option_refuses_pickles_in_one_line(tmp_path, command):
     both = subprocess.run([sys.executable, "-m", "dejaguard", command, "--checkpoint", str(ckpt), "--model",
                            str(tmp_path), *extra], capture_output=True, text=True, timeout=600)
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
+
+
+def test_each_score_option_has_its_own_threshold(tmp_path):
+    """Calibrations of the two score options live side by side in one file; a lookup for one option finds only
+    its own entry, and an entry (hand-edited) whose settings name the other option is refused, never used."""
+    magnitude = Calibration(1.0, 0.01, asdict(ScoreSettings()), FP, 100, "a")
+    aniso = Calibration(3.0, 0.01, asdict(ScoreSettings(score="anisotropy")), FP, 100, "a")
+    path = save_calibration(magnitude, tmp_path)
+    with pytest.raises(DejaGuardError, match="no calibration for .*score=anisotropy"):
+        find_calibration(path, ScoreSettings(score="anisotropy"), FP)
+    save_calibration(aniso, path)
+    assert set(read_calibrations(path)) == {ScoreSettings().key(), ScoreSettings(score="anisotropy").key()}
+    assert find_calibration(path, ScoreSettings(), FP).threshold == 1.0
+    assert find_calibration(path, ScoreSettings(score="anisotropy"), FP).threshold == 3.0
+    swapped = _write(tmp_path / "swapped.json", {ScoreSettings().key(): {**_entry(3.0),
+                                                                        "settings": aniso.settings}})
+    with pytest.raises(DejaGuardError, match="calibrated with the anisotropy score, not magnitude"):
+        find_calibration(swapped, ScoreSettings(), FP)
+    # Entries written before the option existed (no "score" in their settings) are magnitude entries.
+    old = _write(tmp_path / "old.json", {ScoreSettings().key(): {**_entry(), "settings": {"steps": 1}}})
+    assert find_calibration(old, ScoreSettings(), FP).threshold == 2.0

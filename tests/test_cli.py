@@ -131,3 +131,44 @@ def test_demo_writes_report(tmp_path):
     html = (tmp_path / "demo" / "report.html").read_text()
     assert "ROC curve" in html and "Score histogram" in html and html.count("class='card") >= 12
     assert "report:" in proc.stdout
+
+
+# -- --score (issue 26 section 2): the anisotropy option through audit and calibrate
+
+
+def test_audit_and_calibrate_with_the_anisotropy_score(tmp_path, testbed, testbed_prompts):
+    """`calibrate --score anisotropy` stores an entry of its own (the magnitude one is not touched), `audit --score
+    anisotropy` finds exactly that threshold and scores as core's first_step_scores does with the option; a run
+    with the other score does not resume the output; a bad option is a one-line error before the model loads."""
+    from dejaguard.core.detect import ScoreSettings, first_step_scores
+
+    memorized, novel = testbed_prompts
+    nonmem, audited = tmp_path / "nonmem.txt", tmp_path / "audit.txt"
+    nonmem.write_text("\n".join(novel[:4]) + "\n")
+    audited.write_text("\n".join([memorized[0], novel[5]]) + "\n")
+    cal = tmp_path / "cal.json"
+    proc = run("calibrate", "--score", "anisotropy", "--prompts", str(nonmem), "--target-fpr", "0.25",
+               "--out", str(cal))
+    assert proc.returncode == 0, proc.stderr
+    assert "score=anisotropy" in proc.stdout
+    entries = json.loads(cal.read_text())
+    aniso = ScoreSettings(score="anisotropy")
+    assert list(entries) == [aniso.key()] and entries[aniso.key()]["settings"]["score"] == "anisotropy"
+    expected = first_step_scores(testbed, novel[:4], aniso)
+    assert entries[aniso.key()]["threshold"] == pytest.approx(max(r.score for r in expected), rel=1e-5)
+
+    out = tmp_path / "a.jsonl"
+    proc = run("audit", "--score", "anisotropy", "--prompts", str(audited), "--out", str(out),
+               "--calibration", str(cal))
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    want = first_step_scores(testbed, [memorized[0], novel[5]], aniso)
+    assert [r["score"] for r in rows] == pytest.approx([r.score for r in want], rel=1e-5)
+    assert all(r["threshold"] == entries[aniso.key()]["threshold"] and r["unet_evals"] == 2 for r in rows)
+    proc = run("audit", "--prompts", str(audited), "--out", str(out), "--calibration", str(cal), "--resume")
+    _one_line_error(proc, "no calibration for steps=1,generations=1,cfg=7.5,schedule=50 in")  # never the other's
+    threshold = repr(entries[aniso.key()]["threshold"])
+    proc = run("audit", "--prompts", str(audited), "--out", str(out), "--threshold", threshold, "--resume")
+    _one_line_error(proc, "it was written with score='anisotropy'")
+    _one_line_error(run("calibrate", "--score", "sharpness", "--model", str(tmp_path / "absent")),
+                    "unknown score 'sharpness'")

@@ -114,3 +114,105 @@ def test_sampling_input_errors_are_dejaguard_errors(testbed):
         guided_denoise(testbed, initial_noise(testbed, [0]), cond, uncond, num_inference_steps=2000, stop_after=1)
     with pytest.raises(DejaGuardError, match="2000 sampling steps"):
         first_step_scores(testbed, ["a red circle"], ScoreSettings(num_inference_steps=2000))
+
+
+# -- score options (issue 26 section 2): the anisotropy score of Asthana & Belagiannis from the same two predictions
+
+
+def test_alignment_term_on_constructed_vectors():
+    """The angle term: per-position cosine over channels between eps_u and d = eps_c - eps_u, averaged over
+    positions. Constructed so each position's cosine is known: parallel (+1), antiparallel (-1), orthogonal (0)."""
+    from dejaguard.core.detect import guidance_alignment
+
+    eps_u = torch.zeros(3, 2, 1, 2)
+    eps_u[:, 0] = 1.0  # eps_u = e0 at every position
+    d = torch.zeros(3, 2, 1, 2)
+    d[0, 0] = 3.0  # parallel everywhere: +1
+    d[1, 0] = -0.5  # antiparallel everywhere: -1
+    d[2, 0, 0, 0], d[2, 1, 0, 1] = 2.0, 5.0  # one position parallel (+1), one orthogonal (0): mean 0.5
+    got = guidance_alignment(eps_u + d, eps_u)
+    torch.testing.assert_close(got, torch.tensor([1.0, -1.0, 0.5]))
+    # Scale-free in both vectors, and the cosine runs over channels, not over the flattened sample.
+    torch.testing.assert_close(guidance_alignment(7 * (eps_u + d), 7 * eps_u), got)
+    flat = torch.nn.functional.cosine_similarity(eps_u.flatten(1), d.flatten(1), dim=1)
+    assert not torch.allclose(flat[2], got[2])
+
+
+def test_anisotropy_score_is_norm_plus_twice_alignment():
+    from dejaguard.core.detect import ANISOTROPY, MAGNITUDE, guidance_alignment, prediction_scores
+    from dejaguard.core.sampling import text_conditional_magnitude
+
+    gen = torch.Generator().manual_seed(0)
+    eps_c, eps_u = torch.randn(4, 4, 8, 8, generator=gen), torch.randn(4, 4, 8, 8, generator=gen)
+    norm = (eps_c - eps_u).flatten(1).norm(dim=1)
+    assert torch.equal(prediction_scores(eps_c, eps_u, MAGNITUDE), text_conditional_magnitude(eps_c, eps_u))
+    torch.testing.assert_close(prediction_scores(eps_c, eps_u, ANISOTROPY),
+                               norm + 2.0 * guidance_alignment(eps_c, eps_u))
+    # Pointing the guidance direction along eps_u raises the score at an equal norm; against it lowers it.
+    along = eps_u * (norm / eps_u.flatten(1).norm(dim=1)).view(-1, 1, 1, 1)
+    high = prediction_scores(eps_u + along, eps_u, ANISOTROPY)
+    low = prediction_scores(eps_u - along, eps_u, ANISOTROPY)
+    torch.testing.assert_close(high, norm + 2.0)
+    torch.testing.assert_close(low, norm - 2.0)
+    with pytest.raises(DejaGuardError, match="unknown score"):
+        prediction_scores(eps_c, eps_u, "sharpness")
+
+
+def test_default_key_unchanged_and_option_keyed():
+    """Every calibration key made before the option existed still names the magnitude score; the anisotropy
+    option has keys of its own, and an unknown option is refused."""
+    assert ScoreSettings().key() == "steps=1,generations=1,cfg=7.5,schedule=50"
+    assert ScoreSettings(1, 4, score="magnitude").key() == "steps=1,generations=4,cfg=7.5,schedule=50"
+    assert ScoreSettings(score="anisotropy").key() == "steps=1,generations=1,cfg=7.5,schedule=50,score=anisotropy"
+    with pytest.raises(DejaGuardError, match="unknown score"):
+        ScoreSettings(score="Anisotropy")
+
+
+def test_bundled_calibrations_found_per_score(testbed):
+    """The shipped magnitude thresholds are still found under their old keys; the anisotropy ones under theirs,
+    and the two differ (a score's threshold never serves the other)."""
+    fp = testbed.fingerprint()
+    for generations in (1, 4):
+        magnitude, _ = resolve_threshold(None, None, ScoreSettings(1, generations), fp)
+        aniso, source = resolve_threshold(None, None, ScoreSettings(1, generations, score="anisotropy"), fp)
+        assert source == "testbed calibration" and aniso != magnitude
+    assert resolve_threshold(None, None, ScoreSettings(), fp)[0] == pytest.approx(0.960150957107544)
+
+
+def test_magnitude_scores_unchanged_by_the_option(testbed, testbed_prompts):
+    """The default score equals guided_denoise's recorded magnitude to the bit (first step and multi-step), and
+    the anisotropy option spends exactly the same UNet calls and evaluations."""
+    from dejaguard.core.sampling import guided_denoise, initial_noise, prompt_seed
+
+    prompts = testbed_prompts[0][:2] + testbed_prompts[1][:2]
+    cond, uncond = testbed.encode_prompts(prompts), testbed.encode_prompts([""])
+    noise = initial_noise(testbed, [prompt_seed(p) for p in prompts])
+    for steps in (1, 3):
+        _, mags = guided_denoise(testbed, noise, cond, uncond, stop_after=steps)
+        got = [r.score for r in first_step_scores(testbed, prompts, ScoreSettings(steps=steps))]
+        assert got == [float(v) for v in mags.mean(dim=1).double()]
+        before = testbed.counter.snapshot()
+        first_step_scores(testbed, prompts, ScoreSettings(steps=steps, score="anisotropy"), batch_size=64)
+        spent = testbed.counter.since(before)
+        assert (spent.calls, spent.forwards) == (steps, 2 * steps * len(prompts))
+
+
+def test_anisotropy_score_on_the_testbed(testbed, testbed_prompts):
+    """first_step_scores with the option is prediction_scores of the first step's own pair, averaged over
+    generations as for the magnitude; it still separates memorized from novel prompts."""
+    from dejaguard.core.detect import prediction_scores
+    from dejaguard.core.sampling import guided_step, initial_noise, new_schedule, prompt_seed
+
+    memorized, novel = testbed_prompts
+    settings = ScoreSettings(score="anisotropy")
+    results = first_step_scores(testbed, memorized + novel, settings)
+    assert auroc([r.score for r in results], [1] * len(memorized) + [0] * len(novel)) >= 0.9
+    prompt = memorized[0]
+    scheduler = new_schedule(testbed)
+    step = guided_step(testbed, scheduler, initial_noise(testbed, [prompt_seed(prompt)]) * scheduler.init_noise_sigma,
+                       scheduler.timesteps[0], testbed.encode_prompts([prompt]), testbed.encode_prompts([""]),
+                       advance=False)
+    expected = float(prediction_scores(step.eps_cond, step.eps_uncond, "anisotropy")[0])
+    assert results[0].score == pytest.approx(expected, rel=1e-5)
+    two = first_step_scores(testbed, [prompt], ScoreSettings(1, 2, score="anisotropy"))[0]
+    assert two.score == pytest.approx(np.mean(two.generation_scores))

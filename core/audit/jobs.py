@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..denoiser import Denoiser
-from ..detect import ScoreSettings, first_step_scores
+from ..detect import MAGNITUDE, ScoreSettings, first_step_scores
 from ..errors import DejaGuardError
 from ..loss_filter import image_shape, training_pair_magnitude
 from ..sampling import prompt_seed
@@ -37,9 +37,12 @@ class PromptJob:
     def run_key(self) -> dict:
         """Every setting that changes a row (the model's fingerprint is added by the audit): an output resumes
         only with the same ones (core/audit/sink.py)."""
-        return {"job": "prompts", "seed": self.seed, "guidance_scale": self.settings.guidance_scale,
-                "schedule": self.settings.num_inference_steps, "steps": self.settings.steps,
-                "generations": self.settings.generations, "threshold": self.threshold}
+        key = {"job": "prompts", "seed": self.seed, "guidance_scale": self.settings.guidance_scale,
+               "schedule": self.settings.num_inference_steps, "steps": self.settings.steps,
+               "generations": self.settings.generations, "threshold": self.threshold}
+        if self.settings.score != MAGNITUDE:  # named only when not the default: older outputs still resume
+            key["score"] = self.settings.score
+        return key
 
     def score(self, denoiser: Denoiser, items: Sequence[dict]) -> list[dict]:
         results = first_step_scores(denoiser, [it["prompt"] for it in items], self.settings, seed=self.seed,

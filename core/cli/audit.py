@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import engine_options, model_options, score_settings
+from . import engine_options, model_options
+from .calibrate import score_option, scoring_settings
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -15,6 +16,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "caption column")
     sp.add_argument("--out", required=True, help="X.jsonl, X.parquet, or a folder of shards; one object per prompt")
     sp.add_argument("--seed", type=int, default=None, help="base seed (default: derived from each prompt)")
+    score_option(sp, "the calibrated threshold of the same option is used")
     sp.add_argument("--threshold", type=float, default=None, help="override the calibrated threshold")
     sp.add_argument("--calibration", type=Path, default=None, help="calibration file (default: in the model folder)")
     sp.add_argument("--batch-size", type=int, default=32)
@@ -31,7 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..audit import audit_prompts, warn_rejected
 
-    settings = score_settings(args)
+    settings = scoring_settings(args)
     summary = audit_prompts(
         args.prompts, args.out, model=args.model, device=args.device, settings=settings, seed=args.seed,
         threshold=args.threshold, calibration=args.calibration, batch_size=args.batch_size, engine=args.engine,

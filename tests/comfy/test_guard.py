@@ -33,7 +33,8 @@ from comfy_server import (  # noqa: E402
     comfy_available,
     model_folder,
 )
-from workflow_checks import assert_formats_agree  # noqa: E402
+from test_explain_comfy import IN_COMFY_VENV  # noqa: E402
+from workflow_checks import assert_formats_agree, run_in_comfy_venv  # noqa: E402
 
 WORKFLOWS = REPO / "workflows"
 CALIBRATION = "dejaguard_calibration.json"
@@ -117,6 +118,81 @@ def test_guard_in_process(tmp_path: Path) -> None:
         assert results["scores"][key]["rel_err"] <= 1e-3
     messages = results["unsupported_messages"]
     assert "unconditional prediction" in messages["flux_like"] and "attn2" in messages["no_attn2"]  # SDXL: supported
+
+
+# -- the anisotropy score option (issue 26 section 2) ----------------------------------------------
+
+
+@pytest.mark.skipif(not IN_COMFY_VENV, reason="imports ComfyUI: runs in the .comfy venv "
+                    "(test_guard_anisotropy_in_comfy_venv runs it there)")
+def test_guard_anisotropy_equals_core(tmp_path: Path) -> None:
+    """On the bundled testbed in ComfyUI: the Guard with ``score="anisotropy"`` gives, per image of a batch of 2,
+    core's anisotropy score of the same first-step predictions (``core.detect.step_scores`` on ComfyUI's noise)
+    within 1e-3 relative, at no extra UNet call; it uses the bundled *anisotropy* threshold, and refuses (with
+    the way out) a calibration that holds only magnitude entries. The Calibrate node's score input reaches its
+    scores alike (``first_step_scores_comfy``)."""
+    import check_guard as cg  # ComfyUI on the CPU, the pack importable as DejaGuard
+    import torch
+    from DejaGuard.core.calibration import read_calibrations, resolve_threshold
+    from DejaGuard.core.denoiser import BUNDLED_TESTBED, DiffusersDenoiser
+    from DejaGuard.core.detect import ScoreSettings, step_scores
+    from DejaGuard.core.errors import DejaGuardError
+    from DejaGuard.core.sampling import prompt_seed
+    from DejaGuard.nodes.calibrate import first_step_scores_comfy
+    from DejaGuard.nodes.guard import CFG1_UNAVAILABLE, DejaGuardMemorizationGuard, DejaGuardMemorizationVerdict
+
+    aniso, seed = ScoreSettings(score="anisotropy"), 1
+    den = DiffusersDenoiser.from_folder(BUNDLED_TESTBED, device="cpu")
+
+    def core(prompt: str, noise: torch.Tensor) -> list[float]:
+        with torch.no_grad():
+            cond = den.encode_prompts([prompt] * noise.shape[0])
+            return [float(s) for s in step_scores(den, noise, cond, den.encode_prompts([""]), aniso)[:, 0]]
+
+    with torch.inference_mode():  # as ComfyUI executes graphs
+        model, clip, _ = cg.DejaGuardTestbedLoader().load("testbed (bundled)", folder=str(BUNDLED_TESTBED))
+        guarded, state = DejaGuardMemorizationGuard().guard(model, 0.0, CFG1_UNAVAILABLE, unique_id="aniso",
+                                                            score="anisotropy")
+        magnitude_guard, magnitude_state = DejaGuardMemorizationGuard().guard(model, 0.0, CFG1_UNAVAILABLE,
+                                                                              unique_id="magnitude")
+    assert state.threshold == resolve_threshold(None, None, aniso, den.fingerprint())[0]
+    assert state.threshold != magnitude_state.threshold and state.threshold_source == "testbed calibration"
+    for prompt in (cg.MEMORIZED, cg.NOVEL):
+        with torch.inference_mode():
+            with cg.UNetCalls(model) as plain:
+                cg.ksample(model, clip, prompt, seed, 2, 7.5, batch=2)
+            with cg.UNetCalls(model) as watched:
+                out = cg.ksample(guarded, clip, prompt, seed, 2, 7.5, batch=2)
+            verdict = DejaGuardMemorizationVerdict().verdict(state, out)["ui"]["dejaguard"][0]
+            cg.ksample(magnitude_guard, clip, prompt, seed, 2, 7.5, batch=2)
+        expected = core(prompt, torch.randn((2, 4, 32, 32), generator=torch.Generator().manual_seed(seed)))
+        assert cg.rel(verdict["scores"], expected) <= 1e-3, (prompt, verdict["scores"], expected)
+        assert verdict["flagged"] == [s > state.threshold for s in verdict["scores"]]
+        assert (watched.calls, watched.samples) == (plain.calls, plain.samples)
+        assert magnitude_state.runs[-1].scores != verdict["scores"]  # the option reached the sampler's hook
+        assert "anisotropy score" in verdict["summary"]
+    assert state.runs[0].flagged == [True, True] and state.runs[1].flagged == [False, False]
+
+    only_magnitude = tmp_path / "magnitude_only.json"
+    entries = read_calibrations(BUNDLED_TESTBED / CALIBRATION)
+    only_magnitude.write_text(json.dumps({k: v for k, v in entries.items() if "score=" not in k}))
+    with pytest.raises(DejaGuardError, match="no calibrated anisotropy threshold.*DejaGuard Calibrate with score "
+                                             "'anisotropy'"):
+        DejaGuardMemorizationGuard().guard(model, 0.0, CFG1_UNAVAILABLE, str(only_magnitude), score="anisotropy")
+
+    with torch.inference_mode():
+        run = first_step_scores_comfy(model, clip, [cg.MEMORIZED, cg.NOVEL], 2, (32, 32), score="anisotropy")
+    expected = [s for p in (cg.MEMORIZED, cg.NOVEL)
+                for s in core(p, torch.randn((2, 4, 32, 32), generator=torch.Generator().manual_seed(prompt_seed(p))))]
+    assert cg.rel(run.scores, expected) <= 1e-3, (run.scores, expected)
+
+
+@pytest.mark.slow
+@needs_comfy
+@pytest.mark.skipif(IN_COMFY_VENV, reason="already running inside the .comfy venv")
+def test_guard_anisotropy_in_comfy_venv() -> None:
+    """Runs the in-process test above with the .comfy venv's python (it has ComfyUI's dependencies)."""
+    run_in_comfy_venv(Path(f"{Path(__file__)}::test_guard_anisotropy_equals_core"), 900)
 
 
 # -- real server ---------------------------------------------------------------------------------
