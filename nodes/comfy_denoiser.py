@@ -50,7 +50,8 @@ modifying the cached model other graphs use:
 
 - A checkpoint loaded by the stock loader (and weights patched during a graph) are *inference
   tensors*, which autograd cannot save for backward. The adapter makes ordinary copies of those
-  once (held by the adapter only: one extra copy of the affected weights, freed with it) and calls
+  once, at the first prediction that needs a gradient (held by the adapter only: one extra copy of the affected
+  weights, freed with it; scoring without a gradient uses the model's own tensors), and calls
   the model through ``torch.func.functional_call`` with them.
 - ComfyUI's UNet adds to activations in place (``x += n`` in its transformer blocks), which
   invalidates tensors autograd saved earlier. The adapter copies each tensor autograd saves
@@ -387,9 +388,13 @@ class ComfyDenoiser:
 
     # -- UNet ----------------------------------------------------------------------------------
 
-    def _load(self) -> dict[str, torch.Tensor]:
-        """Load (and patch) the model as a sampler does; ordinary copies of inference-tensor weights."""
+    def _load(self, grad: bool = True) -> dict[str, torch.Tensor]:
+        """Load (and patch) the model as a sampler does; with ``grad``, ordinary copies of inference-tensor weights
+        (made once, on the first call that needs a gradient: without one the model's own tensors serve, and a
+        scoring-only use such as calibration costs no second copy of the UNet, 10 GB for SDXL in float32)."""
         comfy.model_management.load_models_gpu([self.model])
+        if self._weights is None and not grad:
+            return {}
         if self._weights is None:
             base = self.model.model
             tensors = [*base.named_parameters(), *base.named_buffers()]
@@ -408,7 +413,7 @@ class ComfyDenoiser:
         by default (image size = latent size x 8, no crop, target size = image size)."""
         grad = torch.is_grad_enabled()
         with torch.inference_mode(False), torch.set_grad_enabled(grad):  # leaving inference mode enables grad
-            weights = self._load()
+            weights = self._load(grad)
             base = self.model.model
             batch = samples.shape[0]
             t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(batch)

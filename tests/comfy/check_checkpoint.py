@@ -44,7 +44,7 @@ def main() -> None:
     with torch.inference_mode():  # as a graph runs the loader
         model, clip, _vae, _ = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True)
     loaded = time.monotonic() - start
-    den = ComfyDenoiser(model, clip, sample_shape=(4, 8, 8))
+    den = ComfyDenoiser(model, clip, sample_shape=(4, 8, 8), feature="calibrate")  # scoring prompts only
     result = {"model_type": model.model.model_type.name, "model_class": type(model.model.model_config).__name__,
               "fingerprint": den.fingerprint(), "load_s": round(loaded, 1)}
     if prompts:
