@@ -11,10 +11,12 @@ threshold. What happens next is a *strategy*:
   ``eps_u + w (eps_c - eps_u)`` is taken with ``w' = scale`` (default 0: no guidance; negative: opposite
   guidance) while the image is inside the basin, and with the normal ``w`` afterwards. Inside = the per-step
   score, computed at every step from the same two predictions, is still above ``exit_level`` (Jain et al.'s
-  signal: the guidance magnitude falls once the trajectory leaves the basin), and at most ``max_steps``
-  steps. Both predictions exist at every step of a CFG sampler, so the decision and the steering cost nothing
-  but a norm per image. Unflagged images get exactly the unguarded computation: the steered rows are
-  overwritten after the plain combination (:func:`core.sampling.guided_step`), so the others are bit-identical.
+  signal: the guidance magnitude falls once the trajectory leaves the basin), and only while the step's noise
+  level ``t / T`` is in the first ``max_fraction`` of the noise schedule (``t > (1 - max_fraction) T``: the same
+  steps for the library's DDIM and ComfyUI's samplers, whatever their step count). Both predictions exist at every
+  step of a CFG sampler, so the decision and the steering cost nothing but a norm per image. Unflagged images
+  get exactly the unguarded computation: the steered rows are overwritten after the plain combination
+  (:func:`core.sampling.guided_step`), so the others are bit-identical.
 - ``embedding`` (:func:`core.mitigate.mitigate_prompt`): the flagged image's conditioning is optimized on its own
   ``x_T`` until its first-step score meets the mitigation target, then the image is sampled again from the
   same noise with the mitigated embedding. Cost: the optimization's UNet evaluations plus one full generation.
@@ -57,24 +59,28 @@ def step_scores(eps_cond: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tenso
 class GuidanceSteering:
     """The ``guidance`` strategy's decision for one batch, step by step (see the module doc).
 
-    :meth:`step` takes the per-image scores of each step ``(B,)`` in order (the first call is the first
-    step) and returns the rows to steer ``(B,)`` bool; their guidance scale is :attr:`scale`. Used as a
+    :meth:`step` takes the per-image scores of each step ``(B,)`` and its noise level ``t / T`` in order (the
+    first call is the first step) and returns the rows to steer ``(B,)`` bool; their guidance scale is
+    :attr:`scale`. Used as a
     :data:`core.sampling.Steer` (``__call__`` with the two predictions) by the library, and with the scores
     computed from ComfyUI's denoised predictions by ``nodes/protect.py``. :meth:`reset` starts a new run.
 
     ``threshold``: flag at the first step when the score exceeds it. ``exit_level``: a steered image is back
     to normal guidance from the first step whose score is at or below it (default: ``threshold``).
-    ``max_steps``: steered steps at most (None: no limit). ``scale``: ``w'`` for the steered steps.
+    ``max_fraction``: steer only while the noise level is above ``1 - max_fraction``. ``scale``: ``w'`` for the
+    steered steps.
     """
 
     def __init__(self, threshold: float, scale: float = DEFAULT_STEER_SCALE, exit_level: float | None = None,
-                 max_steps: int | None = None) -> None:
+                 max_fraction: float = DEFAULT_MAX_STEER_FRACTION) -> None:
         if not math.isfinite(threshold) or not math.isfinite(scale):
             raise DejaGuardError(f"threshold and steering scale must be finite numbers, got {threshold}, {scale}")
         self.threshold = float(threshold)
         self.scale = float(scale)
         self.exit_level = self.threshold if exit_level is None else float(exit_level)
-        self.max_steps = max_steps
+        if not 0.0 <= max_fraction <= 1.0:
+            raise DejaGuardError(f"the steered share of the noise schedule must lie in [0, 1], got {max_fraction}")
+        self.max_fraction = float(max_fraction)
         self.reset()
 
     def reset(self) -> None:
@@ -86,8 +92,8 @@ class GuidanceSteering:
         self.steered_steps: list[int] = []
         self.exit_scores: list[float | None] = []  # the score at the step normal guidance resumed
 
-    def step(self, scores: torch.Tensor) -> torch.Tensor:
-        """Scores of this step ``(B,)`` -> rows to steer at this step ``(B,)`` bool."""
+    def step(self, scores: torch.Tensor, noise_level: float = 1.0) -> torch.Tensor:
+        """Scores of this step ``(B,)`` and its noise level ``t / T`` -> rows to steer at this step ``(B,)`` bool."""
         scores = scores.detach().float().cpu()
         if self.steering is None or self.steering.shape[0] != scores.shape[0]:
             self.first_scores = [float(s) for s in scores]
@@ -96,7 +102,7 @@ class GuidanceSteering:
             self.steered_steps = [0] * len(self.flagged)
             self.exit_scores = [None] * len(self.flagged)
         inside = scores > self.exit_level
-        if self.max_steps is not None and self.steps >= self.max_steps:
+        if noise_level <= 1.0 - self.max_fraction:
             inside = torch.zeros_like(inside)
         leaving = self.steering & ~inside
         for i in leaving.nonzero().flatten().tolist():
@@ -107,8 +113,9 @@ class GuidanceSteering:
         self.steps += 1
         return self.steering.clone()
 
-    def __call__(self, eps_cond: torch.Tensor, eps_uncond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        rows = self.step(step_scores(eps_cond, eps_uncond))
+    def __call__(self, eps_cond: torch.Tensor, eps_uncond: torch.Tensor,
+                 noise_level: float = 1.0) -> tuple[torch.Tensor, torch.Tensor] | None:
+        rows = self.step(step_scores(eps_cond, eps_uncond), noise_level)
         if not bool(rows.any()):
             return None
         return rows, torch.full(rows.shape, self.scale)
@@ -182,21 +189,19 @@ def protected_generate(
     flagged at its first step (score above ``threshold``) protected with ``strategy`` (module doc).
 
     Unflagged images are the unprotected generation's, bit for bit (same batches, same computation).
-    ``guidance``: ``steer_scale`` (``w'``), ``exit_level`` (default ``threshold``) and at most
-    ``max_steer_fraction`` of the steps steered. ``embedding``: ``target`` is the mitigation's target score
+    ``guidance``: ``steer_scale`` (``w'``), ``exit_level`` (default ``threshold``), steering only within the
+    first ``max_steer_fraction`` of the noise schedule. ``embedding``: ``target`` is the mitigation's target score
     (default: the calibrated level of :func:`core.calibration.resolve_levels`, which the caller passes).
     ``mask``: a :class:`core.neuron_mask.NeuronMask` or its file. ``progress(done, total, "protecting")``.
     """
     _check_strategy(strategy, mask)
-    if not 0.0 <= max_steer_fraction <= 1.0:
-        raise DejaGuardError(f"max_steer_fraction must lie in [0, 1], got {max_steer_fraction}")
-    max_steps = int(round(max_steer_fraction * num_inference_steps))
     chunks: list[GuidanceSteering] = []
 
     def steering(start: int, end: int) -> GuidanceSteering:
         # "guidance" steers the flagged rows; the other strategies only record the first-step scores (a steering
         # that flags nothing: threshold +inf) and re-sample the flagged images afterwards.
-        s = GuidanceSteering(threshold if strategy == "guidance" else math.inf, steer_scale, exit_level, max_steps)
+        s = GuidanceSteering(threshold if strategy == "guidance" else math.inf, steer_scale, exit_level,
+                             max_steer_fraction)
         chunks.append(s)
         return s
 

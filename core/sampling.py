@@ -35,9 +35,10 @@ from .progress import Progress, report
 DEFAULT_GUIDANCE = 7.5
 DEFAULT_STEPS = 50
 
-# A per-step steering decision (core.protect): given this step's ``eps_cond``, ``eps_uncond`` ``(B, C, H, W)``,
-# the rows to steer ``(B,)`` bool and the guidance scale each steered row takes instead ``(B,)``; None: none.
-Steer = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor] | None"]
+# A per-step steering decision (core.protect): given this step's ``eps_cond``, ``eps_uncond`` ``(B, C, H, W)`` and
+# its noise level ``t / num_train_timesteps`` (1 = pure noise, 0 = clean), the rows to steer ``(B,)`` bool and the
+# guidance scale each steered row takes instead ``(B,)``; None: none.
+Steer = Callable[[torch.Tensor, torch.Tensor, float], "tuple[torch.Tensor, torch.Tensor] | None"]
 
 
 def prompt_seed(prompt: str, generation: int = 0) -> int:
@@ -90,6 +91,13 @@ def new_schedule(denoiser: Denoiser, num_inference_steps: int = DEFAULT_STEPS) -
     except ValueError as err:
         raise DejaGuardError(f"the model's scheduler refuses {num_inference_steps} sampling steps: {err}") from err
     return scheduler
+
+
+def noise_level(scheduler: Any, t: torch.Tensor | int) -> float:
+    """``t / num_train_timesteps`` of ``scheduler``: 1 at pure noise, 0 at the clean image (the schedule-independent
+    position of a step, also computable in ComfyUI from its sigma)."""
+    trained = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None) or 1000
+    return float(t) / float(trained)
 
 
 @dataclass
@@ -156,7 +164,7 @@ def guided_step(
     if advance:
         with torch.no_grad():
             guided = eps_uncond + guidance_scale * (eps_cond.detach() - eps_uncond)
-            decision = steer(eps_cond.detach(), eps_uncond) if steer is not None else None
+            decision = None if steer is None else steer(eps_cond.detach(), eps_uncond, noise_level(scheduler, t))
             if decision is not None and bool(decision[0].any()):
                 rows, scales = decision[0].to(guided.device), decision[1].to(guided.device, guided.dtype)
                 shape = (-1,) + (1,) * (guided.ndim - 1)
