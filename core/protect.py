@@ -90,7 +90,8 @@ class GuidanceSteering:
         self.flagged: list[bool] = []
         self.steering: torch.Tensor | None = None  # (B,) bool, the rows still inside the basin
         self.steered_steps: list[int] = []
-        self.exit_scores: list[float | None] = []  # the score at the step normal guidance resumed
+        # the score at the step it fell to exit_level (None: steered until the schedule limit)
+        self.exit_scores: list[float | None] = []
 
     def step(self, scores: torch.Tensor, noise_level: float = 1.0) -> torch.Tensor:
         """Scores of this step ``(B,)`` and its noise level ``t / T`` -> rows to steer at this step ``(B,)`` bool."""
@@ -102,11 +103,10 @@ class GuidanceSteering:
             self.steered_steps = [0] * len(self.flagged)
             self.exit_scores = [None] * len(self.flagged)
         inside = scores > self.exit_level
-        if noise_level <= 1.0 - self.max_fraction:
-            inside = torch.zeros_like(inside)
-        leaving = self.steering & ~inside
-        for i in leaving.nonzero().flatten().tolist():
+        for i in (self.steering & ~inside).nonzero().flatten().tolist():  # left the basin by its score
             self.exit_scores[i] = float(scores[i])
+        if noise_level <= 1.0 - self.max_fraction:  # past the steered share of the schedule: guide normally
+            inside = torch.zeros_like(inside)
         self.steering = self.steering & inside
         for i in self.steering.nonzero().flatten().tolist():
             self.steered_steps[i] += 1
@@ -124,7 +124,7 @@ class GuidanceSteering:
 @dataclass
 class ImageProtection:
     """What auto-protect did to one image. ``score_before``: its first-step score; ``score_after``: for
-    ``guidance`` the per-step score when normal guidance resumed (None: steered to the end or its step limit),
+    ``guidance`` the per-step score when it fell to the exit level (None: steered until the schedule limit),
     for ``embedding`` the mitigated first-step score, for ``mask`` the first-step score with the mask on.
     ``extra_unet_evals``: noise predictions beyond the unprotected generation (a cond/uncond pair counts 2)."""
 
@@ -142,11 +142,11 @@ class ImageProtection:
         """"memorized at step 1 -> steered: score 3.3 -> 0.4" (or "ok: score 0.5 <= 0.96")."""
         if not self.flagged:
             return f"ok: score {self.score_before:.3g} <= {self.threshold:.3g}"
-        after = "?" if self.score_after is None else f"{self.score_after:.3g}"
-        how = {"guidance": f"steered ({self.steered_steps} steps without guidance)", "embedding": "embedding mitigated",
+        score = f"score {self.score_before:.3g}" + ("" if self.score_after is None else f" -> {self.score_after:.3g}")
+        how = {"guidance": f"steered ({self.steered_steps} steps)", "embedding": "embedding mitigated",
                "mask": "neuron mask on"}.get(self.strategy, self.strategy)
         cost = f", {self.extra_unet_evals} extra UNet evals" if self.extra_unet_evals else ", no extra UNet eval"
-        return f"memorized at step 1 -> {how}: score {self.score_before:.3g} -> {after}{cost}"
+        return f"memorized at step 1 -> {how}: {score}{cost}"
 
     def summary(self) -> dict[str, Any]:
         return asdict(self)
