@@ -24,8 +24,18 @@ threshold. What happens next is a *strategy*:
   neuron mask switched on (a NeMo or FFN-subspace mask file of this model). Cost: one full generation.
 
 Why the guidance strategy is the default: it is the only one that costs nothing, it needs no file and no
-optimization, and it changes neither the prompt nor the model; the image keeps the prompt's text guidance for
-the steps after the basin. Measured figures: ``python -m bench.protect`` (README, "Auto-protect").
+optimization, and it changes neither the prompt nor the model. What it achieves on the testbed, measured here
+(library, 50 DDIM steps, CFG 7.5, every other planted image's last evaluation prompt = 6 memorized prompts, seed
+10; replication = any training image, as ``bench.protect``): unprotected 6/6 replicate. ``w' = 0`` for the first
+40% of the schedule (20 steps) then 7.5: 6/6 still replicate (structure SSIM 0.78-0.96); ``w' = -2`` for 40%:
+6/6; ``w' = 0`` for 70%: 6/6; ``w' = 0`` for the whole run: 0/6 (SSIM 0.18 to the nearest training image). So on
+the testbed's strongly planted memorization the last third of guided steps alone rebuilds the copy: Jain et
+al.'s "guide once out of the basin" does not hold here, and the default steers the whole run
+(:data:`DEFAULT_MAX_STEER_FRACTION` 1.0): a flagged image is sampled without text guidance, which stops the copy
+but also drops what the prompt says (read it beside ``novel_alignment`` and the ``embedding`` strategy). The
+per-step score is no basin-exit signal here: along the unguided trajectory it rose from about 2.4-3 at the first
+step to 9-25, never back to the threshold, so ``exit_level`` never ended a steering in these runs.
+``python -m bench.protect`` re-measures every strategy.
 
 Shapes: ``B`` images of a batch, ``C, H, W`` the sample shape, ``L`` text tokens, ``D`` embedding width.
 """
@@ -47,7 +57,7 @@ from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate, text_conditiona
 
 STRATEGIES = ("guidance", "embedding", "mask")
 DEFAULT_STEER_SCALE = 0.0  # w' inside the basin: no text guidance
-DEFAULT_MAX_STEER_FRACTION = 0.4  # at most this share of the steps is steered
+DEFAULT_MAX_STEER_FRACTION = 1.0  # steer within this first share of the noise schedule (measured: bench.protect)
 
 
 def step_scores(eps_cond: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tensor:

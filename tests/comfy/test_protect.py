@@ -65,6 +65,7 @@ def _sample(model: Any, clip: Any, prompt: str, seed: int) -> tuple[Any, int, in
 @inproc
 def test_protect_node_steers_memorized_and_leaves_novel(comfy_env: Any) -> None:
     torch = comfy_env
+    from DejaGuard.core.protect import DEFAULT_MAX_STEER_FRACTION, DEFAULT_STEER_SCALE
     from DejaGuard.core.testbed.data import MEMORIZED, load_memorized_images
     from DejaGuard.core.testbed.evaluate import check_replication
     from DejaGuard.nodes.guard import CFG1_UNAVAILABLE, DejaGuardMemorizationGuard, DejaGuardMemorizationVerdict
@@ -76,7 +77,8 @@ def test_protect_node_steers_memorized_and_leaves_novel(comfy_env: Any) -> None:
     with torch.inference_mode():
         model, clip, vae = DejaGuardTestbedLoader().load("testbed (bundled)", folder=str(model_folder()))
         guarded, _ = DejaGuardMemorizationGuard().guard(model, 0.0, CFG1_UNAVAILABLE)
-        protected, state = DejaGuardMemorizationProtect().protect(model, 0.0, "guidance", 0.0, 0.4)
+        protected, state = DejaGuardMemorizationProtect().protect(model, 0.0, "guidance", DEFAULT_STEER_SCALE,
+                                                                   DEFAULT_MAX_STEER_FRACTION)
         for prompt, seed in ((NOVEL_PROMPT, 3), (MEMORIZED_PROMPT, 3)):
             plain, plain_calls, plain_evals = _sample(model, clip, prompt, seed)
             watched, _, _ = _sample(guarded, clip, prompt, seed)
