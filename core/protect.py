@@ -77,7 +77,8 @@ class GuidanceSteering:
 
     ``threshold``: flag at the first step when the score exceeds it. ``exit_level``: a steered image is back
     to normal guidance from the first step whose score is at or below it (default: ``threshold``).
-    ``max_fraction``: steer only while the noise level is above ``1 - max_fraction``. ``scale``: ``w'`` for the
+    ``max_fraction``: steer only while the noise level is at least ``1 - max_fraction`` (1: the whole run,
+    ComfyUI's last step at ``t = 0`` included). ``scale``: ``w'`` for the
     steered steps.
     """
 
@@ -115,7 +116,7 @@ class GuidanceSteering:
         inside = scores > self.exit_level
         for i in (self.steering & ~inside).nonzero().flatten().tolist():  # left the basin by its score
             self.exit_scores[i] = float(scores[i])
-        if noise_level <= 1.0 - self.max_fraction:  # past the steered share of the schedule: guide normally
+        if noise_level < 1.0 - self.max_fraction:  # past the steered share of the schedule: guide normally
             inside = torch.zeros_like(inside)
         self.steering = self.steering & inside
         for i in self.steering.nonzero().flatten().tolist():

@@ -32,10 +32,12 @@ def test_policy_flags_at_first_step_and_exits_below_level() -> None:
     assert p.step(torch.tensor([0.4, 5.0, 2.0]), 0.9).tolist() == [False, False, True]  # image 2 never flagged
     assert p.exit_scores[0] == pytest.approx(0.4)
     assert p.step(torch.tensor([2.0, 5.0, 2.0]), 0.8).tolist() == [False, False, True]  # once out, never back in
-    assert p.step(torch.tensor([2.0, 5.0, 2.0]), 0.7).tolist() == [False, False, False]  # past 30% of the schedule
+    assert p.step(torch.tensor([2.0, 5.0, 2.0]), 0.69).tolist() == [False, False, False]  # past 30% of the schedule
     assert p.steered_steps == [1, 0, 3]
     p.reset()
     assert p.step(torch.tensor([0.1])).tolist() == [False]
+    whole = GuidanceSteering(threshold=1.0, max_fraction=1.0)  # the whole run, the last step at t = 0 included
+    assert [whole.step(torch.tensor([5.0]), level).tolist() for level in (0.999, 0.5, 0.0)] == [[True]] * 3
     with pytest.raises(DejaGuardError):
         GuidanceSteering(math.nan)
 
