@@ -84,8 +84,8 @@ class GuidanceSteering:
 
     def __init__(self, threshold: float, scale: float = DEFAULT_STEER_SCALE, exit_level: float | None = None,
                  max_fraction: float = DEFAULT_MAX_STEER_FRACTION) -> None:
-        if not math.isfinite(threshold) or not math.isfinite(scale):
-            raise DejaGuardError(f"threshold and steering scale must be finite numbers, got {threshold}, {scale}")
+        if math.isnan(threshold) or not math.isfinite(scale):  # threshold +inf: flags nothing, records the scores
+            raise DejaGuardError(f"threshold must be a number and the steering scale finite, got {threshold}, {scale}")
         self.threshold = float(threshold)
         self.scale = float(scale)
         self.exit_level = self.threshold if exit_level is None else float(exit_level)

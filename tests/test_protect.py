@@ -40,6 +40,8 @@ def test_policy_flags_at_first_step_and_exits_below_level() -> None:
     assert [whole.step(torch.tensor([5.0]), level).tolist() for level in (0.999, 0.5, 0.0)] == [[True]] * 3
     with pytest.raises(DejaGuardError):
         GuidanceSteering(math.nan)
+    recorder = GuidanceSteering(math.inf)  # flags nothing, records the first-step scores (embedding, mask)
+    assert recorder.step(torch.tensor([1e6])).tolist() == [False] and recorder.first_scores == [1e6]
 
 
 def test_image_protection_line() -> None:
