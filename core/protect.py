@@ -29,9 +29,9 @@ optimization, and it changes neither the prompt nor the model. What it achieves 
 10; replication = any training image, as ``bench.protect``): unprotected 6/6 replicate. ``w' = 0`` for the first
 40% of the schedule (20 steps) then 7.5: 6/6 still replicate (structure SSIM 0.78-0.96); ``w' = -2`` for 40%:
 6/6; ``w' = 0`` for 70%: 6/6; for 85% (43 of 50 steps, SSIM 0.56-0.91): 6/6; for the whole run: 0/6 (SSIM
-0.18 to the nearest training image). So on
-the testbed's strongly planted memorization the last third of guided steps alone rebuilds the copy: Jain et
-al.'s "guide once out of the basin" does not hold here, and the default steers the whole run
+0.18 to the nearest training image). So on the testbed's strongly planted memorization even the last 15% of
+the steps, guided, rebuild the copy: Jain et al.'s "guide once out of the basin" does not hold here, and the
+default steers the whole run
 (:data:`DEFAULT_MAX_STEER_FRACTION` 1.0): a flagged image is sampled without text guidance, which stops the copy
 but also drops what the prompt says (read it beside ``novel_alignment`` and the ``embedding`` strategy). The
 per-step score is no basin-exit signal here: along the unguided trajectory it rose from about 2.4-3 at the first
