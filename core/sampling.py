@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,11 @@ from .progress import Progress, report
 
 DEFAULT_GUIDANCE = 7.5
 DEFAULT_STEPS = 50
+
+# A per-step steering decision (core.protect): given this step's ``eps_cond``, ``eps_uncond`` ``(B, C, H, W)`` and
+# its noise level ``t / num_train_timesteps`` (1 = pure noise, 0 = clean), the rows to steer ``(B,)`` bool and the
+# guidance scale each steered row takes instead ``(B,)``; None: none.
+Steer = Callable[[torch.Tensor, torch.Tensor, float], "tuple[torch.Tensor, torch.Tensor] | None"]
 
 
 def prompt_seed(prompt: str, generation: int = 0) -> int:
@@ -88,6 +93,13 @@ def new_schedule(denoiser: Denoiser, num_inference_steps: int = DEFAULT_STEPS) -
     return scheduler
 
 
+def noise_level(scheduler: Any, t: torch.Tensor | int) -> float:
+    """``t / num_train_timesteps`` of ``scheduler``: 1 at pure noise, 0 at the clean image (the schedule-independent
+    position of a step, also computable in ComfyUI from its sigma)."""
+    trained = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None) or 1000
+    return float(t) / float(trained)
+
+
 @dataclass
 class GuidedStep:
     """What one :func:`guided_step` computed. Tensors ``(B, C, H, W)``; ``magnitude`` ``(B,)``.
@@ -117,6 +129,7 @@ def guided_step(
     cond_grad: bool = False,
     eps_uncond: torch.Tensor | None = None,
     advance: bool = True,
+    steer: Steer | None = None,
 ) -> GuidedStep:
     """One step of classifier-free-guided sampling at ``x`` = ``x_t`` ``(B, C, H, W)`` and timestep ``t`` of
     ``scheduler`` (see the module doc).
@@ -128,6 +141,10 @@ def guided_step(
     and ``t`` when it is already known (it does not depend on ``cond``): reused, no call for it, ``uncond`` is
     then unused. ``advance`` False: no scheduler step (``sample`` None), for callers that only need the
     predictions or re-evaluate a step under another conditioning; the scheduler is then left untouched.
+    ``steer`` (auto-protect, :mod:`core.protect`): called with this step's two predictions before the scheduler
+    step; the rows it names take ``eps_uncond + w_i (eps_cond - eps_uncond)`` with their own ``w_i`` instead of
+    ``guidance_scale``. The other rows keep the plain combination, computed exactly as without ``steer`` (the
+    steered rows are overwritten afterwards), so they stay bit-identical to an unsteered run.
     """
     batch = x.shape[0]
     model_input = scheduler.scale_model_input(x, t)
@@ -147,6 +164,12 @@ def guided_step(
     if advance:
         with torch.no_grad():
             guided = eps_uncond + guidance_scale * (eps_cond.detach() - eps_uncond)
+            decision = None if steer is None else steer(eps_cond.detach(), eps_uncond, noise_level(scheduler, t))
+            if decision is not None and bool(decision[0].any()):
+                rows, scales = decision[0].to(guided.device), decision[1].to(guided.device, guided.dtype)
+                shape = (-1,) + (1,) * (guided.ndim - 1)
+                guided[rows] = (eps_uncond[rows] + scales[rows].view(shape) * (eps_cond.detach()[rows]
+                                                                                - eps_uncond[rows]))
             sample = scheduler.step(guided, t, x).prev_sample
     return GuidedStep(sample, model_input, eps_cond, eps_uncond, magnitude)
 
@@ -160,13 +183,15 @@ def guided_denoise(
     guidance_scale: float = DEFAULT_GUIDANCE,
     stop_after: int | None = None,
     progress: Progress | None = None,
+    steer: Steer | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run guided sampling from ``noise`` (unscaled x_T, ``(B, C, H, W)``), without gradient.
 
     ``cond``: ``(B, L, D)``; ``uncond``: ``(1, L, D)`` or ``(B, L, D)``. Each step is one :func:`guided_step`:
     **one** batched UNet call with the unconditional and conditional halves stacked. Stops after ``stop_after``
     steps if given. Returns the samples reached and the per-step magnitudes ``||eps(x_t, c) - eps(x_t, 0)||_2``
-    of shape ``(B, steps_run)``. ``progress(done, total, "sampling")`` after every step.
+    of shape ``(B, steps_run)``. ``progress(done, total, "sampling")`` after every step. ``steer``: passed to
+    every :func:`guided_step` (auto-protect, :mod:`core.protect`).
     """
     check_sampling_settings(num_inference_steps, guidance_scale)
     scheduler = new_schedule(denoiser, num_inference_steps)
@@ -174,7 +199,7 @@ def guided_denoise(
     timesteps = scheduler.timesteps[: stop_after] if stop_after else scheduler.timesteps
     magnitudes = []
     for i, t in enumerate(timesteps):
-        step = guided_step(denoiser, scheduler, x, t, cond, uncond, guidance_scale)
+        step = guided_step(denoiser, scheduler, x, t, cond, uncond, guidance_scale, steer=steer)
         magnitudes.append(step.magnitude)
         x = step.sample
         report(progress, i + 1, len(timesteps), "sampling")
@@ -191,13 +216,15 @@ def generate(
     batch_size: int = 32,
     progress: Progress | None = None,
     cond_embeddings: torch.Tensor | None = None,
+    steering: Callable[[int, int], Steer | None] | None = None,
 ) -> torch.Tensor:
     """Full generations, one per (prompt, seed) pair: final samples ``(B, C, H, W)``.
 
     ``cond_embeddings`` ``(B, L, D)``, if given, replaces the prompts' own text embeddings (e.g. a
     mitigated embedding from :mod:`core.mitigate`); ``prompts`` then only set the count.
     ``progress(done, total, "generating")`` counts finished generations. Raises :class:`DejaGuardError` when
-    the seeds or embeddings do not match the prompts one to one.
+    the seeds or embeddings do not match the prompts one to one. ``steering(start, end)``, if given, returns
+    the :data:`Steer` of the batch of generations ``start .. end - 1`` (auto-protect, :mod:`core.protect`).
     """
     if len(prompts) != len(seeds):
         raise DejaGuardError(f"one seed per prompt: {len(prompts)} prompt(s), {len(seeds)} seed(s)")
@@ -215,7 +242,8 @@ def generate(
         else:
             cond = cond_embeddings[i : i + batch_size].to(denoiser.device, denoiser.dtype)
         x, _ = guided_denoise(denoiser, initial_noise(denoiser, seeds[i : i + batch_size]),
-                              cond, uncond, num_inference_steps, guidance_scale)
+                              cond, uncond, num_inference_steps, guidance_scale,
+                              steer=steering(i, i + len(chunk)) if steering is not None else None)
         out.append(x)
         report(progress, i + len(chunk), len(prompts), "generating")
     return torch.cat(out)

@@ -116,6 +116,7 @@ class RunRecord:
     flagged: list[bool]
     extra_unet_evals: int  # noise predictions the guard added: 0, or B (one unconditional pass) at CFG 1 on request
     status: str  # "ok" or why there is no score
+    protection: dict[str, Any] | None = None  # auto-protect's record (nodes/protect.py): strategy, cost, images
     last_denoised: torch.Tensor | None = field(default=None, repr=False)  # (B, C, H, W), model latent space
 
 
@@ -137,6 +138,10 @@ def summarize(run: RunRecord, threshold: float, source: str, notes: Sequence[str
     if not run.full_noise:
         lines.append(f"note: the run started at sigma {run.first_sigma:.4g}, below sigma_max (img2img, denoise < 1 "
                      "or a late start step): the threshold is calibrated for the first step of a full-noise run")
+    if run.protection:
+        lines.append(f"auto-protect: strategy {run.protection['strategy']}, "
+                     f"{run.protection['extra_unet_evals']} extra UNet evaluations")
+        lines.extend(f"image {i + 1}: {line}" for i, line in enumerate(run.protection["lines"]) if line)
     lines.extend(f"note: {n}" for n in notes)
     return "\n".join(lines)
 
@@ -253,6 +258,9 @@ class GuardState:
         self.cfg1_mode = cfg1_mode
         self.to_latent = to_latent  # model latent space -> LATENT as the sampler returns it
         self.runs: list[RunRecord] = []
+        # Auto-protect (nodes/protect.py): called after observe() with the post-CFG args, returns the denoised
+        # prediction the sampler continues with. None: the guard only watches.
+        self.steer: Callable[[GuardState, dict[str, Any]], torch.Tensor] | None = None
         self._last_sigma: float | None = None
         self._last_was_first = False
 
@@ -267,6 +275,11 @@ class GuardState:
         self._last_sigma = sigma
         if self.runs:
             self.runs[-1].last_denoised = args["denoised"]  # a reference, no copy: the final one is the sample
+
+    def post_cfg(self, args: dict[str, Any]) -> torch.Tensor:
+        """The guard's post-CFG function: observe the step, then (auto-protect) steer it."""
+        self.observe(args)
+        return args["denoised"] if self.steer is None else self.steer(self, args)
 
     def _start_run(self, args: dict[str, Any], sigma: float) -> None:
         x, cond_denoised, uncond_denoised = args["input"], args["cond_denoised"], args["uncond_denoised"]
@@ -312,7 +325,7 @@ class GuardState:
         return {"scores": run.scores or [], "flagged": run.flagged, "score": score, "any_flagged": any(run.flagged),
                 "threshold": self.threshold, "threshold_source": self.threshold_source, "status": run.status,
                 "run": run.index, "matched": matched, "full_noise": run.full_noise, "first_sigma": run.first_sigma,
-                "extra_unet_evals": run.extra_unet_evals,
+                "extra_unet_evals": run.extra_unet_evals, "protection": run.protection,
                 "summary": summarize(run, self.threshold, self.threshold_source, notes)}
 
 
@@ -446,8 +459,7 @@ class DejaGuardMemorizationGuard:
         # A plain closure (not a bound method or callable object): ModelPatcher.clone deep-copies
         # model_options, and deepcopy keeps functions but would copy an object and its state.
         def dejaguard_post_cfg(args: dict[str, Any]) -> torch.Tensor:
-            state.observe(args)
-            return args["denoised"]
+            return state.post_cfg(args)
 
         guarded = model.clone()
         guarded.set_model_sampler_post_cfg_function(dejaguard_post_cfg)

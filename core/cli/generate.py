@@ -1,4 +1,5 @@
-"""``dejaguard generate``: one image, optionally with inference-time mitigation of the prompt embedding."""
+"""``dejaguard generate``: one image, optionally with inference-time mitigation of the prompt embedding, or with
+auto-protect (``--protect STRATEGY``, :mod:`core.protect`): flagged at its first step, protected in the same run."""
 
 from __future__ import annotations
 
@@ -20,9 +21,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sp.add_argument("--mitigate", choices=["embedding"], default=None,
                     help="embedding: if the prompt's first-step memorization score exceeds --threshold, "
                     "optimize its embedding until the score is at or below --target (Wen et al.)")
+    sp.add_argument("--protect", choices=["guidance", "embedding", "mask"], default=None,
+                    help="auto-protect: if the first-step score exceeds --threshold, guidance: steer the rest of the "
+                    "same run (no guidance while inside the memorized basin, no extra UNet evaluation); embedding: "
+                    "mitigate the embedding and sample again; mask: sample again with --mask switched on")
+    sp.add_argument("--mask", type=Path, default=None, help="neuron mask file for --protect mask")
+    sp.add_argument("--steer-scale", type=float, default=None,
+                    help="--protect guidance: guidance scale while steered (default core.protect.DEFAULT_STEER_SCALE, "
+                    "0 = no guidance; negative = opposite guidance)")
     sp.add_argument("--threshold", type=float, default=None,
-                    help="mitigate only if the first-step score exceeds this (default: the calibrated detection "
-                    "threshold)")
+                    help="mitigate (or protect) only if the first-step score exceeds this (default: the calibrated "
+                    "detection threshold)")
     sp.add_argument("--target", type=float, default=None,
                     help="first-step score to push a mitigated prompt to (default: half the calibrated median "
                     "score of non-memorized prompts)")
@@ -35,9 +44,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-    from PIL import Image
-
     from ..calibration import resolve_levels
     from ..denoiser import load_denoiser
     from ..mitigate import DEFAULT_LR, DEFAULT_MAX_ITERATIONS, content_tokens, mitigate_prompt
@@ -48,6 +54,12 @@ def run(args: argparse.Namespace) -> int:
         raise DejaGuardError("empty prompt: --prompt states nothing to generate")
     denoiser = load_denoiser(args.model, device=args.device)
     content_tokens(denoiser, args.prompt)
+    if args.protect is not None:
+        if args.mitigate is not None:
+            raise DejaGuardError("--protect and --mitigate are two ways to do one thing: give one of them")
+        samples = _protected(denoiser, args)
+        _save(denoiser, samples, args)
+        return 0
     cond = None
     if args.mitigate == "embedding":
         threshold, target, _ = resolve_levels(args.threshold, args.target, args.calibration or args.model,
@@ -65,10 +77,38 @@ def run(args: argparse.Namespace) -> int:
     with TqdmProgress("generate", unit="image") as bar:
         samples = generate(denoiser, [args.prompt], [args.seed], args.steps, args.cfg, cond_embeddings=cond,
                            progress=bar)
+    _save(denoiser, samples, args)
+    return 0
+
+
+def _protected(denoiser, args: argparse.Namespace):  # noqa: ANN001, ANN202 (lazy imports)
+    """Generate with ``--protect``; prints what happened: flagged, strategy, score before -> after, extra evals."""
+    from ..calibration import resolve_levels, resolve_threshold
+    from ..detect import ScoreSettings
+    from ..protect import DEFAULT_STEER_SCALE, protected_generate
+
+    location = args.calibration or args.model
+    target = None
+    if args.protect == "embedding":
+        threshold, target, _ = resolve_levels(args.threshold, args.target, location, denoiser.fingerprint())
+    else:
+        threshold, _ = resolve_threshold(args.threshold, location, ScoreSettings(), denoiser.fingerprint())
+    result = protected_generate(denoiser, [args.prompt], [args.seed], threshold, args.protect, args.steps, args.cfg,
+                                steer_scale=DEFAULT_STEER_SCALE if args.steer_scale is None else args.steer_scale,
+                                target=target, mask=args.mask)
+    img = result.images[0]
+    print(f"protect ({img.strategy}): {'flagged' if img.flagged else 'not flagged'} (threshold {threshold:.4f}); "
+          f"{img.line()}; extra UNet evals {img.extra_unet_evals}")
+    return result.samples
+
+
+def _save(denoiser, samples, args: argparse.Namespace) -> None:  # noqa: ANN001
+    import numpy as np
+    from PIL import Image
+
     image = denoiser.decode(samples)[0]
     array = ((image.float().cpu().clamp(-1, 1).numpy() + 1) * 127.5).round().astype(np.uint8).transpose(1, 2, 0)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.ascontiguousarray(array)).save(out)
     print(f"wrote {out} ({args.steps} steps, CFG {args.cfg:g}, seed {args.seed})")
-    return 0

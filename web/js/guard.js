@@ -1,18 +1,32 @@
 // DejaGuard memorization badge: a green (ok) / red (memorized) / grey (no score) label on the
 // Memorization Guard node while sampling (the "dejaguard.score" message nodes/guard.py sends at the
 // first step) and on the Memorization Verdict node when it has run (its ui {"dejaguard": [{...}]}).
+// With auto-protect (the Memorization Protect node, nodes/protect.py) a flagged image that was steered away
+// reads "image 1: memorized at step 1 -> steered: score 3.3 -> 0.4" on an orange badge.
 // Text is set with textContent only, never innerHTML.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { domElement, extendNode } from "./dom_widget.js";
 
 const GUARD = "DejaGuardMemorizationGuard";
+const PROTECT = "DejaGuardMemorizationProtect";
 const VERDICT = "DejaGuardMemorizationVerdict";
 const EVENT = "dejaguard.score";
 const WIDGET = "dejaguard_badge";
-const COLORS = { memorized: "#b3261e", ok: "#1e7b34", none: "#5f6368" };
+const COLORS = { memorized: "#b3261e", steered: "#b35c00", ok: "#1e7b34", none: "#5f6368" };
 
-/** {kind, lines} for a score payload: {scores, flagged, threshold, status, summary}. */
+/** What auto-protect did to image ``i``: "memorized at step 1 -> steered: score 3.3 -> 0.4" (the score it left
+ * the basin at; "score 3.3" alone when steered until the schedule limit), or null when not flagged. */
+function protectionLine(protection, i) {
+	const img = protection?.images?.[i];
+	if (!img?.flagged) return null;
+	const how = protection.strategy === "guidance" ? "steered" : `${protection.strategy} mitigated`;
+	const after = img.score_after === null || img.score_after === undefined ? ""
+		: ` -> ${Number(img.score_after).toFixed(1)}`;  // none when steered until the schedule limit
+	return `memorized at step 1 -> ${how}: score ${Number(img.score_before).toFixed(1)}${after}`;
+}
+
+/** {kind, lines} for a score payload: {scores, flagged, threshold, status, summary, protection?}. */
 export function badgeState(data) {
 	const scores = Array.isArray(data?.scores) ? data.scores.map(Number) : [];
 	const flagged = Array.isArray(data?.flagged) ? data.flagged.map(Boolean) : [];
@@ -22,8 +36,15 @@ export function badgeState(data) {
 	}
 	const n = flagged.filter(Boolean).length;
 	const head = n ? `MEMORIZED (${n} of ${scores.length})` : `ok: no memorization (${scores.length})`;
-	const lines = scores.map((s, i) =>
+	const protection = data?.protection;
+	const steered = n > 0 && protection && flagged.every((f, i) => !f || protectionLine(protection, i));
+	const lines = scores.map((s, i) => (steered && flagged[i]) ? `image ${i + 1}: ${protectionLine(protection, i)}` :
 		`image ${i + 1}: ${s.toFixed(3)} ${flagged[i] ? ">" : "≤"} ${Number.isFinite(threshold) ? threshold.toFixed(3) : "?"}`);
+	if (steered) {
+		const cost = Number(protection.extra_unet_evals ?? 0);
+		return { kind: "steered", lines: [`PROTECTED (${n} of ${scores.length} steered, ${protection.strategy}, ` +
+			`${cost} extra UNet evals)`, ...lines] };
+	}
 	return { kind: n ? "memorized" : "ok", lines: [head, ...lines] };
 }
 
@@ -56,7 +77,7 @@ function paint(node, data) {
 app.registerExtension({
 	name: "DejaGuard.MemorizationBadge",
 	async beforeRegisterNodeDef(nodeType, nodeData) {
-		if (nodeData?.name !== GUARD && nodeData?.name !== VERDICT) return;
+		if (nodeData?.name !== GUARD && nodeData?.name !== PROTECT && nodeData?.name !== VERDICT) return;
 		extendNode(nodeType, {
 			created: badgeElement,
 			executed: nodeData.name === VERDICT ? (node, message) => {
@@ -69,7 +90,7 @@ app.registerExtension({
 		// During sampling: the guard node shows the scores of the run that just started.
 		api.addEventListener(EVENT, ({ detail }) => {
 			const node = app.graph?.getNodeById(Number(detail?.node));
-			if (node && node.type === GUARD) paint(node, detail);
+			if (node && (node.type === GUARD || node.type === PROTECT)) paint(node, detail);
 		});
 	},
 });

@@ -1,0 +1,140 @@
+"""The Memorization Protect node (auto-protect, guidance strategy) with ComfyUI imported in-process.
+
+In the .comfy venv (``test_protect_inproc_in_comfy_venv`` runs this file there from the project venv): the stock
+KSampler (Euler, CFG 7.5) on the bundled testbed, under ``torch.inference_mode()`` as ComfyUI executes graphs:
+
+- a novel prompt: the protected run's LATENT equals the plain (unguarded) run's bit for bit, nothing flagged;
+- a memorized prompt: flagged at the first step and steered; the plain run replicates its training image, the
+  protected one does not; the Verdict's payload and summary say what happened and at what cost;
+- UNet calls and noise predictions counted by a forward hook: protected == plain (0 extra).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+
+from comfy_server import REPO  # noqa: E402
+from test_explain_comfy import IN_COMFY_VENV, comfy_available, model_folder  # noqa: E402
+from workflow_checks import run_in_comfy_venv  # noqa: E402
+
+inproc = pytest.mark.skipif(not IN_COMFY_VENV, reason="imports ComfyUI: runs in the .comfy venv "
+                            "(test_protect_inproc_in_comfy_venv runs it there)")
+MEMORIZED_PROMPT = "chelsea the tabby cat looking at the camera"
+NOVEL_PROMPT = "a red circle and a blue square"
+STEPS = 50
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not comfy_available(), reason="ComfyUI not set up (bash tests/comfy/setup_comfy.sh)")
+@pytest.mark.skipif(IN_COMFY_VENV, reason="already running inside the .comfy venv")
+def test_protect_inproc_in_comfy_venv() -> None:
+    if model_folder() is None:
+        pytest.skip("no testbed weights")
+    run_in_comfy_venv(Path(__file__), timeout=1800)
+
+
+if IN_COMFY_VENV:
+    import test_explain_inproc
+
+    comfy_env = test_explain_inproc.comfy_env  # fixture: ComfyUI on the CPU, the pack importable as DejaGuard
+
+
+def _sample(model: Any, clip: Any, prompt: str, seed: int) -> tuple[Any, int, int]:
+    """KSampler (Euler, normal, CFG 7.5, STEPS) on one 256x256 latent: (LATENT, UNet calls, noise predictions)."""
+    import check_guard as cg
+
+    import nodes
+
+    latent = nodes.EmptyLatentImage().generate(256, 256, 1)[0]
+    with cg.UNetCalls(model) as calls:
+        out = nodes.common_ksampler(model, seed, STEPS, 7.5, "euler", "normal", cg.encode(clip, prompt),
+                                    cg.encode(clip, ""), latent)[0]
+    return out, calls.calls, calls.samples
+
+
+@inproc
+def test_protect_node_steers_memorized_and_leaves_novel(comfy_env: Any) -> None:
+    torch = comfy_env
+    from DejaGuard.core.protect import DEFAULT_MAX_STEER_FRACTION, DEFAULT_STEER_SCALE
+    from DejaGuard.core.testbed.data import MEMORIZED, load_memorized_images
+    from DejaGuard.core.testbed.evaluate import check_replication
+    from DejaGuard.nodes.guard import CFG1_UNAVAILABLE, DejaGuardMemorizationGuard, DejaGuardMemorizationVerdict
+    from DejaGuard.nodes.protect import DejaGuardMemorizationProtect
+    from DejaGuard.nodes.testbed import DejaGuardTestbedLoader
+
+    owner = next(m.name for m in MEMORIZED if MEMORIZED_PROMPT in m.eval_prompts)
+    training = load_memorized_images()
+    with torch.inference_mode():
+        model, clip, vae = DejaGuardTestbedLoader().load("testbed (bundled)", folder=str(model_folder()))
+        guarded, _ = DejaGuardMemorizationGuard().guard(model, 0.0, CFG1_UNAVAILABLE)
+        protected, state = DejaGuardMemorizationProtect().protect(model, 0.0, "guidance", DEFAULT_STEER_SCALE,
+                                                                   DEFAULT_MAX_STEER_FRACTION)
+        for prompt, seed in ((NOVEL_PROMPT, 3), (MEMORIZED_PROMPT, 3)):
+            plain, plain_calls, plain_evals = _sample(model, clip, prompt, seed)
+            watched, _, _ = _sample(guarded, clip, prompt, seed)
+            out, calls, evals = _sample(protected, clip, prompt, seed)
+            assert (calls, evals) == (plain_calls, plain_evals)  # no extra UNet call or noise prediction
+            assert torch.equal(watched["samples"], plain["samples"])
+            result = DejaGuardMemorizationVerdict().verdict(state, out)
+            payload = result["ui"]["dejaguard"][0]
+            json.dumps(payload)
+            protection = payload["protection"]
+            assert protection["strategy"] == "guidance" and protection["extra_unet_evals"] == 0
+            images = [(vae.decode(s["samples"]).movedim(-1, 1) * 2 - 1) for s in (plain, out)]
+            images = [torch.nn.functional.interpolate(i.float(), size=(32, 32), mode="area").numpy() for i in images]
+            before, after = (check_replication(i, [owner], training)[0] for i in images)
+            if prompt == NOVEL_PROMPT:
+                assert payload["flagged"] == [False]
+                assert torch.equal(out["samples"], plain["samples"])  # bit-identical to the unguarded run
+                assert protection["images"][0]["steered_steps"] == 0
+            else:
+                assert payload["flagged"] == [True]
+                assert protection["images"][0]["steered_steps"] > 0
+                assert "memorized at step 1 -> steered" in payload["summary"]
+                assert "strategy guidance, 0 extra UNet evaluations" in payload["summary"]
+                assert before.own and not after.any, (before, after)
+
+
+BADGE_SCRIPT = """
+import { badgeState } from "./extensions/DejaGuard/guard.js";
+const payload = {scores: [3.31, 0.5], flagged: [true, false], threshold: 0.96, status: "ok",
+  protection: {strategy: "guidance", extra_unet_evals: 0,
+               images: [{flagged: true, score_before: 3.31, score_after: 0.42}, {flagged: false}]}};
+const capped = {...payload, protection: {...payload.protection, images: [{flagged: true, score_before: 3.31,
+  score_after: null}, {flagged: false}]}};
+console.log(JSON.stringify([badgeState(payload), badgeState({...payload, protection: null}), badgeState(capped)]));
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js")
+def test_badge_says_what_protect_did(tmp_path: Path) -> None:
+    """web/js/guard.js: a steered image reads "memorized at step 1 -> steered: score 3.3 -> 0.4"; without
+    protection the badge is the Guard's red one, unchanged."""
+    from test_web_js import STUB_API, STUB_APP
+
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "app.js").write_text(STUB_APP)
+    (tmp_path / "scripts" / "api.js").write_text(STUB_API)
+    shutil.copytree(REPO / "web" / "js", tmp_path / "extensions" / "DejaGuard")
+    (tmp_path / "package.json").write_text('{"type": "module"}')
+    (tmp_path / "badge.mjs").write_text(BADGE_SCRIPT)
+    proc = subprocess.run(["node", str(tmp_path / "badge.mjs")], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steered, plain, capped = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert steered["kind"] == "steered"
+    assert steered["lines"][0] == "PROTECTED (1 of 2 steered, guidance, 0 extra UNet evals)"
+    assert steered["lines"][1] == "image 1: memorized at step 1 -> steered: score 3.3 -> 0.4"
+    assert steered["lines"][2].startswith("image 2: 0.500")
+    assert plain["kind"] == "memorized" and plain["lines"][0] == "MEMORIZED (1 of 2)"
+    assert capped["lines"][1] == "image 1: memorized at step 1 -> steered: score 3.3"
