@@ -84,7 +84,7 @@ def prediction_scores(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, score: s
 
     ``(B, C, H, W)`` x2 -> ``(B,)``. The one place a score is computed from predictions: the diffusers path
     (:func:`first_step_scores`) and the ComfyUI Guard and Calibrate nodes (from the sampler's denoised outputs,
-    :func:`nodes.guard.scores_from_denoised`) both call it.
+    :func:`scores_from_denoised`, also the WebUI extension's) all call it.
     """
     magnitude = text_conditional_magnitude(eps_cond, eps_uncond)
     if score == MAGNITUDE:
@@ -93,6 +93,22 @@ def prediction_scores(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, score: s
         return (ANISOTROPY_NORM_WEIGHT * magnitude
                 + ANISOTROPY_ALIGNMENT_WEIGHT * guidance_alignment(eps_cond, eps_uncond).to(magnitude.dtype))
     raise DejaGuardError(f"unknown score {score!r}: choose one of {', '.join(SCORES)}")
+
+
+def scores_from_denoised(x: torch.Tensor, cond_denoised: torch.Tensor, uncond_denoised: torch.Tensor,
+                         sigma: torch.Tensor, score: str = MAGNITUDE) -> torch.Tensor:
+    """Per-image score from a k-diffusion sampler's denoised (x0) predictions, as ComfyUI's CFG hooks and the
+    WebUIs' CFG denoisers hand them over: ``x``, ``cond_denoised``, ``uncond_denoised`` ``(B, C, H, W)``, ``sigma``
+    ``(B,)`` -> ``(B,)``.
+
+    ``(x - denoised) / sigma``: the noise prediction for epsilon models, the implied noise for v-prediction models,
+    the velocity for flow-matching models (whose implied noise difference is 0 at sigma 1); ``score`` is then
+    computed from the two by :func:`prediction_scores`.
+    """
+    s = sigma.reshape(-1, *([1] * (x.ndim - 1))).float()
+    eps_cond = (x.float() - cond_denoised.float()) / s
+    eps_uncond = (x.float() - uncond_denoised.float()) / s
+    return prediction_scores(eps_cond, eps_uncond, score)
 
 
 @dataclass(frozen=True)

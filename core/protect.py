@@ -53,19 +53,20 @@ from typing import Any
 import torch
 
 from .denoiser import Denoiser
+from .detect import MAGNITUDE, prediction_scores
 from .errors import DejaGuardError
 from .progress import Progress, report
-from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate, text_conditional_magnitude
+from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
 
 STRATEGIES = ("guidance", "embedding", "mask")
 DEFAULT_STEER_SCALE = 0.0  # w' inside the basin: no text guidance
 DEFAULT_MAX_STEER_FRACTION = 1.0  # steer within this first share of the noise schedule (measured: bench.protect)
 
 
-def step_scores(eps_cond: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tensor:
-    """The detector's score of each image at this step: ``(B, C, H, W)`` x2 -> ``(B,)`` (the one formula of
-    :mod:`core.sampling`, also used by :mod:`core.detect` and the Guard)."""
-    return text_conditional_magnitude(eps_cond.float(), eps_uncond.float())
+def step_scores(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, score: str = MAGNITUDE) -> torch.Tensor:
+    """The detector's score ``score`` of each image at this step: ``(B, C, H, W)`` x2 -> ``(B,)`` (the one
+    formula, :func:`core.detect.prediction_scores`, also used by the Guard)."""
+    return prediction_scores(eps_cond.float(), eps_uncond.float(), score)
 
 
 class GuidanceSteering:
@@ -85,7 +86,7 @@ class GuidanceSteering:
     """
 
     def __init__(self, threshold: float, scale: float = DEFAULT_STEER_SCALE, exit_level: float | None = None,
-                 max_fraction: float = DEFAULT_MAX_STEER_FRACTION) -> None:
+                 max_fraction: float = DEFAULT_MAX_STEER_FRACTION, score: str = MAGNITUDE) -> None:
         if math.isnan(threshold) or not math.isfinite(scale):  # threshold +inf: flags nothing, records the scores
             raise DejaGuardError(f"threshold must be a number and the steering scale finite, got {threshold}, {scale}")
         self.threshold = float(threshold)
@@ -94,6 +95,7 @@ class GuidanceSteering:
         if not 0.0 <= max_fraction <= 1.0:
             raise DejaGuardError(f"the steered share of the noise schedule must lie in [0, 1], got {max_fraction}")
         self.max_fraction = float(max_fraction)
+        self.score = score  # core.detect.SCORES: what the threshold was calibrated for
         self.reset()
 
     def reset(self) -> None:
@@ -128,7 +130,7 @@ class GuidanceSteering:
 
     def __call__(self, eps_cond: torch.Tensor, eps_uncond: torch.Tensor,
                  noise_level: float = 1.0) -> tuple[torch.Tensor, torch.Tensor] | None:
-        rows = self.step(step_scores(eps_cond, eps_uncond), noise_level)
+        rows = self.step(step_scores(eps_cond, eps_uncond, self.score), noise_level)
         if not bool(rows.any()):
             return None
         return rows, torch.full(rows.shape, self.scale)

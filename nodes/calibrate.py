@@ -10,11 +10,11 @@ threshold where the Guard finds it by itself:
   ``adm`` input is right), an empty negative prompt, ``comfy.sample.sample_custom`` at CFG 7.5 with sigmas
   ``[sigma_max, 0]`` of the model's own sampling object (its noise scaling, ``1.0`` for flow models), so
   ComfyUI batches the cond/uncond pair into one UNet call and hands both denoised predictions to a post-CFG
-  function that applies the Guard's own :func:`~nodes.guard.scores_from_denoised`. Noise of prompt ``p``:
+  function that applies the Guard's own :func:`~core.detect.scores_from_denoised`. Noise of prompt ``p``:
   ``randn((generations, C, H, W))`` seeded with :func:`core.sampling.prompt_seed` ``(p)``, so a rerun gives
   the same threshold.
 - **Same score option.** The node's ``score`` input (magnitude or anisotropy, :data:`core.detect.SCORES`) is
-  passed to :func:`~nodes.guard.scores_from_denoised` and is part of the stored setting, so a Guard with the
+  passed to :func:`~core.detect.scores_from_denoised` and is part of the stored setting, so a Guard with the
   same option finds this threshold and a Guard with the other option never does.
 - **Same setting.** Each noise is one image as the Guard scores it (one noise per image), so with
   ``generations`` noises per prompt all ``prompts x generations`` scores enter the quantile, and the entry is
@@ -51,12 +51,12 @@ from typing import Any
 import torch
 
 from ..core.calibration import Calibration, calibration_from_scores, read_calibrations, save_calibration
-from ..core.detect import MAGNITUDE, SCORES, ScoreSettings
+from ..core.detect import MAGNITUDE, SCORES, ScoreSettings, scores_from_denoised
 from ..core.errors import DejaGuardError, NonFiniteError
 from ..core.progress import Progress, report
 from ..core.prompt_sets import calibration_prompts
 from ..core.sampling import prompt_seed
-from .guard import CALIBRATION_TYPE, scores_from_denoised, user_calibration_file
+from .guard import CALIBRATION_TYPE, user_calibration_file
 from .model_check import ModelInfo, check_supported, comfy_fingerprint, model_sampling
 
 PROMPTS_SOURCE = "bundled calibration prompts (MemAttn non-memorized, MIT)"

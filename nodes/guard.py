@@ -55,7 +55,7 @@ from typing import Any
 import torch
 
 from ..core.calibration import find_calibration
-from ..core.detect import MAGNITUDE, SCORE_DESCRIPTIONS, SCORES, ScoreSettings, prediction_scores
+from ..core.detect import MAGNITUDE, SCORE_DESCRIPTIONS, SCORES, ScoreSettings, scores_from_denoised
 from ..core.errors import DejaGuardError
 from .model_check import ModelInfo, check_supported, comfy_fingerprint
 
@@ -71,20 +71,6 @@ MATCH_TOL = 1e-2  # relative distance under which a run's last denoised predicti
 
 
 # -- pure pieces ---------------------------------------------------------------------------------
-
-
-def scores_from_denoised(x: torch.Tensor, cond_denoised: torch.Tensor, uncond_denoised: torch.Tensor,
-                         sigma: torch.Tensor, score: str = MAGNITUDE) -> torch.Tensor:
-    """Per-image first-step score from ComfyUI's denoised predictions: ``(B, C, H, W)`` x3, sigma ``(B,)`` -> ``(B,)``.
-
-    ``(x - denoised) / sigma``: the noise prediction for epsilon models, the implied noise for v-prediction
-    models, the velocity for flow-matching models (see the module doc); ``score`` (:data:`core.detect.SCORES`)
-    is then computed from the two by core's :func:`~core.detect.prediction_scores`.
-    """
-    s = sigma.reshape(-1, *([1] * (x.ndim - 1))).float()
-    eps_cond = (x.float() - cond_denoised.float()) / s
-    eps_uncond = (x.float() - uncond_denoised.float()) / s
-    return prediction_scores(eps_cond, eps_uncond, score)
 
 
 def starts_new_run(sigma: float, last_sigma: float | None, last_was_first: bool = False,

@@ -29,8 +29,9 @@ from typing import Any
 
 import torch
 
+from ..core.detect import scores_from_denoised
 from ..core.protect import DEFAULT_MAX_STEER_FRACTION, DEFAULT_STEER_SCALE, GuidanceSteering, ImageProtection
-from .guard import CFG1_UNAVAILABLE, DejaGuardMemorizationGuard, GuardState, _uncond_skipped, scores_from_denoised
+from .guard import CFG1_UNAVAILABLE, DejaGuardMemorizationGuard, GuardState, _uncond_skipped
 
 
 def noise_level(args: dict[str, Any]) -> float:
@@ -62,7 +63,7 @@ class ComfySteering:
             self.run_index = run.index
         assert self.policy is not None
         x, cond, uncond = args["input"], args["cond_denoised"], args["uncond_denoised"]
-        rows = self.policy.step(scores_from_denoised(x, cond, uncond, args["sigma"]), noise_level(args))
+        rows = self.policy.step(scores_from_denoised(x, cond, uncond, args["sigma"], state.score), noise_level(args))
         self._record(run)
         if not bool(rows.any()):
             return denoised

@@ -8,8 +8,8 @@ WebUI hands over depends on the sampler:
   of the input ``x`` at ``sigma``, so ``eps = (x - x0) / sigma`` (as in ComfyUI's post-CFG hook);
 - A1111's timestep samplers (DDIM, PLMS, UniPC): the noise predictions ``eps`` themselves.
 
-Either way the score goes through core's one scoring function
-(:func:`core.sampling.text_conditional_magnitude`). The unconditional prediction is that of the job's negative
+Either way the score goes through core's one scoring function (:func:`core.detect.scores_from_denoised`, as
+ComfyUI's Guard, or :func:`core.detect.prediction_scores`). The unconditional prediction is that of the job's negative
 prompt: with an empty negative prompt it is Wen et al.'s ``eps(x_T, "")``, the setting thresholds are calibrated
 in; a job with a negative prompt gets a note in its info.
 
@@ -44,9 +44,8 @@ import torch
 from ..core.calibration import find_calibration
 from ..core.checkpoint import CONFIGS, UNET, read_family
 from ..core.denoiser import state_fingerprint
-from ..core.detect import ScoreSettings
+from ..core.detect import ScoreSettings, prediction_scores, scores_from_denoised
 from ..core.errors import DejaGuardError
-from ..core.sampling import text_conditional_magnitude
 
 SUPPORTED_FAMILIES = ("sd1",)
 KEY_SCORE = "DejaGuard score"
@@ -137,11 +136,10 @@ def first_step_scores(x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
     or ``"eps"`` (timestep samplers: they are the noise predictions; ``x`` and ``sigma`` are not used).
     """
     if outputs == "eps":
-        return text_conditional_magnitude(cond.float(), uncond.float())
+        return prediction_scores(cond.float(), uncond.float())
     if outputs != "denoised":
         raise ValueError(f"outputs must be 'denoised' or 'eps', got {outputs!r}")
-    s = sigma.reshape(-1, *([1] * (x.ndim - 1))).float()
-    return text_conditional_magnitude((x.float() - cond.float()) / s, (x.float() - uncond.float()) / s)
+    return scores_from_denoised(x, cond, uncond, sigma)  # core's, as the ComfyUI Guard's
 
 
 @dataclass
