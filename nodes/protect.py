@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..core.detect import scores_from_denoised
+from ..core.detect import MAGNITUDE, scores_from_denoised
 from ..core.protect import DEFAULT_MAX_STEER_FRACTION, DEFAULT_STEER_SCALE, GuidanceSteering, ImageProtection
 from .guard import CFG1_UNAVAILABLE, DejaGuardMemorizationGuard, GuardState, _uncond_skipped
 
@@ -120,9 +120,9 @@ class DejaGuardMemorizationProtect(DejaGuardMemorizationGuard):
                    "the memorized basin), at no extra UNet evaluation. Other images are left exactly as they were.")
 
     def protect(self, model: Any, threshold: float, strategy: str, steer_scale: float, max_steer_fraction: float,
-                calibration: str = "", calibrated: str | None = None,
-                unique_id: str | None = None) -> tuple[Any, GuardState]:
-        guarded, state = self.guard(model, threshold, CFG1_UNAVAILABLE, calibration, calibrated, unique_id)
+                calibration: str = "", calibrated: str | None = None, unique_id: str | None = None,
+                score: str = MAGNITUDE) -> tuple[Any, GuardState]:
+        guarded, state = self.guard(model, threshold, CFG1_UNAVAILABLE, calibration, calibrated, unique_id, score)
         state.steer = ComfySteering(steer_scale, max_steer_fraction)
         return guarded, state
 

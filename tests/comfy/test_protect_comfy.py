@@ -138,3 +138,30 @@ def test_badge_says_what_protect_did(tmp_path: Path) -> None:
     assert steered["lines"][2].startswith("image 2: 0.500")
     assert plain["kind"] == "memorized" and plain["lines"][0] == "MEMORIZED (1 of 2)"
     assert capped["lines"][1] == "image 1: memorized at step 1 -> steered: score 3.3"
+
+
+@inproc
+def test_every_node_function_takes_every_declared_input(comfy_env: Any) -> None:
+    """ComfyUI calls FUNCTION with one keyword per declared input (widgets of optional inputs included): a node that
+    inherits an input its function does not take fails at queue time. The Protect node inherited the Guard's
+    optional ``score`` and raised TypeError; it now passes it on (and steers with that score's threshold)."""
+    import inspect
+
+    from DejaGuard.nodes import NODE_CLASS_MAPPINGS
+    from DejaGuard.core.protect import DEFAULT_MAX_STEER_FRACTION, DEFAULT_STEER_SCALE
+    from DejaGuard.nodes.protect import DejaGuardMemorizationProtect
+    from DejaGuard.nodes.testbed import DejaGuardTestbedLoader
+
+    for name, cls in NODE_CLASS_MAPPINGS.items():
+        params = inspect.signature(getattr(cls, cls.FUNCTION)).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            continue
+        spec = cls.INPUT_TYPES()
+        declared = {k for section in ("required", "optional", "hidden") for k in spec.get(section, {})}
+        assert declared <= set(params), (name, sorted(declared - set(params)))
+
+    with comfy_env.inference_mode():
+        model, _, _ = DejaGuardTestbedLoader().load("testbed (bundled)", folder=str(model_folder()))
+        _, state = DejaGuardMemorizationProtect().protect(model, 0.0, "guidance", DEFAULT_STEER_SCALE,
+                                                          DEFAULT_MAX_STEER_FRACTION, score="anisotropy")
+    assert state.score == "anisotropy" and state.steer is not None
