@@ -147,8 +147,8 @@ def test_every_node_function_takes_every_declared_input(comfy_env: Any) -> None:
     optional ``score`` and raised TypeError; it now passes it on (and steers with that score's threshold)."""
     import inspect
 
-    from DejaGuard.nodes import NODE_CLASS_MAPPINGS
     from DejaGuard.core.protect import DEFAULT_MAX_STEER_FRACTION, DEFAULT_STEER_SCALE
+    from DejaGuard.nodes import NODE_CLASS_MAPPINGS
     from DejaGuard.nodes.protect import DejaGuardMemorizationProtect
     from DejaGuard.nodes.testbed import DejaGuardTestbedLoader
 
