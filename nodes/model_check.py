@@ -123,18 +123,22 @@ def check_supported(model: Any, feature: str | None = None) -> ModelInfo:
 
 
 def _parametrization(sampling: Any) -> str | None:
-    """"epsilon", "v-prediction" or "flow" from the (patched) sampling object; None for others (EDM, cascade)."""
-    const = getattr(comfy.model_sampling, "CONST", None)  # flow matching: newer ComfyUI only
-    if const is not None and isinstance(sampling, const):
+    """"epsilon", "v-prediction" or "flow" from the (patched) sampling object; None for others (EDM, cascade, and
+    the x0 / LCM / img-to-img samplings of the ModelSamplingDiscrete node, which subclass EPS: their ``denoised`` is
+    not ``x - sigma eps``, so the score would not be the one calibrated)."""
+    names = {cls.__name__ for cls in type(sampling).__mro__}
+    if "CONST" in names:  # flow matching: newer ComfyUI only
         return "flow"
-    if isinstance(sampling, getattr(comfy.model_sampling, "EDM", ())) or \
-            isinstance(sampling, comfy.model_sampling.ModelSamplingContinuousEDM):
+    if names & _OTHER_PREDICTIONS or isinstance(sampling, comfy.model_sampling.ModelSamplingContinuousEDM):
         return None
     if isinstance(sampling, comfy.model_sampling.V_PREDICTION):
         return "v-prediction"
     if isinstance(sampling, comfy.model_sampling.EPS):
         return "epsilon"
     return None
+
+
+_OTHER_PREDICTIONS = {"EDM", "X0", "IMG_TO_IMG", "LCM", "COSMOS_RFLOW"}
 
 
 def model_info(model: Any) -> ModelInfo:

@@ -81,6 +81,24 @@ def test_support_matrix() -> None:
 
 
 @inproc
+@pytest.mark.parametrize("sampling", ["x0", "lcm"])
+def test_other_parametrizations_of_model_sampling_discrete_are_refused(sampling: str) -> None:
+    """The stock ModelSamplingDiscrete node's x0 and lcm samplings subclass EPS; they used to be labelled epsilon
+    and scored as if ``denoised = x - sigma eps`` held."""
+    _setup()
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+    from DejaGuard.core.errors import DejaGuardError
+    from DejaGuard.nodes.model_check import check_supported
+
+    plain = build("sd1")
+    assert check_supported(plain, "guard").prediction == "epsilon"
+    patched = ModelSamplingDiscrete().patch(plain, sampling, False)[0]
+    with pytest.raises(DejaGuardError, match="unsupported noise parametrization"):
+        check_supported(patched, "guard")
+    assert ModelSamplingDiscrete().patch(plain, "v_prediction", False)[0] is not None
+
+
+@inproc
 @pytest.mark.parametrize("family", ["sd1", "sd2_v", "sdxl"])
 def test_guard_score_equals_direct(family: str) -> None:
     _setup()
