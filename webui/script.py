@@ -29,6 +29,11 @@ Protection (the section's "Protect" box; :mod:`webui.guard` says what it does): 
 protected batch and asks the batch's policy which rows to steer; ``on_cfg_after_cfg`` (right after CFG has combined
 the predictions) replaces those rows of the combined prediction. Not in a hires-fix second pass, nor when
 inpainting (A1111 has blended the masked area into the combined prediction before the callback sees it).
+
+Calibration (the section's Calibrate button and ``POST /dejaguard/v1/calibrate``, one function,
+:func:`calibrate_loaded`): under the WebUI's queue lock, :func:`webui_denoiser` wraps the loaded model in the WebUI
+adapter of core's denoiser seam and :func:`webui.guard.calibrate_checkpoint` runs core's calibration on it, with
+gradio's progress bar fed by core's progress convention.
 """
 
 from __future__ import annotations
@@ -237,6 +242,11 @@ class ForgePostCFG:
         self.job, self.first, self.batch = job, first, batch
         self.calls = 0
         self.policy: GuidanceSteering | None = None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ForgePostCFG:
+        """Itself: cloning a UNet patcher deep-copies its model options, and a copy would record the scores into a
+        copy of the job (a plain function is never copied, so ComfyUI-style post-CFG hooks are usually closures)."""
+        return self
 
     def __call__(self, args: dict[str, Any]) -> torch.Tensor:
         first_call, self.calls = self.calls == 0, self.calls + 1

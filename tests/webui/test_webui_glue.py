@@ -11,6 +11,7 @@ on ``sys.path``), against stand-ins of ``modules.*`` and gradio.
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import subprocess
 import sys
@@ -337,6 +338,7 @@ def test_forge_protection_steers_flagged_rows_only(glue):
     scores = first_step_scores(x, cond, uncond, sigma)
     job = Job(2, float(scores.mean()), "set in the UI", protect=True)
     post_cfg = glue.ForgePostCFG(job, 0, 2)
+    assert copy.deepcopy({"post_cfg": [post_cfg]})["post_cfg"][0] is post_cfg  # Forge's patcher clones deep-copy it
     for _ in range(3):
         denoised = torch.randn(2, 4, 8, 8)
         out = post_cfg({"input": x, "cond_denoised": cond, "uncond_denoised": uncond, "sigma": sigma,
