@@ -8,7 +8,12 @@ this package imports it, so the library and the ComfyUI node pack never import W
 - :mod:`webui.guard`: the WebUI-independent part (plain torch): which checkpoints are supported, their
   fingerprint and calibrated threshold, the score from the WebUI's own first-step cond/uncond predictions, and
   the per-image generation parameters. Importable and testable without a WebUI.
+- :mod:`webui.denoiser`: core's denoiser seam over the WebUI's loaded model (plain torch; the glue hands over the
+  WebUI's UNet and text encoding), so core's calibration runs on it unchanged.
 - :mod:`webui.script`: the glue (imports ``modules.*`` and gradio): the always-visible "DejaGuard" script and
-  the CFG hooks of A1111 (``on_cfg_denoiser`` / ``on_cfg_denoised``) and Forge (a post-CFG function on a clone
-  of ``forge_objects.unet``).
+  the CFG hooks of A1111 (``on_cfg_denoiser`` / ``on_cfg_denoised`` / ``on_cfg_after_cfg``) and Forge (a post-CFG
+  function on a clone of ``forge_objects.unet``), the Calibrate button and its API route.
+
+The page's per-image badge is ``javascript/dejaguard.js`` at the repository root (the WebUI loads an extension's
+``javascript/*.js``; ComfyUI loads ``web/js/`` instead).
 """

@@ -20,12 +20,27 @@ Threshold: a value set in the UI wins; else the calibration of this checkpoint f
 (:func:`core.calibration.find_calibration` at the checkpoint file, i.e. ``MODEL.dejaguard_calibration.json``
 beside it, as ``dejaguard calibrate --checkpoint MODEL.safetensors`` writes), keyed by the UNet's fingerprint.
 
+Calibration (:func:`calibrate_checkpoint`, the section's Calibrate button): core's
+:func:`~core.calibration.calibrate` on the bundled prompt set, run on the WebUI's loaded model through the one
+denoiser seam (:class:`webui.denoiser.WebUIDenoiser`), saved beside the checkpoint where :func:`resolve_threshold`
+finds it. Its scores are the guard's: the same UNet call on the same first-step input.
+
 Fingerprint (:func:`checkpoint_fingerprint`): core's :func:`~core.denoiser.state_fingerprint` of the file's UNet
 weights under their diffusers names (diffusers' own ``convert_ldm_unet_checkpoint`` renames them, as
 :mod:`core.checkpoint` does when it loads the file), so it equals ``DiffusersDenoiser.fingerprint()`` of the same
 file loaded by the CLI and ``comfy_fingerprint`` of it in ComfyUI. It is read from the file, not from the WebUI's
 loaded weights (which a LoRA may have patched in place), through a copy-on-write memory map: only the ~256 values
 per tensor that the fingerprint samples are read.
+
+Protection (the ``guidance`` strategy of :mod:`core.protect`, Jain et al.; the same policy,
+:class:`~core.protect.GuidanceSteering`, as ComfyUI's Memorization Protect node): with protection on, an image
+flagged at the first step has its CFG combination replaced, at every step while its per-step score (the same
+formula, from the same two predictions) stays above the threshold, by ``uncond + w' (cond - uncond)``
+(:func:`steer`; ``w'`` = :data:`~core.protect.DEFAULT_STEER_SCALE`). The WebUI combines the two predictions
+linearly, in x0 space for k-diffusion samplers and in noise space for A1111's timestep samplers; the replacement is
+the same linear mix, so it means the same in either space (``eps = (x - x0) / sigma`` is affine in ``x0``). It
+costs no UNet evaluation; the rows of unflagged images are the WebUI's own combined tensor, untouched, so those
+images are bit-identical to a run without DejaGuard. A steered image's verdict is ``steered``.
 
 Shapes: ``B`` images in a batch, latents ``(B, 4, H/8, W/8)``, ``sigma`` ``(B,)``.
 """
@@ -37,15 +52,19 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..core.calibration import find_calibration
+from ..core.calibration import Calibration, calibrate, find_calibration, save_calibration
 from ..core.checkpoint import CONFIGS, UNET, read_family
 from ..core.denoiser import state_fingerprint
 from ..core.detect import ScoreSettings, prediction_scores, scores_from_denoised
 from ..core.errors import DejaGuardError
+from ..core.progress import Progress
+from ..core.prompt_sets import calibration_prompts
+from ..core.protect import DEFAULT_STEER_SCALE, GuidanceSteering
 
 SUPPORTED_FAMILIES = ("sd1",)
 KEY_SCORE = "DejaGuard score"
@@ -53,6 +72,7 @@ KEY_VERDICT = "DejaGuard verdict"
 KEY_THRESHOLD = "DejaGuard threshold"
 KEY_NOTE = "DejaGuard note"
 MEMORIZED, NOT_MEMORIZED, UNSCORED, NO_THRESHOLD = "memorized", "not memorized", "no score", "no threshold"
+STEERED = "steered"  # memorized at the first step, then steered away (protection on)
 _SAFETENSORS_DTYPES = {"F16": (np.float16, None), "F32": (np.float32, None), "F64": (np.float64, None),
                        "BF16": (np.uint16, torch.bfloat16)}
 
@@ -127,6 +147,32 @@ def resolve_threshold(threshold: float, checkpoint: str | Path) -> tuple[float |
     return found.threshold, f"calibration {found.file.name}"
 
 
+CALIBRATION_FPR = 0.01
+PROMPTS_SOURCE = "bundled calibration prompts (MemAttn non-memorized, MIT)"
+
+
+def calibrate_checkpoint(denoiser: Any, checkpoint: str | Path, prompt_limit: int = 0,
+                         progress: Progress | None = None) -> tuple[Calibration, Path, str]:
+    """Calibrate the loaded checkpoint (``denoiser``: :class:`webui.denoiser.WebUIDenoiser` over it) on the bundled
+    prompts (the first ``prompt_limit``; 0: all), through core's :func:`~core.calibration.calibrate` (a
+    ``1 - 0.01`` quantile of first-step scores at the denoiser's sample size), and save it beside the checkpoint
+    file, where :func:`resolve_threshold` finds it. Returns (calibration, file, one-paragraph summary)."""
+    prompts = calibration_prompts()
+    if prompt_limit > 0:
+        prompts = prompts[:prompt_limit]
+    _, h, w = denoiser.sample_shape
+    source = f"{PROMPTS_SOURCE}: {len(prompts)} prompts, {w * 8}x{h * 8} px, DejaGuard Calibrate in the WebUI"
+    before = denoiser.counter.calls
+    calibration = calibrate(denoiser, prompts, ScoreSettings(), CALIBRATION_FPR, source, progress=progress)
+    file = save_calibration(calibration, checkpoint)
+    summary = (f"DejaGuard Calibrate: threshold {calibration.threshold:.6g} for a {CALIBRATION_FPR:g} false-positive "
+               f"rate on {len(prompts)} non-memorized prompts at {w * 8}x{h * 8} px "
+               f"({denoiser.counter.calls - before} UNet calls); saved in {file.name} beside the checkpoint. "
+               "The DejaGuard section uses it when its threshold is 0 (calibrate at the size you generate at: "
+               "the score grows with the image area).")
+    return calibration, file, summary
+
+
 def first_step_scores(x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, sigma: torch.Tensor,
                       outputs: str = "denoised") -> torch.Tensor:
     """Per-image score from the sampler's first-step predictions: ``x``, ``cond``, ``uncond`` ``(B, C, H, W)``,
@@ -142,6 +188,19 @@ def first_step_scores(x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
     return scores_from_denoised(x, cond, uncond, sigma)  # core's, as the ComfyUI Guard's
 
 
+def steer(combined: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, rows: torch.Tensor,
+          scale: float = DEFAULT_STEER_SCALE) -> torch.Tensor:
+    """The WebUI's combined CFG prediction ``combined`` ``(B, C, H, W)`` with the rows ``rows`` ``(B,)`` bool
+    replaced by ``uncond + scale (cond - uncond)`` (``cond``, ``uncond`` ``(B, C, H, W)``, in the same space as
+    ``combined``); ``combined`` itself, untouched, when no row is steered; else a copy (other rows equal)."""
+    if not bool(rows.any()):
+        return combined
+    rows = rows.to(combined.device)
+    out = combined.clone()
+    out[rows] = (uncond[rows] + scale * (cond[rows] - uncond[rows])).to(out.dtype)
+    return out
+
+
 @dataclass
 class Job:
     """What the guard reports for one WebUI job (``n_iter`` batches of ``batch_size`` images).
@@ -154,6 +213,7 @@ class Job:
     images: int
     threshold: float | None
     threshold_source: str
+    protect: bool = False  # steer flagged images (the guidance strategy)
     scores: list[str | None] = field(default_factory=list)
     verdicts: list[str | None] = field(default_factory=list)
     notes: list[str | None] = field(default_factory=list)  # per image: the job's notes, "; "-joined
@@ -169,6 +229,12 @@ class Job:
         threshold = (f"{self.threshold:.6g} ({self.threshold_source})" if self.threshold is not None
                      else f"none: {self.threshold_source}")
         return {KEY_SCORE: self.scores, KEY_VERDICT: self.verdicts, KEY_THRESHOLD: threshold, KEY_NOTE: self.notes}
+
+    def steering(self) -> GuidanceSteering | None:
+        """A new steering policy for one batch (None without protection or without a threshold)."""
+        if not self.protect or self.threshold is None:
+            return None
+        return GuidanceSteering(self.threshold, DEFAULT_STEER_SCALE)
 
     def note(self, text: str) -> None:
         """Add a note for every image of the job (once)."""
@@ -190,4 +256,4 @@ class Job:
                 continue
             self.scores[i] = f"{score:.7g}"
             self.verdicts[i] = (NO_THRESHOLD if self.threshold is None else
-                                MEMORIZED if score > self.threshold else NOT_MEMORIZED)
+                                NOT_MEMORIZED if score <= self.threshold else STEERED if self.protect else MEMORIZED)

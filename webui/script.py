@@ -8,7 +8,8 @@ Per job (``Script.process``, before sampling): with the section enabled, the loa
 (SD1.x; anything else gets one line in the generation info and is generated unchanged), the threshold is
 resolved (the UI's value, else this checkpoint's calibration) and a :class:`~webui.guard.Job` is attached to
 ``p``; its per-image lists go into ``p.extra_generation_params``, so each image's score and verdict reach its
-infotext (the PNG "parameters" text) and the API's ``info``.
+infotext (the PNG "parameters" text) and the API's ``info``. The page's badge (``javascript/dejaguard.js``, which
+the WebUI loads from the extension root) reads them back from the infotext the WebUI shows for the selected image.
 
 Per batch, the first sampling step's predictions come from the WebUI's own CFG denoiser, with no extra UNet call:
 
@@ -22,6 +23,17 @@ Per batch, the first sampling step's predictions come from the WebUI's own CFG d
   ``p.sd_model.forge_objects.unet`` (Forge restores the original object for every job), adds a post-CFG function
   that reads ``cond_denoised`` / ``uncond_denoised`` at its first call, and assigns the clone back. At CFG 1
   Forge skips the unconditional prediction (``uncond_denoised`` None): "no score".
+
+Protection (the section's "Protect" box; :mod:`webui.guard` says what it does): Forge's post-CFG function
+(:class:`ForgePostCFG`) returns the steered ``denoised`` itself. A1111: ``on_cfg_denoised`` scores every step of a
+protected batch and asks the batch's policy which rows to steer; ``on_cfg_after_cfg`` (right after CFG has combined
+the predictions) replaces those rows of the combined prediction. Not in a hires-fix second pass, nor when
+inpainting (A1111 has blended the masked area into the combined prediction before the callback sees it).
+
+Calibration (the section's Calibrate button and ``POST /dejaguard/v1/calibrate``, one function,
+:func:`calibrate_loaded`): under the WebUI's queue lock, :func:`webui_denoiser` wraps the loaded model in the WebUI
+adapter of core's denoiser seam and :func:`webui.guard.calibrate_checkpoint` runs core's calibration on it, with
+gradio's progress bar fed by core's progress convention.
 """
 
 from __future__ import annotations
@@ -34,22 +46,92 @@ import modules.scripts as scripts
 import torch
 from modules import script_callbacks
 
-from .guard import KEY_NOTE, Job, check_checkpoint, first_step_scores, resolve_threshold
+from ..core.protect import GuidanceSteering
+from .denoiser import WebUIDenoiser
+from .guard import (
+    KEY_NOTE,
+    Job,
+    calibrate_checkpoint,
+    check_checkpoint,
+    checkpoint_fingerprint,
+    first_step_scores,
+    resolve_threshold,
+    steer,
+)
 
 log = logging.getLogger("DejaGuard")
 TITLE = "DejaGuard"
 JOB_ATTR = "dejaguard_job"  # the Job of a p whose section is enabled
 FULL_NOISE_TOL = 1e-3
-_pending: dict[str, Any] | None = None  # A1111: the first step seen by on_cfg_denoiser, for on_cfg_denoised
+_pending: dict[str, Any] | None = None  # A1111: the step seen by on_cfg_denoiser, for on_cfg_denoised
+_steering: tuple[Job, int, GuidanceSteering] | None = None  # A1111: (job, first image, policy) of the batch protected
+_after: dict[str, Any] | None = None  # A1111: the rows on_cfg_after_cfg steers at this step
 
 
 def checkpoint_path(p: Any) -> str | None:
     """The file of the checkpoint the WebUI has loaded (A1111 and Forge alike)."""
-    return getattr(getattr(p.sd_model, "sd_checkpoint_info", None), "filename", None)
+    return model_file(p.sd_model)
+
+
+def model_file(sd_model: Any) -> str | None:
+    return getattr(getattr(sd_model, "sd_checkpoint_info", None), "filename", None)
 
 
 def is_forge(p: Any) -> bool:
     return getattr(getattr(p, "sd_model", None), "forge_objects", None) is not None
+
+
+def webui_denoiser(sd_model: Any, width: int, height: int) -> WebUIDenoiser:
+    """Core's denoiser seam over the WebUI's loaded SD1.x model (:mod:`webui.denoiser`), for images of
+    ``width x height`` px. The caller holds the WebUI's queue lock (or runs inside a generation)."""
+    forge = getattr(sd_model, "forge_objects", None)
+    if forge is not None:
+        from backend import memory_management
+
+        memory_management.load_model_gpu(forge.unet)
+        unet = forge.unet.model.diffusion_model
+        sigmas = forge.unet.model.predictor.sigmas.detach().double().cpu()
+        alphas_cumprod = 1.0 / (1.0 + sigmas**2)
+
+        def encode(prompts: list[str]) -> torch.Tensor:
+            cond = sd_model.get_learned_conditioning(prompts)  # loads the text encoder, which may unload the UNet
+            memory_management.load_model_gpu(forge.unet)
+            return cond
+    else:
+        from modules import devices
+
+        unet = sd_model.model.diffusion_model
+        alphas_cumprod = sd_model.alphas_cumprod
+
+        def encode(prompts: list[str]) -> torch.Tensor:
+            with devices.autocast():
+                return sd_model.get_learned_conditioning(prompts)
+    return WebUIDenoiser(unet, encode, alphas_cumprod, checkpoint_fingerprint(model_file(sd_model)),
+                         (4, int(height) // 8, int(width) // 8))
+
+
+def calibrate_loaded(width: int = 512, height: int = 512, prompt_limit: int = 0,
+                     progress: Any = None) -> str:
+    """The Calibrate button (and ``POST /dejaguard/v1/calibrate``): calibrate the loaded checkpoint at
+    ``width x height`` and save it beside it; returns the summary (or the one line saying why not)."""
+    from modules import shared
+    from modules.call_queue import queue_lock
+
+    with queue_lock:  # not while the WebUI generates
+        sd_model = shared.sd_model
+        refusal = check_checkpoint(model_file(sd_model))
+        if refusal is not None:
+            return f"DejaGuard Calibrate: {refusal}"
+        denoiser = webui_denoiser(sd_model, width, height)
+
+        def report(done: float, total: float, stage: str = "") -> None:
+            if progress is not None:
+                progress((int(done), int(total)), desc=f"DejaGuard {stage}")
+
+        with torch.inference_mode():
+            _, _, summary = calibrate_checkpoint(denoiser, model_file(sd_model), int(prompt_limit), report)
+    log.info("%s", summary)
+    return summary
 
 
 def _first_image(p: Any) -> int:
@@ -71,7 +153,8 @@ def _record(job: Job, first: int, batch: int, scores: torch.Tensor | None, reaso
 
 
 class DejaGuardScript(scripts.Script):
-    """The "DejaGuard" section of txt2img and img2img. Its API arguments: ``[enabled, threshold]``."""
+    """The "DejaGuard" section of txt2img and img2img. Its API arguments: ``[enabled, threshold, protect]``
+    (``protect`` may be left out: off)."""
 
     def title(self) -> str:
         return TITLE
@@ -80,16 +163,43 @@ class DejaGuardScript(scripts.Script):
         return scripts.AlwaysVisible
 
     def ui(self, is_img2img: bool) -> list[Any]:
-        with gr.Accordion(TITLE, open=False, elem_id=f"dejaguard_{'img2img' if is_img2img else 'txt2img'}"):
+        tab = "img2img" if is_img2img else "txt2img"
+        with gr.Accordion(TITLE, open=False, elem_id=f"dejaguard_{tab}"):
             enabled = gr.Checkbox(False, label="Check each image for memorization (first-step score, no extra "
-                                               "UNet evaluation)")
+                                               "UNet evaluation)", elem_id=f"dejaguard_enabled_{tab}")
             threshold = gr.Number(0.0, label="Threshold (0: the calibration of the loaded checkpoint, "
                                              "MODEL.dejaguard_calibration.json beside it)")
-            gr.HTML("<p>Score and verdict per image appear in the generation info (PNG parameters, API info). "
-                    "SD1.x checkpoints; leave the negative prompt empty for calibrated scores.</p>")
-        return [enabled, threshold]
+            protect = gr.Checkbox(False, label="Protect: steer a flagged image away from the copy (no text guidance "
+                                               "while its score stays above the threshold; no extra UNet "
+                                               "evaluation; other images unchanged)",
+                                  elem_id=f"dejaguard_protect_{tab}")
+            gr.HTML("<p>Score and verdict per image appear in the generation info (PNG parameters, API info) and "
+                    "as a badge above it (red: memorized, amber: steered). SD1.x checkpoints; leave the negative "
+                    "prompt empty for calibrated scores.</p><p>Token highlighting: not available in this WebUI yet "
+                    "(the WebUI adapter cannot substitute token embeddings in the WebUI's text encoder; ComfyUI and "
+                    "the CLI have it).</p>")
+            with gr.Row():
+                width = gr.Number(512, label="Calibration width", precision=0, elem_id=f"dejaguard_cal_width_{tab}")
+                height = gr.Number(512, label="Calibration height", precision=0,
+                                   elem_id=f"dejaguard_cal_height_{tab}")
+                button = gr.Button("Calibrate the loaded checkpoint", elem_id=f"dejaguard_calibrate_{tab}")
+            status = gr.Textbox(label="Calibration (the bundled 500 prompts, one UNet call per 32; calibrate at the "
+                                      "size you generate at)", interactive=False, lines=2,
+                                elem_id=f"dejaguard_cal_status_{tab}")
 
-    def process(self, p: Any, enabled: bool = False, threshold: float = 0.0, *args: Any) -> None:
+            # gradio's convention: a gr.Progress default asks it for a progress bar
+            def on_calibrate(width: float, height: float, progress: Any = gr.Progress()) -> str:  # noqa: B008
+                try:
+                    return calibrate_loaded(int(width), int(height), 0, progress)
+                except Exception as err:  # shown in the section, not a stack trace in the console only
+                    log.exception("DejaGuard Calibrate failed")
+                    return f"DejaGuard Calibrate failed: {err}"
+
+            button.click(on_calibrate, inputs=[width, height], outputs=[status])
+        return [enabled, threshold, protect]
+
+    def process(self, p: Any, enabled: bool = False, threshold: float = 0.0, protect: bool = False,
+                *args: Any) -> None:
         setattr(p, JOB_ATTR, None)
         if not enabled:
             return
@@ -100,51 +210,105 @@ class DejaGuardScript(scripts.Script):
             log.warning("DejaGuard: %s", refusal)
             return
         value, source = resolve_threshold(float(threshold or 0.0), path)
-        job = Job(int(p.n_iter) * int(p.batch_size), value, source)
+        job = Job(int(p.n_iter) * int(p.batch_size), value, source, protect=bool(protect))
         negatives = getattr(p, "all_negative_prompts", None) or [getattr(p, "negative_prompt", "")]
         if any(str(n).strip() for n in negatives):
             job.note("scored against the negative prompt (thresholds are calibrated with an empty one)")
+        if job.protect and value is None:
+            job.note("no protection without a threshold")
+        if job.protect and getattr(p, "image_mask", None) is not None:
+            job.protect = False  # the WebUI blends the masked area into the combined prediction before we see it
+            job.note("no protection when inpainting")
         p.extra_generation_params.update(job.generation_params())
         setattr(p, JOB_ATTR, job)
 
     def process_before_every_sampling(self, p: Any, *args: Any, **kwargs: Any) -> None:
-        """Forge: attach the post-CFG reader to a clone of the UNet patcher for this sampling run."""
+        """Forge: attach the post-CFG function (score, and steering) to a clone of the UNet patcher for this
+        sampling run."""
         job = getattr(p, JOB_ATTR, None)
         if job is None or not is_forge(p) or getattr(p, "is_hr_pass", False):
             return
-        first, batch, seen = _first_image(p), int(p.batch_size), []
-
-        def dejaguard_post_cfg(args: dict[str, Any]) -> torch.Tensor:
-            if not seen:
-                seen.append(True)
-                _score_forge(job, first, batch, args)
-            return args["denoised"]
-
+        post_cfg = ForgePostCFG(job, _first_image(p), int(p.batch_size))
         unet = p.sd_model.forge_objects.unet.clone()
-        unet.set_model_sampler_post_cfg_function(dejaguard_post_cfg)
+        unet.set_model_sampler_post_cfg_function(post_cfg)
         p.sd_model.forge_objects.unet = unet
 
 
-def _score_forge(job: Job, first: int, batch: int, args: dict[str, Any]) -> None:
+class ForgePostCFG:
+    """Forge's post-CFG function for one batch: scores the first call (the first step); with protection, steers
+    the flagged rows at every call while the policy says so, returning Forge's own ``denoised`` otherwise."""
+
+    def __init__(self, job: Job, first: int, batch: int) -> None:
+        self.job, self.first, self.batch = job, first, batch
+        self.calls = 0
+        self.policy: GuidanceSteering | None = None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ForgePostCFG:
+        """Itself: cloning a UNet patcher deep-copies its model options, and a copy would record the scores into a
+        copy of the job (a plain function is never copied, so ComfyUI-style post-CFG hooks are usually closures)."""
+        return self
+
+    def __call__(self, args: dict[str, Any]) -> torch.Tensor:
+        first_call, self.calls = self.calls == 0, self.calls + 1
+        if first_call:
+            if not _score_forge(self.job, self.first, self.batch, args):
+                return args["denoised"]
+            self.policy = self.job.steering()
+        if self.policy is None or args.get("uncond_denoised") is None:
+            return args["denoised"]
+        x, cond, uncond, sigma = args["input"], args["cond_denoised"], args["uncond_denoised"], args["sigma"]
+        with torch.no_grad():
+            rows = self.policy.step(first_step_scores(x, cond, uncond, sigma), _forge_noise_level(args))
+            return steer(args["denoised"], cond, uncond, rows, self.policy.scale)
+
+
+def _forge_noise_level(args: dict[str, Any]) -> float:
+    """The step's ``t / T`` (1 = pure noise) through Forge's predictor (its ``timestep(sigma)`` in ``[0, T)``)."""
+    predictor = getattr(args.get("model"), "predictor", None)
+    if predictor is None or not hasattr(predictor, "timestep") or getattr(predictor, "sigmas", None) is None:
+        return 1.0
+    return float(predictor.timestep(args["sigma"].max().reshape(1)).reshape(-1)[0]) / float(len(predictor.sigmas))
+
+
+def _score_forge(job: Job, first: int, batch: int, args: dict[str, Any]) -> bool:
+    """Record the first step's scores of a Forge batch; False when there are none (CFG 1)."""
     uncond = args.get("uncond_denoised")
     if uncond is None:
         _record(job, first, batch, None, "Forge skips the unconditional prediction at CFG 1")
-        return
+        return False
     sigma = args["sigma"]
     predictor = getattr(args.get("model"), "predictor", None)
     _check_full_noise(job, float(sigma.max()), getattr(predictor, "sigma_max", None), "sigma")
     with torch.no_grad():
         _record(job, first, batch, first_step_scores(args["input"], args["cond_denoised"], uncond, sigma))
+    return True
+
+
+def _a1111_noise_level(denoiser: Any, sigma: torch.Tensor, timesteps: bool) -> float:
+    """The step's ``t / T`` (1 = pure noise): A1111's timestep samplers hand over ``t`` itself (``T`` = 1000),
+    k-diffusion samplers ``sigma`` (k-diffusion's ``sigma_to_t`` of the model's 1000 sigmas)."""
+    if timesteps:
+        return float(sigma.max()) / 1000.0
+    inner = getattr(denoiser, "inner_model", None)
+    if inner is None or not hasattr(inner, "sigma_to_t") or getattr(inner, "sigmas", None) is None:
+        return 1.0
+    return float(inner.sigma_to_t(sigma.max().reshape(1)).reshape(-1)[0]) / float(len(inner.sigmas))
 
 
 def on_cfg_denoiser(params: Any) -> None:
-    """A1111: remember the first step's inputs of a job's batch (x and sigma of the unconditional rows)."""
-    global _pending
-    _pending = None
+    """A1111: remember a job's step inputs (x and sigma of the unconditional rows): at its first step, and at every
+    later step of a batch being protected."""
+    global _pending, _after
+    _pending = _after = None
     denoiser = params.denoiser
     p = getattr(denoiser, "p", None)
     job = getattr(p, JOB_ATTR, None)
-    if job is None or is_forge(p) or getattr(denoiser, "step", None) != 0 or getattr(p, "is_hr_pass", False):
+    if job is None or is_forge(p) or getattr(p, "is_hr_pass", False):
+        return
+    first_step = getattr(denoiser, "step", None) == 0
+    first = _first_image(p)
+    policy = _steering[2] if _steering is not None and _steering[0] is job and _steering[1] == first else None
+    if not first_step and policy is None:
         return
     uncond = params.text_uncond
     batch = int((uncond["crossattn"] if isinstance(uncond, dict) else uncond).shape[0])
@@ -152,36 +316,74 @@ def on_cfg_denoiser(params: Any) -> None:
 
     timesteps = isinstance(denoiser, sd_samplers_timesteps.CFGDenoiserTimesteps)
     rows = int(params.x.shape[0])
-    _pending = {"job": job, "first": _first_image(p), "batch": batch, "rows": rows,
+    _pending = {"job": job, "first": first, "batch": batch, "rows": rows, "first_step": first_step,
                 "x": params.x[rows - batch:], "sigma": params.sigma[rows - batch:],
-                "outputs": "eps" if timesteps else "denoised"}
-    start = 999.0 if timesteps else getattr(getattr(denoiser, "inner_model", None), "sigma_max", None)
-    _check_full_noise(job, float(params.sigma.max()), None if start is None else float(start),
-                      "timestep" if timesteps else "sigma")
+                "outputs": "eps" if timesteps else "denoised",
+                "level": _a1111_noise_level(denoiser, params.sigma, timesteps)}
+    if first_step:
+        start = 999.0 if timesteps else getattr(getattr(denoiser, "inner_model", None), "sigma_max", None)
+        _check_full_noise(job, float(params.sigma.max()), None if start is None else float(start),
+                          "timestep" if timesteps else "sigma")
 
 
 def on_cfg_denoised(params: Any) -> None:
-    """A1111: score the first step from the outputs of all rows, before CFG combines them."""
-    global _pending
+    """A1111: score the first step from the outputs of all rows, before CFG combines them; with protection, decide
+    at each step which rows :func:`on_cfg_after_cfg` steers."""
+    global _pending, _after, _steering
     pending, _pending = _pending, None
     if pending is None:
         return
     job, first, batch, out = pending["job"], pending["first"], pending["batch"], params.x
+    first_step = pending["first_step"]
+    if first_step:
+        _steering = None
     if int(out.shape[0]) != pending["rows"] or pending["rows"] != 2 * batch:
-        _record(job, first, batch, None, "a prompt with AND, or an edit model, gives several conditional "
-                                         "predictions per image")
+        if first_step:
+            _record(job, first, batch, None, "a prompt with AND, or an edit model, gives several conditional "
+                                             "predictions per image")
         return
     cond, uncond = out[:batch], out[batch:]
-    if torch.equal(cond, uncond):
-        _record(job, first, batch, None, "the unconditional prediction was skipped at the first step (the skip "
-                                         "early CFG option)")
+    if torch.equal(cond, uncond):  # the unconditional pass was skipped at this step: nothing to score or steer
+        if first_step:
+            _record(job, first, batch, None, "the unconditional prediction was skipped at the first step (the "
+                                             "skip early CFG option)")
         return
     with torch.no_grad():
-        _record(job, first, batch, first_step_scores(pending["x"], cond, uncond, pending["sigma"],
-                                                     pending["outputs"]))
+        scores = first_step_scores(pending["x"], cond, uncond, pending["sigma"], pending["outputs"])
+    if first_step:
+        _record(job, first, batch, scores)
+        policy = job.steering()
+        _steering = None if policy is None else (job, first, policy)
+    if _steering is None:
+        return
+    policy = _steering[2]
+    rows = policy.step(scores, pending["level"])
+    if bool(rows.any()):
+        _after = {"cond": cond, "uncond": uncond, "rows": rows, "scale": policy.scale}
+
+
+def on_cfg_after_cfg(params: Any) -> None:
+    """A1111: replace the combined prediction's steered rows (the other rows stay the WebUI's own tensor)."""
+    global _after
+    after, _after = _after, None
+    if after is not None and int(params.x.shape[0]) == int(after["rows"].shape[0]):
+        with torch.no_grad():
+            params.x = steer(params.x, after["cond"], after["uncond"], after["rows"], after["scale"])
 
 
 def register_callbacks() -> None:
     """Register the A1111 CFG callbacks; called every time the WebUI loads the script (a UI reload clears them)."""
     script_callbacks.on_cfg_denoiser(on_cfg_denoiser, name="dejaguard")
     script_callbacks.on_cfg_denoised(on_cfg_denoised, name="dejaguard")
+    script_callbacks.on_cfg_after_cfg(on_cfg_after_cfg, name="dejaguard")
+    script_callbacks.on_app_started(add_api_routes, name="dejaguard")
+
+
+def add_api_routes(_demo: Any, app: Any) -> None:
+    """``POST /dejaguard/v1/calibrate?width=512&height=512&prompt_limit=0``: the Calibrate button over the API;
+    answers ``{"summary": ...}``."""
+
+    def calibrate_route(width: int = 512, height: int = 512, prompt_limit: int = 0) -> dict[str, str]:
+        return {"summary": calibrate_loaded(width, height, prompt_limit)}
+
+    app.add_api_route("/dejaguard/v1/calibrate", calibrate_route, methods=["POST"])

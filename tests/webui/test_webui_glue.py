@@ -11,6 +11,7 @@ on ``sys.path``), against stand-ins of ``modules.*`` and gradio.
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import subprocess
 import sys
@@ -129,6 +130,10 @@ _STUBS = {
             registered.append(("cfg_denoiser", callback, name))
         def on_cfg_denoised(callback, *, name=None):
             registered.append(("cfg_denoised", callback, name))
+        def on_cfg_after_cfg(callback, *, name=None):
+            registered.append(("cfg_after_cfg", callback, name))
+        def on_app_started(callback, *, name=None):
+            registered.append(("app_started", callback, name))
     """),
     "gradio.py": "",
     # ComfyUI's modules, importable: the pack's __init__ would build its nodes if it ran.
@@ -138,7 +143,8 @@ _STUBS = {
 
 
 def test_webui_import_never_imports_comfyui(tmp_path):
-    """The WebUI's loading of ``scripts/dejaguard.py`` registers the script and the two CFG callbacks, and imports
+    """The WebUI's loading of ``scripts/dejaguard.py`` registers the script, the three CFG callbacks and the
+    API route, and imports
     neither ComfyUI's modules (importable here) nor the node pack nor the repository's ComfyUI ``__init__``."""
     for rel, text in _STUBS.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -154,7 +160,8 @@ def test_webui_import_never_imports_comfyui(tmp_path):
         found = [c for c in vars(module).values() if inspect.isclass(c) and issubclass(c, modules.scripts.Script)]
         assert [c.__name__ for c in found] == ["DejaGuardScript"], found
         assert [(k, n) for k, _, n in modules.script_callbacks.registered] == \\
-            [("cfg_denoiser", "dejaguard"), ("cfg_denoised", "dejaguard")]
+            [("cfg_denoiser", "dejaguard"), ("cfg_denoised", "dejaguard"), ("cfg_after_cfg", "dejaguard"),
+             ("app_started", "dejaguard")]
         assert not hasattr(sys.modules["dejaguard"], "NODE_CLASS_MAPPINGS")  # the ComfyUI entry never ran
     """, cwd=tmp_path, extra_path=[tmp_path])
     assert "dejaguard.webui.script" in names
@@ -246,8 +253,9 @@ def glue(monkeypatch):
     sys.modules.pop("dejaguard.webui.script", None)
 
 
-def _a1111_step(glue, job, out_rows, rows=4, step=0):
-    """One A1111 CFG step of a 2-image batch: on_cfg_denoiser with ``rows`` input rows, then on_cfg_denoised."""
+def _a1111_step(glue, job, out_rows, rows=4, step=0, combined=None):
+    """One A1111 CFG step of a 2-image batch: on_cfg_denoiser with ``rows`` input rows, then on_cfg_denoised, then
+    (with ``combined``, the CFG result ``(2, 4, 8, 8)``) on_cfg_after_cfg; returns (x, the after-CFG result)."""
     from types import SimpleNamespace
 
     p = SimpleNamespace(dejaguard_job=job, iteration=0, batch_size=2, sd_model=SimpleNamespace())
@@ -256,13 +264,16 @@ def _a1111_step(glue, job, out_rows, rows=4, step=0):
     glue.on_cfg_denoiser(SimpleNamespace(denoiser=denoiser, text_uncond=torch.zeros(2, 77, 768), x=x,
                                          sigma=torch.full((rows,), 14.6146)))
     glue.on_cfg_denoised(SimpleNamespace(x=out_rows(x)))
-    return x
+    after = SimpleNamespace(x=combined)
+    if combined is not None:
+        glue.on_cfg_after_cfg(after)
+    return x, after.x
 
 
 def test_a1111_callbacks_score_the_first_step(glue):
     job = Job(images=2, threshold=1.0, threshold_source="set in the UI")
     out = torch.randn(4, 4, 8, 8)
-    x = _a1111_step(glue, job, lambda x: out)
+    x, _ = _a1111_step(glue, job, lambda x: out)
     expected = first_step_scores(x[2:], out[:2], out[2:], torch.full((2,), 14.6146))
     assert job.scores == [f"{float(s):.7g}" for s in expected]
     later = Job(images=2, threshold=1.0, threshold_source="set in the UI")
@@ -290,6 +301,114 @@ def test_forge_post_cfg_scores_and_cfg1(glue):
     cfg1 = Job(images=2, threshold=1.0, threshold_source="set in the UI")
     glue._score_forge(cfg1, 0, 2, {"input": x, "cond_denoised": cond, "uncond_denoised": None, "sigma": sigma})
     assert cfg1.verdicts == [UNSCORED, UNSCORED] and "CFG 1" in cfg1.notes[0]
+
+
+def test_a1111_protection_steers_flagged_rows_only(glue):
+    """Protection: the flagged image's combined prediction becomes ``uncond + w' (cond - uncond)`` at the steps its
+    score stays above the threshold; the unflagged image's rows are the WebUI's own tensor, bit for bit; the
+    verdicts say "steered" / "not memorized"."""
+    from dejaguard.core.protect import DEFAULT_STEER_SCALE
+    from dejaguard.webui.guard import STEERED
+
+    cond, uncond = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    uncond[1] = cond[1] + 1e-3 * torch.randn(4, 8, 8)  # image 2: a tiny score
+    x, _ = _a1111_step(glue, Job(2, 1.0, "set in the UI"), lambda x: torch.cat([cond, uncond]))
+    scores = first_step_scores(x[2:], cond, uncond, torch.full((2,), 14.6146))
+    threshold = float(scores.mean())
+    assert float(scores[0]) > threshold > float(scores[1])
+    job = Job(2, threshold, "set in the UI", protect=True)
+    for step in range(3):
+        combined = torch.randn(2, 4, 8, 8)
+        _, out = _a1111_step(glue, job, lambda x: torch.cat([cond, uncond]), step=step, combined=combined)
+        torch.testing.assert_close(out[0], uncond[0] + DEFAULT_STEER_SCALE * (cond[0] - uncond[0]), rtol=0, atol=0)
+        assert torch.equal(out[1], combined[1])
+    assert job.verdicts == [STEERED, NOT_MEMORIZED]
+    unprotected = Job(2, threshold, "set in the UI")
+    combined = torch.randn(2, 4, 8, 8)
+    _, out = _a1111_step(glue, unprotected, lambda x: torch.cat([cond, uncond]), combined=combined)
+    assert out is combined and unprotected.verdicts == [MEMORIZED, NOT_MEMORIZED]
+
+
+def test_forge_protection_steers_flagged_rows_only(glue):
+    from dejaguard.core.protect import DEFAULT_STEER_SCALE
+    from dejaguard.webui.guard import STEERED
+
+    x, cond, uncond, sigma = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.ones(2)
+    uncond[1] = cond[1] + 1e-3 * torch.randn(4, 8, 8)
+    scores = first_step_scores(x, cond, uncond, sigma)
+    job = Job(2, float(scores.mean()), "set in the UI", protect=True)
+    post_cfg = glue.ForgePostCFG(job, 0, 2)
+    assert copy.deepcopy({"post_cfg": [post_cfg]})["post_cfg"][0] is post_cfg  # Forge's patcher clones deep-copy it
+    for _ in range(3):
+        denoised = torch.randn(2, 4, 8, 8)
+        out = post_cfg({"input": x, "cond_denoised": cond, "uncond_denoised": uncond, "sigma": sigma,
+                        "denoised": denoised})
+        torch.testing.assert_close(out[0], uncond[0] + DEFAULT_STEER_SCALE * (cond[0] - uncond[0]), rtol=0, atol=0)
+        assert torch.equal(out[1], denoised[1])
+    assert job.verdicts == [STEERED, NOT_MEMORIZED]
+    plain = glue.ForgePostCFG(Job(2, float(scores.mean()), "set in the UI"), 0, 2)
+    denoised = torch.randn(2, 4, 8, 8)
+    assert plain({"input": x, "cond_denoised": cond, "uncond_denoised": uncond, "sigma": sigma,
+                  "denoised": denoised}) is denoised
+
+
+class _TinyLDMUNet(torch.nn.Module):
+    """An LDM-signature UNet stand-in: ``(x (B, 4, h, w), t (B,), context (B, 77, 768)) -> eps``, depending on all
+    three (so scores differ per prompt and noise)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.text = torch.nn.Linear(768, 4)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        shift = self.text(context.mean(dim=1))[:, :, None, None]
+        return self.conv(x) * (1 + timesteps[:, None, None, None] / 1000) + shift * x
+
+
+def _sd_alphas_cumprod() -> torch.Tensor:
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # SD's scaled-linear schedule
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def test_webui_denoiser_is_the_seam_and_calibrates(tmp_path):
+    """The WebUI adapter satisfies core's Denoiser protocol; its DDIM starts at t = 999 (the WebUIs' first step);
+    core's calibration runs on it unchanged and is saved beside the checkpoint where core finds it; token methods
+    say in one line that they are not available in the WebUI."""
+    from dejaguard.core.calibration import find_calibration
+    from dejaguard.core.denoiser import Denoiser
+    from dejaguard.core.detect import ScoreSettings
+    from dejaguard.core.errors import DejaGuardError
+    from dejaguard.webui.denoiser import WebUIDenoiser
+    from dejaguard.webui.guard import calibrate_checkpoint
+
+    torch.manual_seed(0)
+    unet = _TinyLDMUNet()
+    table = torch.nn.Embedding(50, 768)
+
+    def encode(prompts: list[str]) -> torch.Tensor:
+        ids = torch.tensor([[sum(map(ord, w)) % 50 for w in (p.split() + [""] * 77)[:77]] for p in prompts])
+        return table(ids)
+
+    denoiser = WebUIDenoiser(unet, encode, _sd_alphas_cumprod(), "tiny-fingerprint", (4, 8, 8))
+    assert isinstance(denoiser, Denoiser)
+    schedule = denoiser.new_scheduler()
+    schedule.set_timesteps(ScoreSettings().num_inference_steps)
+    assert int(schedule.timesteps[0]) == 999
+    x, emb = torch.randn(2, 4, 8, 8), denoiser.encode_prompts(["a cat", "a dog"])
+    with torch.no_grad():
+        torch.testing.assert_close(denoiser.predict_noise(x, 999, emb), unet(x, torch.full((2,), 999.0), emb))
+    with pytest.raises(DejaGuardError, match="not available in this WebUI"):
+        denoiser.prompt_tokens("a cat")
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"")
+    progress = []
+    calibration, file, summary = calibrate_checkpoint(denoiser, checkpoint, prompt_limit=100,
+                                                      progress=lambda d, t, s="": progress.append((d, t, s)))
+    assert file == tmp_path / "model.dejaguard_calibration.json" and "64x64 px" in summary
+    assert calibration.n_prompts == 100 and progress[-1][:2] == (100, 100)
+    found = find_calibration(checkpoint, ScoreSettings(), "tiny-fingerprint")
+    assert found.threshold == calibration.threshold > 0
 
 
 def test_install_adds_diffusers_with_the_webuis_pins(tmp_path):

@@ -3,7 +3,7 @@
 Needs a test root built by ``tests/webui/setup_webui_checkout.sh WEBUI_DIR ROOT`` named by
 ``DEJAGUARD_WEBUI_ROOT`` (CI cannot fetch a WebUI: skipped without it) and the random full-size SD1.5 fixture
 (``tests/checkpoint_fixtures.py``; its zero-initialised output layers are redrawn, so scores are not 0). One WebUI
-run (``check_webui.py``, in a network namespace of its own) makes three txt2img jobs of 2 images; then, with the
+run (``check_webui.py``, in a network namespace of its own) makes four txt2img jobs of 2 images; then, with the
 server stopped, the test checks:
 
 - each image's score in the API ``info`` equals a direct computation on the same weights: the checkpoint loaded
@@ -13,8 +13,15 @@ server stopped, the test checks:
   found by fingerprint; a threshold given through the API);
 - no extra UNet call: the probe's count of UNet calls and rows is the same with DejaGuard on and off;
 - the images are bit-identical with DejaGuard on and off;
+- the Calibrate button's path (the WebUI adapter of core's denoiser seam, ``webui/denoiser.py``, and core's scoring
+  step), run inside the WebUI on the first job's first-step inputs, gives the guard's scores (1e-4 relative); the
+  button's route calibrates on 100 bundled prompts and saves beside the checkpoint, where the guard finds it, with
+  the threshold core's own calibration of those prompts on the same weights gives (1e-4 relative);
+- protection (threshold between the two images' scores): the image above it is steered (verdict ``steered``, its
+  pixels differ), the other is bit-identical to the run without DejaGuard, and no UNet call is added;
 - with ``DEJAGUARD_WEBUI_NODE_MODULES`` (playwright-core) and chromium: the page shows the DejaGuard section in
-  txt2img and img2img (headless Chromium).
+  txt2img and img2img, and after ticking the section and clicking Generate, the per-image badge (red,
+  "memorized", the score and the calibration's threshold) above the image's infotext (headless Chromium).
 
 ``DEJAGUARD_WEBUI_OUT=DIR`` keeps a run's output (results, probe records, server log) in DIR;
 ``DEJAGUARD_WEBUI_RESULTS=DIR`` checks such a folder again without starting a server.
@@ -69,7 +76,9 @@ def run(tmp_path_factory):
                                              "tests/webui"), checkpoint)
     reuse = os.environ.get("DEJAGUARD_WEBUI_RESULTS")  # a finished run's output folder: check it, start no server
     if reuse:
-        return checkpoint, json.loads((Path(reuse) / "results.json").read_text()), _probes(Path(reuse))
+        results = json.loads((Path(reuse) / "results.json").read_text())
+        results["probe0"] = torch.load(Path(reuse) / "probe" / "0.pt", weights_only=True)
+        return checkpoint, results, _probes(Path(reuse))
     out = Path(os.environ.get("DEJAGUARD_WEBUI_OUT") or tmp / "out")  # where the run's output is kept
     shutil.rmtree(out, ignore_errors=True)
     isolate = [] if os.environ.get("DEJAGUARD_WEBUI_NETNS") == "0" else \
@@ -79,6 +88,7 @@ def run(tmp_path_factory):
     log = (out / "server.log").read_text() if (out / "server.log").is_file() else ""
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + log[-3000:]
     results = json.loads((out / "results.json").read_text())
+    results["probe0"] = torch.load(out / "probe" / "0.pt", weights_only=True)
     probes = _probes(out)
     print(f"WebUI ready in {results['ready_s']:.0f} s; jobs " +
           ", ".join(f"{k} {results[k]['seconds']:.1f} s" for k in ("calibrated", "given", "off")))
@@ -86,8 +96,8 @@ def run(tmp_path_factory):
 
 
 def _probes(out: Path) -> list[list[dict]]:
-    """The probe's UNet calls per job (calibrated, given, off)."""
-    return [torch.load(out / "probe" / f"{i}.pt", weights_only=True)["calls"] for i in range(3)]
+    """The probe's UNet calls per job (calibrated, given, off, protected)."""
+    return [torch.load(out / "probe" / f"{i}.pt", weights_only=True)["calls"] for i in range(4)]
 
 
 def _pixels(images: list[str]) -> list[bytes]:
@@ -126,22 +136,111 @@ def test_images_identical_and_no_extra_unet_call(run):
     assert _pixels(results["calibrated"]["images"]) == off
     assert _pixels(results["given"]["images"]) == off
     rows = [[int(c["x"].shape[0]) for c in calls] for calls in probes]
-    assert rows[0] == rows[1] == rows[2] and len(rows[2]) >= 3, rows
+    assert rows[0] == rows[1] == rows[2] == rows[3] and len(rows[2]) >= 3, rows
 
 
-def test_page_shows_the_section(run):
-    """Headless Chromium sees the DejaGuard section in txt2img and img2img."""
+def test_protection_steers_only_the_flagged_image(run):
+    """Threshold between the two scores, protection on: the higher-scoring image is steered (its verdict says so,
+    and its pixels differ from the unguarded run's), the other is bit-identical to the unguarded run's."""
+    _, results, _ = run
+    params = _params(results["protected"])
+    scores = [float(s) for s in params["DejaGuard score"]]
+    assert scores == [float(s) for s in _params(results["calibrated"])["DejaGuard score"]]
+    high = scores.index(max(scores))
+    low = 1 - high
+    assert params["DejaGuard verdict"][high] == "steered" and params["DejaGuard verdict"][low] == "not memorized"
+    assert "DejaGuard verdict: steered" in results["protected"]["info"]["infotexts"][high]
+    off, protected = _pixels(results["off"]["images"]), _pixels(results["protected"]["images"])
+    assert protected[low] == off[low]
+    assert protected[high] != off[high]
+
+
+def _page(run) -> dict:
     page = run[1].get("page")
     if page is None:
         pytest.skip("no headless browser: set DEJAGUARD_WEBUI_NODE_MODULES to a node_modules folder with "
                     "playwright-core (tests/comfy/setup_browser.sh builds .comfy/pw/node_modules) and install chromium")
+    return page
+
+
+def test_page_shows_the_section(run):
+    """Headless Chromium sees the DejaGuard section in txt2img and img2img."""
+    page = _page(run)
     assert "DejaGuard" in (page["txt2img"] or ""), page
     assert "DejaGuard" in (page["img2img"] or ""), page
 
 
-def test_scores_equal_direct_computation(run):
-    """Score per image = ||eps(x_T, prompt) - eps(x_T, "")|| by core's UNet on the first step's UNet inputs."""
+def test_page_shows_the_badge_after_generate(run):
+    """Ticking the section and clicking Generate in the page shows a red "memorized" badge with the image's score
+    and the calibration's threshold (the calibration beside the checkpoint, 0.001, which every image exceeds), as
+    plain text (textContent: no child elements)."""
+    checkpoint = run[0]
+    page = _page(run)
+    badge = page.get("badge")
+    assert badge is not None, page["errors"]
+    print(f"badge: {badge['text']!r} ({badge['background']})")
+    assert badge["verdict"] == "memorized", badge
+    assert badge["text"].startswith("DejaGuard: memorized | score "), badge
+    assert f"threshold 0.001 (calibration {checkpoint.stem}.dejaguard_calibration.json)" in badge["text"], badge
+    score = badge["text"].split("| score ")[1].split(" |")[0]
+    assert f"DejaGuard score: {score}" in badge["info"], badge  # the shown image's own score
+    assert float(score) > 0.001
+    assert badge["background"] == "rgb(185, 28, 28)", badge  # red
+    assert badge["children"] == 0, badge
+
+
+@pytest.fixture(scope="module")
+def core_denoiser(run):
+    """The test checkpoint loaded by core (diffusers' UNet and CLIP, not the WebUI's), after the server stopped."""
     from dejaguard.core.checkpoint import load_checkpoint
+
+    return load_checkpoint(run[0], device="cpu")
+
+
+def test_calibrate_path_scores_equal_the_guards(run):
+    """The Calibrate button's path (the WebUI adapter of the denoiser seam + core's scoring step, run in the WebUI
+    by the probe on the first job's first-step UNet inputs at core's first timestep) gives the guard's scores."""
+    _, results, _ = run
+    probe = results["probe0"]
+    assert float(probe["first_t"]) == float(probe["adapter_t"]) == 999.0, probe
+    reported = torch.tensor([float(s) for s in _params(results["calibrated"])["DejaGuard score"]], dtype=torch.float64)
+    print(f"guard {reported.tolist()} calibrate path {probe['adapter_scores'].tolist()}")
+    torch.testing.assert_close(probe["adapter_scores"], reported, rtol=1e-4, atol=0)
+
+
+def test_calibrate_button_saves_where_the_guard_finds_it(run, core_denoiser):
+    """``POST /dejaguard/v1/calibrate`` (the button's function) on 100 prompts at 64x64: the file beside the checkpoint
+    holds the calibration under the checkpoint's fingerprint, the guard's :func:`resolve_threshold` finds it, and its
+    threshold equals core's calibration of the same prompts on core's own loading of the checkpoint (1e-4)."""
+    import json
+
+    from dejaguard.core.calibration import calibrate
+    from dejaguard.core.detect import ScoreSettings
+    from dejaguard.core.prompt_sets import calibration_prompts
+    from dejaguard.webui.guard import checkpoint_fingerprint, resolve_threshold
+
+    checkpoint, results, _ = run
+    answer = results["calibrate"]
+    print(f"{answer['summary']} ({answer['seconds']:.0f} s)")
+    assert answer["file"] is not None, answer
+    entry = answer["file"][ScoreSettings().key()]
+    assert entry["fingerprint"] == checkpoint_fingerprint(checkpoint)
+    assert entry["n_prompts"] == 100 and "64x64 px" in entry["prompts_source"] and "WebUI" in entry["prompts_source"]
+    (checkpoint.parent / f"{checkpoint.stem}.dejaguard_calibration.json").write_text(json.dumps(answer["file"]))
+    threshold, source = resolve_threshold(0.0, checkpoint)
+    assert threshold == entry["threshold"] and source == f"calibration {checkpoint.stem}.dejaguard_calibration.json"
+    shape, core_denoiser.sample_shape = core_denoiser.sample_shape, (4, 8, 8)
+    try:
+        with torch.no_grad():
+            direct = calibrate(core_denoiser, calibration_prompts()[:100], ScoreSettings(), 0.01)
+    finally:
+        core_denoiser.sample_shape = shape
+    print(f"WebUI threshold {entry['threshold']} core {direct.threshold}")
+    assert abs(entry["threshold"] - direct.threshold) <= 1e-4 * direct.threshold
+
+
+def test_scores_equal_direct_computation(run, core_denoiser):
+    """Score per image = ||eps(x_T, prompt) - eps(x_T, "")|| by core's UNet on the first step's UNet inputs."""
     from dejaguard.core.sampling import text_conditional_magnitude
 
     checkpoint, results, probes = run
@@ -150,7 +249,7 @@ def test_scores_equal_direct_computation(run):
     x = torch.cat([c["x"] for c in calls if float(c["t"].max()) == first_t])
     t = torch.cat([c["t"] for c in calls if float(c["t"].max()) == first_t])
     context = torch.cat([c["context"] for c in calls if float(c["t"].max()) == first_t])
-    denoiser = load_checkpoint(checkpoint, device="cpu")
+    denoiser = core_denoiser
     with torch.no_grad():
         empty, prompt = denoiser.encode_prompts(["", "a photograph of an astronaut riding a horse"])
         uncond_rows = [i for i in range(len(x)) if (context[i] - empty).abs().max() < 1e-3]
