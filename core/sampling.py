@@ -73,6 +73,19 @@ def check_sampling_settings(num_inference_steps: int, guidance_scale: float = DE
         raise DejaGuardError(f"guidance scale (CFG) must be a finite number, got {guidance_scale}")
 
 
+def ddim_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> Any:
+    """DDIM (eta 0, trailing spacing, epsilon) over a model's own ``alphas_cumprod`` ``(T,)``: its first timestep is
+    ``T - 1`` (999 for SD), the first step of ComfyUI's "normal" scheduler and of the WebUIs' samplers. The one
+    scheduler of the adapters that wrap an already-loaded model (ComfyUI, WebUI)."""
+    from diffusers import DDIMScheduler
+
+    alphas_cumprod = alphas_cumprod.detach().double().cpu()
+    betas = 1.0 - alphas_cumprod / torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+    return DDIMScheduler(num_train_timesteps=len(betas), trained_betas=betas.numpy(), clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=0, timestep_spacing="trailing",
+                         prediction_type="epsilon")
+
+
 def new_schedule(denoiser: Denoiser, num_inference_steps: int = DEFAULT_STEPS) -> Any:
     """A fresh scheduler of ``denoiser`` set to ``num_inference_steps`` steps (``timesteps``, ``init_noise_sigma``).
 

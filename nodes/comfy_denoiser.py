@@ -80,6 +80,7 @@ import torch
 from ..core.conditioning import pack_pooled, unpack_pooled
 from ..core.denoiser import UNetCounter
 from ..core.errors import DejaGuardError, NonFiniteError
+from ..core.sampling import ddim_from_alphas_cumprod
 from .model_check import check_supported, comfy_fingerprint, diffusers_names, model_sampling
 
 SDXL_POOLED_WIDTH = 1280  # OpenCLIP-G's projected pooled output, the first 1280 of SDXL's 2816 adm channels
@@ -449,15 +450,9 @@ class ComfyDenoiser:
 
     def new_scheduler(self) -> Any:
         """DDIM (eta 0, trailing spacing, epsilon) over the model's own ``alphas_cumprod``."""
-        from diffusers import DDIMScheduler
-
         with torch.inference_mode(False):
             sigmas = model_sampling(self.model).sigmas.detach().double().cpu()
-        alphas_cumprod = 1.0 / (1.0 + sigmas**2)
-        betas = 1.0 - alphas_cumprod / torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
-        return DDIMScheduler(num_train_timesteps=len(betas), trained_betas=betas.numpy(), clip_sample=False,
-                             set_alpha_to_one=False, steps_offset=0, timestep_spacing="trailing",
-                             prediction_type="epsilon")
+        return ddim_from_alphas_cumprod(1.0 / (1.0 + sigmas**2))
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         """Samples ``(B, C, H, W)`` (scaled latents) -> images ``(B, 3, H', W')`` in [-1, 1] via the VAE."""

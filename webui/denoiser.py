@@ -36,21 +36,10 @@ import torch
 
 from ..core.denoiser import UNetCounter
 from ..core.errors import DejaGuardError
+from ..core.sampling import ddim_from_alphas_cumprod
 
 NO_TOKENS = ("not available in this WebUI yet: the WebUI adapter cannot substitute token embeddings in the WebUI's "
              "text encoder, so token-level methods (token highlighting, embedding mitigation) cannot run on it")
-
-
-def ddim_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> Any:
-    """DDIM (eta 0, trailing spacing, epsilon) over a model's ``alphas_cumprod`` ``(T,)``: its first timestep is
-    ``T - 1``."""
-    from diffusers import DDIMScheduler
-
-    alphas_cumprod = alphas_cumprod.detach().double().cpu()
-    betas = 1.0 - alphas_cumprod / torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
-    return DDIMScheduler(num_train_timesteps=len(betas), trained_betas=betas.numpy(), clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=0, timestep_spacing="trailing",
-                         prediction_type="epsilon")
 
 
 class WebUIDenoiser:
