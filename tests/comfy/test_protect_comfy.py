@@ -165,3 +165,106 @@ def test_every_node_function_takes_every_declared_input(comfy_env: Any) -> None:
         _, state = DejaGuardMemorizationProtect().protect(model, 0.0, "guidance", DEFAULT_STEER_SCALE,
                                                           DEFAULT_MAX_STEER_FRACTION, score="anisotropy")
     assert state.score == "anisotropy" and state.steer is not None
+
+
+# -- DejaGuard Protected Sampler (nodes/protect_sampler.py) ---------------------------------------------------------
+
+SAMPLER_STEPS = 20
+
+
+def _testbed_mask(model: Any) -> Any:
+    """A small neuron mask of the testbed: 8 value neurons of every cross-attention layer (enough to change a
+    sample; not a localized mask)."""
+    import torch
+    from DejaGuard.core.neuron_mask import NeuronMask
+    from DejaGuard.nodes.model_check import comfy_fingerprint, diffusers_names
+
+    base = model.model
+    _, modules = diffusers_names(base.diffusion_model, base.model_config.unet_config)
+    layers, shapes = {}, {}
+    for comfy_name, name in modules.items():
+        if name.endswith("attn2.to_v"):
+            weight = base.diffusion_model.get_submodule(comfy_name).weight
+            layers[name], shapes[name] = torch.arange(8), tuple(weight.shape)
+    return NeuronMask(layers, shapes, comfy_fingerprint(model), "test")
+
+
+@inproc
+@pytest.mark.parametrize("strategy", ["guidance", "embedding", "mask"])
+def test_protected_sampler_protects_flagged_rows_only(comfy_env: Any, strategy: str) -> None:
+    """A batch of two images of a memorized prompt, the threshold set between their first-step scores: the image
+    below it is KSampler's own, bit for bit; the other is steered (guidance: no extra UNet call) or sampled again
+    from its own noise (embedding, mask: the extra noise predictions counted and reported); the badge payload, the
+    summary and a Verdict node on the returned handle say so."""
+    torch = comfy_env
+    import check_guard as cg
+    from DejaGuard.nodes.guard import CFG1_UNAVAILABLE, DejaGuardMemorizationGuard, DejaGuardMemorizationVerdict
+    from DejaGuard.nodes.protect_sampler import DejaGuardProtectedSampler
+    from DejaGuard.nodes.testbed import DejaGuardTestbedLoader
+
+    import nodes
+
+    with torch.inference_mode():
+        model, clip, _ = DejaGuardTestbedLoader().load("testbed (bundled)", folder=str(model_folder()))
+        positive, negative = cg.encode(clip, MEMORIZED_PROMPT), cg.encode(clip, "")
+        latent = nodes.EmptyLatentImage().generate(256, 256, 2)[0]
+        args = (7, SAMPLER_STEPS, 7.5, "euler", "normal", positive, negative, latent)
+        with cg.UNetCalls(model) as calls:
+            plain = nodes.common_ksampler(model, *args)[0]["samples"]
+        guarded, state = DejaGuardMemorizationGuard().guard(model, 1e6, CFG1_UNAVAILABLE)
+        nodes.common_ksampler(guarded, *args)
+        scores = state.runs[-1].scores
+        low, high = sorted(range(2), key=lambda i: scores[i])
+        threshold = (scores[low] + scores[high]) / 2
+        mask = _testbed_mask(model) if strategy == "mask" else None
+        with cg.UNetCalls(model) as protected_calls:
+            out = DejaGuardProtectedSampler().sample(model, *args, 1.0, strategy, threshold, 0.0, 1.0, 0.0,
+                                                     neuron_mask=mask)
+    samples, handle, summary = out["result"]
+    payload = out["ui"]["dejaguard"][0]
+    json.dumps(payload)
+    assert payload["flagged"][high] and not payload["flagged"][low]
+    assert torch.equal(samples["samples"][low], plain[low])  # not flagged: KSampler's own image
+    assert not torch.equal(samples["samples"][high], plain[high])
+    protection = payload["protection"]
+    image = protection["images"][high]
+    assert protection["strategy"] == strategy and image["score_before"] == pytest.approx(scores[high])
+    assert protection["images"][low]["extra_unet_evals"] == 0
+    assert f"auto-protect: strategy {strategy}" in summary and "memorized at step 1 ->" in summary
+    if strategy == "guidance":
+        assert protected_calls.samples == calls.samples and image["extra_unet_evals"] == 0
+        assert image["steered_steps"] > 0
+    else:
+        assert image["score_after"] is not None
+        resample = 2 * SAMPLER_STEPS  # Euler: one cond/uncond pair per step for the one re-sampled image
+        assert image["extra_unet_evals"] >= resample and protection["extra_unet_evals"] == image["extra_unet_evals"]
+        if strategy == "mask":
+            assert image["extra_unet_evals"] == resample
+            assert protected_calls.samples == calls.samples + resample
+        else:
+            assert image["score_after"] < image["score_before"]
+    verdict = DejaGuardMemorizationVerdict().verdict(handle, samples)["ui"]["dejaguard"][0]
+    assert verdict["matched"] and verdict["protection"]["strategy"] == strategy
+
+
+@inproc
+def test_protected_sampler_refuses_in_one_line(comfy_env: Any) -> None:
+    """CFG 1 (no score), the mask strategy without a mask, an unknown strategy; and each strategy asks the support
+    matrix for its own feature."""
+    from DejaGuard.core.errors import DejaGuardError
+    from DejaGuard.core.protect import STRATEGIES
+    from DejaGuard.nodes.model_check import FEATURES
+    from DejaGuard.nodes.protect_sampler import STRATEGY_FEATURES, DejaGuardProtectedSampler
+    from DejaGuard.nodes.testbed import DejaGuardTestbedLoader
+
+    assert set(STRATEGY_FEATURES) == set(STRATEGIES) and set(STRATEGY_FEATURES.values()) <= set(FEATURES)
+    with comfy_env.inference_mode():
+        model, _, _ = DejaGuardTestbedLoader().load("testbed (bundled)", folder=str(model_folder()))
+        latent = {"samples": comfy_env.zeros(1, 4, 32, 32)}
+        base = (model, 0, 2, 7.5, "euler", "normal", [], [], latent, 1.0)
+        for args, message in [((*base[:3], 1.0, *base[4:], "guidance"), "needs CFG > 1"),
+                              ((*base, "mask"), "needs a neuron mask"),
+                              ((*base, "pray"), "unknown protection strategy")]:
+            with pytest.raises(DejaGuardError, match=message) as err:
+                DejaGuardProtectedSampler().sample(*args, 0.0, 0.0, 1.0, 0.0)
+            assert "\n" not in str(err.value)
