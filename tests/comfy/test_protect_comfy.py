@@ -23,9 +23,9 @@ import pytest
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from comfy_server import REPO  # noqa: E402
+from comfy_server import REPO, ComfyServer  # noqa: E402
 from test_explain_comfy import IN_COMFY_VENV, comfy_available, model_folder  # noqa: E402
-from workflow_checks import run_in_comfy_venv  # noqa: E402
+from workflow_checks import assert_formats_agree, run_in_comfy_venv  # noqa: E402
 
 inproc = pytest.mark.skipif(not IN_COMFY_VENV, reason="imports ComfyUI: runs in the .comfy venv "
                             "(test_protect_inproc_in_comfy_venv runs it there)")
@@ -268,3 +268,83 @@ def test_protected_sampler_refuses_in_one_line(comfy_env: Any) -> None:
             with pytest.raises(DejaGuardError, match=message) as err:
                 DejaGuardProtectedSampler().sample(*args, 0.0, 0.0, 1.0, 0.0)
             assert "\n" not in str(err.value)
+
+
+# -- workflows/protect_testbed.json ----------------------------------------------------------------------------------
+
+WORKFLOW = REPO / "workflows" / "protect_testbed"
+PROTECTED, PLAIN = "5", "8"  # the Protected Sampler and the unprotected KSampler
+PROTECTED_SAVE, PLAIN_SAVE = "7", "10"
+
+
+def _workflow() -> tuple[dict[str, Any], dict[str, Any]]:
+    return (json.loads(WORKFLOW.with_suffix(".json").read_text()),
+            json.loads(WORKFLOW.with_name(WORKFLOW.name + "_api.json").read_text()))
+
+
+def test_protect_workflows_consistent() -> None:
+    """UI and API twins agree; the Protected Sampler and the plain KSampler share model, prompts, latent, seed and
+    sampler settings; the negative prompt is empty (as calibrated); the threshold comes from the calibration."""
+    ui, api = _workflow()
+    assert_formats_agree(ui, api)
+    protected, plain = api[PROTECTED]["inputs"], api[PLAIN]["inputs"]
+    assert all(protected[k] == v for k, v in plain.items())
+    assert api[protected["negative"][0]]["inputs"]["text"] == ""
+    assert protected["threshold"] == 0.0 and protected["strategy"] == "embedding"
+    assert api[PROTECTED_SAVE]["inputs"]["images"][0] != api[PLAIN_SAVE]["inputs"]["images"][0]
+    assert any(n["type"] == "Note" for n in ui["nodes"])
+
+
+@inproc
+def test_protect_workflow_validates(comfy_env: Any) -> None:
+    """The API twin validates against the node definitions as ``/object_info`` would report them."""
+    from DejaGuard.nodes import NODE_CLASS_MAPPINGS
+    from test_guard import validate_api_graph
+
+    import nodes as comfy_nodes
+
+    classes = {**comfy_nodes.NODE_CLASS_MAPPINGS, **NODE_CLASS_MAPPINGS}
+    info = {name: {"input": cls.INPUT_TYPES(), "output": list(cls.RETURN_TYPES)} for name, cls in classes.items()}
+    assert validate_api_graph(_workflow()[1], info) == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not comfy_available(), reason="ComfyUI not set up (bash tests/comfy/setup_comfy.sh)")
+@pytest.mark.skipif(IN_COMFY_VENV, reason="already running inside the .comfy venv")
+def test_protect_workflow_on_server() -> None:
+    """workflows/protect_testbed_api.json queued on a real server (10 steps): both images of the memorized prompt
+    are flagged and re-sampled with a mitigated embedding, the node's badge payload says so with its cost, and the
+    protected images differ from the unprotected KSampler's."""
+    import copy
+
+    import numpy as np
+    from PIL import Image
+
+    folder = model_folder()
+    if folder is None:
+        pytest.skip("no testbed weights")
+    graph = copy.deepcopy(_workflow()[1])
+    if folder != REPO / "core" / "testbed" / "model":
+        graph["1"]["inputs"]["folder"] = str(folder)
+    for node in (PROTECTED, PLAIN):
+        graph[node]["inputs"]["steps"] = 10
+    graph[PROTECTED_SAVE]["inputs"]["filename_prefix"] = "DejaGuard/test/protect_protected"
+    graph[PLAIN_SAVE]["inputs"]["filename_prefix"] = "DejaGuard/test/protect_plain"
+    with ComfyServer(threads=1) as server:
+        info = server.object_info()["DejaGuardProtectedSampler"]
+        assert info["category"] == "DejaGuard" and info["output"] == ["LATENT", "DEJAGUARD_GUARD", "STRING"]
+        entry = server.run(graph, timeout=900)
+        images = {}
+        for node in (PROTECTED_SAVE, PLAIN_SAVE):
+            images[node] = [np.asarray(Image.open(server.workdir / "output" / i.get("subfolder", "") / i["filename"]))
+                            for i in entry["outputs"][node]["images"]]
+    (payload,) = entry["outputs"][PROTECTED]["dejaguard"]
+    print({k: payload[k] for k in ("scores", "flagged", "threshold", "threshold_source")},
+          payload["protection"]["lines"])
+    assert payload["flagged"] == [True, True]
+    assert payload["threshold_source"] == "testbed calibration" or folder != REPO / "core" / "testbed" / "model"
+    protection = payload["protection"]
+    assert protection["strategy"] == "embedding" and protection["extra_unet_evals"] > 2 * 2 * 10
+    assert all(i["score_after"] < i["score_before"] for i in protection["images"])
+    assert "auto-protect: strategy embedding" in payload["summary"]
+    assert all(not np.array_equal(a, b) for a, b in zip(images[PROTECTED_SAVE], images[PLAIN_SAVE]))
