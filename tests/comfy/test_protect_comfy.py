@@ -112,7 +112,10 @@ const payload = {scores: [3.31, 0.5], flagged: [true, false], threshold: 0.96, s
                images: [{flagged: true, score_before: 3.31, score_after: 0.42}, {flagged: false}]}};
 const capped = {...payload, protection: {...payload.protection, images: [{flagged: true, score_before: 3.31,
   score_after: null}, {flagged: false}]}};
-console.log(JSON.stringify([badgeState(payload), badgeState({...payload, protection: null}), badgeState(capped)]));
+const sized = {...payload, protection: null,
+  size_warning: "calibrated at 512x512, this run 512x768: threshold may not apply"};
+console.log(JSON.stringify([badgeState(payload), badgeState({...payload, protection: null}), badgeState(capped),
+  badgeState(sized)]));
 """
 
 
@@ -131,13 +134,15 @@ def test_badge_says_what_protect_did(tmp_path: Path) -> None:
     proc = subprocess.run(["node", str(tmp_path / "badge.mjs")], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    steered, plain, capped = json.loads(proc.stdout.strip().splitlines()[-1])
+    steered, plain, capped, sized = json.loads(proc.stdout.strip().splitlines()[-1])
     assert steered["kind"] == "steered"
     assert steered["lines"][0] == "PROTECTED (1 of 2 steered, guidance, 0 extra UNet evals)"
     assert steered["lines"][1] == "image 1: memorized at step 1 -> steered: score 3.3 -> 0.4"
     assert steered["lines"][2].startswith("image 2: 0.500")
     assert plain["kind"] == "memorized" and plain["lines"][0] == "MEMORIZED (1 of 2)"
     assert capped["lines"][1] == "image 1: memorized at step 1 -> steered: score 3.3"
+    assert sized["lines"][-1] == "note: calibrated at 512x512, this run 512x768: threshold may not apply"
+    assert all("calibrated at" not in line for line in plain["lines"])
 
 
 @inproc
@@ -348,3 +353,45 @@ def test_protect_workflow_on_server() -> None:
     assert all(i["score_after"] < i["score_before"] for i in protection["images"])
     assert "auto-protect: strategy embedding" in payload["summary"]
     assert all(not np.array_equal(a, b) for a, b in zip(images[PROTECTED_SAVE], images[PLAIN_SAVE]))
+
+
+# -- the calibration's latent size (core.calibration.size_note) --------------------------------------------------------
+
+
+@inproc
+def test_guard_warns_when_the_run_size_differs_from_the_calibration(comfy_env: Any, tmp_path: Path) -> None:
+    """A calibration recording 256x256 (the testbed's latent 32x32): a 384x256 run's summary, progress payload and
+    Verdict payload say "calibrated at 256x256, this run 384x256: threshold may not apply"; a 256x256 run and a
+    calibration without ``sample_shape`` (an older file) say nothing. The Protect node and the Protected Sampler
+    share the Guard's state, so they say it too."""
+    torch = comfy_env
+    import check_guard as cg
+    from DejaGuard.core.calibration import calibration_from_scores, save_calibration
+    from DejaGuard.core.detect import ScoreSettings
+    from DejaGuard.nodes.guard import CFG1_UNAVAILABLE, DejaGuardMemorizationGuard, DejaGuardMemorizationVerdict
+    from DejaGuard.nodes.model_check import comfy_fingerprint
+    from DejaGuard.nodes.protect_sampler import DejaGuardProtectedSampler
+    from DejaGuard.nodes.testbed import DejaGuardTestbedLoader
+
+    import nodes
+
+    warning = "calibrated at 256x256, this run 384x256: threshold may not apply"
+    with torch.inference_mode():
+        model, clip, _ = DejaGuardTestbedLoader().load("testbed (bundled)", folder=str(model_folder()))
+        fingerprint = comfy_fingerprint(model)
+        sized = save_calibration(calibration_from_scores([0.5, 0.9], 0.5, ScoreSettings(), fingerprint, "test",
+                                                         sample_shape=(4, 32, 32)), tmp_path / "sized.json")
+        old = calibration_from_scores([0.5, 0.9], 0.5, ScoreSettings(), fingerprint, "test")
+        older = save_calibration(old, tmp_path / "old.json")
+        positive, negative = cg.encode(clip, NOVEL_PROMPT), cg.encode(clip, "")
+        for width, file, expected in ((384, sized, warning), (256, sized, None), (384, older, None)):
+            guarded, state = DejaGuardMemorizationGuard().guard(model, 0.0, CFG1_UNAVAILABLE, str(file))
+            latent = nodes.EmptyLatentImage().generate(width, 256, 1)[0]
+            out = nodes.common_ksampler(guarded, 1, 2, 7.5, "euler", "normal", positive, negative, latent)[0]
+            payload = DejaGuardMemorizationVerdict().verdict(state, out)["ui"]["dejaguard"][0]
+            assert payload["size_warning"] == expected, (width, file)
+            assert (warning in payload["summary"]) == (expected is not None)
+        sampled = DejaGuardProtectedSampler().sample(model, 1, 2, 7.5, "euler", "normal", positive, negative,
+                                                     nodes.EmptyLatentImage().generate(384, 256, 1)[0], 1.0,
+                                                     "guidance", 0.0, 0.0, 1.0, 0.0, calibration=str(sized))
+    assert sampled["ui"]["dejaguard"][0]["size_warning"] == warning and warning in sampled["result"][2]

@@ -30,7 +30,8 @@ function protectionLine(protection, i) {
 	return `memorized at step 1 -> ${how}: score ${Number(img.score_before).toFixed(1)}${after}`;
 }
 
-/** {kind, lines} for a score payload: {scores, flagged, threshold, status, summary, protection?}. */
+/** {kind, lines} for a score payload: {scores, flagged, threshold, status, summary, protection?, size_warning?}
+ * (size_warning: "calibrated at 512x512, this run 512x768: threshold may not apply", a last line). */
 export function badgeState(data) {
 	const scores = Array.isArray(data?.scores) ? data.scores.map(Number) : [];
 	const flagged = Array.isArray(data?.flagged) ? data.flagged.map(Boolean) : [];
@@ -42,15 +43,16 @@ export function badgeState(data) {
 	const head = n ? `MEMORIZED (${n} of ${scores.length})` : `ok: no memorization (${scores.length})`;
 	const protection = data?.protection;
 	const steered = n > 0 && protection && flagged.every((f, i) => !f || protectionLine(protection, i));
+	const warning = data?.size_warning ? [`note: ${data.size_warning}`] : [];
 	const lines = scores.map((s, i) => (steered && flagged[i]) ? `image ${i + 1}: ${protectionLine(protection, i)}` :
 		`image ${i + 1}: ${s.toFixed(3)} ${flagged[i] ? ">" : "≤"} ${Number.isFinite(threshold) ? threshold.toFixed(3) : "?"}`);
 	if (steered) {
 		const cost = Number(protection.extra_unet_evals ?? 0);
 		const done = protection.strategy === "guidance" ? "steered" : "re-sampled";
 		return { kind: "steered", lines: [`PROTECTED (${n} of ${scores.length} ${done}, ${protection.strategy}, ` +
-			`${cost} extra UNet evals)`, ...lines] };
+			`${cost} extra UNet evals)`, ...lines, ...warning] };
 	}
-	return { kind: n ? "memorized" : "ok", lines: [head, ...lines] };
+	return { kind: n ? "memorized" : "ok", lines: [head, ...lines, ...warning] };
 }
 
 /** The node's badge element, created once (a DOM widget where the front end has them). */
