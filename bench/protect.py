@@ -48,9 +48,10 @@ Prints a table per strategy, then one JSON object as the last line (``strategies
 ``--limit N``: only the first N memorized prompts and N novel prompts (development runs; figures only mean
 something in full).
 
-Runtime: on the project's shared 2-core CPU one 50-step generation took 10-30 s per image depending on the load
-(``--limit 4 --seeds 2 --novel-seeds 1``: 12 images, plain 122 s, guidance 80 s, embedding 421 s), so the full
-protocol (376 images per strategy) needs an unshared machine or a GPU; the README lists the runs made so far.
+Runtime: on the project's shared 2-core CPU one 50-step generation took 3.5-30 s per image depending on the load
+(``--limit 8 --seeds 2 --novel 16 --novel-seeds 1``: 24 images, plain 84 s, guidance 216 s, embedding 516 s, 14 min
+in all), so the full protocol (376 images per strategy) needs an unshared machine or a GPU; the README lists the
+runs made so far.
 """
 
 from __future__ import annotations

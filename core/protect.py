@@ -39,6 +39,13 @@ step to 9-25 at 40% and 28-41 at 85% of the schedule (so 7.5 times that differen
 few steps), never back to the threshold, so ``exit_level`` never ended a steering in these runs.
 ``python -m bench.protect`` re-measures every strategy.
 
+One implementation of the method, two samplers: :func:`protect` runs it on a :class:`ProtectSampler`, the object
+that samples a set of the batch's images from their own initial noise (with a steering policy, a mitigated
+embedding or a mask) and counts its noise predictions. :class:`LibrarySampler` is :func:`core.sampling.generate`
+(:func:`protected_generate`, the CLI, ``bench.protect``); ``nodes/protect_sampler.ComfySampler`` is ComfyUI's own
+sampler (the DejaGuard Protected Sampler node). The decision (flag at the first step), the steering and what is
+re-sampled, with which embedding or mask, and how its cost is counted are therefore the same in both.
+
 Shapes: ``B`` images of a batch, ``C, H, W`` the sample shape, ``L`` text tokens, ``D`` embedding width.
 """
 
