@@ -19,15 +19,39 @@ Everything is measured in this run, on this model, with the project's own functi
   per flagged / unflagged image (counted by the denoiser's ``UNetCounter``); ``wall_ratio``: protected wall time
   over unprotected wall time, measured in this run on this machine;
 - ``score_before_mean`` / ``score_after_mean`` over flagged memorized images (``ImageProtection.score_after``:
-  the guidance strategy's per-step score when normal guidance resumed; the mitigated or masked first-step score).
+  the guidance strategy's per-step score when normal guidance resumed; the mitigated or masked first-step score);
+- fidelity (``fidelity_*``, over the flagged memorized generations): what a protected image keeps of its prompt.
+
+Fidelity, the question and the measure. A memorized testbed prompt means something besides its training image
+("a collection of antique roman coins" should still show coins once it no longer copies the coins photograph), but
+the testbed has no judge of open-ended content: the deterministic alignment checker reads only the compositional
+(shapes and colours) prompts. What it does have is the 12 planted images themselves, each the one picture of its
+subject the model knows. So a protected image keeps its prompt when it still looks more like *its own* planted
+image than like any other while no longer being a copy of it:
+
+- ``fidelity_own_nearest``: share of the flagged memorized generations that, after protection, replicate no
+  training image (structure SSIM <= ``REPLICATION_SSIM`` to all of them) *and* whose nearest planted image is still
+  their own (chance: 1 in 12). The headline figure: "not a copy, still its subject".
+- ``fidelity_own_ssim_before`` / ``_after``: mean structure SSIM to the own planted image (the replication
+  measure itself, continuous: how far from the copy the image moved).
+- ``fidelity_colour_before`` / ``_after`` / ``_chance``: mean colour-histogram intersection (joint RGB, 4 bins per
+  channel, :func:`colour_intersection`; 1 = same colour distribution) with the own planted image, and ``_chance``
+  with the other planted images (what an unrelated image keeps). Structure SSIM is luminance only and
+  contrast-invariant by design; the palette (gold coins, an orange tabby) is the other half of what the prompt
+  asks for, and a strategy that drops the prompt's guidance loses it first.
+
+Why these and not a perceptual embedding: they are deterministic, need no downloaded model, and use the same
+32x32 images and measure the replication figures use, so "replicates" and "keeps its subject" are judged on one
+scale. Their limit, stated: "nearest planted image" is a 12-way choice on structure, not a judgement of content.
 
 Prints a table per strategy, then one JSON object as the last line (``strategies: {name: {...}}``).
 ``--limit N``: only the first N memorized prompts and N novel prompts (development runs; figures only mean
 something in full).
 
-Runtime: on the project's shared 2-core CPU one 50-step generation took 10-30 s per image depending on the load
-(``--limit 4 --seeds 2 --novel-seeds 1``: 12 images, plain 122 s, guidance 80 s, embedding 421 s), so the full
-protocol (376 images per strategy) needs an unshared machine or a GPU; the README lists the runs made so far.
+Runtime: on the project's shared 2-core CPU one 50-step generation took 3.5-30 s per image depending on the load
+(``--limit 8 --seeds 2 --novel 16 --novel-seeds 1``: 24 images, plain 84 s, guidance 216 s, embedding 516 s, 14 min
+in all), so the full protocol (376 images per strategy) needs an unshared machine or a GPU; the README lists the
+runs made so far.
 """
 
 from __future__ import annotations
@@ -53,6 +77,33 @@ def _rate(flags: list[bool]) -> float | None:
 
 def _mean(values: list[float]) -> float | None:
     return round(float(np.mean(values)), 4) if values else None
+
+
+def colour_intersection(a: np.ndarray, b: np.ndarray, bins: int = 4) -> float:
+    """Colour-histogram intersection of two ``(3, H, W)`` images in [-1, 1]: joint RGB histograms with ``bins`` per
+    channel, each normalized to 1, ``sum(min(h_a, h_b))`` in [0, 1] (1: the same colour distribution)."""
+
+    def hist(image: np.ndarray) -> np.ndarray:
+        q = np.clip(((image + 1) / 2 * bins).astype(int), 0, bins - 1).reshape(3, -1)
+        counts = np.bincount((q[0] * bins + q[1]) * bins + q[2], minlength=bins ** 3)
+        return counts / counts.sum()
+
+    return float(np.minimum(hist(a), hist(b)).sum())
+
+
+def fidelity(plain: np.ndarray, protected: np.ndarray, before: list, after: list, names: list[str],
+             training: dict[str, np.ndarray]) -> dict[str, float | None]:
+    """The ``fidelity_*`` figures (module doc) of the generations ``plain`` / ``protected`` ``(N, 3, 32, 32)``, their
+    replication checks ``before`` / ``after`` and planted image ``names``, over the ``N`` flagged memorized ones."""
+    colour = [(colour_intersection(p, training[n]), colour_intersection(q, training[n]),
+               float(np.mean([colour_intersection(q, t) for k, t in training.items() if k != n])))
+              for p, q, n in zip(plain, protected, names)]
+    return {"fidelity_own_nearest": _rate([not c.any and c.nearest.name == n for c, n in zip(after, names)]),
+            "fidelity_own_ssim_before": _mean([c.own_ssim for c in before]),
+            "fidelity_own_ssim_after": _mean([c.own_ssim for c in after]),
+            "fidelity_colour_before": _mean([c[0] for c in colour]),
+            "fidelity_colour_after": _mean([c[1] for c in colour]),
+            "fidelity_colour_chance": _mean([c[2] for c in colour])}
 
 
 def main() -> None:
@@ -117,6 +168,7 @@ def main() -> None:
         unflagged_novel = [k for k in range(n_mem, len(jobs)) if not infos[k].flagged]
         flagged = [i for i in infos if i.flagged]
         flagged_mem = [i for i in infos[:n_mem] if i.flagged]
+        rows = [k for k in range(n_mem) if infos[k].flagged]
         out["strategies"][strategy] = {
             "replication_before": _rate([c.any for c in before]),
             "replication_after": _rate([c.any for c in after]),
@@ -133,6 +185,8 @@ def main() -> None:
             "score_before_mean": _mean([i.score_before for i in flagged_mem]),
             "score_after_mean": _mean([i.score_after for i in flagged_mem if i.score_after is not None]),
             "steered_steps_mean": _mean([i.steered_steps for i in flagged_mem]) if strategy == "guidance" else None,
+            **fidelity(plain_img[rows], img[rows], [before[k] for k in rows], [after[k] for k in rows],
+                       [names[k] for k in rows], training),
         }
         print(f"-- {strategy}: {seconds:.0f} s (plain {plain_s:.0f} s): {json.dumps(out['strategies'][strategy])}",
               flush=True)
@@ -147,6 +201,11 @@ def main() -> None:
                  f"{r['extra_unet_evals_flagged']} / {r['extra_unet_evals_unflagged']}"),
                 ("score before -> after (flagged memorized, mean)",
                  f"{r['score_before_mean']} -> {r['score_after_mean']}"),
+                ("fidelity: not a copy, nearest is still its own", r["fidelity_own_nearest"]),
+                ("fidelity: SSIM to own image before -> after",
+                 f"{r['fidelity_own_ssim_before']} -> {r['fidelity_own_ssim_after']}"),
+                ("fidelity: colour match to own image before -> after (chance)",
+                 f"{r['fidelity_colour_before']} -> {r['fidelity_colour_after']} ({r['fidelity_colour_chance']})"),
                 ("wall time protected / plain", r["wall_ratio"])]
         width = max(len(k) for k, _ in rows)
         print(f"== strategy {strategy}")

@@ -17,6 +17,10 @@ engines and the benches.
   wrong (missing, not JSON, not an object, an entry without its fields, another model, another setting)
   is a one-line :class:`DejaGuardError`.
 - :func:`resolve_threshold`: an explicit threshold wins, else the calibrated one, with where it came from.
+- :func:`size_note`: the score is an L2 norm over the latent, so it grows with the image area; a calibration
+  records the latent shape it scored (``sample_shape``, ``(C, H, W)``; absent in files made before it existed,
+  which then load as before and warn of nothing), and a front end whose run has another size says so ("calibrated
+  at 512x512, this run 512x768: threshold may not apply"). No rescaling rule: none is measured yet.
 - :func:`mitigation_levels` / :func:`resolve_levels`: the two levels of embedding mitigation
   (``core.mitigate``): the *threshold* above which a prompt is touched (the detection threshold: the
   calibrated FPR of non-memorized prompts stay bit-identical) and the *target* it is pushed to
@@ -46,6 +50,7 @@ MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 # The default mitigation target, as a fraction of the non-memorized calibration prompts' median score.
 TARGET_FRACTION_OF_MEDIAN = 0.5
 _REQUIRED_FIELDS = ("threshold", "fingerprint")
+LATENT_PIXELS = 8  # image pixels per latent pixel of every supported family's VAE (for messages)
 
 
 @dataclass
@@ -61,6 +66,7 @@ class Calibration:
     nonmemorized_quantiles: dict = field(default_factory=dict)
     created: str = ""
     memorized_tpr: float | None = None  # on memorized prompts, if some were given
+    sample_shape: list[int] | None = None  # (C, H, W) of the latents scored; None in files made before it existed
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,29 @@ class CalibrationEntry:
         """How a front end names it: "testbed calibration" for the bundled one, else the file."""
         return "testbed calibration" if self.file.parent == BUNDLED_TESTBED else f"calibration {self.file}"
 
+    @property
+    def sample_shape(self) -> tuple[int, ...] | None:
+        """The latent shape ``(C, H, W)`` it was calibrated at; None when the entry does not say (older files) or
+        says something that is not a list of positive integers."""
+        shape = self.entry.get("sample_shape")
+        if not isinstance(shape, list) or not shape or not all(isinstance(v, int) and v > 0 for v in shape):
+            return None
+        return tuple(shape)
+
+
+def size_note(calibrated: Sequence[int] | None, shape: Sequence[int]) -> str | None:
+    """"calibrated at 512x512, this run 512x768: threshold may not apply" when the spatial size (the last two
+    dimensions) of a run's latent ``shape`` (``(B, C, H, W)`` or ``(C, H, W)``) differs from the calibration's
+    ``(C, H, W)``; None when they agree or the calibration does not record its size. Sizes in image pixels, width x
+    height (:data:`LATENT_PIXELS` per latent pixel)."""
+    if not calibrated or len(calibrated) < 2 or tuple(calibrated[-2:]) == tuple(shape[-2:]):
+        return None
+
+    def px(hw: Sequence[int]) -> str:
+        return f"{hw[-1] * LATENT_PIXELS}x{hw[-2] * LATENT_PIXELS}"
+
+    return f"calibrated at {px(calibrated)}, this run {px(shape)}: threshold may not apply"
+
 
 class Levels(NamedTuple):
     """Embedding-mitigation levels: touch prompts scoring above ``threshold``, push them to ``target``."""
@@ -90,11 +119,13 @@ class Levels(NamedTuple):
 
 def calibration_from_scores(scores: Sequence[float], target_fpr: float, settings: ScoreSettings, fingerprint: str,
                             prompts_source: str, n_prompts: int | None = None,
-                            memorized_tpr: float | None = None) -> Calibration:
+                            memorized_tpr: float | None = None,
+                            sample_shape: Sequence[int] | None = None) -> Calibration:
     """The calibration rule, for any front end that scored non-memorized prompts itself (the CLI through
     :func:`calibrate`, ComfyUI's Calibrate node from its sampler's predictions): the threshold is the
     ``1 - target_fpr`` quantile of ``scores`` (``method="higher"``: flagged means ``score > threshold``, so at most
     ``target_fpr`` of them are flagged), with the median, 90th and 99th percentiles kept for the mitigation levels.
+    ``sample_shape``: the latent shape ``(C, H, W)`` the scores were taken at (recorded for :func:`size_note`).
     """
     if not 0 < target_fpr < 1:
         raise DejaGuardError("target FPR must lie in (0, 1)")
@@ -107,6 +138,7 @@ def calibration_from_scores(scores: Sequence[float], target_fpr: float, settings
         n_prompts=int(values.size if n_prompts is None else n_prompts), prompts_source=prompts_source,
         nonmemorized_quantiles={q: float(np.quantile(values, float(q))) for q in ("0.5", "0.9", "0.99")},
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), memorized_tpr=memorized_tpr,
+        sample_shape=None if sample_shape is None else [int(v) for v in sample_shape],
     )
 
 
@@ -134,7 +166,8 @@ def calibrate(
             f"got {len(nonmemorized_prompts)}")
     scores = np.array([r.score for r in first_step_scores(denoiser, nonmemorized_prompts, settings,
                                                           progress=progress)])
-    calibration = calibration_from_scores(scores, target_fpr, settings, denoiser.fingerprint(), prompts_source)
+    calibration = calibration_from_scores(scores, target_fpr, settings, denoiser.fingerprint(), prompts_source,
+                                          sample_shape=denoiser.sample_shape)
     if memorized_prompts:
         mem = first_step_scores(denoiser, memorized_prompts, settings, progress=progress)
         calibration.memorized_tpr = float(np.mean([r.score > calibration.threshold for r in mem]))

@@ -39,16 +39,24 @@ step to 9-25 at 40% and 28-41 at 85% of the schedule (so 7.5 times that differen
 few steps), never back to the threshold, so ``exit_level`` never ended a steering in these runs.
 ``python -m bench.protect`` re-measures every strategy.
 
+One implementation of the method, two samplers: :func:`protect` runs it on a :class:`ProtectSampler`, the object
+that samples a set of the batch's images from their own initial noise (with a steering policy, a mitigated
+embedding or a mask) and counts its noise predictions. :class:`LibrarySampler` is :func:`core.sampling.generate`
+(:func:`protected_generate`, the CLI, ``bench.protect``); ``nodes/protect_sampler.ComfySampler`` is ComfyUI's own
+sampler (the DejaGuard Protected Sampler node). The decision (flag at the first step), the steering and what is
+re-sampled, with which embedding or mask, and how its cost is counted are therefore the same in both.
+
 Shapes: ``B`` images of a batch, ``C, H, W`` the sample shape, ``L`` text tokens, ``D`` embedding width.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -182,6 +190,66 @@ def _check_strategy(strategy: str, mask: Any) -> None:
         raise DejaGuardError("the mask strategy needs a neuron mask file (--mask)")
 
 
+SteeringFactory = Callable[[int, int], GuidanceSteering]
+
+
+class ProtectSampler(Protocol):
+    """Where the method samples: the library's guided DDIM (:class:`LibrarySampler`) or a ComfyUI sampler
+    (``nodes/protect_sampler.py``). Images are addressed by their index ``0 .. B - 1`` in the batch; each has its
+    own initial noise, which every call reuses, so a re-sampled image starts from the very ``x_T`` it was flagged on.
+    """
+
+    def evals(self) -> int:
+        """Noise predictions spent so far (monotone; a cond/uncond pair counts 2)."""
+        ...
+
+    def sample(self, rows: Sequence[int], steering: SteeringFactory, embeddings: Sequence[torch.Tensor] | None = None,
+               mask: Any = None) -> torch.Tensor:
+        """Generate the images ``rows`` ``(len(rows), C, H, W)``: ``steering(start, end)`` is the policy of the
+        generations ``start .. end - 1`` of this call, called at every step with the two predictions' scores;
+        ``embeddings[k]`` (from :meth:`mitigated_embedding`) replaces image ``rows[k]``'s conditioning; ``mask``
+        (the caller's mask object) is switched on for the whole call."""
+        ...
+
+    def mitigated_embedding(self, row: int, target: float, threshold: float) -> torch.Tensor:
+        """:func:`core.mitigate.mitigate_embedding` of image ``row``'s conditioning on its own ``x_T``."""
+        ...
+
+
+class LibrarySampler:
+    """:class:`ProtectSampler` over :func:`core.sampling.generate` (DDIM, one (prompt, seed) pair per image)."""
+
+    def __init__(self, denoiser: Denoiser, prompts: Sequence[str], seeds: Sequence[int],
+                 num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
+                 batch_size: int = 32) -> None:
+        self.denoiser, self.prompts, self.seeds = denoiser, list(prompts), [int(s) for s in seeds]
+        self.steps, self.guidance_scale, self.batch_size = num_inference_steps, guidance_scale, batch_size
+
+    def evals(self) -> int:
+        return self.denoiser.counter.forwards
+
+    def sample(self, rows: Sequence[int], steering: SteeringFactory, embeddings: Sequence[torch.Tensor] | None = None,
+               mask: Any = None) -> torch.Tensor:
+        context: Any = nullcontext()
+        if mask is not None:
+            from .neuron_mask import NeuronMask, apply_mask
+
+            context = apply_mask(self.denoiser, NeuronMask.load(mask) if isinstance(mask, (str, Path)) else mask)
+        with context:
+            return generate(self.denoiser, [self.prompts[i] for i in rows], [self.seeds[i] for i in rows],
+                            self.steps, self.guidance_scale, self.batch_size,
+                            cond_embeddings=None if embeddings is None else torch.cat(list(embeddings)),
+                            steering=steering)
+
+    def mitigated_embedding(self, row: int, target: float, threshold: float) -> torch.Tensor:
+        from .mitigate import mitigate_prompt
+
+        with torch.enable_grad():
+            result = mitigate_prompt(self.denoiser, self.prompts[row], [self.seeds[row]], target, threshold=threshold,
+                                     num_inference_steps=self.steps, guidance_scale=self.guidance_scale)
+        return result.embedding.detach()
+
+
 @torch.no_grad()
 def protected_generate(
     denoiser: Denoiser,
@@ -201,7 +269,8 @@ def protected_generate(
     mask: Any = None,
 ) -> ProtectedGeneration:
     """:func:`core.sampling.generate` with auto-protect: one generation per (prompt, seed) pair, each image
-    flagged at its first step (score above ``threshold``) protected with ``strategy`` (module doc).
+    flagged at its first step (score above ``threshold``) protected with ``strategy`` (module doc); the method
+    itself is :func:`protect` on a :class:`LibrarySampler`.
 
     Unflagged images are the unprotected generation's, bit for bit (same batches, same computation).
     ``guidance``: ``steer_scale`` (``w'``), ``exit_level`` (default ``threshold``), steering only within the
@@ -210,19 +279,55 @@ def protected_generate(
     ``mask``: a :class:`core.neuron_mask.NeuronMask` or its file. ``progress(done, total, "protecting")``.
     """
     _check_strategy(strategy, mask)
+    sampler = LibrarySampler(denoiser, prompts, seeds, num_inference_steps, guidance_scale, batch_size)
+    return protect(sampler, prompts, seeds, threshold, strategy, progress, steer_scale=steer_scale,
+                   exit_level=exit_level, max_steer_fraction=max_steer_fraction, target=target, mask=mask)
+
+
+@torch.no_grad()
+def protect(
+    sampler: ProtectSampler,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    threshold: float,
+    strategy: str = "guidance",
+    progress: Progress | None = None,
+    *,
+    steer_scale: float = DEFAULT_STEER_SCALE,
+    exit_level: float | None = None,
+    max_steer_fraction: float = DEFAULT_MAX_STEER_FRACTION,
+    target: float | None = None,
+    mitigation_threshold: float | None = None,
+    mask: Any = None,
+    score: str = MAGNITUDE,
+) -> ProtectedGeneration:
+    """The auto-protect method on any :class:`ProtectSampler`, for the batch of images ``0 .. len(prompts) - 1``
+    (``prompts`` / ``seeds`` only label the :class:`ImageProtection` records).
+
+    One sampling pass of the whole batch, every image scored at its first step with ``score``
+    (:data:`core.detect.SCORES`, the option ``threshold`` was calibrated for): ``guidance`` steers the flagged rows
+    within that pass; ``embedding`` and ``mask`` only record the scores (a policy that flags nothing) and then
+    sample the flagged images again from their own noise, with :meth:`ProtectSampler.mitigated_embedding` (pushed
+    to ``target``, gated at ``mitigation_threshold``, default ``threshold``: both first-step magnitude levels) or
+    with ``mask`` on. Unflagged images keep the first pass's samples. ``progress(done, total, "protecting")``.
+    """
+    _check_strategy(strategy, mask)
     chunks: list[GuidanceSteering] = []
 
     def steering(start: int, end: int) -> GuidanceSteering:
         # "guidance" steers the flagged rows; the other strategies only record the first-step scores (a steering
         # that flags nothing: threshold +inf) and re-sample the flagged images afterwards.
         s = GuidanceSteering(threshold if strategy == "guidance" else math.inf, steer_scale, exit_level,
-                             max_steer_fraction)
+                             max_steer_fraction, score)
         chunks.append(s)
         return s
 
     report(progress, 0, 2, "protecting")
-    samples = generate(denoiser, prompts, seeds, num_inference_steps, guidance_scale, batch_size, steering=steering)
+    samples = sampler.sample(range(len(prompts)), steering)
     scores = [s for c in chunks for s in c.first_scores]
+    if len(scores) != len(prompts):
+        raise DejaGuardError(f"auto-protect saw {len(scores)} first-step scores for {len(prompts)} images: it needs "
+                             "the unconditional prediction at the first step (CFG > 1)")
     images = [ImageProtection(p, int(sd), sc > threshold, strategy, sc, threshold)
               for p, sd, sc in zip(prompts, seeds, scores)]
     if strategy == "guidance":
@@ -234,53 +339,37 @@ def protected_generate(
         flagged = [i for i, img in enumerate(images) if img.flagged]
         if flagged:
             samples = samples.clone()
-            again = _resample(denoiser, [images[i] for i in flagged], strategy, num_inference_steps, guidance_scale,
-                              batch_size, target, mask)
+            again = _resample(sampler, flagged, images, strategy, target,
+                              threshold if mitigation_threshold is None else mitigation_threshold, mask, score)
             samples[flagged] = again.to(samples.dtype)
     report(progress, 2, 2, "protecting")
     return ProtectedGeneration(samples, images)
 
 
-def _resample(denoiser: Denoiser, images: list[ImageProtection], strategy: str, num_inference_steps: int,
-              guidance_scale: float, batch_size: int, target: float | None, mask: Any) -> torch.Tensor:
-    """Sample the flagged ``images`` again from their own noise under ``strategy``; fills in their
+def _resample(sampler: ProtectSampler, rows: list[int], images: list[ImageProtection], strategy: str,
+              target: float | None, mitigation_threshold: float, mask: Any, score: str) -> torch.Tensor:
+    """Sample the flagged images ``rows`` again from their own noise under ``strategy``; fills in their
     ``score_after`` (the new run's first-step score, read from its own first step) and ``extra_unet_evals``
-    (counted by the denoiser's counter: the optimization, if any, and the new generation)."""
-    prompts, seeds = [i.prompt for i in images], [i.seed for i in images]
-    spent = [0] * len(images)
+    (counted by the sampler: the optimization, if any, and the new generation)."""
+    spent = [0] * len(rows)
     embeddings = None
     if strategy == "embedding":
-        from .mitigate import mitigate_prompt
-
         if target is None:
             raise DejaGuardError("the embedding strategy needs a target score (core.calibration.resolve_levels)")
-        found = []
-        for k, img in enumerate(images):
-            before = denoiser.counter.forwards
-            with torch.enable_grad():
-                r = mitigate_prompt(denoiser, img.prompt, [img.seed], target, threshold=img.threshold,
-                                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
-            found.append(r.embedding.detach())
-            spent[k] = denoiser.counter.forwards - before
-        embeddings = torch.cat(found)
+        embeddings = []
+        for k, row in enumerate(rows):
+            before = sampler.evals()
+            embeddings.append(sampler.mitigated_embedding(row, target, mitigation_threshold))
+            spent[k] = sampler.evals() - before
     recorders: list[GuidanceSteering] = []
 
     def record(start: int, end: int) -> GuidanceSteering:  # flags nothing: only reads the first-step scores
-        recorders.append(GuidanceSteering(math.inf))
+        recorders.append(GuidanceSteering(math.inf, score=score))
         return recorders[-1]
 
-    before = denoiser.counter.forwards
-    if strategy == "mask":
-        from .neuron_mask import NeuronMask, apply_mask
-
-        loaded = NeuronMask.load(mask) if isinstance(mask, (str, Path)) else mask
-        with apply_mask(denoiser, loaded):
-            out = generate(denoiser, prompts, seeds, num_inference_steps, guidance_scale, batch_size,
-                           steering=record)
-    else:
-        out = generate(denoiser, prompts, seeds, num_inference_steps, guidance_scale, batch_size,
-                       cond_embeddings=embeddings, steering=record)
-    per_image = (denoiser.counter.forwards - before) // len(images)
-    for img, s, after in zip(images, spent, [s for r in recorders for s in r.first_scores]):
-        img.extra_unet_evals, img.score_after = s + per_image, after
+    before = sampler.evals()
+    out = sampler.sample(rows, record, embeddings, mask if strategy == "mask" else None)
+    per_image = (sampler.evals() - before) // len(rows)
+    for k, after in zip(range(len(rows)), [s for r in recorders for s in r.first_scores]):
+        images[rows[k]].extra_unet_evals, images[rows[k]].score_after = spent[k] + per_image, after
     return out

@@ -183,7 +183,9 @@ def calibrate_model(model: Any, clip: Any, target_fpr: float = 0.01, generations
                                    f"false-positive rate, calibrated {calibration.created} ({source}); found in "
                                    f"{file}: 0 UNet calls (set recalibrate to run again).")
     run = first_step_scores_comfy(model, clip, prompts, generations, size, progress, score)
-    calibration = calibration_from_scores(run.scores, target_fpr, settings, fingerprint, source, len(prompts))
+    channels = int(getattr(model.model.latent_format, "latent_channels", 4))  # as first_step_scores_comfy scores
+    calibration = calibration_from_scores(run.scores, target_fpr, settings, fingerprint, source, len(prompts),
+                                          sample_shape=(channels, *size))
     threshold = calibration.threshold
     file = save_calibration(calibration, file)
     needed = math.ceil(1 / target_fpr)

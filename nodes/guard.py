@@ -27,7 +27,10 @@ A run is "full noise" (comparable with the calibrated threshold) when its first 
 
 Thresholds: a value on the node wins; else the calibration of this model (by weight fingerprint) in the file
 named on the node, else the one DejaGuard Calibrate saved in ComfyUI's user directory
-(:func:`user_calibration_file`), else the bundled testbed's; the verdict says which.
+(:func:`user_calibration_file`), else the bundled testbed's; the verdict says which. The score is an L2 norm over
+the latent and grows with the image area: when the calibration records its size (``sample_shape``) and a run's
+latent has another, the summary, the progress message and the badge say "calibrated at 512x512, this run
+512x768: threshold may not apply" (:func:`core.calibration.size_note`; no rescaling).
 
 A run's first step is recognized without newer-only APIs: sigmas never rise within a run, so a call
 whose sigma is above the previous call's starts a new run (details in :func:`starts_new_run`;
@@ -54,7 +57,7 @@ from typing import Any
 
 import torch
 
-from ..core.calibration import find_calibration
+from ..core.calibration import find_calibration, size_note
 from ..core.detect import MAGNITUDE, SCORE_DESCRIPTIONS, SCORES, ScoreSettings, scores_from_denoised
 from ..core.errors import DejaGuardError
 from .model_check import ModelInfo, check_supported, comfy_fingerprint
@@ -244,6 +247,7 @@ class GuardState:
         self.cfg1_mode = cfg1_mode
         self.to_latent = to_latent  # model latent space -> LATENT as the sampler returns it
         self.runs: list[RunRecord] = []
+        self.calibrated_shape: tuple[int, ...] | None = None  # (C, H, W) the threshold was calibrated at, if known
         # Auto-protect (nodes/protect.py): called after observe() with the post-CFG args, returns the denoised
         # prediction the sampler continues with. None: the guard only watches.
         self.steer: Callable[[GuardState, dict[str, Any]], torch.Tensor] | None = None
@@ -296,15 +300,25 @@ class GuardState:
                         full_noise=sigma >= self.info.sigma_max * (1 - 1e-3), scores=scores, flagged=flagged,
                         extra_unet_evals=extra, status=status)
         self.runs = [*self.runs[-(MAX_RUNS - 1):], run]
-        summary = summarize(run, self.threshold, self.threshold_source, self.info.notes)
+        summary = summarize(run, self.threshold, self.threshold_source, self.notes(run))
         log.info("%s", summary)
         send_progress({"node": self.node_id, "run": run.index, "scores": scores or [], "flagged": flagged,
-                       "threshold": self.threshold, "status": status, "summary": summary})
+                       "threshold": self.threshold, "status": status, "summary": summary,
+                       "size_warning": self.size_warning(run)})
+
+    def size_warning(self, run: RunRecord) -> str | None:
+        """"calibrated at 512x512, this run 512x768: threshold may not apply", or None (same size, or unknown)."""
+        return size_note(self.calibrated_shape, run.shape)
+
+    def notes(self, run: RunRecord) -> list[str]:
+        """The notes of a run's summary: the model's, then the size warning."""
+        warning = self.size_warning(run)
+        return [*self.info.notes, *([warning] if warning else [])]
 
     def payload(self, run: RunRecord, matched: bool) -> dict[str, Any]:
         """JSON-safe verdict for the ``ui`` dict and the history (no NaN: the page parses it as JSON)."""
         score = max(run.scores) if run.scores else -1.0
-        notes = list(self.info.notes)
+        notes = self.notes(run)
         if not matched:
             notes.append("the LATENT did not match a run's final prediction exactly (leftover noise or a "
                          "mask?); the newest run of this shape was taken")
@@ -312,6 +326,7 @@ class GuardState:
                 "threshold": self.threshold, "threshold_source": self.threshold_source, "status": run.status,
                 "run": run.index, "matched": matched, "full_noise": run.full_noise, "first_sigma": run.first_sigma,
                 "extra_unet_evals": run.extra_unet_evals, "protection": run.protection,
+                "size_warning": self.size_warning(run),
                 "summary": summarize(run, self.threshold, self.threshold_source, notes)}
 
 
@@ -358,8 +373,16 @@ def resolve_threshold(model: Any, threshold: float, calibration: str = "", score
     :func:`core.calibration.find_calibration` with this model's UNet fingerprint. Empty: the file DejaGuard
     Calibrate saved for this model (:func:`user_calibration_file`) if there is one, else the bundled testbed's.
     """
+    value, source, _ = resolve_calibration(model, threshold, calibration, score)
+    return value, source
+
+
+def resolve_calibration(model: Any, threshold: float, calibration: str = "",
+                        score: str = MAGNITUDE) -> tuple[float, str, tuple[int, ...] | None]:
+    """:func:`resolve_threshold` and the latent shape ``(C, H, W)`` the threshold was calibrated at (None when set
+    on the node or not recorded)."""
     if threshold > 0:
-        return float(threshold), "set on the node"
+        return float(threshold), "set on the node", None
     fingerprint = comfy_fingerprint(model)
     location = calibration_location(calibration, fingerprint)
     try:
@@ -370,8 +393,8 @@ def resolve_threshold(model: Any, threshold: float, calibration: str = "", score
             "once on this model").replace("`dejaguard calibrate`", f"`dejaguard calibrate --score {score}`")
         raise DejaGuardError(f"this model has no calibrated {score} threshold: {err}; {hint}") from err
     if location is not None and Path(location) == user_calibration_file(fingerprint):
-        return found.threshold, f"DejaGuard Calibrate, {found.file}"
-    return found.threshold, found.source
+        return found.threshold, f"DejaGuard Calibrate, {found.file}", found.sample_shape
+    return found.threshold, found.source, found.sample_shape
 
 
 # -- nodes ---------------------------------------------------------------------------------------
@@ -434,13 +457,15 @@ class DejaGuardMemorizationGuard:
         info = check_supported(model, "guard")
         if score not in SCORES:
             raise DejaGuardError(f"unknown score {score!r}: choose one of {', '.join(SCORES)}")
-        value, source = resolve_threshold(model, threshold, calibration.strip() or str(calibrated or ""), score)
+        value, source, calibrated_shape = resolve_calibration(model, threshold,
+                                                              calibration.strip() or str(calibrated or ""), score)
         if score != MAGNITUDE:
             info.notes.append(f"{score} score: {SCORE_DESCRIPTIONS[score]}")
         if model.patches and threshold <= 0:
             info.notes.append(f"the model carries {len(model.patches)} weight patches (LoRA, neuron mask): the "
                               "threshold was calibrated for the unpatched model")
         state = GuardState(str(unique_id or ""), value, source, info, at_cfg_1, model.model.process_latent_out, score)
+        state.calibrated_shape = calibrated_shape
 
         # A plain closure (not a bound method or callable object): ModelPatcher.clone deep-copies
         # model_options, and deepcopy keeps functions but would copy an object and its state.

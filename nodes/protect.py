@@ -44,6 +44,36 @@ def noise_level(args: dict[str, Any]) -> float:
     return t / float(len(sigmas) if sigmas is not None else 1000)
 
 
+def steer_denoised(policy: GuidanceSteering, args: dict[str, Any], score: str = MAGNITUDE) -> torch.Tensor:
+    """One step of the ``guidance`` strategy on ComfyUI's post-CFG arguments: the step's scores (``score`` option,
+    :func:`core.detect.scores_from_denoised`) go to ``policy``; the rows it steers get ``uncond + w' (cond -
+    uncond)`` in denoised space, every other row the sampler's own ``denoised`` (the very tensor, when no row is
+    steered). At CFG 1 (no unconditional prediction) the step is left alone and the policy sees nothing."""
+    denoised = args["denoised"]
+    if _uncond_skipped(args):
+        return denoised
+    x, cond, uncond = args["input"], args["cond_denoised"], args["uncond_denoised"]
+    rows = policy.step(scores_from_denoised(x, cond, uncond, args["sigma"], score), noise_level(args))
+    if not bool(rows.any()):
+        return denoised
+    rows = rows.to(denoised.device)
+    out = denoised.clone()
+    out[rows] = uncond[rows] + policy.scale * (cond[rows] - uncond[rows])
+    return out
+
+
+def protection_record(images: list[ImageProtection], strategy: str, steer_scale: float,
+                      steering: list[bool] | None = None) -> dict[str, Any]:
+    """The run's ``protection`` entry (:class:`nodes.guard.RunRecord`; the Verdict's payload, the badge, the
+    summary): the strategy, its total extra noise predictions, per image the :class:`ImageProtection` figures and
+    its line. ``steering``: rows still steered at the last step seen (guidance)."""
+    return {"strategy": strategy, "steer_scale": steer_scale,
+            "extra_unet_evals": sum(img.extra_unet_evals for img in images),
+            "steered": steering if steering is not None else [False] * len(images),
+            "images": [{k: v for k, v in img.summary().items() if k not in ("prompt", "seed")} for img in images],
+            "lines": [img.line() if img.flagged else "" for img in images]}
+
+
 class ComfySteering:
     """The ``guidance`` strategy on ComfyUI's post-CFG arguments, one run at a time (the guard's runs)."""
 
@@ -54,36 +84,21 @@ class ComfySteering:
         self.run_index: int | None = None
 
     def __call__(self, state: GuardState, args: dict[str, Any]) -> torch.Tensor:
-        denoised = args["denoised"]
         run = state.runs[-1] if state.runs else None
         if run is None or run.scores is None or _uncond_skipped(args):
-            return denoised  # CFG 1: no unconditional prediction, nothing to steer
+            return args["denoised"]  # CFG 1: no unconditional prediction, nothing to steer
         if run.index != self.run_index:  # the guard saw a new run start at this call
             self.policy = GuidanceSteering(state.threshold, self.scale, max_fraction=self.max_steer_fraction)
             self.run_index = run.index
         assert self.policy is not None
-        x, cond, uncond = args["input"], args["cond_denoised"], args["uncond_denoised"]
-        rows = self.policy.step(scores_from_denoised(x, cond, uncond, args["sigma"], state.score), noise_level(args))
-        self._record(run)
-        if not bool(rows.any()):
-            return denoised
-        rows = rows.to(denoised.device)
-        out = denoised.clone()
-        out[rows] = uncond[rows] + self.scale * (cond[rows] - uncond[rows])
-        return out
-
-    def _record(self, run: Any) -> None:
+        out = steer_denoised(self.policy, args, state.score)
         p = self.policy
-        assert p is not None
         images = [ImageProtection("", -1, flagged, "guidance", score, p.threshold, exit_score, steered)
                   for flagged, score, exit_score, steered in zip(p.flagged, p.first_scores, p.exit_scores,
                                                                  p.steered_steps)]
-        run.protection = {"strategy": "guidance", "steer_scale": self.scale, "extra_unet_evals": 0,
-                          "steered": [bool(p.steering[i]) if p.steering is not None else False
-                                      for i in range(len(images))],
-                          "images": [{k: v for k, v in img.summary().items() if k not in ("prompt", "seed")}
-                                     for img in images],
-                          "lines": [img.line() if img.flagged else "" for img in images]}
+        steering = p.steering.tolist() if p.steering is not None else None
+        run.protection = protection_record(images, "guidance", self.scale, steering)
+        return out
 
 
 class DejaGuardMemorizationProtect(DejaGuardMemorizationGuard):

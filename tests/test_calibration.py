@@ -21,6 +21,7 @@ from dejaguard.core.calibration import (
     resolve_levels,
     resolve_threshold,
     save_calibration,
+    size_note,
 )
 from dejaguard.core.denoiser import BUNDLED_TESTBED
 from dejaguard.core.detect import ScoreSettings
@@ -151,6 +152,7 @@ def test_calibration_round_trip_and_fpr(testbed, testbed_prompts, tmp_path):
     assert cal.memorized_tpr == np.mean(np.array(mem_scores) > cal.threshold) > 0
     path = save_calibration(cal, tmp_path)
     assert find_calibration(tmp_path, ScoreSettings(), testbed.fingerprint()).threshold == cal.threshold
+    assert find_calibration(tmp_path, ScoreSettings(), testbed.fingerprint()).sample_shape == testbed.sample_shape
     with pytest.raises(DejaGuardError, match="another model"):
         find_calibration(path, ScoreSettings(), "0000000000000000")
     with pytest.raises(DejaGuardError, match="no calibration for steps=5"):
@@ -225,3 +227,19 @@ def test_each_score_option_has_its_own_threshold(tmp_path):
     # Entries written before the option existed (no "score" in their settings) are magnitude entries.
     old = _write(tmp_path / "old.json", {ScoreSettings().key(): {**_entry(), "settings": {"steps": 1}}})
     assert find_calibration(old, ScoreSettings(), FP).threshold == 2.0
+
+
+def test_sample_shape_recorded_and_older_files_load(tmp_path):
+    """A calibration records the latent shape it scored; a file without it (made before) still loads and warns of
+    nothing; a run of another spatial size gets the one-line note, in image pixels, width x height."""
+    cal = calibration_from_scores([1.0, 2.0, 3.0], 0.5, ScoreSettings(), FP, "test", sample_shape=(4, 64, 64))
+    save_calibration(cal, tmp_path)
+    found = find_calibration(tmp_path, ScoreSettings(), FP)
+    assert found.sample_shape == (4, 64, 64) and json.loads((tmp_path / CALIBRATION_FILE).read_text())
+    old = _write(tmp_path / "old.json", {ScoreSettings().key(): _entry()})
+    assert find_calibration(old, ScoreSettings(), FP).sample_shape is None
+    bad = _write(tmp_path / "bad.json", {ScoreSettings().key(): {**_entry(), "sample_shape": "512x512"}})
+    assert find_calibration(bad, ScoreSettings(), FP).sample_shape is None
+    assert Calibration(**{k: v for k, v in asdict(cal).items() if k != "sample_shape"}).sample_shape is None
+    assert size_note((4, 64, 64), (2, 4, 64, 96)) == "calibrated at 512x512, this run 768x512: threshold may not apply"
+    assert size_note((4, 64, 64), (1, 4, 64, 64)) is None and size_note(None, (1, 4, 8, 8)) is None

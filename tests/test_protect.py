@@ -129,3 +129,32 @@ def test_cli_generate_protect(tmp_path, testbed_prompts) -> None:
                            str(out), "--protect", "guidance", "--mitigate", "embedding"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "two ways to do one thing" in proc.stderr
+
+
+def test_embedding_protection_resamples_flagged_images_only(testbed, testbed_prompts, threshold) -> None:
+    """The embedding strategy through :func:`core.protect.protect`'s library sampler: the novel image is the plain
+    run's bit for bit at no cost; the memorized one is re-sampled from its own noise with a mitigated embedding,
+    its first-step score below the threshold, the optimization and the new generation counted."""
+    from dejaguard.core.calibration import resolve_levels
+
+    prompts, seeds = [testbed_prompts[0][1], testbed_prompts[1][0]], [4, 3]
+    target = resolve_levels(None, None, None, testbed.fingerprint()).target
+    plain = generate(testbed, prompts, seeds, 10)
+    result = protected_generate(testbed, prompts, seeds, threshold, "embedding", 10, target=target)
+    memorized, novel = result.images
+    assert memorized.flagged and not novel.flagged
+    assert torch.equal(result.samples[1], plain[1]) and novel.extra_unet_evals == 0
+    assert not torch.equal(result.samples[0], plain[0])
+    assert memorized.score_after < threshold < memorized.score_before
+    assert memorized.extra_unet_evals > 2 * 10  # the optimization plus one 10-step generation
+
+
+def test_bench_fidelity_measures() -> None:
+    """bench.protect's colour-histogram intersection: 1 for the same colours, 0 for disjoint ones."""
+    import numpy as np
+    from dejaguard.bench.protect import colour_intersection
+
+    red = np.stack([np.ones((4, 4)), -np.ones((4, 4)), -np.ones((4, 4))])
+    assert colour_intersection(red, red) == pytest.approx(1.0)
+    assert colour_intersection(red, -red) == 0.0
+    assert colour_intersection(red, np.concatenate([red[:, :2], -red[:, 2:]], axis=1)) == pytest.approx(0.5)

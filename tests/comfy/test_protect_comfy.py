@@ -23,9 +23,9 @@ import pytest
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from comfy_server import REPO  # noqa: E402
+from comfy_server import REPO, ComfyServer  # noqa: E402
 from test_explain_comfy import IN_COMFY_VENV, comfy_available, model_folder  # noqa: E402
-from workflow_checks import run_in_comfy_venv  # noqa: E402
+from workflow_checks import assert_formats_agree, run_in_comfy_venv  # noqa: E402
 
 inproc = pytest.mark.skipif(not IN_COMFY_VENV, reason="imports ComfyUI: runs in the .comfy venv "
                             "(test_protect_inproc_in_comfy_venv runs it there)")
@@ -40,7 +40,7 @@ STEPS = 50
 def test_protect_inproc_in_comfy_venv() -> None:
     if model_folder() is None:
         pytest.skip("no testbed weights")
-    run_in_comfy_venv(Path(__file__), 1800, "-k", "not in_comfy_venv and not badge")  # those two run here
+    run_in_comfy_venv(Path(__file__), 1800, "-k", "not in_comfy_venv and not badge and not on_server")  # run here
 
 
 if IN_COMFY_VENV:
@@ -112,7 +112,10 @@ const payload = {scores: [3.31, 0.5], flagged: [true, false], threshold: 0.96, s
                images: [{flagged: true, score_before: 3.31, score_after: 0.42}, {flagged: false}]}};
 const capped = {...payload, protection: {...payload.protection, images: [{flagged: true, score_before: 3.31,
   score_after: null}, {flagged: false}]}};
-console.log(JSON.stringify([badgeState(payload), badgeState({...payload, protection: null}), badgeState(capped)]));
+const sized = {...payload, protection: null,
+  size_warning: "calibrated at 512x512, this run 512x768: threshold may not apply"};
+console.log(JSON.stringify([badgeState(payload), badgeState({...payload, protection: null}), badgeState(capped),
+  badgeState(sized)]));
 """
 
 
@@ -131,13 +134,15 @@ def test_badge_says_what_protect_did(tmp_path: Path) -> None:
     proc = subprocess.run(["node", str(tmp_path / "badge.mjs")], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    steered, plain, capped = json.loads(proc.stdout.strip().splitlines()[-1])
+    steered, plain, capped, sized = json.loads(proc.stdout.strip().splitlines()[-1])
     assert steered["kind"] == "steered"
     assert steered["lines"][0] == "PROTECTED (1 of 2 steered, guidance, 0 extra UNet evals)"
     assert steered["lines"][1] == "image 1: memorized at step 1 -> steered: score 3.3 -> 0.4"
     assert steered["lines"][2].startswith("image 2: 0.500")
     assert plain["kind"] == "memorized" and plain["lines"][0] == "MEMORIZED (1 of 2)"
     assert capped["lines"][1] == "image 1: memorized at step 1 -> steered: score 3.3"
+    assert sized["lines"][-1] == "note: calibrated at 512x512, this run 512x768: threshold may not apply"
+    assert all("calibrated at" not in line for line in plain["lines"])
 
 
 @inproc
@@ -165,3 +170,228 @@ def test_every_node_function_takes_every_declared_input(comfy_env: Any) -> None:
         _, state = DejaGuardMemorizationProtect().protect(model, 0.0, "guidance", DEFAULT_STEER_SCALE,
                                                           DEFAULT_MAX_STEER_FRACTION, score="anisotropy")
     assert state.score == "anisotropy" and state.steer is not None
+
+
+# -- DejaGuard Protected Sampler (nodes/protect_sampler.py) ---------------------------------------------------------
+
+SAMPLER_STEPS = 20
+
+
+def _testbed_mask(model: Any) -> Any:
+    """A small neuron mask of the testbed: 8 value neurons of every cross-attention layer (enough to change a
+    sample; not a localized mask)."""
+    import torch
+    from DejaGuard.core.neuron_mask import NeuronMask
+    from DejaGuard.nodes.model_check import comfy_fingerprint, diffusers_names
+
+    base = model.model
+    _, modules = diffusers_names(base.diffusion_model, base.model_config.unet_config)
+    layers, shapes = {}, {}
+    for comfy_name, name in modules.items():
+        if name.endswith("attn2.to_v"):
+            weight = base.diffusion_model.get_submodule(comfy_name).weight
+            layers[name], shapes[name] = torch.arange(8), tuple(weight.shape)
+    return NeuronMask(layers, shapes, comfy_fingerprint(model), "test")
+
+
+@inproc
+@pytest.mark.parametrize("strategy", ["guidance", "embedding", "mask"])
+def test_protected_sampler_protects_flagged_rows_only(comfy_env: Any, strategy: str) -> None:
+    """A batch of two images of a memorized prompt, the threshold set between their first-step scores: the image
+    below it is KSampler's own, bit for bit; the other is steered (guidance: no extra UNet call) or sampled again
+    from its own noise (embedding, mask: the extra noise predictions counted and reported); the badge payload, the
+    summary and a Verdict node on the returned handle say so."""
+    torch = comfy_env
+    import check_guard as cg
+    from DejaGuard.nodes.guard import CFG1_UNAVAILABLE, DejaGuardMemorizationGuard, DejaGuardMemorizationVerdict
+    from DejaGuard.nodes.protect_sampler import DejaGuardProtectedSampler
+    from DejaGuard.nodes.testbed import DejaGuardTestbedLoader
+
+    import nodes
+
+    with torch.inference_mode():
+        model, clip, _ = DejaGuardTestbedLoader().load("testbed (bundled)", folder=str(model_folder()))
+        positive, negative = cg.encode(clip, MEMORIZED_PROMPT), cg.encode(clip, "")
+        latent = nodes.EmptyLatentImage().generate(256, 256, 2)[0]
+        args = (7, SAMPLER_STEPS, 7.5, "euler", "normal", positive, negative, latent)
+        with cg.UNetCalls(model) as calls:
+            plain = nodes.common_ksampler(model, *args)[0]["samples"]
+        guarded, state = DejaGuardMemorizationGuard().guard(model, 1e6, CFG1_UNAVAILABLE)
+        nodes.common_ksampler(guarded, *args)
+        scores = state.runs[-1].scores
+        low, high = sorted(range(2), key=lambda i: scores[i])
+        threshold = (scores[low] + scores[high]) / 2
+        mask = _testbed_mask(model) if strategy == "mask" else None
+        with cg.UNetCalls(model) as protected_calls:
+            out = DejaGuardProtectedSampler().sample(model, *args, 1.0, strategy, threshold, 0.0, 1.0, 0.0,
+                                                     neuron_mask=mask)
+    samples, handle, summary = out["result"]
+    payload = out["ui"]["dejaguard"][0]
+    json.dumps(payload)
+    assert payload["flagged"][high] and not payload["flagged"][low]
+    assert torch.equal(samples["samples"][low], plain[low])  # not flagged: KSampler's own image
+    assert not torch.equal(samples["samples"][high], plain[high])
+    protection = payload["protection"]
+    image = protection["images"][high]
+    assert protection["strategy"] == strategy and image["score_before"] == pytest.approx(scores[high])
+    assert protection["images"][low]["extra_unet_evals"] == 0
+    assert f"auto-protect: strategy {strategy}" in summary and "memorized at step 1 ->" in summary
+    if strategy == "guidance":
+        assert protected_calls.samples == calls.samples and image["extra_unet_evals"] == 0
+        assert image["steered_steps"] > 0
+    else:
+        assert image["score_after"] is not None
+        resample = 2 * SAMPLER_STEPS  # Euler: one cond/uncond pair per step for the one re-sampled image
+        assert image["extra_unet_evals"] >= resample and protection["extra_unet_evals"] == image["extra_unet_evals"]
+        if strategy == "mask":
+            assert image["extra_unet_evals"] == resample
+            assert protected_calls.samples == calls.samples + resample
+        else:
+            assert image["score_after"] < image["score_before"]
+    verdict = DejaGuardMemorizationVerdict().verdict(handle, samples)["ui"]["dejaguard"][0]
+    assert verdict["matched"] and verdict["protection"]["strategy"] == strategy
+
+
+@inproc
+def test_protected_sampler_refuses_in_one_line(comfy_env: Any) -> None:
+    """CFG 1 (no score), the mask strategy without a mask, an unknown strategy; and each strategy asks the support
+    matrix for its own feature."""
+    from DejaGuard.core.errors import DejaGuardError
+    from DejaGuard.core.protect import STRATEGIES
+    from DejaGuard.nodes.model_check import FEATURES
+    from DejaGuard.nodes.protect_sampler import STRATEGY_FEATURES, DejaGuardProtectedSampler
+    from DejaGuard.nodes.testbed import DejaGuardTestbedLoader
+
+    assert set(STRATEGY_FEATURES) == set(STRATEGIES) and set(STRATEGY_FEATURES.values()) <= set(FEATURES)
+    with comfy_env.inference_mode():
+        model, _, _ = DejaGuardTestbedLoader().load("testbed (bundled)", folder=str(model_folder()))
+        latent = {"samples": comfy_env.zeros(1, 4, 32, 32)}
+        base = (model, 0, 2, 7.5, "euler", "normal", [], [], latent, 1.0)
+        for args, message in [((*base[:3], 1.0, *base[4:], "guidance"), "needs CFG > 1"),
+                              ((*base, "mask"), "needs a neuron mask"),
+                              ((*base, "pray"), "unknown protection strategy")]:
+            with pytest.raises(DejaGuardError, match=message) as err:
+                DejaGuardProtectedSampler().sample(*args, 0.0, 0.0, 1.0, 0.0)
+            assert "\n" not in str(err.value)
+
+
+# -- workflows/protect_testbed.json ----------------------------------------------------------------------------------
+
+WORKFLOW = REPO / "workflows" / "protect_testbed"
+PROTECTED, PLAIN = "5", "8"  # the Protected Sampler and the unprotected KSampler
+PROTECTED_SAVE, PLAIN_SAVE = "7", "10"
+
+
+def _workflow() -> tuple[dict[str, Any], dict[str, Any]]:
+    return (json.loads(WORKFLOW.with_suffix(".json").read_text()),
+            json.loads(WORKFLOW.with_name(WORKFLOW.name + "_api.json").read_text()))
+
+
+def test_protect_workflows_consistent() -> None:
+    """UI and API twins agree; the Protected Sampler and the plain KSampler share model, prompts, latent, seed and
+    sampler settings; the negative prompt is empty (as calibrated); the threshold comes from the calibration."""
+    ui, api = _workflow()
+    assert_formats_agree(ui, api)
+    protected, plain = api[PROTECTED]["inputs"], api[PLAIN]["inputs"]
+    assert all(protected[k] == v for k, v in plain.items())
+    assert api[protected["negative"][0]]["inputs"]["text"] == ""
+    assert protected["threshold"] == 0.0 and protected["strategy"] == "embedding"
+    assert api[PROTECTED_SAVE]["inputs"]["images"][0] != api[PLAIN_SAVE]["inputs"]["images"][0]
+    assert any(n["type"] == "Note" for n in ui["nodes"])
+
+
+@inproc
+def test_protect_workflow_validates(comfy_env: Any) -> None:
+    """The API twin validates against the node definitions as ``/object_info`` would report them."""
+    from DejaGuard.nodes import NODE_CLASS_MAPPINGS
+    from test_guard import validate_api_graph
+
+    import nodes as comfy_nodes
+
+    classes = {**comfy_nodes.NODE_CLASS_MAPPINGS, **NODE_CLASS_MAPPINGS}
+    info = {name: {"input": cls.INPUT_TYPES(), "output": list(cls.RETURN_TYPES)} for name, cls in classes.items()}
+    assert validate_api_graph(_workflow()[1], info) == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not comfy_available(), reason="ComfyUI not set up (bash tests/comfy/setup_comfy.sh)")
+@pytest.mark.skipif(IN_COMFY_VENV, reason="already running inside the .comfy venv")
+def test_protect_workflow_on_server() -> None:
+    """workflows/protect_testbed_api.json queued on a real server (10 steps): both images of the memorized prompt
+    are flagged and re-sampled with a mitigated embedding, the node's badge payload says so with its cost, and the
+    protected images differ from the unprotected KSampler's."""
+    import copy
+
+    import numpy as np
+    from PIL import Image
+
+    folder = model_folder()
+    if folder is None:
+        pytest.skip("no testbed weights")
+    graph = copy.deepcopy(_workflow()[1])
+    if folder != REPO / "core" / "testbed" / "model":
+        graph["1"]["inputs"]["folder"] = str(folder)
+    for node in (PROTECTED, PLAIN):
+        graph[node]["inputs"]["steps"] = 10
+    graph[PROTECTED_SAVE]["inputs"]["filename_prefix"] = "DejaGuard/test/protect_protected"
+    graph[PLAIN_SAVE]["inputs"]["filename_prefix"] = "DejaGuard/test/protect_plain"
+    with ComfyServer(threads=1) as server:
+        info = server.object_info()["DejaGuardProtectedSampler"]
+        assert info["category"] == "DejaGuard" and info["output"] == ["LATENT", "DEJAGUARD_GUARD", "STRING"]
+        entry = server.run(graph, timeout=900)
+        images = {}
+        for node in (PROTECTED_SAVE, PLAIN_SAVE):
+            images[node] = [np.asarray(Image.open(server.workdir / "output" / i.get("subfolder", "") / i["filename"]))
+                            for i in entry["outputs"][node]["images"]]
+    (payload,) = entry["outputs"][PROTECTED]["dejaguard"]
+    print({k: payload[k] for k in ("scores", "flagged", "threshold", "threshold_source")},
+          payload["protection"]["lines"])
+    assert payload["flagged"] == [True, True]
+    assert payload["threshold_source"] == "testbed calibration" or folder != REPO / "core" / "testbed" / "model"
+    protection = payload["protection"]
+    assert protection["strategy"] == "embedding" and protection["extra_unet_evals"] > 2 * 2 * 10
+    assert all(i["score_after"] < i["score_before"] for i in protection["images"])
+    assert "auto-protect: strategy embedding" in payload["summary"]
+    assert all(not np.array_equal(a, b) for a, b in zip(images[PROTECTED_SAVE], images[PLAIN_SAVE]))
+
+
+# -- the calibration's latent size (core.calibration.size_note) --------------------------------------------------------
+
+
+@inproc
+def test_guard_warns_when_the_run_size_differs_from_the_calibration(comfy_env: Any, tmp_path: Path) -> None:
+    """A calibration recording 256x256 (the testbed's latent 32x32): a 384x256 run's summary, progress payload and
+    Verdict payload say "calibrated at 256x256, this run 384x256: threshold may not apply"; a 256x256 run and a
+    calibration without ``sample_shape`` (an older file) say nothing. The Protect node and the Protected Sampler
+    share the Guard's state, so they say it too."""
+    torch = comfy_env
+    import check_guard as cg
+    from DejaGuard.core.calibration import calibration_from_scores, save_calibration
+    from DejaGuard.core.detect import ScoreSettings
+    from DejaGuard.nodes.guard import CFG1_UNAVAILABLE, DejaGuardMemorizationGuard, DejaGuardMemorizationVerdict
+    from DejaGuard.nodes.model_check import comfy_fingerprint
+    from DejaGuard.nodes.protect_sampler import DejaGuardProtectedSampler
+    from DejaGuard.nodes.testbed import DejaGuardTestbedLoader
+
+    import nodes
+
+    warning = "calibrated at 256x256, this run 384x256: threshold may not apply"
+    with torch.inference_mode():
+        model, clip, _ = DejaGuardTestbedLoader().load("testbed (bundled)", folder=str(model_folder()))
+        fingerprint = comfy_fingerprint(model)
+        sized = save_calibration(calibration_from_scores([0.5, 0.9], 0.5, ScoreSettings(), fingerprint, "test",
+                                                         sample_shape=(4, 32, 32)), tmp_path / "sized.json")
+        old = calibration_from_scores([0.5, 0.9], 0.5, ScoreSettings(), fingerprint, "test")
+        older = save_calibration(old, tmp_path / "old.json")
+        positive, negative = cg.encode(clip, NOVEL_PROMPT), cg.encode(clip, "")
+        for width, file, expected in ((384, sized, warning), (256, sized, None), (384, older, None)):
+            guarded, state = DejaGuardMemorizationGuard().guard(model, 0.0, CFG1_UNAVAILABLE, str(file))
+            latent = nodes.EmptyLatentImage().generate(width, 256, 1)[0]
+            out = nodes.common_ksampler(guarded, 1, 2, 7.5, "euler", "normal", positive, negative, latent)[0]
+            payload = DejaGuardMemorizationVerdict().verdict(state, out)["ui"]["dejaguard"][0]
+            assert payload["size_warning"] == expected, (width, file)
+            assert (warning in payload["summary"]) == (expected is not None)
+        sampled = DejaGuardProtectedSampler().sample(model, 1, 2, 7.5, "euler", "normal", positive, negative,
+                                                     nodes.EmptyLatentImage().generate(384, 256, 1)[0], 1.0,
+                                                     "guidance", 0.0, 0.0, 1.0, 0.0, calibration=str(sized))
+    assert sampled["ui"]["dejaguard"][0]["size_warning"] == warning and warning in sampled["result"][2]
