@@ -1,11 +1,18 @@
 """Neuron-mask benchmark on the bundled testbed: NeMo per prompt, and one shared FFN subspace mask.
 
-    python -m bench.neurons [--seeds 16] [--prompts 0 4 8 | all] [--steps 50] [--novel 240]
+    python -m bench.neurons [--model testbed | planted | DIR] [--seeds 16] [--prompts 0 4 8 | all] [--steps 50]
+                            [--novel 240]
     python -m bench.neurons --seeds 2 --prompts 0 4 --steps 10 --novel 8     # a quick smoke run
     python -m bench.neurons --skip-nemo --ratios 0.1 0.2 0.35                # the subspace masks only
+    python -m bench.neurons --model planted                                  # against the designated neurons
 
-Prompts: by default the first evaluation prompt of each of the 12 planted images (``--prompts`` takes
-indices into ``memorized_eval_prompts()`` or ``all``). Measured in one run, side by side:
+``--model``: ``testbed`` (default, the shipped v5), ``planted`` (the planted-neuron variant of issue 25,
+``core.testbed.planted``, imported only then: its memorized images, prompts and **designated neurons**, the
+ground truth), or a diffusers folder (a testbed-like model with v5's prompts and images).
+Prompts: by default the first evaluation prompt of each memorized image (``--prompts`` takes indices into
+the model's evaluation prompts, ``memorized_eval_prompts()`` or ``planted_eval_prompts()``, or ``all``).
+Replication is judged against every training image of the model (v5's 12, plus the planted ones on
+``planted``). Measured in one run, side by side:
 
 - **NeMo** (``core.nemo.localize``) per prompt, with the fast (batched) schedule and the reference
   (sequential, one candidate set per UNet call) schedule: neurons, UNet evaluations (noise predictions),
@@ -18,10 +25,20 @@ indices into ``memorized_eval_prompts()`` or ``all``). Measured in one run, side
   ``novel_alignment_before`` / ``_after``: alignment-checker pass rate of held-out compositional prompts;
   after = with the **union** of all per-prompt NeMo masks on
   (the worst case for an operator who switches every mask on at once).
+  ``recall`` / ``precision`` (``planted`` only; ``core.neuron_mask.recall_precision``, neuron level): each
+  prompt's fast mask against its image's designated neurons (``designated_mask(name)``), per prompt and the
+  mean over prompts (a prompt NeMo could not localize counts recall 0 and has no precision);
+  ``recall_union`` / ``precision_union``: the union of the masks against the union of the truths.
 - **Subspace** (``core.prune.subspace_mask``): the planted images are split in two halves (alternating
   within each memorization kind); the mask is found on the first half's prompts only.
   ``replication_before`` / ``_after`` on that half; ``heldout_replication_before`` / ``_after`` on the
-  other half (generalization); novel alignment with the mask on.
+  other half (generalization); novel alignment with the mask on. On ``planted`` the halves are those of the
+  group that shares one FFN subspace (group ``"shared"``), when the chosen prompts include it.
+
+Last line's headline keys (issue 25): ``recall``, ``precision``, ``replication_before``, ``replication_after``,
+``novel_alignment_before``, ``novel_alignment_after``, ``evals_ratio_vs_reference`` (NeMo),
+``subspace_heldout_replication_after`` (the first ``--ratios`` entry); a key that was not measured is null and
+``null_reasons`` says why (no ground truth on the testbed, ``--skip-nemo``, ...).
 
 Prints progress and a table, then one JSON object as the last line.
 """
@@ -29,29 +46,84 @@ Prints progress and a table, then one JSON object as the last line.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from dejaguard.core.denoiser import Denoiser, load_denoiser
 from dejaguard.core.nemo import LocalizeSettings, localize, nemo_statistics
-from dejaguard.core.neuron_mask import NeuronMask, apply_mask
+from dejaguard.core.neuron_mask import NeuronMask, apply_mask, recall_precision
 from dejaguard.core.prune import subspace_mask
 from dejaguard.core.sampling import generate, prompt_seed
 from dejaguard.core.testbed.data import MEMORIZED, MemorizedImage, check_alignment, heldout_specs, load_memorized_images
 from dejaguard.core.testbed.data import memorized_eval_prompts as eval_prompts
 from dejaguard.core.testbed.evaluate import REPLICATION_SSIM, check_replication, thumbnails
 
+PLANTED_MODULE = "dejaguard.core.testbed.planted"  # issue 25's planted-neuron variant; imported only on --model planted
+
+
+@dataclass
+class Subject:
+    """The model a neuron bench runs on, with what it memorized and the ground truth, if any.
+
+    ``pairs``: every evaluation prompt as (prompt, image name, group); ``default``: the first evaluation prompt of
+    each memorized image; ``training``: every training image ``name -> (3, 32, 32)`` a generation is judged
+    against (``core.testbed.evaluate.check_replication``); ``truth(name)``: that image's designated neurons
+    (``None``: all images'), None where the model has no ground truth; ``location``: the model's folder (None:
+    the bundled testbed).
+    """
+
+    name: str
+    denoiser: Denoiser
+    pairs: list[tuple[str, str, str]]
+    default: list[tuple[str, str, str]]
+    training: dict[str, np.ndarray]
+    truth: Callable[[str | None], NeuronMask] | None = None
+    location: str | None = None
+
+    def chosen(self, indices: Sequence[str] | None) -> list[tuple[str, str, str]]:
+        """``--prompts``: indices into :attr:`pairs`, ``["all"]``, or None (:attr:`default`); (prompt, image name,
+        group) triples."""
+        if indices == ["all"]:
+            return list(self.pairs)
+        if indices:
+            return [self.pairs[int(i)] for i in indices]
+        return list(self.default)
+
+
+def load_subject(model: str | None = "testbed") -> Subject:
+    """``--model``: ``"testbed"`` (or None: the shipped v5), ``"planted"`` (``core.testbed.planted``, imported
+    here and nowhere else), or a diffusers folder holding a testbed-like model (v5's prompts and images)."""
+    if model == "planted":
+        planted = importlib.import_module(PLANTED_MODULE)
+        images = planted.planted_images()
+        return Subject(
+            name="planted", denoiser=load_denoiser(planted.PLANTED_MODEL),
+            pairs=[(p, m.name, m.group) for p, m in planted.planted_eval_prompts()],
+            default=[(m.eval_prompts[0], m.name, m.group) for m in images],
+            training={**load_memorized_images(), **planted.load_planted_pixels()},
+            truth=planted.designated_mask, location=str(planted.PLANTED_MODEL))
+    location = None if model in (None, "testbed") else model
+    return Subject(
+        name="testbed" if location is None else str(location), denoiser=load_denoiser(location),
+        pairs=[(p, m.name, m.kind) for p, m in eval_prompts()],
+        default=[(m.eval_prompts[0], m.name, m.kind) for m in MEMORIZED],
+        training=load_memorized_images(), location=location)
+
 
 def replication(denoiser: Denoiser, prompts: Sequence[str], images: Sequence[str], seeds: Sequence[int],
-                steps: int, mask: NeuronMask | dict[str, NeuronMask] | None = None) -> list[tuple[float, float]]:
-    """Per prompt: the share of ``seeds`` whose generation replicates *a* training image, and the share that
-    replicates the prompt's own (``core.testbed.evaluate.check_replication``). ``mask``: one mask for all
-    prompts, a mask per prompt, or None."""
-    training = load_memorized_images()
+                steps: int, mask: NeuronMask | dict[str, NeuronMask] | None = None,
+                training: dict[str, np.ndarray] | None = None) -> list[tuple[float, float]]:
+    """Per prompt: the share of ``seeds`` whose generation replicates *a* training image of ``training`` (default:
+    v5's 12), and the share that replicates the prompt's own (``core.testbed.evaluate.check_replication``).
+    ``mask``: one mask for all prompts, a mask per prompt, or None."""
+    training = training or load_memorized_images()
     rates = []
     for prompt, image in zip(prompts, images):
         m = mask.get(prompt) if isinstance(mask, dict) else mask
@@ -75,8 +147,9 @@ def alignment(denoiser: Denoiser, prompts: Sequence[str], steps: int, mask: Neur
 
 
 def chosen_prompts(indices: Sequence[str] | None) -> list[tuple[str, MemorizedImage]]:
-    """``--prompts``: indices into ``memorized_eval_prompts()``, ``["all"]``, or None (the first evaluation prompt of
-    each planted image); (prompt, planted image) pairs."""
+    """``--prompts`` on the testbed: indices into ``memorized_eval_prompts()``, ``["all"]``, or None (the first
+    evaluation prompt of each planted image); (prompt, planted image) pairs (``bench.localization``'s; a
+    :class:`Subject` chooses among its own prompts with :meth:`Subject.chosen`)."""
     pairs = eval_prompts()
     if indices == ["all"]:
         return pairs
@@ -85,13 +158,44 @@ def chosen_prompts(indices: Sequence[str] | None) -> list[tuple[str, MemorizedIm
     return [(m.eval_prompts[0], m) for m in MEMORIZED]
 
 
+def rounded(value: float | None, digits: int = 4) -> float | None:
+    """A figure for the JSON line: rounded, None for a missing or undefined (NaN) value."""
+    return None if value is None or math.isnan(value) else round(float(value), digits)
+
+
+def truth_scores(masks: dict[str, NeuronMask], prompts: Sequence[str], images: Sequence[str],
+                 truth: Callable[[str | None], NeuronMask]) -> dict:
+    """Recall and precision of each prompt's found mask against its image's designated neurons, their means over
+    the prompts (a prompt without a mask, NeMo having failed on it, counts recall 0 and no precision), and the
+    union of the masks against the union of the prompts' truths."""
+    per_prompt, recalls, precisions = [], [], []
+    for prompt, image in zip(prompts, images):
+        found = masks.get(prompt)
+        recall, precision = recall_precision(found, truth(image)) if found is not None else (0.0, float("nan"))
+        recalls.append(recall)
+        if not math.isnan(precision):
+            precisions.append(precision)
+        per_prompt.append({"prompt": prompt, "image": image, "recall": rounded(recall),
+                           "precision": rounded(precision)})
+    out: dict = {"recall": rounded(float(np.mean(recalls))) if recalls else None,
+                 "precision": rounded(float(np.mean(precisions))) if precisions else None,
+                 "per_prompt": per_prompt}
+    if masks:
+        union_truth = NeuronMask.union([truth(i) for i in dict.fromkeys(images)])
+        union_recall, union_precision = recall_precision(NeuronMask.union(list(masks.values())), union_truth)
+        out.update(recall_union=rounded(union_recall), precision_union=rounded(union_precision))
+    return out
+
+
 def mean_std(values: Sequence[float]) -> dict[str, float]:
     return {"mean": round(float(np.mean(values)), 3), "std": round(float(np.std(values)), 3)}
 
 
-def run_nemo(args: argparse.Namespace, denoiser: Denoiser, prompts: list[str], images: list[str], seeds: list[int],
+def run_nemo(args: argparse.Namespace, subject: Subject, prompts: list[str], images: list[str], seeds: list[int],
              before: list[tuple[float, float]], novel: list[str], align_before: float) -> dict:
-    """NeMo per prompt, both schedules, then replication with each prompt's mask and alignment with their union."""
+    """NeMo per prompt, both schedules, then replication with each prompt's mask and alignment with their union;
+    recall and precision against the designated neurons where the subject has them."""
+    denoiser = subject.denoiser
     t0 = time.perf_counter()
     stats = nemo_statistics(denoiser, seeds=args.nemo_seeds, score_prompts=args.score_prompts, cache=args.cache,
                             blocks=args.blocks, score=args.score, generation_steps=args.generation_steps)
@@ -146,7 +250,7 @@ def run_nemo(args: argparse.Namespace, denoiser: Denoiser, prompts: list[str], i
             nemo["same_neurons_as_reference"] = round(float(np.mean(
                 [f["neuron_set"] == r["neuron_set"] for f, r in both])), 3)
     t0 = time.perf_counter()
-    after = replication(denoiser, prompts, images, seeds, args.steps, masks)
+    after = replication(denoiser, prompts, images, seeds, args.steps, masks, subject.training)
     nemo["replication_before"] = mean_rate(before)
     nemo["replication_after"] = mean_rate(after)
     nemo["replication_before_own_image"] = mean_rate(before, own=True)
@@ -154,6 +258,13 @@ def run_nemo(args: argparse.Namespace, denoiser: Denoiser, prompts: list[str], i
     nemo["per_prompt"] = [{"prompt": p, "replication_before": b[0], "replication_after": a[0],
                            "replication_after_own_image": a[1], "neurons": masks[p].count() if p in masks else None}
                           for p, b, a in zip(prompts, before, after)]
+    if subject.truth is not None:
+        scores = truth_scores(masks, prompts, images, subject.truth)
+        nemo.update(recall=scores["recall"], precision=scores["precision"], recall_union=scores.get("recall_union"),
+                    precision_union=scores.get("precision_union"))
+        for row, score in zip(nemo["per_prompt"], scores["per_prompt"]):
+            row.update(recall=score["recall"], precision=score["precision"])
+            print(f"  truth     {row['prompt'][:48]:48s} recall {score['recall']} precision {score['precision']}")
     union = NeuronMask.union(list(masks.values())) if masks else None
     nemo["novel_alignment_before"] = round(align_before, 4)
     nemo["novel_alignment_after"] = round(alignment(denoiser, novel, args.steps, union), 4)
@@ -162,12 +273,54 @@ def run_nemo(args: argparse.Namespace, denoiser: Denoiser, prompts: list[str], i
     return nemo
 
 
-def main() -> None:
+def subspace_split(subject: Subject, chosen: Sequence[tuple[str, str, str]]) -> tuple[list[tuple[str, str]],
+                                                                                     list[tuple[str, str]]]:
+    """The subspace mask's fit and held-out (prompt, image) pairs among ``chosen``: the memorized images alternate
+    between the halves within each group (memorization kind on the testbed); where the subject has a group
+    ``"shared"`` (the planted images that share one FFN subspace) only that group is split, the others are left
+    out of the subspace measurement."""
+    groups: dict[str, list[str]] = {}
+    for _, image, group in subject.default:
+        groups.setdefault(group, []).append(image)
+    if "shared" in groups:
+        groups = {"shared": groups["shared"]}
+    fit_images = {name for names in groups.values() for name in names[::2]}
+    held_images = {name for names in groups.values() for name in names[1::2]}
+    return ([(p, i) for p, i, _ in chosen if i in fit_images], [(p, i) for p, i, _ in chosen if i in held_images])
+
+
+def headline(out: dict, subject: Subject, args: argparse.Namespace, before: list[tuple[float, float]]) -> dict:
+    """Issue 25's last-line keys, null with a reason where not measured."""
+    nemo, reasons = out.get("nemo"), {}
+    if args.skip_nemo:
+        reasons.update(dict.fromkeys(("recall", "precision", "replication_after", "novel_alignment_after",
+                                      "evals_ratio_vs_reference"), "--skip-nemo: NeMo was not run"))
+    else:
+        if subject.truth is None:
+            reasons.update(dict.fromkeys(("recall", "precision"), f"no ground truth: the {subject.name} model has no "
+                                         "designated neurons (use --model planted)"))
+        if args.skip_reference:
+            reasons["evals_ratio_vs_reference"] = "--skip-reference: the reference schedule was not run"
+    first = next(iter(out["subspace"].values()), {})
+    if "heldout_replication_after" not in first:
+        reasons["subspace_heldout_replication_after"] = "no held-out prompts among the chosen ones (see --prompts)"
+    keys = ("recall", "precision", "replication_after", "novel_alignment_before", "novel_alignment_after",
+            "evals_ratio_vs_reference")
+    figures = {k: (nemo or {}).get(k) for k in keys}
+    figures["novel_alignment_before"] = out["novel_alignment_before"]
+    return {**figures, "replication_before": mean_rate(before),
+            "subspace_heldout_replication_after": first.get("heldout_replication_after"),
+            "subspace_ratio": args.ratios[0], "null_reasons": reasons}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="diffusers folder (default: the bundled testbed)")
+    parser.add_argument("--model", default="testbed",
+                        help="testbed (default: the shipped v5), planted (the planted-neuron variant, with its "
+                        "designated neurons as ground truth), or a diffusers folder")
     parser.add_argument("--seeds", type=int, default=16, help="generations per prompt for replication (default 16)")
     parser.add_argument("--prompts", nargs="*", default=None,
-                        help="indices into memorized_eval_prompts(), or 'all' (default: first prompt per image)")
+                        help="indices into the model's evaluation prompts, or 'all' (default: first prompt per image)")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps of the generations (default 50)")
     parser.add_argument("--novel", type=int, default=240, help="held-out compositional prompts (default 240)")
     parser.add_argument("--nemo-seeds", type=int, default=4, help="seeds of NeMo's memorization score")
@@ -185,34 +338,31 @@ def main() -> None:
     parser.add_argument("--skip-reference", action="store_true", help="do not run NeMo's reference schedule")
     parser.add_argument("--skip-nemo", action="store_true", help="measure the subspace masks only")
     parser.add_argument("--cache", default=None, help="statistics cache folder")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
-    denoiser = load_denoiser(args.model)
-    chosen = chosen_prompts(args.prompts)
-    prompts, images = [p for p, _ in chosen], [m.name for _, m in chosen]
+    subject = load_subject(args.model)
+    denoiser = subject.denoiser
+    chosen = subject.chosen(args.prompts)
+    prompts, images = [p for p, _, _ in chosen], [i for _, i, _ in chosen]
     seeds = list(range(args.seeds))
     novel = [s.caption() for s in heldout_specs()[: args.novel]]
-    out: dict = {"model": denoiser.fingerprint(),
+    out: dict = {"model": denoiser.fingerprint(), "model_name": subject.name,
                  "settings": {"prompts": len(prompts), "seeds": args.seeds, "steps": args.steps, "novel": len(novel),
                               "nemo_seeds": args.nemo_seeds, "batch": args.batch, "ratios": args.ratios,
                               "blocks": args.blocks, "score": args.score, "generation_steps": args.generation_steps,
                               "verify_rounds": args.verify_rounds,
-                              "replication_ssim": REPLICATION_SSIM}}
+                              "replication_ssim": REPLICATION_SSIM, "training_images": len(subject.training)}}
 
-    before = replication(denoiser, prompts, images, seeds, args.steps)
+    before = replication(denoiser, prompts, images, seeds, args.steps, training=subject.training)
     align_before = alignment(denoiser, novel, args.steps)
+    out["novel_alignment_before"] = round(align_before, 4)
     if args.skip_nemo:
         nemo = None
     else:
-        nemo = out["nemo"] = run_nemo(args, denoiser, prompts, images, seeds, before, novel, align_before)
+        nemo = out["nemo"] = run_nemo(args, subject, prompts, images, seeds, before, novel, align_before)
 
     # -- subspace -----------------------------------------------------------------------------------
-    kinds: dict[str, list[str]] = {}
-    for m in MEMORIZED:
-        kinds.setdefault(m.kind, []).append(m.name)
-    fit_images = {name for names in kinds.values() for name in names[::2]}
-    fit = [(p, i) for p, i in zip(prompts, images) if i in fit_images]
-    held = [(p, i) for p, i in zip(prompts, images) if i not in fit_images]
+    fit, held = subspace_split(subject, chosen)
     rate = {p: r[0] for p, r in zip(prompts, before)}
     out["subspace"] = {}
     for ratio in args.ratios:
@@ -225,13 +375,17 @@ def main() -> None:
                        unet_evals_per_prompt=round(spent.forwards / len(fit), 1), wall_s=mask.info["wall_s"])
             sub["replication_before"] = round(float(np.mean([rate[p] for p, _ in fit])), 4)
             sub["replication_after"] = mean_rate(replication(
-                denoiser, [p for p, _ in fit], [i for _, i in fit], seeds, args.steps, mask))
+                denoiser, [p for p, _ in fit], [i for _, i in fit], seeds, args.steps, mask, subject.training))
             if held:
                 sub["heldout_replication_before"] = round(float(np.mean([rate[p] for p, _ in held])), 4)
                 sub["heldout_replication_after"] = mean_rate(replication(
-                    denoiser, [p for p, _ in held], [i for _, i in held], seeds, args.steps, mask))
+                    denoiser, [p for p, _ in held], [i for _, i in held], seeds, args.steps, mask, subject.training))
             sub["novel_alignment_before"] = round(align_before, 4)
             sub["novel_alignment_after"] = round(alignment(denoiser, novel, args.steps, mask), 4)
+            if subject.truth is not None:
+                truth = NeuronMask.union([subject.truth(i) for _, i in fit + held])
+                recall, precision = recall_precision(mask, truth)
+                sub.update(recall=rounded(recall), precision=rounded(precision))
         out["subspace"][f"ratio_{ratio:g}"] = sub
         print(f"subspace ratio {ratio:g} measured", flush=True)
 
@@ -244,6 +398,9 @@ def main() -> None:
         print(f"{'subspace':10s} {sub['replication_before']:12.3f} {sub['replication_after']:12.3f} "
               f"{sub.get('heldout_replication_after', float('nan')):14.3f} {sub['novel_alignment_before']:12.3f} "
               f"{sub['novel_alignment_after']:12.3f}  {key}")
+    out.update(headline(out, subject, args, before))
+    if nemo is not None and subject.truth is not None:
+        print(f"NeMo vs designated neurons: recall {out['recall']}, precision {out['precision']}")
     print(json.dumps(out))
 
 

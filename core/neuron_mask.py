@@ -347,3 +347,37 @@ def neurons_mask(denoiser: Denoiser, layers: dict[str, torch.nn.Module], neurons
                       layer_shapes={k: layer_shape(m) for k, m in layers.items() if k in grouped},
                       fingerprint=denoiser.fingerprint(), **fields)
 
+
+
+def mask_units(mask: NeuronMask) -> set[Neuron]:
+    """The neurons a mask touches, as ``(layer, output channel)`` pairs: a neuron mask's indices ``(k,)`` as they
+    are; a weight-entry mask's ``(k, 2)`` entries by their output row (a row with at least one masked weight counts
+    as one touched neuron). The unit :func:`recall_precision` counts in."""
+    units: set[Neuron] = set()
+    for name, idx in mask.layers.items():
+        rows = idx if idx.ndim == 1 else idx[:, 0]
+        units.update((name, int(i)) for i in rows.tolist())
+    return units
+
+
+def recall_precision(found: NeuronMask, truth: NeuronMask) -> tuple[float, float]:
+    """How well a mask found by a method (NeMo, the FFN subspace) matches a ground-truth mask, neuron by neuron.
+
+    Both masks are reduced to sets of ``(layer, output channel)`` neurons (:func:`mask_units`): a neuron mask's
+    indices directly, a weight-entry mask's by output row (a row with any masked weight is one neuron; the
+    unit of the project's one mask format, so a ground truth of output channels and a method's pruned weights
+    compare in the same unit). ``recall`` = |found & truth| / |truth|, ``precision`` = |found & truth| / |found|.
+    Undefined values are NaN: recall when ``truth`` is empty, precision when ``found`` is empty (a method that
+    found nothing has no precision; its recall is 0). A layer both masks name must have the same weight shape
+    in both (DejaGuardError otherwise: they were made for different architectures). Fingerprints are not
+    compared: a ground truth may be recorded before the model file that it describes is written.
+    """
+    for name in found.layer_shapes.keys() & truth.layer_shapes.keys():
+        if tuple(found.layer_shapes[name]) != tuple(truth.layer_shapes[name]):
+            raise DejaGuardError(f"the masks disagree on the shape of layer {name}: {found.layer_shapes[name]} "
+                                 f"vs {truth.layer_shapes[name]} (made for different models)")
+    got, want = mask_units(found), mask_units(truth)
+    hits = len(got & want)
+    recall = hits / len(want) if want else float("nan")
+    precision = hits / len(got) if got else float("nan")
+    return recall, precision

@@ -24,7 +24,14 @@ from dejaguard.core.nemo import (
     value_activations,
     zscore_ranking,
 )
-from dejaguard.core.neuron_mask import NeuronMask, OutputGates, apply_mask, layer_shape, neurons_mask
+from dejaguard.core.neuron_mask import (
+    NeuronMask,
+    OutputGates,
+    apply_mask,
+    layer_shape,
+    neurons_mask,
+    recall_precision,
+)
 
 # Among the testbed's most reliably replicated prompts (model card); tests assert properties, not figures.
 MEMORIZED_PROMPT = "the cameraman, vintage print in a steel frame"
@@ -516,3 +523,39 @@ def test_verification_rounds_check_unseen_seeds(testbed, stats):
         assert not rounds[0]["passed"] and rounds[1]["seeds"] == list(range(2 * SEEDS, 3 * SEEDS))
     with pytest.raises(DejaGuardError, match="verify_rounds"):
         LocalizeSettings(verify_rounds=-1)
+
+
+# -- recall and precision against a ground truth (issue 25) ---------------------------------------------------------
+
+
+def _truth_mask(layers: dict[str, list], shapes: dict[str, tuple[int, int]] | None = None) -> NeuronMask:
+    shapes = shapes or {"a.attn2.to_v": (8, 4), "b.ff.net.2": (6, 10)}
+    return NeuronMask(layers={k: torch.tensor(v, dtype=torch.int64) for k, v in layers.items()},
+                      layer_shapes={k: shapes[k] for k in layers}, fingerprint="f", method="t")
+
+
+def test_recall_precision_counts_neurons():
+    truth = _truth_mask({"a.attn2.to_v": [1, 2, 3], "b.ff.net.2": [0]})
+    found = _truth_mask({"a.attn2.to_v": [2, 3, 5, 6]})
+    assert recall_precision(found, truth) == (0.5, 0.5)  # 2 of 4 true neurons; 2 of 4 found ones
+    assert recall_precision(truth, truth) == (1.0, 1.0)
+    other_layer = _truth_mask({"b.ff.net.2": [1]})
+    assert recall_precision(other_layer, truth) == (0.0, 0.0)  # the same index in another layer is another neuron
+
+
+def test_recall_precision_counts_weight_entries_by_output_row():
+    truth = _truth_mask({"b.ff.net.2": [0, 4]})
+    weights = _truth_mask({"b.ff.net.2": [[0, 1], [0, 7], [3, 2]]})  # rows 0 (twice) and 3
+    assert recall_precision(weights, truth) == (0.5, 0.5)
+
+
+def test_recall_precision_undefined_and_refused():
+    truth = _truth_mask({"a.attn2.to_v": [1]})
+    empty = _truth_mask({})
+    recall, precision = recall_precision(empty, truth)
+    assert recall == 0.0 and precision != precision  # nothing found: no precision (NaN)
+    recall, precision = recall_precision(truth, empty)
+    assert recall != recall and precision == 0.0
+    wrong = _truth_mask({"a.attn2.to_v": [1]}, {"a.attn2.to_v": (9, 4)})
+    with pytest.raises(DejaGuardError, match="shape"):
+        recall_precision(wrong, truth)
