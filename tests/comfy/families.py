@@ -256,6 +256,58 @@ def guard_against_direct(model: Any, family: str, seed: int = 5, steps: int = 2,
             "extra_unet_calls": watched.calls - plain.calls, "extra_unet_samples": watched.samples - plain.samples}
 
 
+def protect_against_plain(model: Any, family: str, seed: int = 5, steps: int = 2, cfg: float = 7.5) -> dict[str, Any]:
+    """The Memorization Protect node (guidance strategy, ``w' = 0`` for the whole run) on a ``steps``-step KSampler run
+    (Euler, CFG ``cfg``) of ``model``, beside plain runs, under ``torch.inference_mode()``: with a threshold no score
+    reaches (nothing flagged) and with one every score exceeds (flagged, steered). ``cfg0``: a plain run at CFG 0,
+    i.e. the unconditional prediction alone, what a run steered at every step with ``w' = 0`` must equal. Used by
+    test_families and test_sd3."""
+    import torch
+    from DejaGuard.nodes.guard import DejaGuardMemorizationVerdict
+    from DejaGuard.nodes.protect import DejaGuardMemorizationProtect
+
+    cg = setup()
+    positive, negative = conditioning(family, 10), conditioning(family, 11)
+    latent = {"samples": torch.zeros(latent_shape(model))}
+
+    def sample(m: Any, scale: float = cfg) -> torch.Tensor:
+        return cg.comfy_nodes.common_ksampler(m, seed, steps, scale, "euler", "normal", positive, negative,
+                                              latent)[0]["samples"]
+
+    out: dict[str, Any] = {}
+    with torch.inference_mode():
+        with cg.UNetCalls(model) as plain_calls:
+            out["plain"] = sample(model)
+        out["cfg0"] = sample(model, 0.0)
+        for name, threshold in (("unflagged", 1e9), ("flagged", 1e-9)):
+            protected, state = DejaGuardMemorizationProtect().protect(model, threshold, "guidance", 0.0, 1.0,
+                                                                       unique_id=f"protect-{family}-{name}")
+            with cg.UNetCalls(model) as calls:
+                samples = sample(protected)
+            payload = DejaGuardMemorizationVerdict().verdict(state, {"samples": samples})["ui"]["dejaguard"][0]
+            out[name] = {"samples": samples, "payload": payload, "extra_unet_calls": calls.calls - plain_calls.calls,
+                         "extra_unet_samples": calls.samples - plain_calls.samples}
+    return out
+
+
+def check_protect_on_family(r: dict[str, Any], family: str) -> None:
+    """Auto-protect on a family (also test_sd3): unflagged = the plain run bit for bit; flagged = steered at every
+    step, equal to the unconditional-only run (CFG 0); neither costs a UNet call."""
+    import torch
+
+    unflagged, flagged = r["unflagged"], r["flagged"]
+    for run in (unflagged, flagged):
+        assert (run["extra_unet_calls"], run["extra_unet_samples"]) == (0, 0), (family, run)
+        assert run["payload"]["protection"]["extra_unet_evals"] == 0
+    assert unflagged["payload"]["flagged"] == [False]
+    assert torch.equal(unflagged["samples"], r["plain"]), family
+    assert flagged["payload"]["flagged"] == [True]
+    image = flagged["payload"]["protection"]["images"][0]
+    assert image["steered_steps"] == 2, (family, image)
+    assert not torch.equal(flagged["samples"], r["plain"]), family
+    torch.testing.assert_close(flagged["samples"], r["cfg0"], rtol=1e-5, atol=1e-5)
+
+
 def flux_model() -> Any:
     """A ModelPatcher of ComfyUI's ``Flux`` class where the ComfyUI has it (:data:`FLUX_CONFIG`: Flux-dev's config
     from ``model_detection.py``, guidance embedding included, at width 64 with one block of each kind, random

@@ -46,7 +46,15 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
 from comfy_server import comfy_available  # noqa: E402
-from families import LATENT, StubClip, build, flux_model, guard_against_direct  # noqa: E402
+from families import (  # noqa: E402
+    LATENT,
+    StubClip,
+    build,
+    check_protect_on_family,  # noqa: E402
+    flux_model,
+    guard_against_direct,
+    protect_against_plain,
+)
 from families import setup as _setup  # noqa: E402
 from test_explain_comfy import IN_COMFY_VENV  # noqa: E402
 from workflow_checks import run_in_comfy_venv  # noqa: E402
@@ -107,6 +115,13 @@ def test_guard_score_equals_direct(family: str) -> None:
     assert math.isfinite(r["direct_score"]) and r["direct_score"] > 0
     assert r["score_rel_diff"] <= 1e-4, (family, r["score"], r["direct_score"])
     assert (r["extra_unet_calls"], r["extra_unet_samples"]) == (0, 0), (family, r)
+
+
+@inproc
+@pytest.mark.parametrize("family", ["sd1", "sd2_v", "sdxl"])
+def test_protect_steers_every_family(family: str) -> None:
+    _setup()
+    check_protect_on_family(protect_against_plain(build(family), family), family)
 
 
 @inproc

@@ -47,11 +47,13 @@ from families import (  # noqa: E402
     NO_SD3,
     StubClip,
     build,
+    check_protect_on_family,
     conditioning,
     flux_model,
     guard_against_direct,
     has_sd3,
     latent_shape,
+    protect_against_plain,
 )
 from families import setup as _setup  # noqa: E402
 from test_explain_comfy import IN_COMFY_VENV  # noqa: E402
@@ -168,6 +170,14 @@ def test_sd3_guard_score_is_velocity_difference() -> None:
             out[name] = (velocity, (x - (1 - sigma) * denoised) / sigma)
     assert float((out["c"][1] - out["u"][1]).norm()) == 0.0
     assert float((out["c"][0] - out["u"][0]).norm()) == pytest.approx(r["direct_score"], rel=1e-5)
+
+
+@inproc
+@needs_sd3
+def test_sd3_protect_steers() -> None:
+    """Auto-protect (guidance) on SD3: steering mixes the velocity predictions, as the sampler's CFG does."""
+    _setup()
+    check_protect_on_family(protect_against_plain(build("sd3"), "sd3"), "sd3")
 
 
 @inproc
