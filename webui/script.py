@@ -58,7 +58,7 @@ from modules import script_callbacks
 from ..core.errors import DejaGuardError
 from ..core.explain import to_json, token_significance
 from ..core.protect import GuidanceSteering
-from .denoiser import WebUIDenoiser
+from .denoiser import NO_TOKENS, WebUIDenoiser
 from .guard import (
     KEY_NOTE,
     Job,
@@ -165,8 +165,11 @@ def explain_loaded(prompt: str, width: int = 512, height: int = 512, steps: int 
         refusal = check_checkpoint(model_file(sd_model))
         if refusal is not None:
             return {"error": f"DejaGuard Explain: {refusal}"}
+        denoiser = webui_denoiser(sd_model, width, height)
+        if denoiser.text_encoder is None:  # Forge: said before anything else (an empty prompt, say)
+            return {"error": f"DejaGuard Explain: {NO_TOKENS}"}
         try:
-            result = token_significance(webui_denoiser(sd_model, width, height), prompt, steps=int(steps))
+            result = token_significance(denoiser, prompt, steps=int(steps))
         except DejaGuardError as err:
             return {"error": f"DejaGuard Explain: {err}"}
     out = to_json(result, int(steps))
