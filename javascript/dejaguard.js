@@ -1,5 +1,5 @@
 /*
- * DejaGuard in Stable Diffusion WebUI (AUTOMATIC1111 and Forge): the per-image badge.
+ * DejaGuard in Stable Diffusion WebUI (AUTOMATIC1111 and Forge): the per-image badge and the highlighted words.
  *
  * The WebUI loads every javascript/*.js of an extension into its page (ComfyUI loads web/js/ instead, so this
  * file is never loaded there). After a generation, and whenever another image of the gallery is selected, the
@@ -9,6 +9,12 @@
  * red for "memorized", amber for "steered" (memorized at the first step, then steered away by the protection),
  * green for "not memorized", grey for anything else (no score, no threshold, an unsupported model). Text is set through textContent only, never innerHTML: the infotext
  * holds the user's prompt and file names.
+ *
+ * Token highlighting: the section's Explain button writes core's token-significance payload (JSON: "words",
+ * "word_scores", "note", or "error") into the hidden textbox #dejaguard_explain_json_<tab>. This file hides that box
+ * and draws the words under the prompt box (#<tab>_prompt) in #dejaguard_tokens_<tab>: one span per word, red with
+ * an opacity proportional to its share of the score's gradient (the top word fully red), its percentage in the
+ * title and data-score; the error line instead when there is one. Again textContent only.
  */
 (function() {
     'use strict';
@@ -105,5 +111,79 @@
         }
     }
 
+    /** The words of an Explain payload under the tab's prompt box. */
+    function drawTokens(tab, payload) {
+        const prompt = gradioApp().getElementById(tab + '_prompt');
+        if (!prompt || !prompt.parentElement) {
+            return;
+        }
+        const id = 'dejaguard_tokens_' + tab;
+        let box = gradioApp().getElementById(id);
+        if (!box) {
+            box = document.createElement('div');
+            box.id = id;
+            box.className = 'dejaguard-tokens';
+            box.style.cssText = 'margin:4px 0; line-height:1.9; font-family:sans-serif;';
+            prompt.parentElement.insertBefore(box, prompt.nextSibling);
+        }
+        while (box.firstChild) {
+            box.removeChild(box.firstChild);
+        }
+        const title = document.createElement('span');
+        title.style.cssText = 'font-weight:600; margin-right:6px;';
+        if (payload.error) {
+            title.textContent = payload.error;
+            box.appendChild(title);
+            return;
+        }
+        title.textContent = 'DejaGuard: words that drive the score';
+        box.appendChild(title);
+        const top = Math.max(...payload.word_scores, 1e-12);
+        payload.words.forEach(function(word, i) {
+            const share = payload.word_scores[i];
+            const span = document.createElement('span');
+            span.className = 'dejaguard-token';
+            span.textContent = word;
+            span.title = (100 * share).toFixed(1) + '%';
+            span.dataset.score = String(share);
+            span.style.cssText = 'padding:1px 4px; margin:0 2px; border-radius:4px; color:inherit; ' +
+                'background: rgba(220, 38, 38, ' + (share / top).toFixed(3) + ');';
+            box.appendChild(span);
+        });
+        if (payload.note) {
+            const note = document.createElement('div');
+            note.style.cssText = 'font-size:0.85em; opacity:0.75;';
+            note.textContent = 'Highlighting ' + payload.note.replace(/^highlighting /, '') + '.';
+            box.appendChild(note);
+        }
+    }
+
+    const lastExplain = {};
+
+    function updateTokens() {
+        for (const tab of TABS) {
+            const holder = gradioApp().getElementById('dejaguard_explain_json_' + tab);
+            if (!holder) {
+                continue;
+            }
+            if (holder.style.display !== 'none') {
+                holder.style.display = 'none';
+            }
+            const area = holder.querySelector('textarea, input');
+            const text = area ? area.value : '';
+            if (!text || lastExplain[tab] === text) {
+                continue;
+            }
+            lastExplain[tab] = text;
+            try {
+                drawTokens(tab, JSON.parse(text));
+            } catch (e) {
+                drawTokens(tab, {error: 'DejaGuard Explain: unreadable result'});
+            }
+        }
+    }
+
     onAfterUiUpdate(update);
+    onAfterUiUpdate(updateTokens);
+    setInterval(updateTokens, 1000); // a textbox value set by gradio is not a DOM mutation
 })();

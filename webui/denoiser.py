@@ -20,11 +20,25 @@ What it takes from the WebUI (SD1.x, epsilon prediction; shapes ``B`` batch, lat
 - ``fingerprint``: core's fingerprint of the checkpoint file (:func:`webui.guard.checkpoint_fingerprint`), the key
   :func:`webui.guard.resolve_threshold` finds a calibration by.
 
-Token-level methods (token significance, embedding mitigation) and decoding are not offered: the adapter hands
-prompts to the WebUI's own text encoding (A1111's prompt-parsing CLIP wrapper, Forge's text processing engine),
-which takes prompts, not token embeddings; substituting the input embeddings would need a hook inside each
-WebUI's encoder, which this adapter does not have. Those methods raise :class:`~core.errors.DejaGuardError` saying
-so in one line.
+Token-level methods (token significance, :mod:`core.explain`), where the glue hands over the WebUI's HF
+``CLIPTextModel`` (``text_encoder``) and its tokenizer: both WebUIs tokenize (emphasis parsed out, textual inversions
+placed), run that model and weight its output themselves, so the adapter hooks the model's input-embedding table
+(``get_input_embeddings()``: A1111's and Forge's textual-inversion wrapper around CLIP's token embedding, whose
+output already holds the inversion rows) instead of re-implementing any of it:
+
+- :meth:`token_embeddings` records the table's output ``(B, 77, 768)`` during the WebUI's own encoding, and
+  :meth:`prompt_tokens` the ids it was called with (``[BOS, pieces..., EOS, EOS...]``; the pieces up to the first
+  EOS, as the WebUI tokenized them: emphasis brackets and weights are not pieces, a textual inversion's positions
+  show the placeholder id the WebUI puts there);
+- :meth:`encode_token_embeddings` runs the WebUI's encoding again with the table's output replaced by the given rows
+  (core's :func:`~core.denoiser._substituted`), differentiably, so ``encode_token_embeddings(p, token_embeddings(p))``
+  is ``encode_prompts(p)`` exactly, emphasis and textual inversions included.
+
+One chunk only: a prompt over 75 tokens (or with ``BREAK``) is encoded in several 77-token chunks, which the
+``(B, 77, E)`` token rows of the seam cannot hold; those get a one-line :class:`~core.errors.DejaGuardError`.
+Without a ``text_encoder`` (Forge: its loader builds the weights under ``torch.inference_mode``, and no gradient
+flows through inference tensors) the token methods raise that error with :data:`NO_TOKENS`. Decoding and neuron
+masks are not offered.
 """
 
 from __future__ import annotations
@@ -34,12 +48,16 @@ from typing import Any
 
 import torch
 
-from ..core.denoiser import UNetCounter
+from ..core.denoiser import UNetCounter, _substituted
 from ..core.errors import DejaGuardError
 from ..core.sampling import ddim_from_alphas_cumprod
 
-NO_TOKENS = ("not available in this WebUI yet: the WebUI adapter cannot substitute token embeddings in the WebUI's "
-             "text encoder, so token-level methods (token highlighting, embedding mitigation) cannot run on it")
+NO_TOKENS = ("not available in this WebUI: it loads its weights as inference tensors (Forge's loader runs under "
+             "torch.inference_mode), through which no gradient flows, so token-level methods (token highlighting, "
+             "embedding mitigation) cannot run on it")
+
+
+CHUNK = 77  # tokens of one chunk of the WebUIs' CLIP encoding: BOS, 75 pieces, EOS
 
 
 class WebUIDenoiser:
@@ -47,9 +65,12 @@ class WebUIDenoiser:
 
     def __init__(self, unet: torch.nn.Module, encode: Callable[[list[str]], torch.Tensor],
                  alphas_cumprod: torch.Tensor, fingerprint: str, sample_shape: tuple[int, int, int] = (4, 64, 64),
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, text_encoder: torch.nn.Module | None = None,
+                 tokenizer: Any = None) -> None:
         self.unet = unet
         self._encode = encode
+        self.text_encoder = text_encoder  # the HF CLIPTextModel that ``encode`` runs (token methods), or None
+        self.tokenizer = tokenizer  # its tokenizer (ids -> pieces)
         self._alphas_cumprod = alphas_cumprod
         self._fingerprint = fingerprint
         self.sample_shape = tuple(int(s) for s in sample_shape)
@@ -83,14 +104,56 @@ class WebUIDenoiser:
     def fingerprint(self) -> str:
         return self._fingerprint
 
+    def _encode_recording(self, prompts: Sequence[str], rows: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The WebUI's encoding of ``prompts`` with the token-embedding table watched (and its output replaced by
+        ``rows (B, 77, E)`` when given) -> ``(conditioning (B, 77, D), ids (B, 77), table output (B, 77, E))``."""
+        if self.text_encoder is None:
+            raise DejaGuardError(NO_TOKENS)
+        width = getattr(getattr(self.text_encoder, "config", None), "hidden_size", None)
+        if rows is not None and tuple(rows.shape) != (len(prompts), CHUNK, width or rows.shape[-1]):
+            raise DejaGuardError(f"token embeddings {tuple(rows.shape)} do not match the {len(prompts)} prompt(s) of "
+                                 f"{CHUNK} tokens and width {width}")
+        table = self.text_encoder.get_input_embeddings()
+        calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+        handle = table.register_forward_hook(lambda _m, inputs, out: calls.append((inputs[0].detach(), out.detach())))
+        try:
+            if rows is None:
+                out = self._encode(list(prompts))
+            else:
+                with _substituted(self.text_encoder, rows):
+                    out = self._encode(list(prompts))
+        finally:
+            handle.remove()
+        if len(calls) != 1:
+            raise DejaGuardError("token highlighting takes prompts of one 77-token chunk (at most 75 tokens, no "
+                                 f"BREAK); the WebUI encoded these in {len(calls)} chunks")
+        ids, table_rows = calls[0]
+        if isinstance(out, dict):
+            out = out["crossattn"]
+        return out.to(self.device, self.dtype), ids, table_rows
+
     def prompt_tokens(self, prompt: str) -> list[str]:
-        raise DejaGuardError(NO_TOKENS)
+        """The BPE pieces at positions ``1..n`` of the WebUI's own tokenization (up to the first EOS)."""
+        with torch.no_grad():
+            _, ids, _ = self._encode_recording([prompt])
+        pieces: list[int] = []
+        for i in ids[0, 1:].tolist():
+            if i == self.tokenizer.eos_token_id:
+                break
+            pieces.append(int(i))
+        return self.tokenizer.convert_ids_to_tokens(pieces)
 
     def token_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        raise DejaGuardError(NO_TOKENS)
+        """``(B, 77, E)``: the rows of the WebUI's token-embedding table for ``prompts`` (textual inversions in)."""
+        with torch.no_grad():
+            _, _, rows = self._encode_recording(prompts)
+        return rows.to(self.device, self.dtype)
 
     def encode_token_embeddings(self, prompts: Sequence[str], token_embeddings: torch.Tensor) -> torch.Tensor:
-        raise DejaGuardError(NO_TOKENS)
+        """The WebUI's encoding of ``prompts`` with ``token_embeddings (B, 77, E)`` as the table's output ->
+        ``(B, 77, D)``, differentiable with respect to ``token_embeddings``."""
+        return self._encode_recording(prompts, token_embeddings)[0]
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         raise DejaGuardError("decoding is not available through the WebUI adapter (the WebUI decodes its own images)")

@@ -34,10 +34,19 @@ Calibration (the section's Calibrate button and ``POST /dejaguard/v1/calibrate``
 :func:`calibrate_loaded`): under the WebUI's queue lock, :func:`webui_denoiser` wraps the loaded model in the WebUI
 adapter of core's denoiser seam and :func:`webui.guard.calibrate_checkpoint` runs core's calibration on it, with
 gradio's progress bar fed by core's progress convention.
+
+Token highlighting (the section's Explain button and ``POST /dejaguard/v1/explain``, one function,
+:func:`explain_loaded`): under the queue lock, core's :func:`~core.explain.token_significance` runs on the same
+adapter, which A1111 hands its CLIPTextModel (``cond_stage_model.wrapped.transformer``) for the token hook of
+:mod:`webui.denoiser`; the button's result (core's JSON payload) goes into a hidden textbox, from which
+``javascript/dejaguard.js`` draws the highlighted words under the prompt. Forge is refused in one line (its
+weights are inference tensors: no gradient). Not in the per-image info: it costs a backward pass per step, not
+the free first-step score.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -46,8 +55,10 @@ import modules.scripts as scripts
 import torch
 from modules import script_callbacks
 
+from ..core.errors import DejaGuardError
+from ..core.explain import to_json, token_significance
 from ..core.protect import GuidanceSteering
-from .denoiser import WebUIDenoiser
+from .denoiser import NO_TOKENS, WebUIDenoiser
 from .guard import (
     KEY_NOTE,
     Job,
@@ -106,8 +117,11 @@ def webui_denoiser(sd_model: Any, width: int, height: int) -> WebUIDenoiser:
         def encode(prompts: list[str]) -> torch.Tensor:
             with devices.autocast():
                 return sd_model.get_learned_conditioning(prompts)
+    # A1111 encodes with its HF CLIPTextModel, which the token methods hook; Forge's weights are inference tensors
+    clip = None if forge is not None else getattr(sd_model.cond_stage_model, "wrapped", None)
     return WebUIDenoiser(unet, encode, alphas_cumprod, checkpoint_fingerprint(model_file(sd_model)),
-                         (4, int(height) // 8, int(width) // 8))
+                         (4, int(height) // 8, int(width) // 8), text_encoder=getattr(clip, "transformer", None),
+                         tokenizer=getattr(clip, "tokenizer", None))
 
 
 def calibrate_loaded(width: int = 512, height: int = 512, prompt_limit: int = 0,
@@ -132,6 +146,36 @@ def calibrate_loaded(width: int = 512, height: int = 512, prompt_limit: int = 0,
             _, _, summary = calibrate_checkpoint(denoiser, model_file(sd_model), int(prompt_limit), report)
     log.info("%s", summary)
     return summary
+
+
+EXPLAIN_NOTE = ("highlighting scores the prompt as the WebUI encodes it (emphasis weights and textual inversions "
+                "included), not its prompt-editing or AND parts, with an empty negative prompt")
+
+
+def explain_loaded(prompt: str, width: int = 512, height: int = 512, steps: int = 1) -> dict[str, Any]:
+    """The Explain button (and ``POST /dejaguard/v1/explain``): core's token significance of ``prompt`` on the loaded
+    checkpoint over the first ``steps`` sampling steps at ``width x height`` -> core's JSON payload
+    (:func:`core.explain.to_json`: ``tokens``, ``scores``, ``words``, ``word_scores``...) with a ``note``, or
+    ``{"error": one line}``."""
+    from modules import shared
+    from modules.call_queue import queue_lock
+
+    with queue_lock:  # not while the WebUI generates
+        sd_model = shared.sd_model
+        refusal = check_checkpoint(model_file(sd_model))
+        if refusal is not None:
+            return {"error": f"DejaGuard Explain: {refusal}"}
+        denoiser = webui_denoiser(sd_model, width, height)
+        if denoiser.text_encoder is None:  # Forge: said before anything else (an empty prompt, say)
+            return {"error": f"DejaGuard Explain: {NO_TOKENS}"}
+        try:
+            result = token_significance(denoiser, prompt, steps=int(steps))
+        except DejaGuardError as err:
+            return {"error": f"DejaGuard Explain: {err}"}
+    out = to_json(result, int(steps))
+    out["note"] = EXPLAIN_NOTE
+    log.info("DejaGuard Explain: %s", dict(zip(result.words, result.word_scores)))
+    return out
 
 
 def _first_image(p: Any) -> int:
@@ -175,9 +219,9 @@ class DejaGuardScript(scripts.Script):
                                   elem_id=f"dejaguard_protect_{tab}")
             gr.HTML("<p>Score and verdict per image appear in the generation info (PNG parameters, API info) and "
                     "as a badge above it (red: memorized, amber: steered). SD1.x checkpoints; leave the negative "
-                    "prompt empty for calibrated scores.</p><p>Token highlighting: not available in this WebUI yet "
-                    "(the WebUI adapter cannot substitute token embeddings in the WebUI's text encoder; ComfyUI and "
-                    "the CLI have it).</p>")
+                    "prompt empty for calibrated scores.</p><p>Explain: the words that drive the score, highlighted "
+                    "under the prompt (token significance, one backward pass per step; A1111, prompts of one "
+                    "75-token chunk; " + EXPLAIN_NOTE + "; Forge: not available).</p>")
             with gr.Row():
                 width = gr.Number(512, label="Calibration width", precision=0, elem_id=f"dejaguard_cal_width_{tab}")
                 height = gr.Number(512, label="Calibration height", precision=0,
@@ -196,7 +240,37 @@ class DejaGuardScript(scripts.Script):
                     return f"DejaGuard Calibrate failed: {err}"
 
             button.click(on_calibrate, inputs=[width, height], outputs=[status])
+
+            with gr.Row():
+                explain = gr.Button("Explain: which words drive the score", elem_id=f"dejaguard_explain_{tab}")
+                explain_text = gr.Textbox(label="Token significance (share of the score's gradient per word)",
+                                          interactive=False, lines=2, elem_id=f"dejaguard_explain_text_{tab}")
+            # the payload for javascript/dejaguard.js, which hides this box and highlights the words under the prompt
+            explain_json = gr.Textbox("", elem_id=f"dejaguard_explain_json_{tab}", elem_classes=["dejaguard-hidden"],
+                                      show_label=False, interactive=False, lines=1)
+
+            def on_explain(prompt: str, width: float, height: float) -> tuple[str, str]:
+                try:
+                    out = explain_loaded(prompt or "", int(width), int(height))
+                except Exception as err:  # shown in the section, not a stack trace in the console only
+                    log.exception("DejaGuard Explain failed")
+                    out = {"error": f"DejaGuard Explain failed: {err}"}
+                if "error" in out:
+                    return out["error"], json.dumps(out)
+                order = sorted(range(len(out["words"])), key=lambda w: -out["word_scores"][w])
+                ranking = ", ".join(f"{out['words'][w]} {100 * out['word_scores'][w]:.0f}%" for w in order)
+                return f"{ranking} ({out['note']})", json.dumps(out)
+
+            prompt = self.prompt_box if self.prompt_box is not None else gr.Textbox(label="Prompt to explain")
+            explain.click(on_explain, inputs=[prompt, width, height], outputs=[explain_text, explain_json])
         return [enabled, threshold, protect]
+
+    prompt_box: Any = None  # the tab's prompt textbox (after_component), the Explain button's input
+
+    def after_component(self, component: Any, **kwargs: Any) -> None:
+        """Remember the tab's prompt textbox (created before the scripts' sections) for the Explain button."""
+        if getattr(component, "elem_id", None) in ("txt2img_prompt", "img2img_prompt"):
+            self.prompt_box = component
 
     def process(self, p: Any, enabled: bool = False, threshold: float = 0.0, protect: bool = False,
                 *args: Any) -> None:
@@ -381,9 +455,14 @@ def register_callbacks() -> None:
 
 def add_api_routes(_demo: Any, app: Any) -> None:
     """``POST /dejaguard/v1/calibrate?width=512&height=512&prompt_limit=0``: the Calibrate button over the API;
-    answers ``{"summary": ...}``."""
+    answers ``{"summary": ...}``. ``POST /dejaguard/v1/explain?prompt=...&width=512&height=512&steps=1``: the Explain
+    button over the API; answers :func:`explain_loaded`'s payload."""
 
     def calibrate_route(width: int = 512, height: int = 512, prompt_limit: int = 0) -> dict[str, str]:
         return {"summary": calibrate_loaded(width, height, prompt_limit)}
 
+    def explain_route(prompt: str, width: int = 512, height: int = 512, steps: int = 1) -> dict[str, Any]:
+        return explain_loaded(prompt, width, height, steps)
+
     app.add_api_route("/dejaguard/v1/calibrate", calibrate_route, methods=["POST"])
+    app.add_api_route("/dejaguard/v1/explain", explain_route, methods=["POST"])

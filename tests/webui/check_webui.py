@@ -13,8 +13,10 @@ images (base64 PNG), and, with ``DEJAGUARD_WEBUI_NODE_MODULES`` naming a ``node_
 playwright-core, what headless Chromium finds of the DejaGuard sections on the page and the badge it sees after a
 generation from the page (``page``; that generation is 64x64, 2 Euler steps, through the run's own
 ``OUT/ui-config.json`` and ``OUT/config.json``), and the Calibrate route's answer and the calibration file it wrote
-beside the checkpoint (``calibrate``: the first 100 bundled prompts at 64x64); ``OUT/server.log`` the server's
-output. The server is stopped at the end. Only the standard library: it runs with any Python.
+beside the checkpoint (``calibrate``: the first 100 bundled prompts at 64x64), and the Explain route's answer for
+the jobs' prompt at 64x64 (``explain``); with the browser, also the highlighted words the page shows under the prompt
+after clicking the section's Explain button (``page.tokens``); ``OUT/server.log`` the server's output. The server is
+stopped at the end. Only the standard library: it runs with any Python.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -122,6 +125,16 @@ try {
     background: getComputedStyle(e).backgroundColor, children: e.children.length,
     info: gradioApp().getElementById('html_info_txt2img').textContent }));
 } catch (e) { errors.push(String(e)); }
+found.tokens = null;
+try {
+  await page.click('#dejaguard_explain_txt2img');
+  const box = await page.waitForSelector('#dejaguard_tokens_txt2img', { state: 'visible', timeout: 900000 });
+  found.tokens = await box.evaluate(e => ({ text: e.textContent,
+    spans: Array.from(e.querySelectorAll('.dejaguard-token')).map(s => ({ word: s.textContent,
+      score: Number(s.dataset.score), background: getComputedStyle(s).backgroundColor, children: s.children.length })),
+    hiddenPayload: getComputedStyle(gradioApp().getElementById('dejaguard_explain_json_txt2img')).display,
+    belowPrompt: gradioApp().getElementById('txt2img_prompt').nextElementSibling === e }));
+} catch (e) { errors.push(String(e)); }
 console.log(JSON.stringify({ ...found, errors }));
 await browser.close();
 """
@@ -179,6 +192,13 @@ def main(root: Path, checkpoint: Path, out: Path) -> None:
         file = checkpoint.parent / f"{checkpoint.stem}.dejaguard_calibration.json"
         results["calibrate"] = {"summary": response["summary"], "seconds": time.time() - started,
                                 "file": json.loads(file.read_text()) if file.is_file() else None}
+        started = time.time()  # the Explain button's route, on the jobs' prompt and size
+        query = urllib.parse.urlencode({"prompt": PROMPT, "width": 64, "height": 64, "steps": 1})
+        try:
+            response = call(port, f"/dejaguard/v1/explain?{query}", {})
+        except RuntimeError as err:
+            response = {"error": f"ERROR {err}"}
+        results["explain"] = {**response, "seconds": time.time() - started}
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

@@ -373,8 +373,8 @@ def _sd_alphas_cumprod() -> torch.Tensor:
 
 def test_webui_denoiser_is_the_seam_and_calibrates(tmp_path):
     """The WebUI adapter satisfies core's Denoiser protocol; its DDIM starts at t = 999 (the WebUIs' first step);
-    core's calibration runs on it unchanged and is saved beside the checkpoint where core finds it; token methods
-    say in one line that they are not available in the WebUI."""
+    core's calibration runs on it unchanged and is saved beside the checkpoint where core finds it; without the WebUI's
+    text encoder (Forge) token methods say in one line that they are not available."""
     from dejaguard.core.calibration import find_calibration
     from dejaguard.core.denoiser import Denoiser
     from dejaguard.core.detect import ScoreSettings
@@ -409,6 +409,110 @@ def test_webui_denoiser_is_the_seam_and_calibrates(tmp_path):
     assert calibration.n_prompts == 100 and progress[-1][:2] == (100, 100)
     found = find_calibration(checkpoint, ScoreSettings(), "tiny-fingerprint")
     assert found.threshold == calibration.threshold > 0
+
+
+class _FixesEmbedding(torch.nn.Module):
+    """The WebUIs' textual-inversion wrapper around CLIP's token embedding (A1111's ``EmbeddingsWithFixes``, Forge's
+    ``CLIPEmbeddingForTextualInversion``): the table's rows, with an inversion's vectors written over the positions
+    the WebUI reserved for it (here: every id 0)."""
+
+    def __init__(self, wrapped: torch.nn.Embedding) -> None:
+        super().__init__()
+        self.wrapped = wrapped
+        self.vector = torch.nn.Parameter(torch.randn(wrapped.embedding_dim), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.wrapped(input_ids)
+        return torch.where((input_ids == 0)[..., None], self.vector.to(rows.dtype), rows)
+
+
+def _webui_text_stack(width: int = 64):
+    """A reduced HF CLIPTextModel (``width`` wide, 2 layers) hijacked as both WebUIs do, and an encoding as theirs:
+    ``(word:weight)`` emphasis parsed out of the text, ``<ti>`` a one-vector textual inversion (id 0), ``BREAK`` a new
+    chunk, pieces in 75-token chunks ``[BOS, pieces, EOS, EOS...]``, each chunk's last hidden state weighted per
+    token and its mean restored (A1111's "Original" emphasis), chunks side by side."""
+    import re
+
+    from dejaguard.core.checkpoint import SD1_TOKENIZER
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(SD1_TOKENIZER)
+    torch.manual_seed(0)
+    model = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=2 * width,
+                                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)).eval()
+    model.set_input_embeddings(_FixesEmbedding(model.get_input_embeddings()))
+
+    def chunks(prompt: str) -> list[tuple[list[int], list[float]]]:
+        out, ids, weights = [], [], []
+        for part in re.split(r"(\([^():]+:[0-9.]+\)|<ti>|\bBREAK\b)", prompt):
+            if part == "BREAK":
+                out.append((ids, weights))
+                ids, weights = [], []
+                continue
+            match = re.fullmatch(r"\(([^():]+):([0-9.]+)\)", part)
+            text, weight = (match[1], float(match[2])) if match else (part, 1.0)
+            pieces = [0] if part == "<ti>" else tokenizer(text, add_special_tokens=False).input_ids
+            ids, weights = ids + pieces, weights + [weight] * len(pieces)
+        out.append((ids, weights))
+        return [(c[:75], w[:75]) for c, w in out] + [(c[75:], w[75:]) for c, w in out if len(c) > 75]
+
+    def encode(prompts: list[str]) -> torch.Tensor:
+        per_prompt = [chunks(p) for p in prompts]
+        zs = []
+        for i in range(max(len(c) for c in per_prompt)):
+            batch = [c[i] if i < len(c) else ([], []) for c in per_prompt]
+            ids = torch.tensor([[49406] + c + [49407] * (76 - len(c)) for c, _ in batch])
+            weights = torch.tensor([[1.0] + w + [1.0] * (76 - len(w)) for _, w in batch])
+            z = model(ids).last_hidden_state
+            mean = z.mean()
+            z = z * weights[..., None]
+            zs.append(z * (mean / z.mean()))
+        return torch.cat(zs, dim=1)
+
+    return model, tokenizer, encode
+
+
+def test_webui_denoiser_token_path_is_the_webuis_encoding():
+    """Token highlighting on the WebUI adapter: with the WebUI's CLIPTextModel handed over, the token path through
+    the hook on its input embeddings equals the WebUI's own encoding exactly (plain prompts, emphasis, a textual
+    inversion); the pieces are the WebUI's (no emphasis brackets); core's token significance runs unchanged, finite,
+    one value per word and per piece; a prompt of several chunks gets one line."""
+    from dejaguard.core.errors import DejaGuardError
+    from dejaguard.core.explain import token_significance
+    from dejaguard.webui.denoiser import WebUIDenoiser
+
+    model, tokenizer, encode = _webui_text_stack()
+    unet = _TinyLDMUNet()
+    unet.text = torch.nn.Linear(64, 4)
+    denoiser = WebUIDenoiser(unet, encode, _sd_alphas_cumprod(), "tiny-fingerprint", (4, 8, 8),
+                             text_encoder=model, tokenizer=tokenizer)
+    for prompts in (["a photograph of an astronaut riding a horse"], ["a cat", "a dog on the moon"],
+                    ["a (red:1.4) car in the rain"], ["a portrait in the style of <ti> at dusk"]):
+        plain = denoiser.encode_prompts(prompts)
+        assert plain.shape == (len(prompts), 77, 64)
+        assert torch.equal(denoiser.encode_token_embeddings(prompts, denoiser.token_embeddings(prompts)), plain)
+    rows = denoiser.token_embeddings(["a portrait in the style of <ti> at dusk"])
+    assert torch.equal(rows[0, 7], model.get_input_embeddings().vector)  # the inversion's row, as the WebUI places it
+    rows[0, 2] += 1  # the given rows are the ones encoded: "portrait" changes the conditioning from its position on
+    changed = denoiser.encode_token_embeddings(["a portrait in the style of <ti> at dusk"], rows)
+    plain = denoiser.encode_prompts(["a portrait in the style of <ti> at dusk"])
+    assert torch.equal(changed[0, :2], plain[0, :2]) and not torch.allclose(changed[0, 2:], plain[0, 2:])
+    assert denoiser.prompt_tokens("a (red:1.4) car") == ["a</w>", "red</w>", "car</w>"]
+    assert denoiser.prompt_tokens("an astronaut") == tokenizer.tokenize("an astronaut")
+
+    prompt = "a photograph of an astronaut riding a horse"
+    result = token_significance(denoiser, prompt, steps=2)
+    assert result.words == prompt.split() and len(result.word_scores) == len(result.words)
+    assert len(result.scores) == len(result.tokens) == len(tokenizer.tokenize(prompt))
+    assert all(torch.isfinite(torch.tensor(result.word_scores))) and abs(sum(result.word_scores) - 1) < 1e-6
+    assert result.unet_evals == 4
+
+    for long in (" ".join(["cat"] * 80), "a cat BREAK a dog"):
+        with pytest.raises(DejaGuardError, match="one 77-token chunk"):
+            denoiser.token_embeddings([long])
+    with pytest.raises(DejaGuardError, match="do not match"):
+        denoiser.encode_token_embeddings(["a cat"], torch.zeros(1, 77, 32))
 
 
 def test_install_adds_diffusers_with_the_webuis_pins(tmp_path):

@@ -19,9 +19,13 @@ server stopped, the test checks:
   the threshold core's own calibration of those prompts on the same weights gives (1e-4 relative);
 - protection (threshold between the two images' scores): the image above it is steered (verdict ``steered``, its
   pixels differ), the other is bit-identical to the run without DejaGuard, and no UNet call is added;
+- token highlighting: A1111's Explain route answers the prompt's words with one finite share each (summing to 1),
+  equal to core's token significance on core's own loading of the checkpoint; Forge's answers one line saying why
+  not;
 - with ``DEJAGUARD_WEBUI_NODE_MODULES`` (playwright-core) and chromium: the page shows the DejaGuard section in
   txt2img and img2img, and after ticking the section and clicking Generate, the per-image badge (red,
-  "memorized", the score and the calibration's threshold) above the image's infotext (headless Chromium).
+  "memorized", the score and the calibration's threshold) above the image's infotext; after clicking Explain, the
+  highlighted words right under the prompt box (A1111; Forge: the one line) (headless Chromium).
 
 ``DEJAGUARD_WEBUI_OUT=DIR`` keeps a run's output (results, probe records, server log) in DIR;
 ``DEJAGUARD_WEBUI_RESULTS=DIR`` checks such a folder again without starting a server.
@@ -45,6 +49,7 @@ REPO = Path(__file__).resolve().parents[2]
 ROOT_ENV = "DEJAGUARD_WEBUI_ROOT"
 WEBUI_ROOT = Path(os.environ[ROOT_ENV]).expanduser() if os.environ.get(ROOT_ENV) else None
 CHECK = Path(__file__).with_name("check_webui.py")
+PROMPT = "a photograph of an astronaut riding a horse"  # check_webui.py's
 
 pytestmark = [
     pytest.mark.slow,
@@ -187,6 +192,56 @@ def test_page_shows_the_badge_after_generate(run):
     assert float(score) > 0.001
     assert badge["background"] == "rgb(185, 28, 28)", badge  # red
     assert badge["children"] == 0, badge
+
+
+FORGE = WEBUI_ROOT is not None and (WEBUI_ROOT / "webui" / "backend").is_dir()
+
+
+def test_page_highlights_the_words_after_explain(run):
+    """Clicking Explain shows, right under the prompt box, one span per word of the prompt whose text is the word
+    alone (textContent: no child elements), red with an opacity growing with its share, the top word fully red; the
+    payload box is hidden. Forge: the one line saying why not."""
+    tokens = _page(run).get("tokens")
+    assert tokens is not None, _page(run)["errors"]
+    print(f"page: {tokens['text']!r}")
+    assert tokens["belowPrompt"] and tokens["hiddenPayload"] == "none", tokens
+    if FORGE:
+        assert tokens["spans"] == [] and "not available in this WebUI" in tokens["text"], tokens
+        return
+    spans = tokens["spans"]
+    assert [s["word"] for s in spans] == PROMPT.split(), tokens
+    assert all(s["children"] == 0 for s in spans)
+    top = max(spans, key=lambda s: s["score"])
+    assert top["background"] == "rgb(220, 38, 38)", top
+    assert abs(sum(s["score"] for s in spans) - 1) < 1e-6
+
+
+def test_explain_route(run, core_denoiser):
+    """``POST /dejaguard/v1/explain`` (the Explain button's function) at 64x64, 1 step: A1111 answers the prompt's
+    pieces and words with finite shares summing to 1, after 2 UNet evaluations, equal to core's token significance
+    of the prompt on core's own loading of the checkpoint (diffusers' UNet and CLIP; 1e-5 relative, measured 1.5e-7 on
+    A1111); Forge answers one line."""
+    from dejaguard.core.explain import token_significance
+
+    answer = run[1]["explain"]
+    print(f"explain ({answer['seconds']:.0f} s): {answer}")
+    if FORGE:
+        assert "not available in this WebUI" in answer["error"] and "inference" in answer["error"], answer
+        return
+    assert "error" not in answer, answer
+    assert answer["words"] == PROMPT.split() and len(answer["word_scores"]) == len(answer["words"])
+    assert len(answer["scores"]) == len(answer["tokens"]) == len(answer["word_ids"])
+    assert all(torch.isfinite(torch.tensor(answer["scores"]))) and abs(sum(answer["word_scores"]) - 1) < 1e-6
+    assert answer["unet_evals"] == 2 and answer["steps"] == 1
+    shape, core_denoiser.sample_shape = core_denoiser.sample_shape, (4, 8, 8)
+    try:
+        direct = token_significance(core_denoiser, PROMPT, steps=1)
+    finally:
+        core_denoiser.sample_shape = shape
+    print(f"WebUI {answer['word_scores']} core {direct.word_scores}")
+    assert answer["tokens"] == direct.tokens and answer["seed"] == direct.seed
+    torch.testing.assert_close(torch.tensor(answer["scores"], dtype=torch.float64),
+                               torch.tensor(direct.scores, dtype=torch.float64), rtol=1e-5, atol=0)
 
 
 @pytest.fixture(scope="module")
