@@ -332,11 +332,11 @@ class DiffusersDenoiser:
             raise DejaGuardError(f"token embeddings {tuple(token_embeddings.shape)} do not match the "
                                  f"{len(prompts)} prompt(s) of {ids.shape[1]} tokens and width {width}")
         if not self.pooled_width:
-            with _substituted(self.text_encoder, token_embeddings):
+            with substituted_token_embeddings(self.text_encoder, token_embeddings):
                 return self.text_encoder(ids).last_hidden_state.to(self.dtype)
         first = self.text_encoder.get_input_embeddings().embedding_dim
-        with _substituted(self.text_encoder, token_embeddings[..., :first]), \
-                _substituted(self.text_encoder_2, token_embeddings[..., first:]):
+        with substituted_token_embeddings(self.text_encoder, token_embeddings[..., :first]), \
+                substituted_token_embeddings(self.text_encoder_2, token_embeddings[..., first:]):
             return self._encode_two(ids, self._ids(self.tokenizer_2, prompts))
 
     def predict_noise(self, samples: torch.Tensor, timestep: torch.Tensor | int,
@@ -451,7 +451,7 @@ def _pooled_width(config: Any, text_encoder: torch.nn.Module, text_encoder_2: to
 
 
 @contextmanager
-def _substituted(encoder: torch.nn.Module, rows: torch.Tensor) -> Iterator[None]:
+def substituted_token_embeddings(encoder: torch.nn.Module, rows: torch.Tensor) -> Iterator[None]:
     """Within the block, ``encoder``'s embedding table outputs ``rows (B, L, E)`` instead of its own rows.
 
     A forward hook, because transformers' CLIP text models need ``input_ids`` (causal mask, pooling at the end

@@ -31,8 +31,9 @@ output already holds the inversion rows) instead of re-implementing any of it:
   EOS, as the WebUI tokenized them: emphasis brackets and weights are not pieces, a textual inversion's positions
   show the placeholder id the WebUI puts there);
 - :meth:`encode_token_embeddings` runs the WebUI's encoding again with the table's output replaced by the given rows
-  (core's :func:`~core.denoiser._substituted`), differentiably, so ``encode_token_embeddings(p, token_embeddings(p))``
-  is ``encode_prompts(p)`` exactly, emphasis and textual inversions included.
+  (core's :func:`~core.denoiser.substituted_token_embeddings`), differentiably, so
+  ``encode_token_embeddings(p, token_embeddings(p))`` is ``encode_prompts(p)`` exactly,
+  emphasis and textual inversions included.
 
 One chunk only: a prompt over 75 tokens (or with ``BREAK``) is encoded in several 77-token chunks, which the
 ``(B, 77, E)`` token rows of the seam cannot hold; those get a one-line :class:`~core.errors.DejaGuardError`.
@@ -48,7 +49,7 @@ from typing import Any
 
 import torch
 
-from ..core.denoiser import UNetCounter, _substituted
+from ..core.denoiser import UNetCounter, substituted_token_embeddings
 from ..core.errors import DejaGuardError
 from ..core.sampling import ddim_from_alphas_cumprod
 
@@ -121,7 +122,7 @@ class WebUIDenoiser:
             if rows is None:
                 out = self._encode(list(prompts))
             else:
-                with _substituted(self.text_encoder, rows):
+                with substituted_token_embeddings(self.text_encoder, rows):
                     out = self._encode(list(prompts))
         finally:
             handle.remove()
