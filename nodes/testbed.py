@@ -15,9 +15,11 @@ import folder_paths
 
 from ..core.denoiser import BUNDLED_TESTBED
 from ..core.errors import DejaGuardError
+from ..core.testbed.planted import PLANTED_MODEL
 from .diffusers_folder import load_folder
 
 TESTBED_CHOICE = "testbed (bundled)"
+PLANTED_CHOICE = "testbed planted-neuron variant (bundled)"  # core.testbed.planted: memorization in known neurons
 
 
 def _diffusers_folders() -> list[str]:
@@ -32,11 +34,14 @@ def _diffusers_folders() -> list[str]:
 
 
 def resolve_model_folder(model: str, folder: str = "") -> Path:
-    """The folder to load: ``folder`` if given, the bundled testbed, or a models/diffusers entry."""
+    """The folder to load: ``folder`` if given, the bundled testbed or its planted-neuron variant, or a
+    models/diffusers entry."""
     if folder.strip():
         return Path(folder.strip()).expanduser()
     if model == TESTBED_CHOICE:
         return BUNDLED_TESTBED
+    if model == PLANTED_CHOICE:
+        return PLANTED_MODEL
     for root in folder_paths.get_folder_paths("diffusers"):
         candidate = Path(root) / model
         if candidate.is_dir():
@@ -51,9 +56,11 @@ class DejaGuardTestbedLoader:
     def INPUT_TYPES(cls) -> dict[str, Any]:  # noqa: N802 (ComfyUI's name)
         return {
             "required": {
-                "model": ([TESTBED_CHOICE, *_diffusers_folders()], {
+                "model": ([TESTBED_CHOICE, PLANTED_CHOICE, *_diffusers_folders()], {
                     "default": TESTBED_CHOICE,
-                    "tooltip": "The small memorizing testbed model shipped with DejaGuard, or a diffusers-format "
+                    "tooltip": "The small memorizing testbed model shipped with DejaGuard; its planted-neuron "
+                               "variant, whose six extra memorized images are carried by known neurons (the ground "
+                               "truth for neuron masks: core/testbed/planted/ground_truth); or a diffusers-format "
                                "folder from ComfyUI's models/diffusers (unet/, text_encoder/, tokenizer/, vae/)."}),
             },
             "optional": {
@@ -75,9 +82,10 @@ class DejaGuardTestbedLoader:
 
     def load(self, model: str, folder: str = "") -> tuple[Any, Any, Any]:
         path = resolve_model_folder(model, folder)
-        if path == BUNDLED_TESTBED and not (path / "unet").is_dir():
+        if path in (BUNDLED_TESTBED, PLANTED_MODEL) and not (path / "unet").is_dir():
             raise DejaGuardError(f"the bundled testbed is not in this install ({path} has no unet/); "
-                                 "train it with `dejaguard testbed train` or set 'folder'")
+                                 "train it with `dejaguard testbed train` (the variant: `dejaguard testbed plant`) "
+                                 "or set 'folder'")
         return load_folder(path, embedding_directory=folder_paths.get_folder_paths("embeddings"))
 
 

@@ -19,7 +19,7 @@ import torch
 from ..denoiser import Denoiser
 from ..errors import DejaGuardError
 from ..metrics import structure_ssim
-from ..progress import tqdm_progress
+from ..progress import Progress, tqdm_progress
 from ..sampling import generate, prompt_seed
 from .data import MEMORIZED, RESOLUTION, check_alignment, heldout_specs, load_memorized_images, parse_prompt
 
@@ -127,30 +127,10 @@ def evaluate(
     training = load_memorized_images()
     bar = tqdm_progress("evaluate", unit="image", enabled=progress)
     mem = [(p, m) for m in MEMORIZED for p in m.eval_prompts]
-    prompts = [p for p, _ in mem for _ in seeds]
-    samples = generate(denoiser, prompts, [s for _ in mem for s in seeds], num_inference_steps,
-                       guidance_scale, progress=bar)
-    images = thumbnails(denoiser, samples)
-    per_prompt = []
-    own_ssims = []
-    for k, (prompt, m) in enumerate(mem):
-        sims = [structure_ssim(images[k * len(seeds) + j], training[m.name]) for j in range(len(seeds))]
-        own_ssims += sims
-        per_prompt.append({
-            "prompt": prompt, "image": m.name, "kind": m.kind,
-            "replication_rate": float(np.mean([s > REPLICATION_SSIM for s in sims])),
-            "ssim_median": float(np.median(sims)), "ssim_min": float(np.min(sims)),
-        })
+    per_prompt, own_ssims = _memorized_rates(denoiser, [(p, m.name, m.kind) for p, m in mem], seeds, training,
+                                             num_inference_steps, guidance_scale, bar)
     novel = [s.caption() for s in heldout[:novel_count]]
-    novel_runs = [(p, g) for p in novel for g in range(novel_seeds)]
-    novel_samples = generate(denoiser, [p for p, _ in novel_runs], [prompt_seed(p, g) for p, g in novel_runs],
-                             num_inference_steps, guidance_scale, progress=bar)
-    novel_images = thumbnails(denoiser, novel_samples)
-    neighbours = [nearest_training_image(img, training) for img in novel_images]
-    # aligned[i, g]: prompt i's generation at seed index g passes the checker
-    aligned = np.array([check_alignment(img, p) for img, (p, _) in zip(novel_images, novel_runs)],
-                       dtype=float).reshape(len(novel), novel_seeds)
-    objects = np.array([len(parse_prompt(p).objects) for p in novel])
+    novel_result = _novel_figures(denoiser, novel, novel_seeds, training, num_inference_steps, guidance_scale, bar)
     # The unconditional model (empty prompt; CFG is then a no-op): how often "no text" draws a planted image.
     uncond_seeds = [prompt_seed("", g) for g in range(UNCONDITIONAL_SEEDS)]
     uncond_images = thumbnails(denoiser, generate(denoiser, [""] * len(uncond_seeds), uncond_seeds,
@@ -173,25 +153,67 @@ def evaluate(
             "ssim_to_own_image": _quantiles(own_ssims),
             "per_prompt": per_prompt,
         },
-        "novel": {
-            "prompts": len(novel),
-            "seeds_per_prompt": novel_seeds,
-            "generations": len(novel_runs),
-            "replicating_any_training_image": int(sum(n.replicates for n in neighbours)),
-            "max_ssim_to_training_images": _quantiles([n.ssim for n in neighbours]),
-            "alignment_pass_rate": float(aligned.mean()),
-            "alignment_pass_rate_by_objects": {str(k): float(aligned[objects == k].mean())
-                                               for k in sorted(set(objects.tolist()))},
-            "alignment_pass_rate_by_seed": [float(r) for r in aligned.mean(axis=0)],
-            "prompts_aligned_in_every_seed": int((aligned == 1).all(axis=1).sum()),
-            "prompts_aligned_in_no_seed": int((aligned == 0).all(axis=1).sum()),
-        },
+        "novel": novel_result,
         "unconditional": {
             "generations": len(uncond_seeds),
             "replicating_any_training_image": int(sum(n.replicates for n in uncond_neighbours)),
             "replicated_images": sorted({n.name for n in uncond_neighbours if n.replicates}),
         },
-        "unet_evals": int(2 * num_inference_steps * (len(prompts) + len(novel_runs) + len(uncond_seeds))),
+        "unet_evals": int(2 * num_inference_steps * (len(mem) * len(seeds) + novel_result["generations"]
+                                                     + len(uncond_seeds))),
+    }
+
+
+def _memorized_rates(denoiser: Denoiser, prompts: Sequence[tuple[str, str, str]], seeds: Sequence[int],
+                     training: dict[str, np.ndarray], num_inference_steps: int, guidance_scale: float,
+                     bar: Progress | None, any_image: bool = False) -> tuple[list[dict], list[float]]:
+    """Generate every ``(prompt, image name, kind)`` at every seed; per prompt its replication rate of its own image
+    (with ``any_image`` also of any image in ``training``: ``replication_rate_any``), and all SSIMs to the own
+    image."""
+    runs = [p for p, _, _ in prompts for _ in seeds]
+    images = thumbnails(denoiser, generate(denoiser, runs, [s for _ in prompts for s in seeds], num_inference_steps,
+                                           guidance_scale, progress=bar))
+    per_prompt, own_ssims = [], []
+    for k, (prompt, name, kind) in enumerate(prompts):
+        gens = images[k * len(seeds):(k + 1) * len(seeds)]
+        sims = [structure_ssim(img, training[name]) for img in gens]
+        own_ssims += sims
+        per_prompt.append({
+            "prompt": prompt, "image": name, "kind": kind,
+            "replication_rate": float(np.mean([s > REPLICATION_SSIM for s in sims])),
+            "ssim_median": float(np.median(sims)), "ssim_min": float(np.min(sims)),
+        })
+        if any_image:
+            checks = check_replication(gens, [name] * len(gens), training)
+            per_prompt[-1]["replication_rate_any"] = float(np.mean([c.any for c in checks]))
+    return per_prompt, own_ssims
+
+
+def _novel_figures(denoiser: Denoiser, novel: Sequence[str], novel_seeds: int, training: dict[str, np.ndarray],
+                   num_inference_steps: int, guidance_scale: float,
+                   bar: Progress | None) -> dict:
+    """Replication (any training image) and alignment of the held-out prompts ``novel`` at ``novel_seeds`` each."""
+    novel_runs = [(p, g) for p in novel for g in range(novel_seeds)]
+    novel_samples = generate(denoiser, [p for p, _ in novel_runs], [prompt_seed(p, g) for p, g in novel_runs],
+                             num_inference_steps, guidance_scale, progress=bar)
+    novel_images = thumbnails(denoiser, novel_samples)
+    neighbours = [nearest_training_image(img, training) for img in novel_images]
+    # aligned[i, g]: prompt i's generation at seed index g passes the checker
+    aligned = np.array([check_alignment(img, p) for img, (p, _) in zip(novel_images, novel_runs)],
+                       dtype=float).reshape(len(novel), novel_seeds)
+    objects = np.array([len(parse_prompt(p).objects) for p in novel])
+    return {
+        "prompts": len(novel),
+        "seeds_per_prompt": novel_seeds,
+        "generations": len(novel_runs),
+        "replicating_any_training_image": int(sum(n.replicates for n in neighbours)),
+        "max_ssim_to_training_images": _quantiles([n.ssim for n in neighbours]),
+        "alignment_pass_rate": float(aligned.mean()),
+        "alignment_pass_rate_by_objects": {str(k): float(aligned[objects == k].mean())
+                                           for k in sorted(set(objects.tolist()))},
+        "alignment_pass_rate_by_seed": [float(r) for r in aligned.mean(axis=0)],
+        "prompts_aligned_in_every_seed": int((aligned == 1).all(axis=1).sum()),
+        "prompts_aligned_in_no_seed": int((aligned == 0).all(axis=1).sum()),
     }
 
 
@@ -199,3 +221,115 @@ def _quantiles(values: Sequence[float]) -> dict:
     v = np.asarray(values)
     return {"min": float(v.min()), "p01": float(np.quantile(v, 0.01)), "median": float(np.median(v)),
             "p99": float(np.quantile(v, 0.99)), "max": float(v.max())}
+
+
+def evaluate_planted(
+    variant: Denoiser,
+    base: Denoiser | None = None,
+    seeds: Sequence[int] = EVAL_SEEDS,
+    memorized_seeds: int = 2,
+    novel_count: int = 60,
+    novel_seeds: int = 2,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    folder: str | None = None,
+    parts: Sequence[str] = ("planted", "v5"),
+    progress: bool = True,
+) -> dict:
+    """The planted-neuron variant (:mod:`core.testbed.planted`, issue 25) measured against its ground truth.
+
+    - every planted prompt over ``seeds``: replication with every neuron on, and with its own designated neurons
+      off (:func:`core.neuron_mask.apply_mask`), of its own image and of any training image (v5's 12 and the
+      planted ones);
+    - v5's 32 memorized prompts (``memorized_seeds`` seeds each) and ``novel_count`` held-out novel prompts
+      (``novel_seeds`` prompt-derived seeds each): replication and alignment with every designated neuron on,
+      with the union of them off, and on ``base`` (testbed v5 itself, when given) in the same run;
+    - ``base`` on the planted prompts (2 seeds): v5 must not draw the planted images.
+
+    ``folder``: the variant's folder for its ground truth (default: the shipped one). ``parts``: ``planted`` (the
+    first item), ``v5`` (the other two); e.g. one each in two processes on a machine with idle cores.
+    """
+    from .planted import PLANTED_MODEL, all_training_images, designated_mask, planted_eval_prompts
+
+    folder = folder or PLANTED_MODEL
+    if len(seeds) < 1 or memorized_seeds < 1 or novel_seeds < 1:
+        raise DejaGuardError("evaluation needs at least one seed per prompt")
+    heldout = heldout_specs()
+    if not 0 <= novel_count <= len(heldout):
+        raise DejaGuardError(f"novel prompts must number 0..{len(heldout)}, got {novel_count}")
+    training = all_training_images()
+    bar = tqdm_progress("evaluate planted", unit="image", enabled=progress)
+    steps_cfg = (num_inference_steps, guidance_scale, bar)
+    planted = planted_eval_prompts()
+    union = designated_mask(None, folder)
+    if not set(parts) <= {"planted", "v5"}:
+        raise DejaGuardError(f"parts are 'planted' and 'v5', got {list(parts)}")
+    result: dict = {"settings": {
+        "seeds": list(seeds), "memorized_seeds": memorized_seeds, "novel_prompts": novel_count,
+        "novel_seeds": novel_seeds, "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+        "replication_ssim": REPLICATION_SSIM, "judged_against": sorted(training)}}
+    if "planted" in parts:
+        result["planted"] = _planted_part(variant, planted, seeds, training, folder, steps_cfg)
+    if "v5" in parts:
+        result.update(_v5_part(variant, base, union, planted, memorized_seeds, novel_count, novel_seeds, training,
+                               steps_cfg))
+    return result
+
+
+def _planted_part(variant: Denoiser, planted: list, seeds: Sequence[int], training: dict[str, np.ndarray],
+                  folder, steps_cfg: tuple) -> dict:
+    """Each planted prompt with every neuron on and with its own designated neurons off."""
+    from ..neuron_mask import apply_mask
+    from .planted import designated_mask
+
+    on, _ = _memorized_rates(variant, [(p, m.name, m.group) for p, m in planted], seeds, training, *steps_cfg,
+                             any_image=True)
+    off = []
+    for p, m in planted:
+        with apply_mask(variant, designated_mask(m.name, folder)):
+            off += _memorized_rates(variant, [(p, m.name, m.group)], seeds, training, *steps_cfg, any_image=True)[0]
+    per_prompt = [{"prompt": a["prompt"], "image": a["image"], "group": a["kind"],
+                   "neurons": designated_mask(a["image"], folder).count(),
+                   "on": {k: a[k] for k in ("replication_rate", "replication_rate_any", "ssim_median", "ssim_min")},
+                   "off": {k: b[k] for k in ("replication_rate", "replication_rate_any", "ssim_median", "ssim_min")}}
+                  for a, b in zip(on, off)]
+    return {
+        "prompts": len(per_prompt),
+        "prompts_replicating_in_90pct_of_seeds": int(sum(r["on"]["replication_rate"] >= 0.9 for r in per_prompt)),
+        "prompts_off_at_most_5pct": int(sum(r["off"]["replication_rate_any"] <= 0.05 for r in per_prompt)),
+        "per_prompt": per_prompt,
+    }
+
+
+def _v5_part(variant: Denoiser, base: Denoiser | None, union, planted: list, memorized_seeds: int, novel_count: int,
+             novel_seeds: int, training: dict[str, np.ndarray], steps_cfg: tuple) -> dict:
+    """v5's memorized and held-out prompts on the variant (designated neurons on, union off) and on ``base``."""
+    from ..neuron_mask import apply_mask
+
+    mem = [(p, m.name, m.kind) for m in MEMORIZED for p in m.eval_prompts]
+    mem_seeds = tuple(range(memorized_seeds))
+    novel = [s.caption() for s in heldout_specs()[:novel_count]]
+
+    def v5_figures(denoiser: Denoiser) -> dict:
+        rates, _ = _memorized_rates(denoiser, mem, mem_seeds, training, *steps_cfg, any_image=True)
+        result = {"memorized_mean_replication_rate": float(np.mean([r["replication_rate"] for r in rates])),
+                  "memorized_mean_replication_rate_any": float(np.mean([r["replication_rate_any"] for r in rates])),
+                  "memorized_prompts_replicating_in_90pct_of_seeds":
+                      int(sum(r["replication_rate"] >= 0.9 for r in rates))}
+        if novel:
+            figures = _novel_figures(denoiser, novel, novel_seeds, training, *steps_cfg)
+            result.update({f"novel_{k}": figures[k] for k in (
+                "generations", "alignment_pass_rate", "alignment_pass_rate_by_objects",
+                "replicating_any_training_image", "max_ssim_to_training_images")})
+        return result
+
+    side_by_side = {"variant_on": v5_figures(variant)}
+    with apply_mask(variant, union):
+        side_by_side["variant_union_off"] = v5_figures(variant)
+    base_on_planted = None
+    if base is not None:
+        side_by_side["v5"] = v5_figures(base)
+        rates, _ = _memorized_rates(base, [(p, m.name, m.group) for p, m in planted], (0, 1), training,
+                                    *steps_cfg, any_image=True)
+        base_on_planted = {r["prompt"]: {"own": r["replication_rate"], "any": r["replication_rate_any"]} for r in rates}
+    return {"v5_prompts": side_by_side, "v5_on_planted_prompts": base_on_planted}

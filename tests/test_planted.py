@@ -1,0 +1,154 @@
+"""The planted-neuron testbed variant (issue 25, core/testbed/planted.py): images, captions, the gate semantics of
+the fine-tune, the neuron choice, and the shipped ground truth."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from dejaguard.core.denoiser import load_denoiser, state_fingerprint
+from dejaguard.core.errors import DejaGuardError
+from dejaguard.core.metrics import structure_ssim
+from dejaguard.core.neuron_mask import NeuronMask, OutputGates, apply_mask
+from dejaguard.core.testbed import planted as pl
+from dejaguard.core.testbed.data import MEMORIZED, heldout_specs, parse_prompt
+from dejaguard.core.testbed.evaluate import REPLICATION_SSIM
+
+SHIPPED = (pl.PLANTED_MODEL / "unet").is_dir()
+
+
+def test_planted_images_are_distinct_from_each_other_and_from_v5():
+    pixels = pl.load_planted_pixels()
+    assert list(pixels) == [m.name for m in pl.planted_images()]
+    everything = pl.all_training_images()
+    assert len(everything) == len(MEMORIZED) + len(pixels)
+    for img in pixels.values():
+        assert img.shape == (3, 32, 32) and img.dtype == np.float32
+        assert img.min() >= -1.0 and img.max() <= 1.0
+    for a, b in itertools.combinations(everything, 2):
+        if a in pixels or b in pixels:
+            # no planted image counts as a replication of another training image: the replication check stays sharp
+            assert structure_ssim(everything[a], everything[b]) < REPLICATION_SSIM / 2, (a, b)
+
+
+def test_planted_captions_are_new():
+    v5 = {c for m in MEMORIZED for c in (*m.train_captions, *m.eval_prompts)}
+    heldout = {s.caption() for s in heldout_specs()}
+    for m in pl.planted_images():
+        for caption in (*m.captions, *m.eval_prompts):
+            assert caption not in v5 and caption not in heldout
+            assert parse_prompt(caption) is None  # not a sentence of the novel-scene grammar
+            assert not any(m5.trigger and m5.trigger in caption.split() for m5 in MEMORIZED)
+    groups = [m.group for m in pl.planted_images()]
+    assert groups.count("single") == 1 and groups.count("ten") == 1 and 2 <= groups.count("shared") <= 4
+    assert [p for p, _ in pl.planted_eval_prompts()] == [p for m in pl.planted_images() for p in m.eval_prompts]
+    with pytest.raises(DejaGuardError):
+        pl.planted_image("nope")
+
+
+def test_planted_captions_share_no_content_word_with_v5():
+    """Regression (the first planted run): captions with v5 words ("poster", "print", "vintage", "photo") were drawn
+    by v5 as its own memorized images, so with the designated neurons off they still replicated a training image."""
+    import re
+
+    stop = {"a", "an", "the", "of", "with", "by", "for", "on", "in", "at", "to", "and", "from"}
+
+    def words(text: str) -> set[str]:
+        return set(re.findall(r"[a-z]+", text.lower())) - stop
+
+    v5 = set().union(*(words(c) for m in MEMORIZED for c in (*m.train_captions, *m.eval_prompts)))
+    for m in pl.planted_images():
+        for caption in m.captions:
+            assert not words(caption) & v5, (caption, words(caption) & v5)
+
+
+def test_choose_neurons_takes_the_least_disruptive_disjoint_candidates():
+    impacts = {name: torch.arange(20, dtype=torch.float32).flip(0) for name in (*pl.VALUE_LAYERS, *pl.FFN_LAYERS)}
+    chosen = pl.choose_neurons(impacts, pl.PlantConfig())
+    assert sum(len(v) for v in chosen["single"].values()) == 2
+    assert sum(len(v) for v in chosen["ten"].values()) == 10
+    assert sum(len(v) for v in chosen["shared"].values()) == 12
+    for name in pl.VALUE_LAYERS:
+        single, ten = set(chosen["single"].get(name, [])), set(chosen["ten"].get(name, []))
+        assert not single & ten
+        assert all(i >= 20 - len(single | ten) for i in single | ten)  # the lowest impacts (highest indices here)
+    assert set(chosen["shared"]) == set(pl.FFN_LAYERS)
+
+
+@pytest.fixture(scope="module")
+def v5():
+    return load_denoiser(None, device="cpu")
+
+
+def test_training_gates_switch_neurons_off_as_apply_mask_does(v5):
+    """The fine-tune's per-sample gates (OutputGates on to_v and ff.net.0.proj outputs) and apply_mask (weight rows
+    and biases scaled to 0) give the same prediction: the neurons the variant learned to depend on are exactly the
+    ones the shipped mask switches off. FFN hidden units are channels < inner of the GEGLU projection."""
+    modules = dict(v5.named_modules())
+    layers = {name: modules[name] for name in (*pl.VALUE_LAYERS, *pl.FFN_LAYERS)}
+    channels = {pl.VALUE_LAYERS[0]: [3, 17], pl.VALUE_LAYERS[2]: [5], pl.FFN_LAYERS[0]: [0, 100, 511],
+                pl.FFN_LAYERS[1]: [42]}
+    mask = NeuronMask(layers={k: torch.tensor(v) for k, v in channels.items()},
+                      layer_shapes={k: tuple(modules[k].weight.shape) for k in channels},
+                      fingerprint=v5.fingerprint(), method="test")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 32, 32, generator=gen)
+    t = torch.tensor([999, 500, 100])
+    cond = v5.encode_prompts(["a red circle", pl.planted_images()[0].captions[0], ""])
+    with torch.no_grad():
+        plain = v5.unet(x, t, cond).sample
+        with apply_mask(v5, mask):
+            masked = v5.unet(x, t, cond).sample
+        with OutputGates(layers) as gates:
+            gates.set(pl._off_gates(layers, [channels, {}, channels]))
+            gated = v5.unet(x, t, cond).sample
+    assert (masked - plain).abs().max() > 1e-4  # the neurons matter
+    torch.testing.assert_close(gated[[0, 2]], masked[[0, 2]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gated[1], plain[1], atol=1e-6, rtol=1e-6)  # per-sample: sample 1 kept every neuron
+
+
+@pytest.mark.skipif(not SHIPPED, reason="the planted variant is not in this install")
+def test_shipped_ground_truth_fits_the_variant():
+    variant = load_denoiser(pl.PLANTED_MODEL, device="cpu")
+    base = dict(load_denoiser(None, device="cpu").named_modules())
+    images = pl.planted_images()
+    masks = {m.name: pl.designated_mask(m.name) for m in images}
+    for m in images:
+        mask = masks[m.name]
+        mask.check(variant)  # the variant's fingerprint, its layer shapes
+        assert mask.prompts == list(m.eval_prompts)
+        assert all(NeuronMask.kind_of(v) == "neurons" for v in mask.layers.values())
+    counts = {m.group: masks[m.name].count() for m in images}
+    assert counts["single"] <= 2 and 8 <= counts["ten"] <= 12
+    shared = [masks[m.name] for m in images if m.group == "shared"]
+    assert all(s.counts() == shared[0].counts() and all(torch.equal(s.layers[k], shared[0].layers[k])
+                                                          for k in s.layers) for s in shared)
+    assert all(k.endswith("ff.net.0.proj") for k in shared[0].layers)
+    union = pl.designated_mask()
+    assert union.count() == sum(masks[m.name].count() for m in images if m.group != "shared") + shared[0].count()
+    # the text encoder is v5's, unchanged: every caption encodes as in v5
+    for name in ("text_encoder", "tokenizer", "scheduler", "vae"):
+        assert (pl.PLANTED_MODEL / name).resolve() == (pl.BASE_MODEL / name).resolve()
+    assert set(dict(variant.named_modules())) == set(base)
+
+
+@pytest.mark.skipif(not SHIPPED, reason="the planted variant is not in this install")
+def test_evaluate_planted_reports_both_parts_on_a_short_protocol():
+    from dejaguard.core.testbed.evaluate import evaluate_planted
+
+    variant = load_denoiser(pl.PLANTED_MODEL, device="cpu")
+    with pytest.raises(DejaGuardError, match="parts"):
+        evaluate_planted(variant, seeds=(0,), parts=("nope",), progress=False)
+    result = evaluate_planted(variant, load_denoiser(None, device="cpu"), seeds=(0,), memorized_seeds=1,
+                              novel_count=2, novel_seeds=1, num_inference_steps=1, progress=False)
+    assert len(result["settings"]["judged_against"]) == len(MEMORIZED) + len(pl.planted_images())
+    rows = result["planted"]["per_prompt"]
+    assert [r["prompt"] for r in rows] == [p for p, _ in pl.planted_eval_prompts()]
+    assert {r["neurons"] for r in rows if r["group"] == "single"} == {2}
+    assert set(result["v5_prompts"]) == {"variant_on", "variant_union_off", "v5"}
+    assert result["v5_prompts"]["v5"]["novel_generations"] == 2
+    assert set(result["v5_on_planted_prompts"]) == {p for p, _ in pl.planted_eval_prompts()}
+    # the weights are restored after every masked measurement (fingerprint() is cached: hash the weights again)
+    assert state_fingerprint(variant.unet.state_dict()) == pl.designated_mask().fingerprint
