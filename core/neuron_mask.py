@@ -349,12 +349,22 @@ def neurons_mask(denoiser: Denoiser, layers: dict[str, torch.nn.Module], neurons
 
 
 
+FFN_OUT, FFN_IN = "ff.net.2", "ff.net.0.proj"  # an FFN hidden unit j: row j of ff.net.0.proj, column j of ff.net.2
+
+
 def mask_units(mask: NeuronMask) -> set[Neuron]:
-    """The neurons a mask touches, as ``(layer, output channel)`` pairs: a neuron mask's indices ``(k,)`` as they
-    are; a weight-entry mask's ``(k, 2)`` entries by their output row (a row with at least one masked weight counts
-    as one touched neuron). The unit :func:`recall_precision` counts in."""
+    """The neurons a mask touches, as ``(layer, channel)`` pairs: a neuron mask's indices ``(k,)`` as they are; a
+    weight-entry mask's ``(k, 2)`` entries by their output row (a row with at least one masked weight counts as one
+    touched neuron), except on an FFN's output layer ``...ff.net.2``, whose entry ``(row, j)`` is a weight *of FFN
+    hidden unit j* and counts as neuron ``(...ff.net.0.proj, j)`` (the unit that row ``j`` of the FFN's input
+    projection computes: the unit a ground truth of FFN neurons names, and what Chavhan et al.'s Wanda-style scores
+    rank by its input activation ``||X_j||``). The unit :func:`recall_precision` counts in."""
     units: set[Neuron] = set()
     for name, idx in mask.layers.items():
+        if idx.ndim == 2 and name.endswith(FFN_OUT):
+            ffn_in = name[: -len(FFN_OUT)] + FFN_IN
+            units.update((ffn_in, int(j)) for j in idx[:, 1].tolist())
+            continue
         rows = idx if idx.ndim == 1 else idx[:, 0]
         units.update((name, int(i)) for i in rows.tolist())
     return units
@@ -363,10 +373,11 @@ def mask_units(mask: NeuronMask) -> set[Neuron]:
 def recall_precision(found: NeuronMask, truth: NeuronMask) -> tuple[float, float]:
     """How well a mask found by a method (NeMo, the FFN subspace) matches a ground-truth mask, neuron by neuron.
 
-    Both masks are reduced to sets of ``(layer, output channel)`` neurons (:func:`mask_units`): a neuron mask's
-    indices directly, a weight-entry mask's by output row (a row with any masked weight is one neuron; the
-    unit of the project's one mask format, so a ground truth of output channels and a method's pruned weights
-    compare in the same unit). ``recall`` = |found & truth| / |truth|, ``precision`` = |found & truth| / |found|.
+    Both masks are reduced to sets of ``(layer, channel)`` neurons (:func:`mask_units`): a neuron mask's indices
+    directly, a weight-entry mask's by output row (a row with any masked weight is one neuron), an FFN output
+    layer's pruned weights by the FFN hidden unit they belong to, so a ground truth of neurons and a method's
+    pruned weights compare in the same unit.
+    ``recall`` = |found & truth| / |truth|, ``precision`` = |found & truth| / |found|.
     Undefined values are NaN: recall when ``truth`` is empty, precision when ``found`` is empty (a method that
     found nothing has no precision; its recall is 0). A layer both masks name must have the same weight shape
     in both (DejaGuardError otherwise: they were made for different architectures). Fingerprints are not

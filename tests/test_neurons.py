@@ -544,8 +544,17 @@ def test_recall_precision_counts_neurons():
 
 
 def test_recall_precision_counts_weight_entries_by_output_row():
-    truth = _truth_mask({"b.ff.net.2": [0, 4]})
-    weights = _truth_mask({"b.ff.net.2": [[0, 1], [0, 7], [3, 2]]})  # rows 0 (twice) and 3
+    shape = {"b.attn2.to_out.0": (6, 10)}
+    truth = _truth_mask({"b.attn2.to_out.0": [0, 4]}, shape)
+    weights = _truth_mask({"b.attn2.to_out.0": [[0, 1], [0, 7], [3, 2]]}, shape)  # rows 0 (twice) and 3
+    assert recall_precision(weights, truth) == (0.5, 0.5)
+
+
+def test_recall_precision_counts_ffn_output_weights_by_hidden_unit():
+    """A subspace mask prunes entries (row, j) of ff.net.2: they belong to FFN hidden unit j, the neuron a planted
+    ground truth names as row j of ff.net.0.proj (counted by output row, they matched nothing)."""
+    truth = _truth_mask({"b.ff.net.0.proj": [1, 7]}, {"b.ff.net.0.proj": (16, 4)})
+    weights = _truth_mask({"b.ff.net.2": [[0, 1], [3, 1], [2, 5]]}, {"b.ff.net.2": (4, 8)})  # hidden units 1 and 5
     assert recall_precision(weights, truth) == (0.5, 0.5)
 
 
