@@ -95,6 +95,13 @@ def prediction_scores(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, score: s
     raise DejaGuardError(f"unknown score {score!r}: choose one of {', '.join(SCORES)}")
 
 
+def check_score(score: str) -> str:
+    """``score`` if it names one of :data:`SCORES`, else a one-line :class:`DejaGuardError`."""
+    if score not in SCORES:
+        raise DejaGuardError(f"unknown score {score!r}: choose one of {', '.join(SCORES)}")
+    return score
+
+
 def scores_from_denoised(x: torch.Tensor, cond_denoised: torch.Tensor, uncond_denoised: torch.Tensor,
                          sigma: torch.Tensor, score: str = MAGNITUDE) -> torch.Tensor:
     """Per-image score from a k-diffusion sampler's denoised (x0) predictions, as ComfyUI's CFG hooks and the
@@ -126,8 +133,7 @@ class ScoreSettings:
             raise DejaGuardError("steps and generations must be at least 1")
         if self.steps > self.num_inference_steps:
             raise DejaGuardError(f"steps ({self.steps}) exceeds the sampling schedule ({self.num_inference_steps})")
-        if self.score not in SCORES:
-            raise DejaGuardError(f"unknown score {self.score!r}: choose one of {', '.join(SCORES)}")
+        check_score(self.score)
 
     def key(self) -> str:
         """The calibration key. The score option is part of it only when it is not the default, so every key (and

@@ -183,7 +183,8 @@ class ProtectedGeneration:
     images: list[ImageProtection] = field(default_factory=list)
 
 
-def _check_strategy(strategy: str, mask: Any) -> None:
+def check_strategy(strategy: str, mask: Any) -> None:
+    """One line for an unknown strategy, or for the mask strategy without a mask."""
     if strategy not in STRATEGIES:
         raise DejaGuardError(f"unknown protection strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     if strategy == "mask" and mask is None:
@@ -278,7 +279,6 @@ def protected_generate(
     (default: the calibrated level of :func:`core.calibration.resolve_levels`, which the caller passes).
     ``mask``: a :class:`core.neuron_mask.NeuronMask` or its file. ``progress(done, total, "protecting")``.
     """
-    _check_strategy(strategy, mask)
     sampler = LibrarySampler(denoiser, prompts, seeds, num_inference_steps, guidance_scale, batch_size)
     return protect(sampler, prompts, seeds, threshold, strategy, progress, steer_scale=steer_scale,
                    exit_level=exit_level, max_steer_fraction=max_steer_fraction, target=target, mask=mask)
@@ -311,7 +311,7 @@ def protect(
     to ``target``, gated at ``mitigation_threshold``, default ``threshold``: both first-step magnitude levels) or
     with ``mask`` on. Unflagged images keep the first pass's samples. ``progress(done, total, "protecting")``.
     """
-    _check_strategy(strategy, mask)
+    check_strategy(strategy, mask)
     chunks: list[GuidanceSteering] = []
 
     def steering(start: int, end: int) -> GuidanceSteering:
@@ -370,6 +370,6 @@ def _resample(sampler: ProtectSampler, rows: list[int], images: list[ImageProtec
     before = sampler.evals()
     out = sampler.sample(rows, record, embeddings, mask if strategy == "mask" else None)
     per_image = (sampler.evals() - before) // len(rows)
-    for k, after in zip(range(len(rows)), [s for r in recorders for s in r.first_scores]):
-        images[rows[k]].extra_unet_evals, images[rows[k]].score_after = spent[k] + per_image, after
+    for row, extra, after in zip(rows, spent, [s for r in recorders for s in r.first_scores]):
+        images[row].extra_unet_evals, images[row].score_after = extra + per_image, after
     return out

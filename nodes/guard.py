@@ -58,7 +58,7 @@ from typing import Any
 import torch
 
 from ..core.calibration import find_calibration, size_note
-from ..core.detect import MAGNITUDE, SCORE_DESCRIPTIONS, SCORES, ScoreSettings, scores_from_denoised
+from ..core.detect import MAGNITUDE, SCORE_DESCRIPTIONS, SCORES, ScoreSettings, check_score, scores_from_denoised
 from ..core.errors import DejaGuardError
 from .model_check import ModelInfo, check_supported, comfy_fingerprint
 
@@ -455,8 +455,7 @@ class DejaGuardMemorizationGuard:
     def guard(self, model: Any, threshold: float, at_cfg_1: str, calibration: str = "", calibrated: str | None = None,
               unique_id: str | None = None, score: str = MAGNITUDE) -> tuple[Any, GuardState]:
         info = check_supported(model, "guard")
-        if score not in SCORES:
-            raise DejaGuardError(f"unknown score {score!r}: choose one of {', '.join(SCORES)}")
+        check_score(score)
         value, source, calibrated_shape = resolve_calibration(model, threshold,
                                                               calibration.strip() or str(calibrated or ""), score)
         if score != MAGNITUDE:

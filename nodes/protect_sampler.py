@@ -46,7 +46,7 @@ import comfy.samplers
 import comfy.utils
 import torch
 
-from ..core.detect import MAGNITUDE, SCORES
+from ..core.detect import MAGNITUDE, check_score
 from ..core.errors import DejaGuardError
 from ..core.mitigate import mitigate_embedding
 from ..core.protect import (
@@ -55,6 +55,7 @@ from ..core.protect import (
     STRATEGIES,
     GuidanceSteering,
     SteeringFactory,
+    check_strategy,
     protect,
 )
 from .comfy_denoiser import ComfyDenoiser
@@ -217,17 +218,15 @@ class DejaGuardProtectedSampler:
                negative: list, latent_image: dict[str, Any], denoise: float, strategy: str, threshold: float,
                steer_scale: float, max_steer_fraction: float, target: float, neuron_mask: Any = None,
                calibration: str = "", score: str = MAGNITUDE, unique_id: str | None = None) -> dict[str, Any]:
-        if strategy not in STRATEGIES:
-            raise DejaGuardError(f"unknown protection strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
-        check_supported(model, STRATEGY_FEATURES[strategy])  # one line, before anything is sampled
         if strategy == "mask" and neuron_mask is None:
             raise DejaGuardError("the mask strategy needs a neuron mask: connect Load Neuron Mask or Localize Neurons "
                                  "to 'neuron_mask'")
+        check_strategy(strategy, neuron_mask)
+        check_supported(model, STRATEGY_FEATURES[strategy])  # one line, before anything is sampled
         if cfg <= 1.0:
             raise DejaGuardError(f"auto-protect needs CFG > 1 (got {cfg:g}): at CFG 1 ComfyUI computes no "
                                  "unconditional prediction, so there is no first-step score")
-        if score not in SCORES:
-            raise DejaGuardError(f"unknown score {score!r}: choose one of {', '.join(SCORES)}")
+        check_score(score)
         if strategy == "embedding" and len(positive) != 1:
             raise DejaGuardError(f"the embedding strategy optimizes one conditioning; got {len(positive)} entries "
                                  "(combine them first or use the guidance strategy)")
