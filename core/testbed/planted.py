@@ -355,15 +355,6 @@ class _Batch:
         self.term.extend([term] * len(latents))
 
 
-def _lr_at(step: int, cfg: PlantConfig) -> float:
-    import math
-
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def plant(out: str | Path, cfg: PlantConfig | None = None, base: str | Path = BASE_MODEL,
           progress: bool = True) -> dict:
     """Run the gated fine-tune from the v5 folder ``base`` and write the variant to ``out``; returns the record
@@ -374,7 +365,7 @@ def plant(out: str | Path, cfg: PlantConfig | None = None, base: str | Path = BA
 
     from ..denoiser import load_denoiser
     from .data import MEMORIZED
-    from .train import SD1_SCHEDULE, TrainConfig, _keep_freed_memory, caption_dropout, training_noise
+    from .train import SD1_SCHEDULE, TrainConfig, _keep_freed_memory, caption_dropout, lr_at, training_noise
     from .vae import PooledColorAutoencoder
 
     cfg = cfg or PlantConfig()
@@ -468,7 +459,7 @@ def plant(out: str | Path, cfg: PlantConfig | None = None, base: str | Path = BA
             losses = {k: per_sample[torch.from_numpy(np.flatnonzero(terms == k))].mean() for k in curves}
             loss = sum(losses.values())
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, cfg)
+                g["lr"] = lr_at(step, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)

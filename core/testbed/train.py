@@ -15,6 +15,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -133,7 +134,9 @@ def caption_dropout(captions: list[str], rng: np.random.Generator, cfg: TrainCon
     return drop
 
 
-def _lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: Any) -> float:
+    """Linear warm-up then cosine decay to ``min_lr_ratio``: ``cfg`` is any config with ``lr``, ``warmup_steps``,
+    ``steps`` and ``min_lr_ratio`` (:class:`TrainConfig`, the planted variant's ``PlantConfig``)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
@@ -272,7 +275,7 @@ def train(out: Path, cfg: TrainConfig | None = None, progress: bool = True,
             loss = _filtered_loss(loss_filter, unet, text_encoder, tokenizer, noisy, t, pred,
                                   per_sample * loss_weight[t], captions, drop, memorized_captions)
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
+            g["lr"] = lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
