@@ -159,7 +159,7 @@ def mitigate_embedding(
     before = denoiser.counter.snapshot()
     with torch.inference_mode(False):
         with torch.no_grad():
-            c0, u = _detached_embeddings(denoiser, cond, uncond, n)
+            c0, u = detached_embeddings(denoiser, cond, uncond, n)
             scheduler = new_schedule(denoiser, num_inference_steps)
             x = noise.detach().clone().to(denoiser.device, denoiser.dtype) * scheduler.init_noise_sigma
         t = scheduler.timesteps[0]
@@ -238,7 +238,7 @@ def _mitigate_trajectory(denoiser: Denoiser, cond: torch.Tensor, noise: torch.Te
     before = denoiser.counter.snapshot()
     with torch.inference_mode(False):
         with torch.no_grad():
-            c0, u = _detached_embeddings(denoiser, cond, uncond, n)
+            c0, u = detached_embeddings(denoiser, cond, uncond, n)
             x_start = noise.detach().clone().to(denoiser.device, denoiser.dtype)
 
         def trajectory(emb: torch.Tensor) -> tuple[float, float, list[tuple[torch.Tensor, GuidedStep]]]:
@@ -335,7 +335,7 @@ def _checked_step(opt: torch.optim.Optimizer, emb: torch.Tensor, iteration: int)
                              f"{iteration + 1}; the conditioning was left unchanged")
 
 
-def _detached_embeddings(denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor | None,
+def detached_embeddings(denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor | None,
                          n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Clones of ``cond`` ``(1, L, D)`` and of ``uncond`` (default: the empty prompt's), the latter expanded to
     ``(n, L', D)``, on the denoiser's device and dtype: the caller's tensors are never touched."""

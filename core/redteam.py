@@ -52,6 +52,7 @@ import torch
 
 from .denoiser import Denoiser
 from .errors import DejaGuardError, NonFiniteError
+from .mitigate import detached_embeddings
 from .progress import Progress, report
 from .sampling import DEFAULT_STEPS, guided_step, new_schedule
 
@@ -130,9 +131,7 @@ def adversarial_embedding(
     before = denoiser.counter.snapshot()
     with torch.inference_mode(False):
         with torch.no_grad():
-            c0 = cond.detach().clone().to(denoiser.device, denoiser.dtype)
-            u = denoiser.encode_prompts([""]) if uncond is None else uncond.detach().clone()
-            u = u.to(denoiser.device, denoiser.dtype).expand(n, -1, -1)
+            c0, u = detached_embeddings(denoiser, cond, uncond, n)
             scheduler = new_schedule(denoiser, num_inference_steps)
             x = noise.detach().clone().to(denoiser.device, denoiser.dtype) * scheduler.init_noise_sigma
         t = scheduler.timesteps[0]
