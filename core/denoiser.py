@@ -463,6 +463,21 @@ def substituted_token_embeddings(encoder: torch.nn.Module, rows: torch.Tensor) -
         handle.remove()
 
 
+def clone_saved_activations(weights: list[torch.Tensor]) -> Any:
+    """Within the block, autograd saves copies of activations, not the tensors themselves.
+
+    ComfyUI's UNet and Forge's (its port) update activations in place (``x += n`` in their transformer blocks),
+    which breaks back-propagation through tensors autograd saved earlier. Copying each saved tensor when it is saved
+    (``weights`` excepted) keeps the values the backward pass needs. No effect without grad. Used by the ComfyUI and
+    WebUI adapters on their gradient paths only (extra activation memory)."""
+    keep = {w.data_ptr() for w in weights}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        return t if t.data_ptr() in keep else t.clone()
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
 def _placed(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """Frozen, in eval mode, on ``device``; cast only when needed (diffusers warns on every cast)."""
     first = next(iter(module.parameters()), None)

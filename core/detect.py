@@ -86,13 +86,12 @@ def prediction_scores(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, score: s
     (:func:`first_step_scores`) and the ComfyUI Guard and Calibrate nodes (from the sampler's denoised outputs,
     :func:`scores_from_denoised`, also the WebUI extension's) all call it.
     """
+    check_score(score)
     magnitude = text_conditional_magnitude(eps_cond, eps_uncond)
     if score == MAGNITUDE:
         return magnitude
-    if score == ANISOTROPY:
-        return (ANISOTROPY_NORM_WEIGHT * magnitude
-                + ANISOTROPY_ALIGNMENT_WEIGHT * guidance_alignment(eps_cond, eps_uncond).to(magnitude.dtype))
-    raise DejaGuardError(f"unknown score {score!r}: choose one of {', '.join(SCORES)}")
+    return (ANISOTROPY_NORM_WEIGHT * magnitude
+            + ANISOTROPY_ALIGNMENT_WEIGHT * guidance_alignment(eps_cond, eps_uncond).to(magnitude.dtype))
 
 
 def check_score(score: str) -> str:

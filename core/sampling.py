@@ -113,6 +113,36 @@ def noise_level(scheduler: Any, t: torch.Tensor | int) -> float:
     return float(t) / float(trained)
 
 
+def sigma_noise_level(sigma: torch.Tensor, timestep: Callable[[torch.Tensor], torch.Tensor],
+                      num_timesteps: int | None) -> float:
+    """:func:`noise_level` of a k-diffusion step (ComfyUI, both WebUIs): ``timestep`` maps the step's largest
+    ``sigma`` ``(B,)`` (given as ``(1,)``) to the model's discrete timestep in ``[0, T)`` (ComfyUI's
+    ``model_sampling.timestep``, Forge's ``predictor.timestep``, A1111's ``sigma_to_t``), ``num_timesteps`` is ``T``
+    (the number of the model's sigmas; None: 1000) -> ``t / T``."""
+    t = float(timestep(sigma.max().reshape(1)).reshape(-1)[0])
+    return t / float(num_timesteps if num_timesteps is not None else 1000)
+
+
+def steer_rows(combined: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, rows: torch.Tensor,
+               scale: float | torch.Tensor) -> torch.Tensor:
+    """The one CFG-steering formula: ``combined`` (a step's CFG combination, ``(B, C, H, W)``) with the rows
+    ``rows`` ``(B,)`` bool replaced by ``uncond + scale (cond - uncond)`` (``cond``, ``uncond`` ``(B, C, H, W)`` in the
+    same space as ``combined``: noise, or x0 for k-diffusion's denoised predictions, where the mix is the same since
+    ``eps = (x - x0) / sigma`` is affine in ``x0``). ``scale``: one guidance scale, or one per row ``(B,)``.
+
+    Returns ``combined`` itself, untouched, when no row is steered; else a copy whose other rows are equal to it, so
+    unsteered images stay bit-identical to an unsteered run (:func:`guided_step`, ComfyUI's Memorization Protect,
+    the WebUI guard)."""
+    if not bool(rows.any()):
+        return combined
+    rows = rows.to(combined.device)
+    out = combined.clone()
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(out.device, out.dtype)[rows].view((-1,) + (1,) * (out.ndim - 1))
+    out[rows] = (uncond[rows] + scale * (cond[rows] - uncond[rows])).to(out.dtype)
+    return out
+
+
 @dataclass
 class GuidedStep:
     """What one :func:`guided_step` computed. Tensors ``(B, C, H, W)``; ``magnitude`` ``(B,)``.
@@ -178,11 +208,8 @@ def guided_step(
         with torch.no_grad():
             guided = eps_uncond + guidance_scale * (eps_cond.detach() - eps_uncond)
             decision = None if steer is None else steer(eps_cond.detach(), eps_uncond, noise_level(scheduler, t))
-            if decision is not None and bool(decision[0].any()):
-                rows, scales = decision[0].to(guided.device), decision[1].to(guided.device, guided.dtype)
-                shape = (-1,) + (1,) * (guided.ndim - 1)
-                guided[rows] = (eps_uncond[rows] + scales[rows].view(shape) * (eps_cond.detach()[rows]
-                                                                                - eps_uncond[rows]))
+            if decision is not None:
+                guided = steer_rows(guided, eps_cond.detach(), eps_uncond, decision[0], decision[1])
             sample = scheduler.step(guided, t, x).prev_sample
     return GuidedStep(sample, model_input, eps_cond, eps_uncond, magnitude)
 

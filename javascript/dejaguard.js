@@ -70,18 +70,24 @@
         return {verdict: verdict || '', text: line, color: color};
     }
 
-    function badgeElement(info, tab) {
-        const id = 'dejaguard_badge_' + tab;
-        let badge = gradioApp().getElementById(id);
-        if (!badge) {
-            badge = document.createElement('div');
-            badge.id = id;
-            badge.className = 'dejaguard-badge';
-            badge.style.cssText = 'display:none; margin:4px 0; padding:4px 8px; border-radius:6px; ' +
-                'font-weight:600; font-family:sans-serif; font-size:0.95em;';
-            info.parentElement.insertBefore(badge, info);
+    /** The element #id, created (a div of class className, styled cssText) and put into parent before the node
+     * before (null: at the end) if the page has none yet. */
+    function ensureElement(id, className, cssText, parent, before) {
+        let element = gradioApp().getElementById(id);
+        if (!element) {
+            element = document.createElement('div');
+            element.id = id;
+            element.className = className;
+            element.style.cssText = cssText;
+            parent.insertBefore(element, before);
         }
-        return badge;
+        return element;
+    }
+
+    function badgeElement(info, tab) {
+        return ensureElement('dejaguard_badge_' + tab, 'dejaguard-badge', 'display:none; margin:4px 0; ' +
+            'padding:4px 8px; border-radius:6px; font-weight:600; font-family:sans-serif; font-size:0.95em;',
+            info.parentElement, info);
     }
 
     function update() {
@@ -117,15 +123,8 @@
         if (!prompt || !prompt.parentElement) {
             return;
         }
-        const id = 'dejaguard_tokens_' + tab;
-        let box = gradioApp().getElementById(id);
-        if (!box) {
-            box = document.createElement('div');
-            box.id = id;
-            box.className = 'dejaguard-tokens';
-            box.style.cssText = 'margin:4px 0; line-height:1.9; font-family:sans-serif;';
-            prompt.parentElement.insertBefore(box, prompt.nextSibling);
-        }
+        const box = ensureElement('dejaguard_tokens_' + tab, 'dejaguard-tokens',
+            'margin:4px 0; line-height:1.9; font-family:sans-serif;', prompt.parentElement, prompt.nextSibling);
         while (box.firstChild) {
             box.removeChild(box.firstChild);
         }

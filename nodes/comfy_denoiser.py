@@ -78,7 +78,7 @@ import comfy.model_management
 import torch
 
 from ..core.conditioning import pack_pooled, unpack_pooled
-from ..core.denoiser import UNetCounter
+from ..core.denoiser import UNetCounter, clone_saved_activations
 from ..core.errors import DejaGuardError, NonFiniteError
 from ..core.sampling import ddim_from_alphas_cumprod
 from .model_check import check_supported, comfy_fingerprint, diffusers_names, model_sampling
@@ -379,7 +379,7 @@ class ComfyDenoiser:
 
                 call = _EncodeFromTokens(self, [substitute(part) for part in torch.split(row, widths, dim=-1)])
                 weights = self._clip_weights
-                with _clone_saved_activations([*weights.values(), *stage.parameters(), *stage.buffers()]):
+                with clone_saved_activations([*weights.values(), *stage.parameters(), *stage.buffers()]):
                     if weights:
                         cond = torch.func.functional_call(call, weights, (tokens,))
                     else:
@@ -424,7 +424,7 @@ class ComfyDenoiser:
             options = dict(self.model.model_options.get("transformer_options", {}))
             options.update(cond_or_uncond=[0] * batch, sigmas=sigma)
             context, y = self._unet_conditioning(text_embeddings.to(self.device), x.shape[2], x.shape[3])
-            with _clone_saved_activations([*weights.values(), *base.parameters(), *base.buffers()]):
+            with clone_saved_activations([*weights.values(), *base.parameters(), *base.buffers()]):
                 if weights:
                     denoised = torch.func.functional_call(self._wrapper, weights, (x_k, sigma, context, options, y))
                 else:
@@ -481,19 +481,3 @@ class ComfyDenoiser:
         if self._fingerprint is None:
             self._fingerprint = comfy_fingerprint(self.model)
         return self._fingerprint
-
-
-def _clone_saved_activations(weights: list[torch.Tensor]) -> Any:
-    """Autograd saves copies of activations, not the tensors themselves.
-
-    ComfyUI's UNet updates activations in place (``x += n`` in its transformer blocks), which
-    breaks back-propagation through tensors autograd saved earlier. Copying each saved tensor when
-    it is saved (weights excepted) keeps the values the backward pass needs. No effect without grad.
-    """
-    keep = {w.data_ptr() for w in weights}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        return t if t.data_ptr() in keep else t.clone()
-
-    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-

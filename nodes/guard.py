@@ -238,7 +238,8 @@ class GuardState:
     """What one guard node observes, shared by its post-CFG function and its verdicts (the handle)."""
 
     def __init__(self, node_id: str, threshold: float, threshold_source: str, info: ModelInfo, cfg1_mode: str,
-                 to_latent: Callable[[torch.Tensor], torch.Tensor], score: str = MAGNITUDE) -> None:
+                 to_latent: Callable[[torch.Tensor], torch.Tensor], score: str = MAGNITUDE,
+                 calibrated_shape: tuple[int, ...] | None = None) -> None:
         self.node_id = node_id
         self.score = score  # core.detect.SCORES
         self.threshold = threshold
@@ -247,7 +248,7 @@ class GuardState:
         self.cfg1_mode = cfg1_mode
         self.to_latent = to_latent  # model latent space -> LATENT as the sampler returns it
         self.runs: list[RunRecord] = []
-        self.calibrated_shape: tuple[int, ...] | None = None  # (C, H, W) the threshold was calibrated at, if known
+        self.calibrated_shape = calibrated_shape  # (C, H, W) the threshold was calibrated at, if known
         # Auto-protect (nodes/protect.py): called after observe() with the post-CFG args, returns the denoised
         # prediction the sampler continues with. None: the guard only watches.
         self.steer: Callable[[GuardState, dict[str, Any]], torch.Tensor] | None = None
@@ -463,8 +464,8 @@ class DejaGuardMemorizationGuard:
         if model.patches and threshold <= 0:
             info.notes.append(f"the model carries {len(model.patches)} weight patches (LoRA, neuron mask): the "
                               "threshold was calibrated for the unpatched model")
-        state = GuardState(str(unique_id or ""), value, source, info, at_cfg_1, model.model.process_latent_out, score)
-        state.calibrated_shape = calibrated_shape
+        state = GuardState(str(unique_id or ""), value, source, info, at_cfg_1, model.model.process_latent_out, score,
+                           calibrated_shape)
 
         # A plain closure (not a bound method or callable object): ModelPatcher.clone deep-copies
         # model_options, and deepcopy keeps functions but would copy an object and its state.

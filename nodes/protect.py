@@ -31,6 +31,7 @@ import torch
 
 from ..core.detect import MAGNITUDE, scores_from_denoised
 from ..core.protect import DEFAULT_MAX_STEER_FRACTION, DEFAULT_STEER_SCALE, GuidanceSteering, ImageProtection
+from ..core.sampling import sigma_noise_level, steer_rows
 from .guard import CFG1_UNAVAILABLE, DejaGuardMemorizationGuard, GuardState, _uncond_skipped
 
 
@@ -39,9 +40,8 @@ def noise_level(args: dict[str, Any]) -> float:
     ``model_sampling.timestep(sigma)`` is the discrete timestep in ``[0, T)`` for SD1/SD2/SDXL (``T`` = its 1000
     sigmas) and ``1000 sigma`` for flow models, so the steered share of the schedule is the library's."""
     sampling = args["model"].model_sampling
-    t = float(sampling.timestep(args["sigma"].max().reshape(1)).reshape(-1)[0])
     sigmas = getattr(sampling, "sigmas", None)
-    return t / float(len(sigmas) if sigmas is not None else 1000)
+    return sigma_noise_level(args["sigma"], sampling.timestep, len(sigmas) if sigmas is not None else None)
 
 
 def steer_denoised(policy: GuidanceSteering, args: dict[str, Any], score: str = MAGNITUDE) -> torch.Tensor:
@@ -54,12 +54,7 @@ def steer_denoised(policy: GuidanceSteering, args: dict[str, Any], score: str = 
         return denoised
     x, cond, uncond = args["input"], args["cond_denoised"], args["uncond_denoised"]
     rows = policy.step(scores_from_denoised(x, cond, uncond, args["sigma"], score), noise_level(args))
-    if not bool(rows.any()):
-        return denoised
-    rows = rows.to(denoised.device)
-    out = denoised.clone()
-    out[rows] = uncond[rows] + policy.scale * (cond[rows] - uncond[rows])
-    return out
+    return steer_rows(denoised, cond, uncond, rows, policy.scale)
 
 
 def protection_record(images: list[ImageProtection], strategy: str, steer_scale: float,
