@@ -46,7 +46,10 @@ Guard's.
 Fingerprint: :meth:`DiffusersDenoiser.fingerprint` hashes the diffusers UNet's parameters by name; ComfyUI's
 adapter hashes the same weights under the same (mapped) names, so a calibration made with the CLI on a file
 is found for that file in a graph. Weights are read in the file's dtype and cast once (fp16 values are
-exact in fp32, so the hash does not depend on the dtype loaded).
+exact in fp32, so the hash does not depend on the dtype loaded). :func:`unet_fingerprint` gives that same value for
+a file without loading it (the WebUI guard keys calibrations by it): the UNet tensors through a copy-on-write memory
+map, renamed by the same converter, restricted to the names the diffusers UNet holds; only the ~256 values per
+tensor the hash samples are read.
 
 Shapes: SD1/SD2-512 latents ``(4, 64, 64)``, SD2-768 ``(4, 96, 96)``, SDXL ``(4, 128, 128)``; text embeddings
 ``(B, 77, 768)`` (SD1), ``(B, 77, 1024)`` (SD2) or packed ``(B, 78, 2048)`` (SDXL: the pooled CLIP-G output as the
@@ -62,9 +65,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from .denoiser import BUNDLED_TESTBED, DiffusersDenoiser
+from .denoiser import BUNDLED_TESTBED, DiffusersDenoiser, state_fingerprint
 from .errors import DejaGuardError
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -369,3 +373,59 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None,
                                  prediction_type="v_prediction" if family.v_prediction else "epsilon")
     denoiser.family = family.name  # type: ignore[attr-defined]
     return denoiser
+
+
+_MAPPED_DTYPES = {"F16": (np.float16, None), "F32": (np.float32, None), "F64": (np.float64, None),
+                  "BF16": (np.uint16, torch.bfloat16)}  # safetensors dtype -> (numpy view, torch view of it)
+
+
+def _mapped_unet(path: Path) -> dict[str, torch.Tensor]:
+    """The UNet tensors (``model.diffusion_model.*``, LDM names) of a safetensors file, memory-mapped copy-on-write:
+    nothing is read until a value is used, and nothing is ever written back."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    data = np.memmap(path, dtype=np.uint8, mode="c")
+    tensors = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numpy views of a memory map are fine for torch.from_numpy
+        for name, meta in header.items():
+            if name == "__metadata__" or not name.startswith(UNET):
+                continue
+            if meta["dtype"] not in _MAPPED_DTYPES:
+                raise DejaGuardError(f"{path.name}: UNet weight {name} has dtype {meta['dtype']}, not a float type")
+            np_dtype, torch_view = _MAPPED_DTYPES[meta["dtype"]]
+            start, end = (8 + length + offset for offset in meta["data_offsets"])
+            tensor = torch.from_numpy(data[start:end].view(np_dtype))
+            tensors[name] = (tensor.view(torch_view) if torch_view else tensor).reshape(meta["shape"])
+    return tensors
+
+
+_FINGERPRINTS: dict[tuple[str, int, int], str] = {}
+
+
+def unet_fingerprint(path: str | Path) -> str:
+    """The fingerprint of the UNet in the single-file checkpoint ``path`` (SD1.x, SD2.x, SDXL base), equal to
+    ``load_checkpoint(path).fingerprint()`` and to ComfyUI's adapter's for the same file, without loading it (module
+    doc); cached per file (path, size, modification time). DejaGuardError, one line, for a file
+    :func:`load_checkpoint` refuses."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    path = _checked_path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _FINGERPRINTS:
+        family = read_family(path)
+        config = dict(UNet2DConditionModel.load_config(CONFIGS / family.configs / "unet"),
+                      sample_size=family.sample_size)
+        with torch.device("meta"):
+            names = UNet2DConditionModel.from_config(config).state_dict().keys()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            renamed = convert_ldm_unet_checkpoint(_mapped_unet(path), config)
+        missing = [k for k in names if k not in renamed]
+        if missing:
+            raise DejaGuardError(f"{path.name}: the UNet lacks {len(missing)} weight(s), e.g. {missing[0]}")
+        _FINGERPRINTS[key] = state_fingerprint({k: renamed[k] for k in names})
+    return _FINGERPRINTS[key]

@@ -17,7 +17,7 @@ What it takes from the WebUI (SD1.x, epsilon prediction; shapes ``B`` batch, lat
   the WebUI's own CLIP, its emphasis syntax and textual inversions included).
 - ``alphas_cumprod`` ``(T,)``: the model's noise schedule; :meth:`new_scheduler` is DDIM over it (trailing spacing,
   epsilon), so the first timestep is ``T - 1`` (999), the WebUIs' first step at full noise.
-- ``fingerprint``: core's fingerprint of the checkpoint file (:func:`webui.guard.checkpoint_fingerprint`), the key
+- ``fingerprint``: core's fingerprint of the checkpoint file (:func:`core.checkpoint.unet_fingerprint`), the key
   :func:`webui.guard.resolve_threshold` finds a calibration by.
 
 Token-level methods (token significance, :mod:`core.explain`), where the glue hands over the WebUI's HF
@@ -37,9 +37,18 @@ output already holds the inversion rows) instead of re-implementing any of it:
 
 One chunk only: a prompt over 75 tokens (or with ``BREAK``) is encoded in several 77-token chunks, which the
 ``(B, 77, E)`` token rows of the seam cannot hold; those get a one-line :class:`~core.errors.DejaGuardError`.
-Without a ``text_encoder`` (Forge: its loader builds the weights under ``torch.inference_mode``, and no gradient
-flows through inference tensors) the token methods raise that error with :data:`NO_TOKENS`. Decoding and neuron
-masks are not offered.
+Without a ``text_encoder`` the token methods raise that error with :data:`NO_TOKENS`. Decoding and neuron masks are
+not offered.
+
+Gradients (Forge): Forge's loader builds the weights under ``torch.inference_mode``, so they are *inference
+tensors*, which autograd cannot save for backward, and its UNet adds to activations in place (``x += n``). As
+ComfyUI's adapter (:mod:`nodes.comfy_denoiser`) does: on the first call that needs a gradient (token significance's
+backward pass; never for scoring or calibration, which run without one), the adapter makes ordinary copies of the
+inference tensors of the UNet, and of the text encoder, and calls the module through ``torch.func.functional_call``
+with them, copying each activation autograd saves (:func:`core.denoiser.clone_saved_activations`). The copies are
+held by the adapter only (one extra copy of the UNet and CLIP weights, 3.9 GB for SD1.5 in fp32) and freed by
+:meth:`WebUIDenoiser.free_grad_copies` (the Explain button calls it when done) or with the adapter. The WebUI's own
+model is never changed. A1111's weights are ordinary tensors: no copy is made there.
 """
 
 from __future__ import annotations
@@ -49,12 +58,11 @@ from typing import Any
 
 import torch
 
-from ..core.denoiser import UNetCounter, substituted_token_embeddings
+from ..core.denoiser import UNetCounter, clone_saved_activations, substituted_token_embeddings
 from ..core.errors import DejaGuardError
 from ..core.sampling import ddim_from_alphas_cumprod
 
-NO_TOKENS = ("not available in this WebUI: it loads its weights as inference tensors (Forge's loader runs under "
-             "torch.inference_mode), through which no gradient flows, so token-level methods (token highlighting, "
+NO_TOKENS = ("not available: the WebUI handed over no text encoder, so token-level methods (token highlighting, "
              "embedding mitigation) cannot run on it")
 
 
@@ -80,6 +88,27 @@ class WebUIDenoiser:
         self.unet_dtype = parameter.dtype
         self.dtype = torch.float32  # what callers hand in and get back; the UNet runs in its own dtype
         self.counter = UNetCounter()
+        self._grad_copies: dict[int, dict[str, torch.Tensor]] = {}  # id(module) -> copies of its inference tensors
+
+    def _call(self, module: torch.nn.Module, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, which runs ``module``; on a gradient path over a module holding inference tensors, with
+        ordinary copies of them in their place (made once) and saved activations copied (module doc: Gradients)."""
+        if not torch.is_grad_enabled():
+            return fn(*args)
+        key = id(module)
+        if key not in self._grad_copies:
+            with torch.no_grad():
+                self._grad_copies[key] = {f"module.{n}": t.detach().clone() for n, t in
+                                          [*module.named_parameters(), *module.named_buffers()] if t.is_inference()}
+        copies = self._grad_copies[key]
+        if not copies:
+            return fn(*args)
+        with clone_saved_activations([*copies.values()]):
+            return torch.func.functional_call(_Holder(module, fn), copies, args, strict=False)
+
+    def free_grad_copies(self) -> None:
+        """Drop the gradient-capable weight copies (module doc: Gradients); the next gradient path makes them again."""
+        self._grad_copies.clear()
 
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """Prompts -> ``(B, 77, 768)`` through the WebUI's own text encoding."""
@@ -95,8 +124,8 @@ class WebUIDenoiser:
         eps ``(B, 4, h, w)`` (float32)."""
         batch = samples.shape[0]
         t = torch.as_tensor(timestep, device=self.device).float().reshape(-1).expand(batch)
-        eps = self.unet(samples.to(self.device, self.unet_dtype), t,
-                        context=text_embeddings.to(self.device, self.unet_dtype))
+        eps = self._call(self.unet, lambda x, c: self.unet(x, t, context=c), samples.to(self.device, self.unet_dtype),
+                         text_embeddings.to(self.device, self.unet_dtype))
         return self.counter.count(eps.float())
 
     def new_scheduler(self) -> Any:
@@ -123,7 +152,7 @@ class WebUIDenoiser:
                 out = self._encode(list(prompts))
             else:
                 with substituted_token_embeddings(self.text_encoder, rows):
-                    out = self._encode(list(prompts))
+                    out = self._call(self.text_encoder, self._encode, list(prompts))
         finally:
             handle.remove()
         if len(calls) != 1:
@@ -162,3 +191,16 @@ class WebUIDenoiser:
     def named_modules(self) -> Iterator[tuple[str, torch.nn.Module]]:
         raise DejaGuardError("the WebUI's UNet has LDM module names, not diffusers': neuron masks are not available "
                              "in the WebUI")
+
+
+class _Holder(torch.nn.Module):
+    """``module`` as a submodule (its names prefixed ``module.``) and ``fn`` as the forward, for
+    ``torch.func.functional_call`` over a call that runs ``module`` somewhere inside (the WebUI's text encoding)."""
+
+    def __init__(self, module: torch.nn.Module, fn: Callable[..., Any]) -> None:
+        super().__init__()
+        self.module = module
+        self.fn = fn
+
+    def forward(self, *args: Any) -> Any:
+        return self.fn(*args)

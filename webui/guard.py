@@ -13,8 +13,14 @@ ComfyUI's Guard, or :func:`core.detect.prediction_scores`). The unconditional pr
 prompt: with an empty negative prompt it is Wen et al.'s ``eps(x_T, "")``, the setting thresholds are calibrated
 in; a job with a negative prompt gets a note in its info.
 
-Support: SD1.x single-file checkpoints (:func:`core.checkpoint.read_family`, header only). Others get one line
-(SD2.x: untested in the WebUI; SDXL, SD3, Flux, inpainting: core's refusal).
+Support: SD1.x and SDXL base single-file checkpoints (:func:`core.checkpoint.read_family`, header only) for the
+score and protection. Others get one line (SD2.x: untested in the WebUI; SDXL refiner, SD3, Flux, inpainting:
+core's refusal). SDXL in the WebUI: its conditioning is a dict (``crossattn`` ``(B, 77, 2048)``, ``vector``
+``(B, 2816)``), and the score reads only the predictions, so the seam is the same; but both WebUIs condition an
+*empty* negative prompt on zeros (``force_zero_negative_prompt``: zero hidden states and pooled vector), not on the
+encoding of ``""`` that core's calibration uses, so an SDXL job's info says so (:data:`SDXL_ZERO_UNCOND`). The
+Calibrate and Explain buttons take SD1.x only (:func:`check_tools`): the WebUI adapter of the denoiser seam encodes
+SD1 prompts into one ``(B, 77, 768)`` tensor, not core's packed SDXL conditioning, and SDXL's two token tables.
 
 Threshold: a value set in the UI wins; else the calibration of this checkpoint found by core
 (:func:`core.calibration.find_calibration` at the checkpoint file, i.e. ``MODEL.dejaguard_calibration.json``
@@ -25,56 +31,52 @@ Calibration (:func:`calibrate_checkpoint`, the section's Calibrate button): core
 denoiser seam (:class:`webui.denoiser.WebUIDenoiser`), saved beside the checkpoint where :func:`resolve_threshold`
 finds it. Its scores are the guard's: the same UNet call on the same first-step input.
 
-Fingerprint (:func:`checkpoint_fingerprint`): core's :func:`~core.denoiser.state_fingerprint` of the file's UNet
-weights under their diffusers names (diffusers' own ``convert_ldm_unet_checkpoint`` renames them, as
-:mod:`core.checkpoint` does when it loads the file), so it equals ``DiffusersDenoiser.fingerprint()`` of the same
-file loaded by the CLI and ``comfy_fingerprint`` of it in ComfyUI. It is read from the file, not from the WebUI's
-loaded weights (which a LoRA may have patched in place), through a copy-on-write memory map: only the ~256 values
-per tensor that the fingerprint samples are read.
+Fingerprint: core's :func:`~core.checkpoint.unet_fingerprint` of the checkpoint file, equal to
+``DiffusersDenoiser.fingerprint()`` of the same file loaded by the CLI and ``comfy_fingerprint`` of it in ComfyUI. It
+is read from the file, not from the WebUI's loaded weights (which a LoRA may have patched in place).
 
 Protection (the ``guidance`` strategy of :mod:`core.protect`, Jain et al.; the same policy,
 :class:`~core.protect.GuidanceSteering`, as ComfyUI's Memorization Protect node): with protection on, an image
 flagged at the first step has its CFG combination replaced, at every step while its per-step score (the same
 formula, from the same two predictions) stays above the threshold, by ``uncond + w' (cond - uncond)``
-(:func:`steer`; ``w'`` = :data:`~core.protect.DEFAULT_STEER_SCALE`). The WebUI combines the two predictions
-linearly, in x0 space for k-diffusion samplers and in noise space for A1111's timestep samplers; the replacement is
-the same linear mix, so it means the same in either space (``eps = (x - x0) / sigma`` is affine in ``x0``). It
-costs no UNet evaluation; the rows of unflagged images are the WebUI's own combined tensor, untouched, so those
-images are bit-identical to a run without DejaGuard. A steered image's verdict is ``steered``.
+(core's :func:`~core.sampling.steer_rows`; ``w'`` = :data:`~core.protect.DEFAULT_STEER_SCALE`). The WebUI combines
+the two predictions linearly, in x0 space for k-diffusion samplers and in noise space for A1111's timestep
+samplers; the replacement is the same linear mix, so it means the same in either space (``eps = (x - x0) / sigma``
+is affine in ``x0``). It costs no UNet evaluation; the rows of unflagged images are the WebUI's own combined
+tensor, untouched, so those images are bit-identical to a run without DejaGuard.
+A steered image's verdict is ``steered``.
 
 Shapes: ``B`` images in a batch, latents ``(B, 4, H/8, W/8)``, ``sigma`` ``(B,)``.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..core.calibration import Calibration, calibrate, find_calibration, save_calibration
-from ..core.checkpoint import CONFIGS, UNET, read_family
-from ..core.denoiser import state_fingerprint
+from ..core.checkpoint import read_family, unet_fingerprint
 from ..core.detect import ScoreSettings, prediction_scores, scores_from_denoised
 from ..core.errors import DejaGuardError
 from ..core.progress import Progress
 from ..core.prompt_sets import calibration_prompts
 from ..core.protect import DEFAULT_STEER_SCALE, GuidanceSteering
 
-SUPPORTED_FAMILIES = ("sd1",)
+SUPPORTED_FAMILIES = ("sd1", "sdxl")  # the score and protection
+TOOL_FAMILIES = ("sd1",)  # Calibrate and Explain (the WebUI adapter of the denoiser seam)
+SDXL_ZERO_UNCOND = ("SDXL: the WebUI conditions an empty negative prompt on zeros, not on the encoding of \"\" that "
+                    "`dejaguard calibrate` uses, so a library calibration's threshold does not apply: set one in the "
+                    "UI, measured on this WebUI")
 KEY_SCORE = "DejaGuard score"
 KEY_VERDICT = "DejaGuard verdict"
 KEY_THRESHOLD = "DejaGuard threshold"
 KEY_NOTE = "DejaGuard note"
 MEMORIZED, NOT_MEMORIZED, UNSCORED, NO_THRESHOLD = "memorized", "not memorized", "no score", "no threshold"
 STEERED = "steered"  # memorized at the first step, then steered away (protection on)
-_SAFETENSORS_DTYPES = {"F16": (np.float16, None), "F32": (np.float32, None), "F64": (np.float64, None),
-                       "BF16": (np.uint16, torch.bfloat16)}
 
 
 def check_checkpoint(path: str | Path | None) -> str | None:
@@ -86,52 +88,27 @@ def check_checkpoint(path: str | Path | None) -> str | None:
     except DejaGuardError as err:
         return f"unsupported model: {err}"
     if family.name not in SUPPORTED_FAMILIES:
-        return (f"unsupported model: {family.label} is not supported in the WebUI yet (SD1.x is; ComfyUI's Guard "
-                "takes SD2.x, SDXL and SD3)")
+        return (f"unsupported model: {family.label} is not supported in the WebUI yet (SD1.x and SDXL are; ComfyUI's "
+                "Guard takes SD2.x and SD3)")
     return None
 
 
-def unet_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """The UNet tensors (``model.diffusion_model.*``, LDM names) of a safetensors file, memory-mapped
-    copy-on-write: nothing is read until a value is used, and nothing is ever written back."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(length))
-    data = np.memmap(path, dtype=np.uint8, mode="c")
-    tensors = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # numpy views of a memory map are fine for torch.from_numpy
-        for name, meta in header.items():
-            if name == "__metadata__" or not name.startswith(UNET):
-                continue
-            if meta["dtype"] not in _SAFETENSORS_DTYPES:
-                raise DejaGuardError(f"{path.name}: UNet weight {name} has dtype {meta['dtype']}, not a float type")
-            np_dtype, torch_view = _SAFETENSORS_DTYPES[meta["dtype"]]
-            start, end = (8 + length + offset for offset in meta["data_offsets"])
-            tensor = torch.from_numpy(data[start:end].view(np_dtype))
-            tensors[name] = (tensor.view(torch_view) if torch_view else tensor).reshape(meta["shape"])
-    return tensors
+def check_tools(path: str | Path | None) -> str | None:
+    """None when the Calibrate and Explain buttons take the checkpoint file ``path`` (SD1.x); else one line."""
+    refusal = check_checkpoint(path)
+    if refusal is not None:
+        return refusal
+    family = read_family(path)  # type: ignore[arg-type]  (checked above)
+    if family.name not in TOOL_FAMILIES:
+        return (f"not available for {family.label} in the WebUI yet: the WebUI adapter encodes SD1.x prompts only "
+                "(not SDXL's two text encoders and pooled vector); the guard's score and protection work")
+    return None
 
 
-_FINGERPRINTS: dict[tuple[str, int, int], str] = {}
-
-
-def checkpoint_fingerprint(path: str | Path, family: str = "sd1") -> str:
-    """Core's fingerprint of the UNet in the single-file checkpoint ``path`` (see the module doc), cached per file
-    (path, size and modification time)."""
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-
-    path = Path(path).resolve()
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _FINGERPRINTS:
-        config = json.loads((CONFIGS / family / "unet" / "config.json").read_text())
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            renamed = convert_ldm_unet_checkpoint(unet_tensors(path), config)
-        _FINGERPRINTS[key] = state_fingerprint(renamed)
-    return _FINGERPRINTS[key]
+def is_sdxl(path: str | Path) -> bool:
+    """Whether a supported checkpoint file is SDXL (its job gets :data:`SDXL_ZERO_UNCOND` with an empty negative
+    prompt)."""
+    return read_family(path).name == "sdxl"
 
 
 def resolve_threshold(threshold: float, checkpoint: str | Path) -> tuple[float | None, str]:
@@ -140,7 +117,7 @@ def resolve_threshold(threshold: float, checkpoint: str | Path) -> tuple[float |
     if threshold > 0:
         return float(threshold), "set in the UI"
     try:
-        found = find_calibration(checkpoint, ScoreSettings(), checkpoint_fingerprint(checkpoint))
+        found = find_calibration(checkpoint, ScoreSettings(), unet_fingerprint(checkpoint))
     except DejaGuardError as err:
         return None, (f"{err} (set a threshold in the DejaGuard section, or run `dejaguard calibrate --checkpoint "
                       f"{Path(checkpoint).name}`)")
@@ -186,19 +163,6 @@ def first_step_scores(x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
     if outputs != "denoised":
         raise ValueError(f"outputs must be 'denoised' or 'eps', got {outputs!r}")
     return scores_from_denoised(x, cond, uncond, sigma)  # core's, as the ComfyUI Guard's
-
-
-def steer(combined: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, rows: torch.Tensor,
-          scale: float = DEFAULT_STEER_SCALE) -> torch.Tensor:
-    """The WebUI's combined CFG prediction ``combined`` ``(B, C, H, W)`` with the rows ``rows`` ``(B,)`` bool
-    replaced by ``uncond + scale (cond - uncond)`` (``cond``, ``uncond`` ``(B, C, H, W)``, in the same space as
-    ``combined``); ``combined`` itself, untouched, when no row is steered; else a copy (other rows equal)."""
-    if not bool(rows.any()):
-        return combined
-    rows = rows.to(combined.device)
-    out = combined.clone()
-    out[rows] = (uncond[rows] + scale * (cond[rows] - uncond[rows])).to(out.dtype)
-    return out
 
 
 @dataclass

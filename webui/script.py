@@ -5,7 +5,7 @@ imports it (through ``scripts/dejaguard.py``). The method and everything that ne
 :mod:`webui.guard`.
 
 Per job (``Script.process``, before sampling): with the section enabled, the loaded checkpoint is checked
-(SD1.x; anything else gets one line in the generation info and is generated unchanged), the threshold is
+(SD1.x and SDXL; anything else gets one line in the generation info and is generated unchanged), the threshold is
 resolved (the UI's value, else this checkpoint's calibration) and a :class:`~webui.guard.Job` is attached to
 ``p``; its per-image lists go into ``p.extra_generation_params``, so each image's score and verdict reach its
 infotext (the PNG "parameters" text) and the API's ``info``. The page's badge (``javascript/dejaguard.js``, which
@@ -37,11 +37,13 @@ gradio's progress bar fed by core's progress convention.
 
 Token highlighting (the section's Explain button and ``POST /dejaguard/v1/explain``, one function,
 :func:`explain_loaded`): under the queue lock, core's :func:`~core.explain.token_significance` runs on the same
-adapter, which A1111 hands its CLIPTextModel (``cond_stage_model.wrapped.transformer``) for the token hook of
-:mod:`webui.denoiser`; the button's result (core's JSON payload) goes into a hidden textbox, from which
-``javascript/dejaguard.js`` draws the highlighted words under the prompt. Forge is refused in one line (its
-weights are inference tensors: no gradient). Not in the per-image info: it costs a backward pass per step, not
-the free first-step score.
+adapter, which is handed the WebUI's CLIPTextModel (A1111: ``cond_stage_model.wrapped.transformer``; Forge:
+``text_processing_engine.text_encoder.transformer``, its encoding run without the ``torch.inference_mode`` of
+``get_learned_conditioning``) for the token hook of :mod:`webui.denoiser`; on Forge, whose weights are inference
+tensors, the adapter differentiates through copies of them made for the call and freed after it. The button's
+result (core's JSON payload) goes into a hidden textbox, from which ``javascript/dejaguard.js`` draws the
+highlighted words under the prompt. Not in the per-image info: it costs a backward pass per step, not the free
+first-step score. Calibrate and Explain take SD1.x checkpoints; SDXL gets one line (:func:`webui.guard.check_tools`).
 """
 
 from __future__ import annotations
@@ -55,19 +57,22 @@ import modules.scripts as scripts
 import torch
 from modules import script_callbacks
 
+from ..core.checkpoint import unet_fingerprint
 from ..core.errors import DejaGuardError
 from ..core.explain import to_json, token_significance
 from ..core.protect import GuidanceSteering
+from ..core.sampling import sigma_noise_level, steer_rows
 from .denoiser import NO_TOKENS, WebUIDenoiser
 from .guard import (
     KEY_NOTE,
+    SDXL_ZERO_UNCOND,
     Job,
     calibrate_checkpoint,
     check_checkpoint,
-    checkpoint_fingerprint,
+    check_tools,
     first_step_scores,
+    is_sdxl,
     resolve_threshold,
-    steer,
 )
 
 log = logging.getLogger("DejaGuard")
@@ -104,8 +109,14 @@ def webui_denoiser(sd_model: Any, width: int, height: int) -> WebUIDenoiser:
         sigmas = forge.unet.model.predictor.sigmas.detach().double().cpu()
         alphas_cumprod = 1.0 / (1.0 + sigmas**2)
 
+        engine = sd_model.text_processing_engine  # SD1.x: the one text encoding get_learned_conditioning runs
+        clip, tokenizer = engine.text_encoder, engine.tokenizer  # IntegratedCLIP: .transformer is HF's CLIPTextModel
+
         def encode(prompts: list[str]) -> torch.Tensor:
-            cond = sd_model.get_learned_conditioning(prompts)  # loads the text encoder, which may unload the UNet
+            # get_learned_conditioning is the engine's call under torch.inference_mode, where no gradient flows (token
+            # significance needs one): the same steps without it
+            memory_management.load_model_gpu(forge.clip.patcher)  # loads the text encoder, which may unload the UNet
+            cond = engine(prompts)
             memory_management.load_model_gpu(forge.unet)
             return cond
     else:
@@ -117,11 +128,12 @@ def webui_denoiser(sd_model: Any, width: int, height: int) -> WebUIDenoiser:
         def encode(prompts: list[str]) -> torch.Tensor:
             with devices.autocast():
                 return sd_model.get_learned_conditioning(prompts)
-    # A1111 encodes with its HF CLIPTextModel, which the token methods hook; Forge's weights are inference tensors
-    clip = None if forge is not None else getattr(sd_model.cond_stage_model, "wrapped", None)
-    return WebUIDenoiser(unet, encode, alphas_cumprod, checkpoint_fingerprint(model_file(sd_model)),
+        clip = getattr(sd_model.cond_stage_model, "wrapped", None)  # FrozenCLIPEmbedder: .transformer, .tokenizer
+        tokenizer = getattr(clip, "tokenizer", None)
+    # both encode with an HF CLIPTextModel, which the token methods hook (Forge's through weight copies: module doc)
+    return WebUIDenoiser(unet, encode, alphas_cumprod, unet_fingerprint(model_file(sd_model)),
                          (4, int(height) // 8, int(width) // 8), text_encoder=getattr(clip, "transformer", None),
-                         tokenizer=getattr(clip, "tokenizer", None))
+                         tokenizer=tokenizer)
 
 
 def calibrate_loaded(width: int = 512, height: int = 512, prompt_limit: int = 0,
@@ -133,7 +145,7 @@ def calibrate_loaded(width: int = 512, height: int = 512, prompt_limit: int = 0,
 
     with queue_lock:  # not while the WebUI generates
         sd_model = shared.sd_model
-        refusal = check_checkpoint(model_file(sd_model))
+        refusal = check_tools(model_file(sd_model))
         if refusal is not None:
             return f"DejaGuard Calibrate: {refusal}"
         denoiser = webui_denoiser(sd_model, width, height)
@@ -162,16 +174,18 @@ def explain_loaded(prompt: str, width: int = 512, height: int = 512, steps: int 
 
     with queue_lock:  # not while the WebUI generates
         sd_model = shared.sd_model
-        refusal = check_checkpoint(model_file(sd_model))
+        refusal = check_tools(model_file(sd_model))
         if refusal is not None:
             return {"error": f"DejaGuard Explain: {refusal}"}
         denoiser = webui_denoiser(sd_model, width, height)
-        if denoiser.text_encoder is None:  # Forge: said before anything else (an empty prompt, say)
+        if denoiser.text_encoder is None:  # said before anything else (an empty prompt, say)
             return {"error": f"DejaGuard Explain: {NO_TOKENS}"}
         try:
             result = token_significance(denoiser, prompt, steps=int(steps))
         except DejaGuardError as err:
             return {"error": f"DejaGuard Explain: {err}"}
+        finally:
+            denoiser.free_grad_copies()  # Forge: the gradient-capable weight copies (webui.denoiser), now
     out = to_json(result, int(steps))
     out["note"] = EXPLAIN_NOTE
     log.info("DejaGuard Explain: %s", dict(zip(result.words, result.word_scores)))
@@ -218,10 +232,10 @@ class DejaGuardScript(scripts.Script):
                                                "evaluation; other images unchanged)",
                                   elem_id=f"dejaguard_protect_{tab}")
             gr.HTML("<p>Score and verdict per image appear in the generation info (PNG parameters, API info) and "
-                    "as a badge above it (red: memorized, amber: steered). SD1.x checkpoints; leave the negative "
-                    "prompt empty for calibrated scores.</p><p>Explain: the words that drive the score, highlighted "
-                    "under the prompt (token significance, one backward pass per step; A1111, prompts of one "
-                    "75-token chunk; " + EXPLAIN_NOTE + "; Forge: not available).</p>")
+                    "as a badge above it (red: memorized, amber: steered). SD1.x and SDXL checkpoints (Calibrate and "
+                    "Explain: SD1.x); leave the negative prompt empty for calibrated scores.</p><p>Explain: the words "
+                    "that drive the score, highlighted under the prompt (token significance, one backward pass per "
+                    "step; prompts of one 75-token chunk; " + EXPLAIN_NOTE + ").</p>")
             with gr.Row():
                 width = gr.Number(512, label="Calibration width", precision=0, elem_id=f"dejaguard_cal_width_{tab}")
                 height = gr.Number(512, label="Calibration height", precision=0,
@@ -288,6 +302,8 @@ class DejaGuardScript(scripts.Script):
         negatives = getattr(p, "all_negative_prompts", None) or [getattr(p, "negative_prompt", "")]
         if any(str(n).strip() for n in negatives):
             job.note("scored against the negative prompt (thresholds are calibrated with an empty one)")
+        elif is_sdxl(path):
+            job.note(SDXL_ZERO_UNCOND)
         if job.protect and value is None:
             job.note("no protection without a threshold")
         if job.protect and getattr(p, "image_mask", None) is not None:
@@ -333,7 +349,7 @@ class ForgePostCFG:
         x, cond, uncond, sigma = args["input"], args["cond_denoised"], args["uncond_denoised"], args["sigma"]
         with torch.no_grad():
             rows = self.policy.step(first_step_scores(x, cond, uncond, sigma), _forge_noise_level(args))
-            return steer(args["denoised"], cond, uncond, rows, self.policy.scale)
+            return steer_rows(args["denoised"], cond, uncond, rows, self.policy.scale)
 
 
 def _forge_noise_level(args: dict[str, Any]) -> float:
@@ -341,7 +357,7 @@ def _forge_noise_level(args: dict[str, Any]) -> float:
     predictor = getattr(args.get("model"), "predictor", None)
     if predictor is None or not hasattr(predictor, "timestep") or getattr(predictor, "sigmas", None) is None:
         return 1.0
-    return float(predictor.timestep(args["sigma"].max().reshape(1)).reshape(-1)[0]) / float(len(predictor.sigmas))
+    return sigma_noise_level(args["sigma"], predictor.timestep, len(predictor.sigmas))
 
 
 def _score_forge(job: Job, first: int, batch: int, args: dict[str, Any]) -> bool:
@@ -366,7 +382,7 @@ def _a1111_noise_level(denoiser: Any, sigma: torch.Tensor, timesteps: bool) -> f
     inner = getattr(denoiser, "inner_model", None)
     if inner is None or not hasattr(inner, "sigma_to_t") or getattr(inner, "sigmas", None) is None:
         return 1.0
-    return float(inner.sigma_to_t(sigma.max().reshape(1)).reshape(-1)[0]) / float(len(inner.sigmas))
+    return sigma_noise_level(sigma, inner.sigma_to_t, len(inner.sigmas))
 
 
 def on_cfg_denoiser(params: Any) -> None:
@@ -442,7 +458,7 @@ def on_cfg_after_cfg(params: Any) -> None:
     after, _after = _after, None
     if after is not None and int(params.x.shape[0]) == int(after["rows"].shape[0]):
         with torch.no_grad():
-            params.x = steer(params.x, after["cond"], after["uncond"], after["rows"], after["scale"])
+            params.x = steer_rows(params.x, after["cond"], after["uncond"], after["rows"], after["scale"])
 
 
 def register_callbacks() -> None:

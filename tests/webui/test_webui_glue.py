@@ -217,20 +217,33 @@ def test_checkpoint_support_one_line(tmp_path):
     assert check_checkpoint(_fixture("sd15")) is None
     sd2 = check_checkpoint(_fixture("sd21_768_v"))
     assert "SD2.x 768 (v-prediction) is not supported in the WebUI yet" in sd2 and "\n" not in sd2
-    sdxl = check_checkpoint(_fixture("sdxl"))
-    assert "SDXL" in sdxl and "\n" not in sdxl
+    assert check_checkpoint(_fixture("sdxl")) is None  # the score and protection take SDXL (issue 27)
+
+
+def test_tools_take_sd1_and_refuse_sdxl_in_one_line():
+    """The Calibrate and Explain buttons (and routes) take SD1.x; SDXL gets one line saying why and what works."""
+    from dejaguard.webui.guard import check_tools, is_sdxl
+
+    assert check_tools(_fixture("sd15")) is None and not is_sdxl(_fixture("sd15"))
+    line = check_tools(_fixture("sdxl"))
+    assert "SDXL base" in line and "score and protection work" in line and "\n" not in line
+    assert is_sdxl(_fixture("sdxl"))
+    assert "v-prediction" in check_tools(_fixture("sd21_768_v"))
 
 
 @pytest.mark.slow
-def test_checkpoint_fingerprint_is_cores():
-    """The fingerprint read from the file's memory map under diffusers' names equals the CLI's (core loading the
-    same file), so a calibration made with ``dejaguard calibrate --checkpoint`` is found in the WebUI."""
-    from dejaguard.core.checkpoint import load_checkpoint
-    from dejaguard.webui.guard import checkpoint_fingerprint
+@pytest.mark.parametrize("name", ["sd15", "sdxl"])
+def test_checkpoint_fingerprint_is_cores(name):
+    """Core's fingerprint of a checkpoint file (:func:`core.checkpoint.unet_fingerprint`, read from the file's memory
+    map under diffusers' names: what the WebUI guard keys calibrations by) equals the CLI's (core loading the same
+    file), so a calibration made with ``dejaguard calibrate --checkpoint`` is found in the WebUI, SD1 and SDXL.
+    SDXL loads a 2.6B-parameter UNet (fp16 here, 7 GB): run it alone (``flock /tmp/bigmem.lock``)."""
+    from dejaguard.core.checkpoint import load_checkpoint, unet_fingerprint
 
-    path = _fixture("sd15")
-    expected = load_checkpoint(path, device="cpu").fingerprint()
-    assert checkpoint_fingerprint(path) == expected
+    path = _fixture(name)
+    fingerprint = unet_fingerprint(path)
+    expected = load_checkpoint(path, device="cpu", dtype=torch.float16 if name == "sdxl" else torch.float32)
+    assert fingerprint == expected.fingerprint()
 
 
 @pytest.fixture
@@ -253,7 +266,7 @@ def glue(monkeypatch):
     sys.modules.pop("dejaguard.webui.script", None)
 
 
-def _a1111_step(glue, job, out_rows, rows=4, step=0, combined=None):
+def _a1111_step(glue, job, out_rows, rows=4, step=0, combined=None, sdxl=False):
     """One A1111 CFG step of a 2-image batch: on_cfg_denoiser with ``rows`` input rows, then on_cfg_denoised, then
     (with ``combined``, the CFG result ``(2, 4, 8, 8)``) on_cfg_after_cfg; returns (x, the after-CFG result)."""
     from types import SimpleNamespace
@@ -261,7 +274,10 @@ def _a1111_step(glue, job, out_rows, rows=4, step=0, combined=None):
     p = SimpleNamespace(dejaguard_job=job, iteration=0, batch_size=2, sd_model=SimpleNamespace())
     denoiser = SimpleNamespace(p=p, step=step, inner_model=SimpleNamespace(sigma_max=14.6146))
     x = torch.randn(rows, 4, 8, 8) * 14.6146
-    glue.on_cfg_denoiser(SimpleNamespace(denoiser=denoiser, text_uncond=torch.zeros(2, 77, 768), x=x,
+    # SDXL: the WebUI's conditioning is a dict of cross-attention rows and the adm vector
+    uncond = ({"crossattn": torch.zeros(2, 77, 2048), "vector": torch.zeros(2, 2816)} if sdxl else
+              torch.zeros(2, 77, 768))
+    glue.on_cfg_denoiser(SimpleNamespace(denoiser=denoiser, text_uncond=uncond, x=x,
                                          sigma=torch.full((rows,), 14.6146)))
     glue.on_cfg_denoised(SimpleNamespace(x=out_rows(x)))
     after = SimpleNamespace(x=combined)
@@ -279,6 +295,45 @@ def test_a1111_callbacks_score_the_first_step(glue):
     later = Job(images=2, threshold=1.0, threshold_source="set in the UI")
     _a1111_step(glue, later, lambda x: out, step=1)  # not the first step: nothing
     assert later.scores == [None, None] and later.verdicts == [None, None]
+
+
+def test_a1111_callbacks_score_and_steer_sdxl_dict_conditioning(glue):
+    """SDXL (issue 27): A1111 hands the conditioning over as a dict (``crossattn``, ``vector``); the first step is
+    scored from the predictions as for SD1, and protection steers the flagged row only."""
+    from dejaguard.core.protect import DEFAULT_STEER_SCALE
+
+    job = Job(images=2, threshold=1.0, threshold_source="set in the UI")
+    out = torch.randn(4, 4, 8, 8)
+    x, _ = _a1111_step(glue, job, lambda x: out, sdxl=True)
+    expected = first_step_scores(x[2:], out[:2], out[2:], torch.full((2,), 14.6146))
+    assert job.scores == [f"{float(s):.7g}" for s in expected]
+    cond, uncond = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    uncond[1] = cond[1] + 1e-3 * torch.randn(4, 8, 8)
+    x, _ = _a1111_step(glue, Job(2, 1.0, "set in the UI"), lambda x: torch.cat([cond, uncond]), sdxl=True)
+    scores = first_step_scores(x[2:], cond, uncond, torch.full((2,), 14.6146))
+    protected = Job(2, float(scores.mean()), "set in the UI", protect=True)
+    for step in range(2):
+        combined = torch.randn(2, 4, 8, 8)
+        _, steered = _a1111_step(glue, protected, lambda x: torch.cat([cond, uncond]), step=step, combined=combined,
+                                 sdxl=True)
+        torch.testing.assert_close(steered[0], uncond[0] + DEFAULT_STEER_SCALE * (cond[0] - uncond[0]), rtol=0,
+                                   atol=0)
+        assert torch.equal(steered[1], combined[1])
+
+
+def test_sdxl_job_notes_the_zero_unconditional(glue):
+    """An SDXL job with an empty negative prompt says in its info that the WebUI's unconditional input is zeros
+    (not the encoding of "" that library calibrations use); an SD1 job does not."""
+    from types import SimpleNamespace
+
+    from dejaguard.webui.guard import SDXL_ZERO_UNCOND
+
+    for name, noted in (("sdxl", True), ("sd15", False)):
+        path = _fixture(name)
+        p = SimpleNamespace(sd_model=SimpleNamespace(sd_checkpoint_info=SimpleNamespace(filename=str(path))),
+                            n_iter=1, batch_size=2, all_negative_prompts=["", ""], extra_generation_params={})
+        glue.DejaGuardScript().process(p, True, 5.0, False)
+        assert (SDXL_ZERO_UNCOND in (p.extra_generation_params[KEY_NOTE][0] or "")) is noted
 
 
 def test_a1111_no_score_never_zero(glue):
@@ -398,7 +453,7 @@ def test_webui_denoiser_is_the_seam_and_calibrates(tmp_path):
     x, emb = torch.randn(2, 4, 8, 8), denoiser.encode_prompts(["a cat", "a dog"])
     with torch.no_grad():
         torch.testing.assert_close(denoiser.predict_noise(x, 999, emb), unet(x, torch.full((2,), 999.0), emb))
-    with pytest.raises(DejaGuardError, match="not available in this WebUI"):
+    with pytest.raises(DejaGuardError, match="not available"):
         denoiser.prompt_tokens("a cat")
     checkpoint = tmp_path / "model.safetensors"
     checkpoint.write_bytes(b"")
@@ -513,6 +568,57 @@ def test_webui_denoiser_token_path_is_the_webuis_encoding():
             denoiser.token_embeddings([long])
     with pytest.raises(DejaGuardError, match="do not match"):
         denoiser.encode_token_embeddings(["a cat"], torch.zeros(1, 77, 32))
+
+
+class _InPlaceLDMUNet(torch.nn.Module):
+    """Like Forge's UNet (a port of ComfyUI's): it adds to an activation autograd saved (``h += ...`` after a tanh,
+    whose backward needs its output), so a backward pass fails unless saved activations are copied."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.inplace = inplace
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.text = torch.nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x))
+        shift = self.text(context.mean(dim=1))[:, :, None, None] * x
+        if self.inplace:
+            h += shift
+        else:
+            h = h + shift
+        return h * (1 + timesteps[:, None, None, None] / 1000)
+
+
+def test_webui_denoiser_explains_on_inference_tensors():
+    """Forge (issue 27): its weights are inference tensors (built under ``torch.inference_mode``) and its UNet adds
+    in place. The adapter's token significance runs there through gradient-capable copies, made only on the gradient
+    path and freed by ``free_grad_copies``, and equals the same computation on ordinary weights; the WebUI's modules
+    keep their own (inference) tensors."""
+    from dejaguard.core.explain import token_significance
+    from dejaguard.webui.denoiser import WebUIDenoiser
+
+    prompt = "a photograph of an astronaut riding a horse"
+    model, tokenizer, encode = _webui_text_stack()
+    unet = _InPlaceLDMUNet(inplace=False)
+    reference = token_significance(WebUIDenoiser(unet, encode, _sd_alphas_cumprod(), "fp", (4, 8, 8),
+                                                 text_encoder=model, tokenizer=tokenizer), prompt, steps=2)
+    with torch.inference_mode():  # as Forge's loader builds its models: the same weights (same seeds), as inference
+        forge_model, _, forge_encode = _webui_text_stack()
+        forge_unet = _InPlaceLDMUNet(inplace=True)
+    weights = [*forge_model.parameters(), *forge_unet.parameters()]
+    assert all(w.is_inference() for w in weights)
+    forge = WebUIDenoiser(forge_unet, forge_encode, _sd_alphas_cumprod(), "fp", (4, 8, 8), text_encoder=forge_model,
+                          tokenizer=tokenizer)
+    with torch.no_grad():  # scoring and calibration: no copy
+        forge.predict_noise(torch.randn(1, 4, 8, 8), 999, forge.encode_prompts([prompt]))
+    assert forge._grad_copies == {}
+    result = token_significance(forge, prompt, steps=2)
+    assert len(forge._grad_copies) == 2  # the UNet's and the text encoder's
+    assert result.tokens == reference.tokens and result.unet_evals == reference.unet_evals == 4
+    torch.testing.assert_close(torch.tensor(result.scores), torch.tensor(reference.scores), rtol=1e-5, atol=0)
+    forge.free_grad_copies()
+    assert forge._grad_copies == {} and all(w.is_inference() for w in weights)
 
 
 def test_install_adds_diffusers_with_the_webuis_pins(tmp_path):

@@ -3,12 +3,13 @@
 
 It watches the UNet from outside both WebUIs' CFG code: a forward pre-hook on the diffusion model records every
 UNet call of a generation (its batch rows, and its inputs ``x (N, 4, h, w)``, ``timesteps (N,)`` and
-``context (N, 77, 768)``), and after each generation the record goes to ``$DEJAGUARD_WEBUI_PROBE/<n>.pt`` (a
-plain dict of tensors, readable with ``torch.load(weights_only=True)``). The tests count the calls (no extra
-UNet evaluation) and recompute the first step's score from the recorded inputs on the same weights.
+``context (N, 77, 768)``; SDXL: ``(N, 77, 2048)`` and the adm vector ``y (N, 2816)``), and after each generation
+the record goes to ``$DEJAGUARD_WEBUI_PROBE/<n>.pt`` (a plain dict of tensors, readable with
+``torch.load(weights_only=True)``). The tests count the calls (no extra UNet evaluation) and recompute the first
+step's score from the recorded inputs on the same weights.
 
-After the first generation it also scores that generation's first-step UNet inputs the way the Calibrate button
-does: through DejaGuard's WebUI adapter of the denoiser seam (``webui_denoiser`` of the loaded model) and core's
+After the first generation (SD1) it also scores that generation's first-step UNet inputs the way the Calibrate
+button does: through DejaGuard's WebUI adapter of the denoiser seam (``webui_denoiser`` of the loaded model) and core's
 scoring step (``core.detect.step_scores``, which :func:`core.calibration.calibrate` runs), prompts encoded by the
 WebUI; the test compares these with the guard's scores (``adapter_scores`` and ``adapter_t`` in ``0.pt``).
 """
@@ -34,8 +35,10 @@ def _record(module, args, kwargs):
     x = args[0] if args else kwargs["x"]
     t = args[1] if len(args) > 1 else kwargs.get("timesteps", kwargs.get("t"))
     context = args[2] if len(args) > 2 else kwargs.get("context")
+    y = args[3] if len(args) > 3 else kwargs.get("y")  # SDXL: the adm vector (pooled text and sizes), (N, 2816)
     _calls.append({"x": x.detach().float().cpu(), "t": t.detach().float().cpu(),
-                   "context": context.detach().float().cpu()})
+                   "context": context.detach().float().cpu(),
+                   **({} if y is None else {"y": y.detach().float().cpu()})})
 
 
 class DejaGuardProbe(scripts.Script):
@@ -61,7 +64,7 @@ class DejaGuardProbe(scripts.Script):
         folder.mkdir(parents=True, exist_ok=True)
         n = len(list(folder.glob("*.pt")))
         record = {"calls": list(_calls)}  # a copy: the adapter's own UNet calls below are not the generation's
-        if n == 0 and _calls:
+        if n == 0 and _calls and "y" not in _calls[0]:  # SD1 (the WebUI adapter takes SD1 only)
             record.update(_adapter_scores(p, record["calls"]))
         torch.save(record, folder / f"{n}.pt")
         _calls.clear()
