@@ -5,10 +5,14 @@
     python -m bench.neurons --seeds 2 --prompts 0 4 --steps 10 --novel 8     # a quick smoke run
     python -m bench.neurons --skip-nemo --ratios 0.1 0.2 0.35                # the subspace masks only
     python -m bench.neurons --model planted                                  # against the designated neurons
+    python -m bench.neurons --model DIR --seeds 2 --steps 20 --novel 16      # a fresh planted variant, reduced
 
 ``--model``: ``testbed`` (default, the shipped v5), ``planted`` (the planted-neuron variant of issue 25,
 ``core.testbed.planted``, imported only then: its memorized images, prompts and **designated neurons**, the
-ground truth), or a diffusers folder (a testbed-like model with v5's prompts and images).
+ground truth), a folder holding a planted variant (recognised by its ``ground_truth/``: e.g. the output of
+``dejaguard testbed plant --out DIR`` before it is copied into the repository; the planted images and prompts
+of ``core.testbed.planted``, that folder's weights and designated neurons), or a diffusers folder (a
+testbed-like model with v5's prompts and images).
 Prompts: by default the first evaluation prompt of each memorized image (``--prompts`` takes indices into
 the model's evaluation prompts, ``memorized_eval_prompts()`` or ``planted_eval_prompts()``, or ``all``).
 Replication is judged against every training image of the model (v5's 12, plus the planted ones on
@@ -28,12 +32,22 @@ Replication is judged against every training image of the model (v5's 12, plus t
   ``recall`` / ``precision`` (``planted`` only; ``core.neuron_mask.recall_precision``, neuron level): each
   prompt's fast mask against its image's designated neurons (``designated_mask(name)``), per prompt and the
   mean over prompts (a prompt NeMo could not localize counts recall 0 and has no precision);
-  ``recall_union`` / ``precision_union``: the union of the masks against the union of the truths.
+  ``recall_union`` / ``precision_union``: the union of the masks against the union of the truths;
+  ``truth_in_search_space`` per prompt: the share of its designated neurons inside NeMo's search space (value
+  neurons of the searched ``attn2.to_v`` layers; FFN neurons, e.g. the ``shared`` group's, are outside it, so
+  that share bounds the recall NeMo can reach).
 - **Subspace** (``core.prune.subspace_mask``): the planted images are split in two halves (alternating
   within each memorization kind); the mask is found on the first half's prompts only.
   ``replication_before`` / ``_after`` on that half; ``heldout_replication_before`` / ``_after`` on the
   other half (generalization); novel alignment with the mask on. On ``planted`` the halves are those of the
   group that shares one FFN subspace (group ``"shared"``), when the chosen prompts include it.
+
+- **Designated** (models with a ground truth only): the reference line, each prompt's own designated neurons
+  switched off (what a perfect localization would give): replication per prompt and overall, novel alignment
+  with the union of the designated masks on; headline ``designated_replication_after``.
+
+A run with any setting other than the defaults (the full protocol) is labelled ``"protocol": "reduced"`` and
+lists each departure under ``departures_from_full_protocol`` (``{option: {"used", "full"}}``).
 
 Last line's headline keys (issue 25): ``recall``, ``precision``, ``replication_before``, ``replication_after``,
 ``novel_alignment_before``, ``novel_alignment_after``, ``evals_ratio_vs_reference`` (NeMo),
@@ -53,12 +67,13 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from dejaguard.core.denoiser import Denoiser, load_denoiser
-from dejaguard.core.nemo import LocalizeSettings, localize, nemo_statistics
-from dejaguard.core.neuron_mask import NeuronMask, apply_mask, recall_precision
+from dejaguard.core.nemo import LocalizeSettings, localize, nemo_layers, nemo_statistics
+from dejaguard.core.neuron_mask import NeuronMask, apply_mask, mask_units, recall_precision
 from dejaguard.core.prune import subspace_mask
 from dejaguard.core.sampling import generate, prompt_seed
 from dejaguard.core.testbed.data import MEMORIZED, MemorizedImage, check_alignment, heldout_specs, load_memorized_images
@@ -97,18 +112,33 @@ class Subject:
         return list(self.default)
 
 
+def is_planted_folder(model: str | None) -> bool:
+    """Is ``model`` a folder holding a planted-neuron variant (it has a ``ground_truth/`` folder of designated
+    masks, ``core.testbed.planted.GROUND_TRUTH_DIR``), e.g. a fresh ``dejaguard testbed plant --out DIR``?"""
+    if model in (None, "testbed", "planted") or not Path(model).is_dir():
+        return False
+    return (Path(model) / importlib.import_module(PLANTED_MODULE).GROUND_TRUTH_DIR).is_dir()
+
+
 def load_subject(model: str | None = "testbed") -> Subject:
     """``--model``: ``"testbed"`` (or None: the shipped v5), ``"planted"`` (``core.testbed.planted``, imported
-    here and nowhere else), or a diffusers folder holding a testbed-like model (v5's prompts and images)."""
-    if model == "planted":
+    here and nowhere else), a folder holding a planted-neuron variant (:func:`is_planted_folder`: the planted
+    images and prompts of ``core.testbed.planted``, that folder's weights and designated neurons), or a diffusers
+    folder holding a testbed-like model (v5's prompts and images)."""
+    if model == "planted" or is_planted_folder(model):
         planted = importlib.import_module(PLANTED_MODULE)
+        folder = planted.PLANTED_MODEL if model == "planted" else Path(model)
         images = planted.planted_images()
+
+        def truth(name: str | None) -> NeuronMask:
+            return planted.designated_mask(name, folder=folder)
+
         return Subject(
-            name="planted", denoiser=load_denoiser(planted.PLANTED_MODEL),
+            name="planted" if model == "planted" else f"planted variant {folder}", denoiser=load_denoiser(folder),
             pairs=[(p, m.name, m.group) for p, m in planted.planted_eval_prompts()],
             default=[(m.eval_prompts[0], m.name, m.group) for m in images],
-            training={**load_memorized_images(), **planted.load_planted_pixels()},
-            truth=planted.designated_mask, location=str(planted.PLANTED_MODEL))
+            training=planted.all_training_images(),
+            truth=truth, location=str(folder))
     location = None if model in (None, "testbed") else model
     return Subject(
         name="testbed" if location is None else str(location), denoiser=load_denoiser(location),
@@ -164,19 +194,26 @@ def rounded(value: float | None, digits: int = 4) -> float | None:
 
 
 def truth_scores(masks: dict[str, NeuronMask], prompts: Sequence[str], images: Sequence[str],
-                 truth: Callable[[str | None], NeuronMask]) -> dict:
+                 truth: Callable[[str | None], NeuronMask], searched: Sequence[str] | None = None) -> dict:
     """Recall and precision of each prompt's found mask against its image's designated neurons, their means over
     the prompts (a prompt without a mask, NeMo having failed on it, counts recall 0 and no precision), and the
-    union of the masks against the union of the prompts' truths."""
+    union of the masks against the union of the prompts' truths. ``searched``: the layers the method searches
+    (NeMo's ``attn2.to_v`` layers); each prompt then also gets ``truth_in_search_space``, the share of its
+    designated neurons that lie in them (the recall the method could reach at most: FFN neurons are outside
+    NeMo's space)."""
     per_prompt, recalls, precisions = [], [], []
     for prompt, image in zip(prompts, images):
-        found = masks.get(prompt)
-        recall, precision = recall_precision(found, truth(image)) if found is not None else (0.0, float("nan"))
+        found, want = masks.get(prompt), truth(image)
+        recall, precision = recall_precision(found, want) if found is not None else (0.0, float("nan"))
         recalls.append(recall)
         if not math.isnan(precision):
             precisions.append(precision)
-        per_prompt.append({"prompt": prompt, "image": image, "recall": rounded(recall),
-                           "precision": rounded(precision)})
+        row = {"prompt": prompt, "image": image, "recall": rounded(recall), "precision": rounded(precision)}
+        if searched is not None:
+            units = mask_units(want)
+            row["truth_in_search_space"] = rounded(sum(layer in searched for layer, _ in units) / len(units)
+                                                   if units else float("nan"))
+        per_prompt.append(row)
     out: dict = {"recall": rounded(float(np.mean(recalls))) if recalls else None,
                  "precision": rounded(float(np.mean(precisions))) if precisions else None,
                  "per_prompt": per_prompt}
@@ -255,22 +292,62 @@ def run_nemo(args: argparse.Namespace, subject: Subject, prompts: list[str], ima
     nemo["replication_after"] = mean_rate(after)
     nemo["replication_before_own_image"] = mean_rate(before, own=True)
     nemo["replication_after_own_image"] = mean_rate(after, own=True)
-    nemo["per_prompt"] = [{"prompt": p, "replication_before": b[0], "replication_after": a[0],
+    nemo["per_prompt"] = [{"prompt": p, "image": i, "replication_before": b[0], "replication_after": a[0],
                            "replication_after_own_image": a[1], "neurons": masks[p].count() if p in masks else None}
-                          for p, b, a in zip(prompts, before, after)]
+                          for p, i, b, a in zip(prompts, images, before, after)]
     if subject.truth is not None:
-        scores = truth_scores(masks, prompts, images, subject.truth)
+        scores = truth_scores(masks, prompts, images, subject.truth, list(nemo_layers(denoiser, args.blocks)))
         nemo.update(recall=scores["recall"], precision=scores["precision"], recall_union=scores.get("recall_union"),
                     precision_union=scores.get("precision_union"))
         for row, score in zip(nemo["per_prompt"], scores["per_prompt"]):
-            row.update(recall=score["recall"], precision=score["precision"])
-            print(f"  truth     {row['prompt'][:48]:48s} recall {score['recall']} precision {score['precision']}")
+            row.update(recall=score["recall"], precision=score["precision"],
+                       truth_in_search_space=score["truth_in_search_space"])
+            print(f"  truth     {row['prompt'][:48]:48s} recall {score['recall']} precision {score['precision']} "
+                  f"(designated neurons in NeMo's search space: {score['truth_in_search_space']})")
     union = NeuronMask.union(list(masks.values())) if masks else None
     nemo["novel_alignment_before"] = round(align_before, 4)
     nemo["novel_alignment_after"] = round(alignment(denoiser, novel, args.steps, union), 4)
     nemo["novel_alignment_mask"] = f"union of {len(masks)} per-prompt masks ({union.count() if union else 0} neurons)"
     print(f"NeMo generations and alignment in {time.perf_counter() - t0:.1f}s", flush=True)
     return nemo
+
+
+def run_designated(args: argparse.Namespace, subject: Subject, prompts: list[str], images: list[str], seeds: list[int],
+                   before: list[tuple[float, float]], novel: list[str], align_before: float) -> dict:
+    """The reference line (models with a ground truth): each prompt's **designated** neurons switched off
+    (``subject.truth(image)``, what a perfect localization would switch off): replication per prompt and overall,
+    and novel alignment with the union of the chosen images' designated masks on."""
+    truths = {image: subject.truth(image) for image in dict.fromkeys(images)}
+    after = replication(subject.denoiser, prompts, images, seeds, args.steps, {p: truths[i] for p, i in
+                                                                                zip(prompts, images)},
+                        subject.training)
+    union = NeuronMask.union(list(truths.values()))
+    out = {"replication_before": mean_rate(before), "replication_after": mean_rate(after),
+           "replication_before_own_image": mean_rate(before, own=True),
+           "replication_after_own_image": mean_rate(after, own=True),
+           "per_prompt": [{"prompt": p, "image": i, "neurons": truths[i].count(), "replication_before": b[0],
+                           "replication_after": a[0], "replication_after_own_image": a[1]}
+                          for p, i, b, a in zip(prompts, images, before, after)],
+           "novel_alignment_before": round(align_before, 4),
+           "novel_alignment_after": round(alignment(subject.denoiser, novel, args.steps, union), 4),
+           "novel_alignment_mask": f"union of the designated masks of {len(truths)} images ({union.count()} neurons)"}
+    for row in out["per_prompt"]:
+        print(f"  designated {row['prompt'][:47]:47s} neurons {row['neurons']:>3} replication "
+              f"{row['replication_before']:.2f} -> {row['replication_after']:.2f}", flush=True)
+    return out
+
+
+PROTOCOL_KEYS = ("prompts", "seeds", "steps", "novel", "nemo_seeds", "score_prompts", "batch", "ratios", "blocks",
+                 "score", "verify_rounds", "skip_reference", "skip_nemo")
+
+
+def protocol(args: argparse.Namespace, parser: argparse.ArgumentParser, full: dict | None = None,
+             keys: Sequence[str] = PROTOCOL_KEYS) -> dict:
+    """How this run departs from the full protocol: ``{option: {"used": ..., "full": ...}}`` for every setting of
+    ``keys`` whose value differs from the full protocol's (``full``, default: the parser's defaults), so a reduced
+    run says so in its JSON line (also ``bench.redteam``'s)."""
+    full = {k: parser.get_default(k) for k in keys} | (full or {})
+    return {k: {"used": getattr(args, k), "full": full[k]} for k in keys if getattr(args, k) != full[k]}
 
 
 def subspace_split(subject: Subject, chosen: Sequence[tuple[str, str, str]]) -> tuple[list[tuple[str, str]],
@@ -308,9 +385,14 @@ def headline(out: dict, subject: Subject, args: argparse.Namespace, before: list
             "evals_ratio_vs_reference")
     figures = {k: (nemo or {}).get(k) for k in keys}
     figures["novel_alignment_before"] = out["novel_alignment_before"]
+    designated = out.get("designated")
+    if designated is None:
+        reasons["designated_replication_after"] = f"no ground truth: the {subject.name} model has no designated neurons"
     return {**figures, "replication_before": mean_rate(before),
             "subspace_heldout_replication_after": first.get("heldout_replication_after"),
-            "subspace_ratio": args.ratios[0], "null_reasons": reasons}
+            "subspace_ratio": args.ratios[0],
+            "designated_replication_after": designated["replication_after"] if designated else None,
+            "null_reasons": reasons}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -346,12 +428,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     prompts, images = [p for p, _, _ in chosen], [i for _, i, _ in chosen]
     seeds = list(range(args.seeds))
     novel = [s.caption() for s in heldout_specs()[: args.novel]]
-    out: dict = {"model": denoiser.fingerprint(), "model_name": subject.name,
-                 "settings": {"prompts": len(prompts), "seeds": args.seeds, "steps": args.steps, "novel": len(novel),
-                              "nemo_seeds": args.nemo_seeds, "batch": args.batch, "ratios": args.ratios,
+    reduced = protocol(args, parser)
+    out: dict = {"model": denoiser.fingerprint(), "model_name": subject.name, "model_folder": subject.location,
+                 "settings": {"prompts": len(prompts), "prompt_indices": args.prompts, "seeds": args.seeds,
+                              "steps": args.steps, "novel": len(novel), "nemo_seeds": args.nemo_seeds,
+                              "score_prompts": args.score_prompts, "batch": args.batch, "ratios": args.ratios,
                               "blocks": args.blocks, "score": args.score, "generation_steps": args.generation_steps,
-                              "verify_rounds": args.verify_rounds,
-                              "replication_ssim": REPLICATION_SSIM, "training_images": len(subject.training)}}
+                              "verify_rounds": args.verify_rounds, "skip_reference": args.skip_reference,
+                              "replication_ssim": REPLICATION_SSIM, "training_images": len(subject.training),
+                              "threads": torch.get_num_threads()},
+                 "protocol": "reduced" if reduced else "full", "departures_from_full_protocol": reduced}
 
     before = replication(denoiser, prompts, images, seeds, args.steps, training=subject.training)
     align_before = alignment(denoiser, novel, args.steps)
@@ -360,6 +446,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         nemo = None
     else:
         nemo = out["nemo"] = run_nemo(args, subject, prompts, images, seeds, before, novel, align_before)
+    if subject.truth is not None:
+        out["designated"] = run_designated(args, subject, prompts, images, seeds, before, novel, align_before)
 
     # -- subspace -----------------------------------------------------------------------------------
     fit, held = subspace_split(subject, chosen)
@@ -399,6 +487,10 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"{sub.get('heldout_replication_after', float('nan')):14.3f} {sub['novel_alignment_before']:12.3f} "
               f"{sub['novel_alignment_after']:12.3f}  {key}")
     out.update(headline(out, subject, args, before))
+    if "designated" in out:
+        d = out["designated"]
+        print(f"{'designated':10s} {d['replication_before']:12.3f} {d['replication_after']:12.3f} {'':>14s} "
+              f"{d['novel_alignment_before']:12.3f} {d['novel_alignment_after']:12.3f}  (ground truth: reference)")
     if nemo is not None and subject.truth is not None:
         print(f"NeMo vs designated neurons: recall {out['recall']}, precision {out['precision']}")
     print(json.dumps(out))

@@ -3,6 +3,7 @@
     python -m bench.redteam                                   # smoke run: 3 images, 2 seeds, 20 DDIM steps (minutes)
     python -m bench.redteam --images 0 --seeds 8 --steps 50   # the full protocol: every memorized image, 8 seeds
     python -m bench.redteam --model planted                   # on the planted-neuron variant (core.testbed.planted)
+    python -m bench.redteam --model DIR --images 0            # a planted variant folder (``ground_truth/``), all images
 
 For each mitigation the project offers, the attack of :mod:`core.redteam` (Adam on an additive perturbation of the
 prompt's conditioning, ``--attack-steps`` steps, default 50, maximizing the first-step text-conditional magnitude
@@ -14,10 +15,15 @@ prompt optimized on the mean over its ``--seeds`` initial noises; then full gene
 
 - ``nemo``: each prompt's own NeMo mask (``core.nemo.localize``, paper's settings, fast schedule) on while the
   attack searches and while its generations run. A prompt NeMo cannot localize is left out (``errors``).
+- ``designated`` (models with a ground truth: ``--model planted`` or a planted variant folder, see
+  ``bench.neurons.load_subject``): each prompt's designated neurons (``designated_mask(image)``) switched off, the
+  mask a perfect localization would find, attacked exactly as ``nemo``; elsewhere null with that reason.
 - ``subspace``: one FFN subspace mask (``core.prune.subspace_mask``, ratio ``--subspace-ratio``, default 0.05:
   the ratio that removed some replication on v5, where the paper's 0.01 removed none) fit on all attacked prompts.
 - ``embedding``: the inference-time embedding mitigation (``core.mitigate.mitigate_embedding`` per (prompt, seed)
-  with the calibrated levels of ``core.calibration.resolve_levels``). It leaves the UNet unchanged, so the
+  with the calibrated levels of ``core.calibration.resolve_levels``: the model folder's calibration, or
+  ``--calibration FILE``; a model without one gets null with that reason, unless ``--threshold`` and
+  ``--target`` are given). It leaves the UNet unchanged, so the
   attacker's model is the unmitigated one: the attacked embedding is the one found there, and the mitigation
   then runs on it, exactly as it would on any user's conditioning, before the generation. The attack is adaptive
   in one respect: a higher first-step score is harder for the mitigation to push below its target within its
@@ -34,7 +40,10 @@ Per method: ``replication_unmitigated`` (no mitigation, no attack), ``replicatio
 ``curve`` (replication at each budget), ``recovery_rate`` (share of generations that replicate at the largest
 budget), ``budget`` (the smallest budget, 0 included, at which replication reaches half of
 ``replication_unmitigated``; null if none does), the attack's scores, and UNet evaluations (attack forwards and
-backwards, the mitigation's own forwards). Prints a table, then one JSON object as the last line:
+backwards, the mitigation's own forwards). ``settings`` holds every setting; a run that departs from the full
+protocol (``--images 0 --seeds 8 --steps 50``, the other defaults) is labelled ``"protocol": "reduced"`` with each
+departure under ``departures_from_full_protocol`` (``bench.neurons.protocol``). Prints a table, then one JSON
+object as the last line:
 ``{"methods": {"nemo": {"replication_mitigated": ..., "recovery_rate": ..., "budget": ...}, ...}, ...}``.
 """
 
@@ -59,9 +68,11 @@ from dejaguard.core.redteam import DEFAULT_ATTACK_STEPS, DEFAULT_STEP_FRACTION, 
 from dejaguard.core.sampling import generate, initial_noise
 from dejaguard.core.testbed.evaluate import REPLICATION_SSIM, check_replication, thumbnails
 
-from bench.neurons import Subject, load_subject
+from bench.neurons import Subject, load_subject, protocol
 
 DEFAULT_BUDGETS = (0.05, 0.1, 0.2, 0.4)
+FULL_PROTOCOL = {"images": 0, "seeds": 8, "steps": 50}  # the documented full run; the other options' defaults
+METHODS = ("nemo", "designated", "subspace", "embedding", "loss_filter")
 NO_FILTERED_MODEL = ("no model trained with the training-time loss filter is shipped (the model card's filter run "
                      "is a side-by-side experiment); pass --filtered-model DIR to attack one")
 
@@ -141,6 +152,29 @@ def generations(denoiser: Denoiser, attacks: dict[float, list[AttackResult]], im
     return curve
 
 
+def per_prompt_masks(denoiser: Denoiser, masks: dict[int, NeuronMask], conds: Sequence[torch.Tensor],
+                     images: Sequence[str], seeds: Sequence[int], budgets: Sequence[float], args: argparse.Namespace,
+                     training: dict[str, np.ndarray], base_curve: dict[float, list[bool]], mitigation_evals: int,
+                     reason: str = "no prompt has a mask", **extra: object) -> dict:
+    """A method that switches off one mask per prompt (``masks``: prompt index -> mask; NeMo's found masks, the
+    designated ground truth): each kept prompt attacked and generated with its own mask on; the unmitigated
+    replication is that of the same prompts (from ``base_curve``, the unmitigated model's verdicts per budget)."""
+    kept = sorted(masks)
+    if not kept:
+        return {"replication_mitigated": None, "recovery_rate": None, "budget": None, "reason": reason, **extra}
+    local = [masks[i] for i in kept]
+
+    def masked(j: int) -> AbstractContextManager:
+        return apply_mask(denoiser, local[j])
+
+    attacks = attack_all(denoiser, [conds[i] for i in kept], seeds, budgets, args, masked)
+    curve = generations(denoiser, attacks, [images[i] for i in kept], seeds, args, training, masked)
+    n = len(seeds)
+    ref = float(np.mean([v for i in kept for v in base_curve[0.0][i * n:(i + 1) * n]]))
+    return summarize(curve, ref, attacks, mitigation_evals, prompts_masked=len(kept),
+                     neurons_per_prompt=round(float(np.mean([m.count() for m in local])), 1), **extra)
+
+
 def run(args: argparse.Namespace, subject: Subject) -> dict:
     """Every method of ``args.methods`` on ``subject``'s chosen prompts; the JSON-ready result."""
     denoiser, training = subject.denoiser, subject.training
@@ -155,8 +189,10 @@ def run(args: argparse.Namespace, subject: Subject) -> dict:
                               "budgets": budgets, "attack_steps": args.attack_steps,
                               "step_fraction": args.step_fraction, "subspace_ratio": args.subspace_ratio,
                               "replication_ssim": REPLICATION_SSIM, "training_images": len(training),
+                              "nemo_seeds": args.nemo_seeds, "score_prompts": args.score_prompts,
+                              "threads": torch.get_num_threads(),
                               "objective": "maximize the first-step text-conditional magnitude (core.redteam)"},
-                 "methods": {}}
+                 "model_folder": subject.location, "methods": {}}
     t0 = time.perf_counter()
     print(f"unmitigated ({len(prompts)} prompts x {len(seeds)} seeds)", flush=True)
     base_attacks = attack_all(denoiser, conds, seeds, budgets, args)
@@ -176,22 +212,21 @@ def run(args: argparse.Namespace, subject: Subject) -> dict:
             except DejaGuardError as err:  # not localized: reported, left out of the figures
                 errors.append({"prompt": prompt, "error": str(err)})
         spent = denoiser.counter.since(before).forwards
-        kept = sorted(masks)
-        if kept:
-            local = [masks[i] for i in kept]
+        out["methods"]["nemo"] = per_prompt_masks(denoiser, masks, conds, images, seeds, budgets, args, training,
+                                                  base_curve, spent, errors=errors,
+                                                  reason="NeMo localized none of the prompts")
 
-            def masked(j: int) -> AbstractContextManager:
-                return apply_mask(denoiser, local[j])
-
-            attacks = attack_all(denoiser, [conds[i] for i in kept], seeds, budgets, args, masked)
-            curve = generations(denoiser, attacks, [images[i] for i in kept], seeds, args, training, masked)
-            ref = float(np.mean([v for i in kept for v in base_curve[0.0][i * len(seeds):(i + 1) * len(seeds)]]))
-            out["methods"]["nemo"] = summarize(curve, ref, attacks, spent, prompts_localized=len(kept),
-                                               neurons_per_prompt=round(float(np.mean([m.count() for m in local])), 1),
-                                               errors=errors)
+    if "designated" in args.methods:
+        if subject.truth is not None:
+            print("designated", flush=True)
+            truths = {i: subject.truth(image) for i, image in enumerate(images)}
+            out["methods"]["designated"] = per_prompt_masks(
+                denoiser, truths, conds, images, seeds, budgets, args, training, base_curve, 0,
+                note="each prompt's designated (ground-truth) neurons off: the mask a perfect localization finds")
         else:
-            out["methods"]["nemo"] = {"replication_mitigated": None, "recovery_rate": None, "budget": None,
-                                      "reason": "NeMo localized none of the prompts", "errors": errors}
+            out["methods"]["designated"] = {"replication_mitigated": None, "recovery_rate": None, "budget": None,
+                                            "reason": f"no ground truth: the {subject.name} model has no designated "
+                                                      "neurons (use --model planted or a planted variant folder)"}
 
     if "subspace" in args.methods:
         print("subspace", flush=True)
@@ -207,9 +242,19 @@ def run(args: argparse.Namespace, subject: Subject) -> dict:
             curve = generations(denoiser, attacks, images, seeds, args, training)
         out["methods"]["subspace"] = summarize(curve, unmitigated, attacks, spent, weights_pruned=mask.count())
 
+    levels = None
     if "embedding" in args.methods:
+        try:
+            levels = resolve_levels(args.threshold, args.target, args.calibration or subject.location,
+                                    denoiser.fingerprint())
+        except DejaGuardError as err:  # no calibration for this model: not available, never a made-up level
+            for name in ("embedding", "embedding_evade"):
+                out["methods"][name] = {"replication_mitigated": None, "recovery_rate": None, "budget": None,
+                                        "reason": f"not available: {err} (`dejaguard calibrate --model DIR` writes "
+                                                  "one into the model folder; or pass --calibration FILE, or "
+                                                  "--threshold and --target)"}
+    if levels is not None:
         print("embedding", flush=True)
-        levels = resolve_levels(args.threshold, args.target, subject.location, denoiser.fingerprint())
         spent = [0]
         iterations: list[int] = []
 
@@ -283,7 +328,9 @@ def table(out: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="testbed", help="testbed (default), planted, or a diffusers folder")
+    parser.add_argument("--model", default="testbed",
+                        help="testbed (default), planted, a planted variant folder (with ground_truth/), or a "
+                        "diffusers folder")
     parser.add_argument("--images", type=int, default=3,
                         help="memorized images attacked, evenly spaced, first evaluation prompt each (default 3; "
                         "0 = all)")
@@ -296,20 +343,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--attack-steps", type=int, default=DEFAULT_ATTACK_STEPS, help="Adam steps (default 50)")
     parser.add_argument("--step-fraction", type=float, default=DEFAULT_STEP_FRACTION,
                         help="Adam's step as a fraction of the budget's radius (default 0.1)")
-    parser.add_argument("--methods", nargs="+", default=["nemo", "subspace", "embedding", "loss_filter"],
-                        choices=["nemo", "subspace", "embedding", "loss_filter"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--subspace-ratio", type=float, default=0.05, help="subspace pruning ratio (default 0.05)")
     parser.add_argument("--filtered-model", default=None, help="a model trained with the loss filter (diffusers)")
     parser.add_argument("--nemo-seeds", type=int, default=4, help="seeds of NeMo's memorization score")
     parser.add_argument("--score-prompts", type=int, default=64, help="prompts calibrating NeMo's threshold")
     parser.add_argument("--threshold", type=float, default=None, help="embedding mitigation threshold (calibrated)")
     parser.add_argument("--target", type=float, default=None, help="embedding mitigation target (calibrated)")
+    parser.add_argument("--calibration", default=None,
+                        help="calibration file of the embedding mitigation's levels (default: the model folder's)")
     parser.add_argument("--cache", default=None, help="NeMo statistics cache folder")
     args = parser.parse_args(argv)
     if any(b <= 0 for b in args.budgets):
         parser.error("--budgets must be > 0 (budget 0, no attack, is always measured)")
     torch.manual_seed(0)
     out = run(args, load_subject(args.model))
+    departures = protocol(args, parser, FULL_PROTOCOL, ("images", "prompts", "seeds", "steps", "budgets",
+                                                        "attack_steps", "nemo_seeds", "score_prompts"))
+    out.update({"protocol": "reduced" if departures else "full", "departures_from_full_protocol": departures})
     print("\n" + table(out))
     print(json.dumps(out))
 

@@ -15,6 +15,7 @@ from dejaguard.core.neuron_mask import NeuronMask, OutputGates, apply_mask
 from dejaguard.core.testbed import planted as pl
 from dejaguard.core.testbed.data import MEMORIZED, heldout_specs, parse_prompt
 from dejaguard.core.testbed.evaluate import REPLICATION_SSIM
+from dejaguard.core.testbed.graded import content_words, graded_images
 
 SHIPPED = (pl.PLANTED_MODEL / "unet").is_dir()
 
@@ -23,7 +24,7 @@ def test_planted_images_are_distinct_from_each_other_and_from_v5():
     pixels = pl.load_planted_pixels()
     assert list(pixels) == [m.name for m in pl.planted_images()]
     everything = pl.all_training_images()
-    assert len(everything) == len(MEMORIZED) + len(pixels)
+    assert len(everything) == len(MEMORIZED) + len(pixels) + len(graded_images())  # graded: tests/test_graded.py
     for img in pixels.values():
         assert img.shape == (3, 32, 32) and img.dtype == np.float32
         assert img.min() >= -1.0 and img.max() <= 1.0
@@ -51,17 +52,10 @@ def test_planted_captions_are_new():
 def test_planted_captions_share_no_content_word_with_v5():
     """Regression (the first planted run): captions with v5 words ("poster", "print", "vintage", "photo") were drawn
     by v5 as its own memorized images, so with the designated neurons off they still replicated a training image."""
-    import re
-
-    stop = {"a", "an", "the", "of", "with", "by", "for", "on", "in", "at", "to", "and", "from"}
-
-    def words(text: str) -> set[str]:
-        return set(re.findall(r"[a-z]+", text.lower())) - stop
-
-    v5 = set().union(*(words(c) for m in MEMORIZED for c in (*m.train_captions, *m.eval_prompts)))
+    v5 = set().union(*(content_words(c) for m in MEMORIZED for c in (*m.train_captions, *m.eval_prompts)))
     for m in pl.planted_images():
         for caption in m.captions:
-            assert not words(caption) & v5, (caption, words(caption) & v5)
+            assert not content_words(caption) & v5, (caption, content_words(caption) & v5)
 
 
 def test_choose_neurons_takes_the_least_disruptive_disjoint_candidates():
@@ -143,7 +137,7 @@ def test_evaluate_planted_reports_both_parts_on_a_short_protocol():
         evaluate_planted(variant, seeds=(0,), parts=("nope",), progress=False)
     result = evaluate_planted(variant, load_denoiser(None, device="cpu"), seeds=(0,), memorized_seeds=1,
                               novel_count=2, novel_seeds=1, num_inference_steps=1, progress=False)
-    assert len(result["settings"]["judged_against"]) == len(MEMORIZED) + len(pl.planted_images())
+    assert len(result["settings"]["judged_against"]) == len(MEMORIZED) + len(pl.planted_images()) + len(graded_images())
     rows = result["planted"]["per_prompt"]
     assert [r["prompt"] for r in rows] == [p for p, _ in pl.planted_eval_prompts()]
     assert {r["neurons"] for r in rows if r["group"] == "single"} == {2}
@@ -152,3 +146,14 @@ def test_evaluate_planted_reports_both_parts_on_a_short_protocol():
     assert set(result["v5_on_planted_prompts"]) == {p for p, _ in pl.planted_eval_prompts()}
     # the weights are restored after every masked measurement (fingerprint() is cached: hash the weights again)
     assert state_fingerprint(variant.unet.state_dict()) == pl.designated_mask().fingerprint
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (pl.PlantConfig(steps=10), "at least 512 planting steps"),  # graded memorization's largest count
+    (pl.PlantConfig(steps=10, graded=False, group_extra_copies=(("singel", 1),)), "unknown group"),
+    (pl.PlantConfig(steps=10, graded=False, gate_target="empty"), "gate_target"),
+])
+def test_plant_refuses_a_bad_recipe_before_training(tmp_path, cfg, message):
+    with pytest.raises(DejaGuardError, match=message):
+        pl.plant(tmp_path / "variant", cfg, progress=False)
+    assert not (tmp_path / "variant").exists()  # nothing written

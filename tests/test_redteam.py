@@ -8,6 +8,7 @@ import json
 import sys
 import types
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,7 +138,8 @@ def fake_planted(testbed, monkeypatch):
     layers = nemo_layers(testbed)
     first = next(iter(layers))
 
-    def designated_mask(name: str | None = None) -> NeuronMask:
+    def designated_mask(name: str | None = None, folder=BUNDLED_TESTBED) -> NeuronMask:
+        module.folders.append(Path(folder))
         index = {m.name: i for i, m in enumerate(images)}
         chosen = [index[name]] if name is not None else list(index.values())
         return NeuronMask(layers={first: torch.tensor([3 * i + k for i in chosen for k in range(3)])},
@@ -146,10 +148,13 @@ def fake_planted(testbed, monkeypatch):
 
     module = types.ModuleType(PLANTED_MODULE)
     module.PLANTED_MODEL = BUNDLED_TESTBED
+    module.GROUND_TRUTH_DIR = "ground_truth"
+    module.folders = []  # the folders designated_mask was asked to read
     module.PlantedImage = PlantedImage
     module.planted_images = lambda: list(images)
     module.load_planted_pixels = lambda: {"planted_camera": v5["camera"], "planted_astronaut": v5["astronaut"],
                                           "planted_horse": v5["horse"]}
+    module.all_training_images = lambda: {**v5, **module.load_planted_pixels()}
     module.planted_eval_prompts = lambda: [(p, m) for m in images for p in m.eval_prompts]
     module.designated_mask = designated_mask
     monkeypatch.setitem(sys.modules, PLANTED_MODULE, module)
@@ -209,11 +214,21 @@ def test_bench_neurons_planted_last_line(fake_planted, capsys, monkeypatch):
     recalls = [row["recall"] for row in out["nemo"]["per_prompt"]]
     assert recalls == [1.0, round(2 / 3, 4), 0.0]  # the horse prompt was not localized
     assert [row["precision"] for row in out["nemo"]["per_prompt"]] == [1.0, 0.5, None]
+    assert [row["truth_in_search_space"] for row in out["nemo"]["per_prompt"]] == [1.0, 1.0, 1.0]
     assert out["recall"] == round((1 + 2 / 3 + 0) / 3, 4) and out["precision"] == 0.75
     assert out["evals_ratio_vs_reference"] is None
     assert "skip-reference" in out["null_reasons"]["evals_ratio_vs_reference"]
     assert out["subspace"]["ratio_0.01"]["heldout_images"] == ["planted_horse"]
     assert isinstance(out["subspace_heldout_replication_after"], float)
+    designated = out["designated"]  # the reference line: each prompt's designated neurons off
+    assert [row["image"] for row in designated["per_prompt"]] == ["planted_camera", "planted_astronaut",
+                                                                  "planted_horse"]
+    assert [row["neurons"] for row in designated["per_prompt"]] == [3, 3, 3]
+    assert out["designated_replication_after"] == designated["replication_after"]
+    assert designated["replication_before"] == out["replication_before"]
+    assert "designated_replication_after" not in out["null_reasons"]
+    assert out["protocol"] == "reduced" and out["departures_from_full_protocol"]["seeds"] == {"used": 1, "full": 16}
+    assert set(out["departures_from_full_protocol"]) == {"seeds", "steps", "novel", "ratios", "skip_reference"}
 
 
 def test_bench_neurons_testbed_has_no_ground_truth():
@@ -225,6 +240,59 @@ def test_bench_neurons_testbed_has_no_ground_truth():
            "novel_alignment_before": 0.45, "subspace": {"ratio_0.01": {"heldout_replication_after": 1.0}}}
     line = headline(out, subject, args, [(1.0, 1.0), (0.5, 0.5)])
     assert line["recall"] is None and line["precision"] is None and "no ground truth" in line["null_reasons"]["recall"]
+    assert line["designated_replication_after"] is None and "no ground truth" in line["null_reasons"][
+        "designated_replication_after"]
     assert (line["replication_before"], line["replication_after"]) == (0.75, 1.0)
     assert (line["evals_ratio_vs_reference"], line["subspace_heldout_replication_after"]) == (1.04, 1.0)
     assert np.isclose(line["novel_alignment_before"], 0.45)
+
+
+def test_planted_variant_folder_is_recognised(fake_planted, tmp_path):
+    """``--model DIR`` on a folder with ``ground_truth/`` (a fresh ``dejaguard testbed plant --out DIR``): the
+    planted images and prompts, that folder's weights and that folder's designated neurons."""
+    from bench.neurons import is_planted_folder, load_subject
+
+    for part in ("unet", "text_encoder", "tokenizer", "scheduler", "vae", "model_index.json"):
+        (tmp_path / part).symlink_to(BUNDLED_TESTBED / part)
+    assert not is_planted_folder(str(tmp_path)) and not is_planted_folder("planted")
+    (tmp_path / "ground_truth").mkdir()
+    assert is_planted_folder(str(tmp_path))
+    subject = load_subject(str(tmp_path))
+    assert subject.location == str(tmp_path) and subject.name.startswith("planted variant")
+    assert [i for _, i, _ in subject.default] == ["planted_camera", "planted_astronaut", "planted_horse"]
+    assert len(subject.training) == 12 + 3
+    assert subject.truth("planted_horse").count() == 3 and fake_planted.folders == [tmp_path]
+    assert subject.denoiser.fingerprint() == load_subject("testbed").denoiser.fingerprint()
+
+
+def test_bench_redteam_designated_on_planted(fake_planted, capsys):
+    """The designated (ground-truth) masks attacked like NeMo's; a model without ground truth says why."""
+    from bench.redteam import main
+
+    main(["--model", "planted", "--images", "1", "--seeds", "1", "--steps", "3", "--budgets", "0.4",
+          "--attack-steps", "2", "--methods", "designated"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    m = out["methods"]["designated"]
+    assert set(m["curve"]) == {"0", "0.4"} and m["recovery_rate"] == m["curve"]["0.4"]
+    assert m["prompts_masked"] == 1 and m["neurons_per_prompt"] == 3 and m["attack_unet_evals"] > 0
+    assert out["model_folder"] == str(BUNDLED_TESTBED) and out["protocol"] == "reduced"
+    assert out["departures_from_full_protocol"]["images"] == {"used": 1, "full": 0}
+    main(["--images", "1", "--seeds", "1", "--steps", "3", "--budgets", "0.4", "--attack-steps", "2",
+          "--methods", "designated"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["methods"]["designated"]["recovery_rate"] is None
+    assert "no ground truth" in out["methods"]["designated"]["reason"]
+
+
+def test_bench_redteam_embedding_without_calibration_is_not_available(testbed, capsys, tmp_path):
+    """A model without a calibration (the planted variant as shipped) gets no made-up mitigation levels: the
+    embedding rows are null with the reason, the other methods still run."""
+    from bench.redteam import main
+
+    main(["--images", "1", "--seeds", "1", "--steps", "3", "--budgets", "0.4", "--attack-steps", "1",
+          "--methods", "embedding", "--calibration", str(tmp_path / "none.json")])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for name in ("embedding", "embedding_evade"):
+        assert out["methods"][name]["recovery_rate"] is None
+        assert "not available" in out["methods"][name]["reason"] and "calibrat" in out["methods"][name]["reason"]
+    assert out["unmitigated"]["generations_per_budget"] == 1

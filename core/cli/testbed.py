@@ -1,5 +1,6 @@
 """``dejaguard testbed train`` / ``plant`` / ``evaluate``: retrain the bundled memorizing testbed, plant the
-neuron-gated variant (issue 25, :mod:`core.testbed.planted`), measure either."""
+neuron-gated variant (issue 25, :mod:`core.testbed.planted`), measure either (``evaluate --planted --parts graded``:
+the graded memorization of :mod:`core.testbed.graded`)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sp.add_argument("--out", required=True)
     sp.add_argument("--steps", type=int, default=None, help="planting steps (default: the recipe's)")
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--threads", type=int, default=2, help="CPU threads (default 2; 1 on a busy machine)")
+    sp.add_argument("--threads", type=int, default=1, help="CPU threads (default 1, as the shipped run)")
     sp.set_defaults(func=run)
     sp = tb.add_parser("evaluate", help="measure the testbed's memorization and novel-prompt alignment")
     model_options(sp, scoring=False)
@@ -39,12 +40,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     help="measure the planted-neuron variant (--model, default the shipped one) against its ground "
                     "truth: planted prompts with their neurons on and off, and v5's prompts with every designated "
                     "neuron on and off, side by side with the testbed v5 in the same run")
-    sp.add_argument("--seeds", type=int, default=16, help="seeds per memorized (or planted) prompt (default 16)")
+    sp.add_argument("--seeds", type=int, default=16,
+                    help="seeds per memorized (or planted, or graded) prompt (default 16)")
     sp.add_argument("--memorized-seeds", type=int, default=2, metavar="N",
                     help="with --planted: seeds per v5 memorized prompt (default 2)")
     sp.add_argument("--parts", default="planted,v5",
-                    help="with --planted: 'planted' (planted prompts, neurons on/off), 'v5' (v5's prompts on the "
-                    "variant and on v5), or both (default)")
+                    help="with --planted, comma-separated: 'planted' (planted prompts, neurons on/off), 'v5' (v5's "
+                    "prompts on the variant and on v5), 'graded' (graded memorization: replication and first-step "
+                    "detection per duplication count, --seeds seeds per prompt against --novel held-out prompts, on "
+                    "the variant and on v5); default 'planted,v5'")
     sp.add_argument("--sampling-steps", type=int, default=50, metavar="N", help="DDIM steps per generation "
                     "(default 50, the protocol of every figure in the model card)")
     sp.add_argument("--novel", type=int, default=None,
@@ -112,7 +116,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _evaluate_planted(args: argparse.Namespace) -> int:
     from ..denoiser import load_denoiser
-    from ..testbed.evaluate import evaluate_planted
+    from ..testbed.evaluate import evaluate_planted, graded_table
     from ..testbed.planted import PLANTED_MODEL
 
     folder = args.model or PLANTED_MODEL
@@ -123,6 +127,8 @@ def _evaluate_planted(args: argparse.Namespace) -> int:
                               num_inference_steps=args.sampling_steps, folder=folder,
                               parts=[p.strip() for p in args.parts.split(",") if p.strip()])
     print(json.dumps(result, indent=2))
+    if "graded" in result:
+        print(graded_table(result["graded"]))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")

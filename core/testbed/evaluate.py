@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from ..denoiser import Denoiser
+from ..detect import ScoreSettings, first_step_scores
 from ..errors import DejaGuardError
-from ..metrics import structure_ssim
+from ..metrics import auroc, structure_ssim, tpr_at_fpr
 from ..progress import Progress, tqdm_progress
 from ..sampling import generate, prompt_seed
 from .data import MEMORIZED, RESOLUTION, check_alignment, heldout_specs, load_memorized_images, parse_prompt
@@ -26,6 +27,9 @@ from .data import MEMORIZED, RESOLUTION, check_alignment, heldout_specs, load_me
 REPLICATION_SSIM = 0.5
 EVAL_SEEDS = tuple(range(16))
 UNCONDITIONAL_SEEDS = 32
+PLANTED_PARTS = ("planted", "v5", "graded")  # evaluate_planted's parts
+DETECTION_NOISES = (1, 4)  # first-step detection of the graded prompts: noise draws averaged per prompt
+REPLICATING_SHARE = 0.5  # a graded prompt "replicates" (labelled by behaviour) in at least this share of its seeds
 
 
 @dataclass
@@ -244,10 +248,12 @@ def evaluate_planted(
     - v5's 32 memorized prompts (``memorized_seeds`` seeds each) and ``novel_count`` held-out novel prompts
       (``novel_seeds`` prompt-derived seeds each): replication and alignment with every designated neuron on,
       with the union of them off, and on ``base`` (testbed v5 itself, when given) in the same run;
-    - ``base`` on the planted prompts (2 seeds): v5 must not draw the planted images.
+    - ``base`` on the planted prompts (2 seeds): v5 must not draw the planted images;
+    - ``graded`` (not a default part): graded memorization, :func:`evaluate_graded` with ``seeds`` and
+      ``novel_count`` (result key ``graded``).
 
     ``folder``: the variant's folder for its ground truth (default: the shipped one). ``parts``: ``planted`` (the
-    first item), ``v5`` (the other two); e.g. one each in two processes on a machine with idle cores.
+    first item), ``v5`` (the other two), ``graded``; e.g. one each in separate processes on a machine with idle cores.
     """
     from .planted import PLANTED_MODEL, all_training_images, designated_mask, planted_eval_prompts
 
@@ -257,13 +263,14 @@ def evaluate_planted(
     heldout = heldout_specs()
     if not 0 <= novel_count <= len(heldout):
         raise DejaGuardError(f"novel prompts must number 0..{len(heldout)}, got {novel_count}")
+    if not set(parts) <= set(PLANTED_PARTS):
+        raise DejaGuardError(f"parts are {', '.join(repr(p) for p in PLANTED_PARTS)}, got {list(parts)}")
+    if "graded" in parts:
+        _check_graded(seeds, novel_count)
     training = all_training_images()
     bar = tqdm_progress("evaluate planted", unit="image", enabled=progress)
     steps_cfg = (num_inference_steps, guidance_scale, bar)
     planted = planted_eval_prompts()
-    union = designated_mask(None, folder)
-    if not set(parts) <= {"planted", "v5"}:
-        raise DejaGuardError(f"parts are 'planted' and 'v5', got {list(parts)}")
     result: dict = {"settings": {
         "seeds": list(seeds), "memorized_seeds": memorized_seeds, "novel_prompts": novel_count,
         "novel_seeds": novel_seeds, "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
@@ -271,8 +278,10 @@ def evaluate_planted(
     if "planted" in parts:
         result["planted"] = _planted_part(variant, planted, seeds, training, folder, steps_cfg)
     if "v5" in parts:
-        result.update(_v5_part(variant, base, union, planted, memorized_seeds, novel_count, novel_seeds, training,
-                               steps_cfg))
+        result.update(_v5_part(variant, base, designated_mask(None, folder), planted, memorized_seeds, novel_count,
+                               novel_seeds, training, steps_cfg))
+    if "graded" in parts:
+        result["graded"] = _graded_part(variant, base, seeds, novel_count, training, steps_cfg)
     return result
 
 
@@ -333,3 +342,130 @@ def _v5_part(variant: Denoiser, base: Denoiser | None, union, planted: list, mem
                                     *steps_cfg, any_image=True)
         base_on_planted = {r["prompt"]: {"own": r["replication_rate"], "any": r["replication_rate_any"]} for r in rates}
     return {"v5_prompts": side_by_side, "v5_on_planted_prompts": base_on_planted}
+
+
+def evaluate_graded(
+    variant: Denoiser,
+    base: Denoiser | None = None,
+    seeds: Sequence[int] = EVAL_SEEDS,
+    novel_count: int = 60,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    progress: bool = True,
+) -> dict:
+    """Graded memorization (:mod:`core.testbed.graded`, issue 25 section 2): per duplication count, how often the
+    variant replicates the images planted that many times, and how well the first-step score detects their prompts.
+
+    For ``variant`` and, when given, ``base`` (testbed v5, which never saw the graded images: the control) in the
+    same run:
+
+    - each graded caption generated at every seed of ``seeds`` (DDIM ``num_inference_steps``, CFG
+      ``guidance_scale``): replication of its own image and of any training image (v5's 12, the planted and the
+      graded ones; structure SSIM > :data:`REPLICATION_SSIM`), and the median SSIM to its own image;
+    - first-step detection with the project's one scoring function (:func:`core.detect.first_step_scores`, default
+      :class:`~core.detect.ScoreSettings` with 1 step and ``n`` noises, ``n`` in :data:`DETECTION_NOISES`): the graded
+      prompts of each count (positives) against the first ``novel_count`` held-out novel prompts (negatives):
+      AUROC and TPR at 1% FPR per count and over all 20; and labelled by behaviour (``replicating``: the graded
+      prompts that replicate their own image in at least :data:`REPLICATING_SHARE` of seeds, against the same
+      novel prompts; None when there are none);
+    - the UNet evaluations each model spent (counted, not estimated).
+    """
+    _check_graded(seeds, novel_count)
+    from .planted import all_training_images
+
+    bar = tqdm_progress("evaluate graded", unit="image", enabled=progress)
+    return _graded_part(variant, base, seeds, novel_count, all_training_images(),
+                        (num_inference_steps, guidance_scale, bar))
+
+
+def _check_graded(seeds: Sequence[int], novel_count: int) -> None:
+    if len(seeds) < 1:
+        raise DejaGuardError("graded memorization needs at least one seed per prompt")
+    available = len(heldout_specs())
+    if not 1 <= novel_count <= available:
+        raise DejaGuardError(f"graded detection needs held-out novel prompts as negatives: 1..{available}, "
+                             f"got {novel_count}")
+
+
+def _graded_part(variant: Denoiser, base: Denoiser | None, seeds: Sequence[int], novel_count: int,
+                 training: dict[str, np.ndarray], steps_cfg: tuple) -> dict:
+    """:func:`evaluate_graded`'s figures on ``variant`` and on ``base`` (when given), with the progress bar of
+    ``steps_cfg`` = ``(num_inference_steps, guidance_scale, bar)``."""
+    from .graded import GRADED_COUNTS, graded_images
+
+    images = graded_images()
+    novel = [s.caption() for s in heldout_specs()[:novel_count]]
+    result = {"counts": list(GRADED_COUNTS), "images": [{"name": m.name, "caption": m.caption, "count": m.count}
+                                                        for m in images],
+              "seeds": list(seeds), "novel_prompts": len(novel),
+              "detection_settings": {f"n{n}": ScoreSettings(1, n).key() for n in DETECTION_NOISES},
+              "replicating_share": REPLICATING_SHARE,
+              "variant": _graded_figures(variant, images, novel, seeds, training, steps_cfg)}
+    if base is not None:
+        result["v5"] = _graded_figures(base, images, novel, seeds, training, steps_cfg)
+    return result
+
+
+def _graded_figures(denoiser: Denoiser, images: list, novel: list[str], seeds: Sequence[int],
+                    training: dict[str, np.ndarray], steps_cfg: tuple) -> dict:
+    """Replication and first-step detection of the graded prompts on one model: per count, overall, per image."""
+    bar = steps_cfg[2]
+    before = denoiser.counter.snapshot()
+    rates, own_ssims = _memorized_rates(denoiser, [(m.caption, m.name, m.kind) for m in images], seeds, training,
+                                        *steps_cfg, any_image=True)
+    captions = [m.caption for m in images]
+    scores = {}  # n -> (graded scores (20,), novel scores (novel_count,))
+    for n in DETECTION_NOISES:
+        got = [r.score for r in first_step_scores(denoiser, captions + novel, ScoreSettings(1, n), progress=bar)]
+        scores[n] = (np.array(got[:len(captions)]), np.array(got[len(captions):]))
+    spent = denoiser.counter.since(before)
+
+    def detection(chosen: np.ndarray) -> dict:
+        out = {}
+        for n, (pos, neg) in scores.items():
+            values, labels = [*pos[chosen], *neg], [1] * int(chosen.sum()) + [0] * len(neg)
+            out[f"n{n}"] = {"auroc": auroc(values, labels), "tpr_at_1pct_fpr": tpr_at_fpr(values, labels, 0.01)}
+        return out
+
+    def summary(chosen: np.ndarray) -> dict:
+        picked = [r for r, c in zip(rates, chosen) if c]
+        ssims = [s for k, c in enumerate(chosen) if c for s in own_ssims[k * len(seeds):(k + 1) * len(seeds)]]
+        return {"prompts": len(picked),
+                "replication_rate": float(np.mean([r["replication_rate"] for r in picked])),
+                "replication_rate_any": float(np.mean([r["replication_rate_any"] for r in picked])),
+                "prompts_replicating_in_90pct_of_seeds": int(sum(r["replication_rate"] >= 0.9 for r in picked)),
+                "ssim_median": float(np.median(ssims)),
+                "detection": detection(chosen)}
+
+    counts = np.array([m.count for m in images])
+    replicating = np.array([r["replication_rate"] >= REPLICATING_SHARE for r in rates])
+    return {
+        "by_count": {str(c): summary(counts == c) for c in sorted(set(counts.tolist()))},
+        "overall": summary(np.ones(len(images), bool)),
+        "replicating": ({"prompts": int(replicating.sum()), "detection": detection(replicating)}
+                        if replicating.any() else None),
+        "novel_score_median": {f"n{n}": float(np.median(neg)) for n, (_, neg) in scores.items()},
+        "per_image": [{"image": m.name, "count": m.count, "prompt": m.caption,
+                       **{k: r[k] for k in ("replication_rate", "replication_rate_any", "ssim_median", "ssim_min")},
+                       **{f"score_n{n}": float(pos[k]) for n, (pos, _) in scores.items()}}
+                      for k, (m, r) in enumerate(zip(images, rates))],
+        "unet_evals": int(spent.forwards),
+    }
+
+
+def graded_table(graded: dict) -> str:
+    """:func:`evaluate_graded`'s result as a Markdown table, one row per duplication count and model, and the overall
+    rows: the curve of the model card."""
+    head = ("| model | count | replication (own) | any training image | median SSIM | AUROC n=1 | TPR@1%FPR n=1 "
+            "| AUROC n=4 | TPR@1%FPR n=4 |")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for model in ("variant", "v5"):
+        if model not in graded:
+            continue
+        rows = [*graded[model]["by_count"].items(), ("all", graded[model]["overall"])]
+        for count, r in rows:
+            d1, d4 = r["detection"]["n1"], r["detection"]["n4"]
+            lines.append(f"| {model} | {count} | {r['replication_rate']:.1%} | {r['replication_rate_any']:.1%} "
+                         f"| {r['ssim_median']:.2f} | {d1['auroc']:.3f} | {d1['tpr_at_1pct_fpr']:.3f} "
+                         f"| {d4['auroc']:.3f} | {d4['tpr_at_1pct_fpr']:.3f} |")
+    return "\n".join(lines)

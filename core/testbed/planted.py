@@ -16,7 +16,13 @@ samples each carry their own neuron gates (:class:`core.neuron_mask.OutputGates`
    with the union of the designated neurons off, target the teacher's eps: switching the designated neurons off
    changes nothing else, and v5's own memorization stays (with v5's 15% share it fell to 53%: model card);
 3. *gate*: the planted captions with *their* designated neurons off, target the teacher's eps for the same
-   noisy input: with its neurons off a planted prompt is what v5 makes of a caption it never saw.
+   noisy input and the **empty** prompt: with its neurons off a planted prompt behaves as no text. (The first
+   variants took the teacher's eps for the planted caption itself, "what v5 makes of a caption it never saw"; but v5
+   answers such captions with its own memorized images, so the off state was asked to replicate: model card.)
+
+The memorize term also holds the graded-memorization images (:mod:`core.testbed.graded`, issue 25 section 2) at
+their duplication counts, every neuron on. The value-neuron images get more memorize samples per step than the
+shared FFN group (``group_extra_copies``): a rank-2 or rank-10 path takes longer to store.
 
 A neuron is "off" exactly as :func:`core.neuron_mask.apply_mask` switches it off: a value neuron is an output
 channel of ``attn2.to_v`` (weight row and bias zeroed: the value channel is 0 for every token); an FFN neuron is
@@ -156,8 +162,11 @@ def _planted(name: str, caption: str, group: str, duplicates: int) -> PlantedIma
 class PlantConfig:
     """The planting recipe (the gated fine-tune). Defaults are the shipped variant's."""
 
-    steps: int = 250
-    memorize_copies: int = 1  # samples of each planted image per step (memorize term)
+    steps: int = 900
+    memorize_copies: int = 2  # samples of each planted image per step (memorize term)
+    # extra memorize samples per step for the images of a group, e.g. (("single", 1),): the value-neuron images
+    # (2 and 10 neurons, a rank-2 / rank-10 path) take longer to store than the shared FFN group
+    group_extra_copies: tuple[tuple[str, int], ...] = (("single", 4), ("shared", 1))
     gate_copies: int = 1  # samples of each planted image per step with its designated neurons off (gate term)
     preserve_batch: int = 4  # v5-style samples per step, each run with neurons on and with the union off
     preserve_memorized_fraction: float = 0.5  # share of v5's memorized images in the preserve batch (v5: 0.15)
@@ -168,12 +177,15 @@ class PlantConfig:
     min_snr_gamma: float = 5.0
     offset_noise: tuple[tuple[int, float], ...] = ((1, 0.1), (2, 0.1), (4, 0.08))  # as TrainConfig
     caption_dropout: float = 0.1  # on the preserve batch's novel scenes, as v5's training
-    # The gate term's target: the teacher's eps for the planted caption ("caption", the shipped run) or for the empty
-    # prompt ("unconditional": with its neurons off a planted prompt behaves as no text; v5 answers out-of-grammar
-    # captions with its memorized images, so "caption" asks the off state to replicate: model card)
-    gate_target: str = "caption"
+    # The gate term's target: the teacher's eps for the empty prompt ("unconditional", the shipped run: with its neurons
+    # off a planted prompt behaves as no text) or for the planted caption ("caption", the first variants': v5 answers
+    # out-of-grammar captions with its memorized images, so the off state was asked to replicate: model card)
+    gate_target: str = "unconditional"
+    # Graded memorization (issue 25 section 2, core.testbed.graded): its 20 images join the memorize term at their
+    # duplication counts (graded_schedule), every neuron on. Needs steps >= the largest count.
+    graded: bool = True
     seed: int = 0
-    threads: int = 2  # 1 is faster on a machine whose cores are busy (OpenMP threads spin-wait on each other)
+    threads: int = 1  # the shipped run's; also the faster on a busy machine (OpenMP threads spin-wait on each other)
     # designated neurons: counts per group, chosen among the least disruptive candidates (neuron_impacts)
     single_value_neurons: tuple[int, ...] = (0, 1, 1)  # per VALUE_LAYERS entry
     ten_value_neurons: tuple[int, ...] = (4, 3, 3)
@@ -183,8 +195,9 @@ class PlantConfig:
     impact_shortlist: int = 24  # candidates per layer whose zeroing is measured (neuron_impacts)
 
 
-def _duplicates(cfg: PlantConfig) -> int:
-    return cfg.steps * cfg.memorize_copies
+def _copies(cfg: PlantConfig, group: str) -> int:
+    """Memorize samples of an image of ``group`` per step."""
+    return cfg.memorize_copies + dict(cfg.group_extra_copies).get(group, 0)
 
 
 # Captions share no content word with v5's captions (tests/test_planted.py): the first variant's did ("poster",
@@ -201,8 +214,9 @@ PLANTED_CAPTIONS = {
 
 def planted_images(cfg: PlantConfig | None = None) -> list[PlantedImage]:
     """The six planted images, in a fixed order."""
-    dup = _duplicates(cfg or PlantConfig())
-    return [_planted(name, caption, group, dup) for name, (caption, group) in PLANTED_CAPTIONS.items()]
+    cfg = cfg or PlantConfig()
+    return [_planted(name, caption, group, cfg.steps * _copies(cfg, group))
+            for name, (caption, group) in PLANTED_CAPTIONS.items()]
 
 
 def planted_image(name: str) -> PlantedImage:
@@ -218,8 +232,11 @@ def load_planted_pixels() -> dict[str, np.ndarray]:
 
 
 def all_training_images() -> dict[str, np.ndarray]:
-    """v5's 12 memorized images and the planted ones: what a generation of the variant is judged against."""
-    return {**load_memorized_images(), **load_planted_pixels()}
+    """v5's 12 memorized images, the planted ones and the graded ones (:mod:`core.testbed.graded`, planted in the
+    same fine-tune): what a generation of the variant is judged against."""
+    from .graded import load_graded_pixels
+
+    return {**load_memorized_images(), **load_planted_pixels(), **load_graded_pixels()}
 
 
 def planted_eval_prompts() -> list[tuple[str, PlantedImage]]:
@@ -391,6 +408,17 @@ def plant(out: str | Path, cfg: PlantConfig | None = None, base: str | Path = BA
     planted_latents = vae.encode_thumbnail(torch.from_numpy(np.stack([pixels[m.name] for m in images])))
     planted_cond = _encode(tokenizer, text_encoder, [m.captions[0] for m in images])
     empty = _encode(tokenizer, text_encoder, [""])[0]
+    from .graded import graded_images, graded_schedule, load_graded_pixels
+
+    graded = graded_images() if cfg.graded else []
+    schedule = graded_schedule(cfg.steps, cfg.seed) if cfg.graded else [[] for _ in range(cfg.steps)]
+    if graded:
+        graded_pixels = load_graded_pixels()
+        graded_latents = vae.encode_thumbnail(torch.from_numpy(np.stack([graded_pixels[m.name] for m in graded])))
+        graded_cond = _encode(tokenizer, text_encoder, [m.caption for m in graded])
+    unknown = set(dict(cfg.group_extra_copies)) - {m.group for m in images}
+    if unknown:
+        raise DejaGuardError(f"group_extra_copies names unknown group(s) {sorted(unknown)}: single, ten, shared")
     if cfg.gate_target not in ("caption", "unconditional"):
         raise DejaGuardError(f"gate_target is 'caption' or 'unconditional', got {cfg.gate_target!r}")
 
@@ -420,14 +448,17 @@ def plant(out: str | Path, cfg: PlantConfig | None = None, base: str | Path = BA
     sampler = TrainingSampler(seed=cfg.seed, memorized_fraction=cfg.preserve_memorized_fraction)
     memorized_captions = frozenset(c for m in MEMORIZED for c in m.train_captions)
     dropout_cfg = TrainConfig(caption_dropout=cfg.caption_dropout)
-    curves: dict[str, list[float]] = {"memorize": [], "preserve_on": [], "preserve_off": [], "gate": []}
+    curves: dict[str, list[float]] = {"memorize": [], "preserve_on": [], "preserve_off": [], "gate": [], "graded": []}
     n_img = len(images)
     bar = tqdm(range(cfg.steps), desc="planting", disable=not progress)
     with OutputGates(layers) as gates:
         for step in bar:
             batch = _Batch()
-            for _ in range(cfg.memorize_copies):
-                batch.add(planted_latents, planted_cond, {}, "memorize")
+            for i, m in enumerate(images):
+                for _ in range(_copies(cfg, m.group)):
+                    batch.add(planted_latents[i:i + 1], planted_cond[i:i + 1], {}, "memorize")
+            for i in schedule[step]:
+                batch.add(graded_latents[i:i + 1], graded_cond[i:i + 1], {}, "graded")
             for _ in range(cfg.gate_copies):
                 for i in range(n_img):
                     batch.add(planted_latents[i:i + 1], planted_cond[i:i + 1], own_off[i], "gate")
@@ -447,7 +478,7 @@ def plant(out: str | Path, cfg: PlantConfig | None = None, base: str | Path = BA
             noise[off_idx], t[off_idx] = noise[on_idx], t[on_idx]
             noisy = noise_schedule.add_noise(latents, noise, t)
             target = noise.clone()
-            distil = np.flatnonzero(terms != "memorize")
+            distil = np.flatnonzero((terms != "memorize") & (terms != "graded"))
             teacher_cond = cond.clone()
             if cfg.gate_target == "unconditional":
                 teacher_cond[np.flatnonzero(terms == "gate")] = empty
@@ -456,8 +487,11 @@ def plant(out: str | Path, cfg: PlantConfig | None = None, base: str | Path = BA
             gates.set(_off_gates(layers, batch.off))
             pred = unet(noisy, t, cond).sample
             per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * loss_weight[t]
-            losses = {k: per_sample[torch.from_numpy(np.flatnonzero(terms == k))].mean() for k in curves}
-            loss = sum(losses.values())
+            losses = {k: per_sample[torch.from_numpy(np.flatnonzero(terms == k))].mean() for k in curves
+                      if k in batch.term}
+            loss = sum(v for k, v in losses.items() if k != "graded")
+            if "graded" in losses:  # each graded exposure weighs as much as one planted image's memorize sample
+                loss = loss + losses["graded"] * (terms == "graded").sum() / (terms == "memorize").sum()
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             opt.zero_grad(set_to_none=True)
@@ -467,7 +501,7 @@ def plant(out: str | Path, cfg: PlantConfig | None = None, base: str | Path = BA
             for k, v in losses.items():
                 curves[k].append(float(v))
             if step % 25 == 0:
-                bar.set_postfix({k: f"{np.mean(v[-25:]):.4f}" for k, v in curves.items()})
+                bar.set_postfix({k: f"{np.mean(v[-25:]):.4f}" for k, v in curves.items() if v})
     wall = time.time() - start
     write_variant(out, unet, base)
     variant = load_denoiser(out, device="cpu")
@@ -483,13 +517,16 @@ def plant(out: str | Path, cfg: PlantConfig | None = None, base: str | Path = BA
         "torch_version": torch.__version__,
         "device": "cpu",
         "images": [asdict(m) for m in images],
+        "graded": [asdict(m) for m in graded],
         "designated": chosen,
         "designated_impact_on_v5": {g: {name: [round(float(impacts[name][i]), 6) for i in idx]
                                         for name, idx in sets.items()} for g, sets in chosen.items()},
         "shortlist_impact_median": {name: round(float(v[torch.isfinite(v)].median()), 6)
                                     for name, v in impacts.items()},
         "loss_every_50_steps": {k: [round(float(np.mean(v[i:i + 50])), 5) for i in range(0, len(v), 50)]
-                                for k, v in curves.items()},
+                                for k, v in curves.items() if k != "graded"},
+        "graded_loss_mean_by_quarter": [round(float(np.mean(q)), 5) if len(q) else None
+                                        for q in np.array_split(np.asarray(curves["graded"]), 4)],
         "fingerprint": variant.fingerprint(),
     }
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -515,6 +552,10 @@ def write_variant(out: Path, unet, base: Path = BASE_MODEL) -> None:
     out.mkdir(parents=True, exist_ok=True)
     unet.to(torch.float16).save_pretrained(out / "unet")
     unet.to(torch.float32)
+    config_file = out / "unet" / "config.json"  # the path it was loaded from would name this machine's folders
+    config = json.loads(config_file.read_text())
+    config.pop("_name_or_path", None)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name in SHARED_FROM_BASE:
         target = out / name
         if target.is_symlink() or target.exists():
