@@ -135,14 +135,14 @@ def _diagnose(path: Path, err: BaseException) -> str:
         if head[:2] == b"PK" or head[:1] == b"\x80":
             return (f"{path.name} is a pickled PyTorch file despite its name; refused: unpickling runs code the "
                     "file carries (convert it to .safetensors)")
-        length = int.from_bytes(head, "little") if len(head) == 8 else size
+        f.seek(0)
         try:
-            header = json.loads(f.read(length)) if 8 + length <= size else None
+            start, header = _header(f, size)
         except ValueError:
             header = None
     if isinstance(header, dict):
         ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
-        needed = 8 + length + max(ends, default=0)
+        needed = start + max(ends, default=0)
         if needed > size:
             return f"{path.name} is truncated: {size} bytes, its header describes {needed} (copy it again)"
     return f"{path.name} is not a safetensors file (another format, or damaged): {_one_line(err)}"
@@ -237,6 +237,16 @@ def _checked_path(path: str | Path) -> Path:
     return path
 
 
+def _header(f: Any, size: int | None = None) -> tuple[int, dict[str, Any]]:
+    """(offset of the data, header) of the safetensors file open as ``f`` at its start: an 8-byte little-endian
+    length, then that many bytes of JSON (``name -> {"dtype", "shape", "data_offsets"}``, ``data_offsets`` relative to
+    the data). ValueError when the header is not JSON or (``size``: the file's size) reaches past the end."""
+    length = int.from_bytes(f.read(8), "little")
+    if size is not None and 8 + length > size:
+        raise ValueError(f"header of {length} bytes in a file of {size}")
+    return 8 + length, json.loads(f.read(length))
+
+
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
            "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
@@ -249,13 +259,12 @@ def _read(path: Path, prefixes: tuple[str, ...], dtype: torch.dtype) -> dict[str
     weights: dict[str, torch.Tensor] = {}
     try:
         with open(path, "rb") as f:
-            length = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(length))
+            start, header = _header(f)
             for key, entry in header.items():
                 if key == "__metadata__" or not key.startswith(prefixes):
                     continue
                 begin, end = entry["data_offsets"]
-                f.seek(8 + length + begin)
+                f.seek(start + begin)
                 data = bytearray(end - begin)
                 if f.readinto(data) != end - begin:
                     raise OSError(f"{key} is cut short")
@@ -375,29 +384,21 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None,
     return denoiser
 
 
-_MAPPED_DTYPES = {"F16": (np.float16, None), "F32": (np.float32, None), "F64": (np.float64, None),
-                  "BF16": (np.uint16, torch.bfloat16)}  # safetensors dtype -> (numpy view, torch view of it)
-
-
 def _mapped_unet(path: Path) -> dict[str, torch.Tensor]:
     """The UNet tensors (``model.diffusion_model.*``, LDM names) of a safetensors file, memory-mapped copy-on-write:
     nothing is read until a value is used, and nothing is ever written back."""
     with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(length))
-    data = np.memmap(path, dtype=np.uint8, mode="c")
+        start, header = _header(f)
+    data = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c"))
     tensors = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # numpy views of a memory map are fine for torch.from_numpy
-        for name, meta in header.items():
-            if name == "__metadata__" or not name.startswith(UNET):
-                continue
-            if meta["dtype"] not in _MAPPED_DTYPES:
-                raise DejaGuardError(f"{path.name}: UNet weight {name} has dtype {meta['dtype']}, not a float type")
-            np_dtype, torch_view = _MAPPED_DTYPES[meta["dtype"]]
-            start, end = (8 + length + offset for offset in meta["data_offsets"])
-            tensor = torch.from_numpy(data[start:end].view(np_dtype))
-            tensors[name] = (tensor.view(torch_view) if torch_view else tensor).reshape(meta["shape"])
+    for name, meta in header.items():
+        if name == "__metadata__" or not name.startswith(UNET):
+            continue
+        kind = _DTYPES.get(meta["dtype"])
+        if kind is None or not kind.is_floating_point:
+            raise DejaGuardError(f"{path.name}: UNet weight {name} has dtype {meta['dtype']}, not a float type")
+        begin, end = meta["data_offsets"]
+        tensors[name] = data[start + begin:start + end].view(kind).reshape(meta["shape"])
     return tensors
 
 
