@@ -59,7 +59,7 @@ from typing import Any
 import torch
 
 from ..core.calibration import Calibration, calibrate, find_calibration, save_calibration
-from ..core.checkpoint import read_family, unet_fingerprint
+from ..core.checkpoint import Family, read_family, unet_fingerprint
 from ..core.detect import ScoreSettings, prediction_scores, scores_from_denoised
 from ..core.errors import DejaGuardError
 from ..core.progress import Progress
@@ -79,36 +79,35 @@ MEMORIZED, NOT_MEMORIZED, UNSCORED, NO_THRESHOLD = "memorized", "not memorized",
 STEERED = "steered"  # memorized at the first step, then steered away (protection on)
 
 
-def check_checkpoint(path: str | Path | None) -> str | None:
-    """None when the WebUI guard supports the checkpoint file ``path``; else one line saying why not."""
+def supported_family(path: str | Path | None) -> tuple[Family | None, str | None]:
+    """``(family, None)`` when the WebUI guard supports the checkpoint file ``path`` (its header read once);
+    else ``(None, one line saying why not)``."""
     if not path:
-        return "unsupported model: the WebUI names no checkpoint file for it"
+        return None, "unsupported model: the WebUI names no checkpoint file for it"
     try:
         family = read_family(path)
     except DejaGuardError as err:
-        return f"unsupported model: {err}"
+        return None, f"unsupported model: {err}"
     if family.name not in SUPPORTED_FAMILIES:
-        return (f"unsupported model: {family.label} is not supported in the WebUI yet (SD1.x and SDXL are; ComfyUI's "
-                "Guard takes SD2.x and SD3)")
-    return None
+        return None, (f"unsupported model: {family.label} is not supported in the WebUI yet (SD1.x and SDXL are; "
+                      "ComfyUI's Guard takes SD2.x and SD3)")
+    return family, None
+
+
+def check_checkpoint(path: str | Path | None) -> str | None:
+    """None when the WebUI guard supports the checkpoint file ``path``; else one line saying why not."""
+    return supported_family(path)[1]
 
 
 def check_tools(path: str | Path | None) -> str | None:
     """None when the Calibrate and Explain buttons take the checkpoint file ``path`` (SD1.x); else one line."""
-    refusal = check_checkpoint(path)
-    if refusal is not None:
+    family, refusal = supported_family(path)
+    if family is None:
         return refusal
-    family = read_family(path)  # type: ignore[arg-type]  (checked above)
     if family.name not in TOOL_FAMILIES:
         return (f"not available for {family.label} in the WebUI yet: the WebUI adapter encodes SD1.x prompts only "
                 "(not SDXL's two text encoders and pooled vector); the guard's score and protection work")
     return None
-
-
-def is_sdxl(path: str | Path) -> bool:
-    """Whether a supported checkpoint file is SDXL (its job gets :data:`SDXL_ZERO_UNCOND` with an empty negative
-    prompt)."""
-    return read_family(path).name == "sdxl"
 
 
 def resolve_threshold(threshold: float, checkpoint: str | Path) -> tuple[float | None, str]:

@@ -68,11 +68,10 @@ from .guard import (
     SDXL_ZERO_UNCOND,
     Job,
     calibrate_checkpoint,
-    check_checkpoint,
     check_tools,
     first_step_scores,
-    is_sdxl,
     resolve_threshold,
+    supported_family,
 )
 
 log = logging.getLogger("DejaGuard")
@@ -292,8 +291,8 @@ class DejaGuardScript(scripts.Script):
         if not enabled:
             return
         path = checkpoint_path(p)
-        refusal = check_checkpoint(path)
-        if refusal is not None:
+        family, refusal = supported_family(path)
+        if family is None:
             p.extra_generation_params[KEY_NOTE] = refusal
             log.warning("DejaGuard: %s", refusal)
             return
@@ -302,7 +301,7 @@ class DejaGuardScript(scripts.Script):
         negatives = getattr(p, "all_negative_prompts", None) or [getattr(p, "negative_prompt", "")]
         if any(str(n).strip() for n in negatives):
             job.note("scored against the negative prompt (thresholds are calibrated with an empty one)")
-        elif is_sdxl(path):
+        elif family.name == "sdxl":
             job.note(SDXL_ZERO_UNCOND)
         if job.protect and value is None:
             job.note("no protection without a threshold")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dejaguard.core.checkpoint import FAMILIES
 from dejaguard.core.sampling import text_conditional_magnitude
 from dejaguard.webui.guard import (
     KEY_NOTE,
@@ -222,12 +223,12 @@ def test_checkpoint_support_one_line(tmp_path):
 
 def test_tools_take_sd1_and_refuse_sdxl_in_one_line():
     """The Calibrate and Explain buttons (and routes) take SD1.x; SDXL gets one line saying why and what works."""
-    from dejaguard.webui.guard import check_tools, is_sdxl
+    from dejaguard.webui.guard import check_tools, supported_family
 
-    assert check_tools(_fixture("sd15")) is None and not is_sdxl(_fixture("sd15"))
+    assert check_tools(_fixture("sd15")) is None and supported_family(_fixture("sd15"))[0].name == "sd1"
     line = check_tools(_fixture("sdxl"))
     assert "SDXL base" in line and "score and protection work" in line and "\n" not in line
-    assert is_sdxl(_fixture("sdxl"))
+    assert supported_family(_fixture("sdxl")) == (FAMILIES["sdxl"], None)
     assert "v-prediction" in check_tools(_fixture("sd21_768_v"))
 
 
