@@ -152,6 +152,11 @@ def generations(denoiser: Denoiser, attacks: dict[float, list[AttackResult]], im
     return curve
 
 
+def unavailable(reason: str, **extra: object) -> dict:
+    """The row of a method that could not be measured: its figures None (never a made-up value), and why."""
+    return {"replication_mitigated": None, "recovery_rate": None, "budget": None, "reason": reason, **extra}
+
+
 def per_prompt_masks(denoiser: Denoiser, masks: dict[int, NeuronMask], conds: Sequence[torch.Tensor],
                      images: Sequence[str], seeds: Sequence[int], budgets: Sequence[float], args: argparse.Namespace,
                      training: dict[str, np.ndarray], base_curve: dict[float, list[bool]], mitigation_evals: int,
@@ -161,7 +166,7 @@ def per_prompt_masks(denoiser: Denoiser, masks: dict[int, NeuronMask], conds: Se
     replication is that of the same prompts (from ``base_curve``, the unmitigated model's verdicts per budget)."""
     kept = sorted(masks)
     if not kept:
-        return {"replication_mitigated": None, "recovery_rate": None, "budget": None, "reason": reason, **extra}
+        return unavailable(reason, **extra)
     local = [masks[i] for i in kept]
 
     def masked(j: int) -> AbstractContextManager:
@@ -224,9 +229,8 @@ def run(args: argparse.Namespace, subject: Subject) -> dict:
                 denoiser, truths, conds, images, seeds, budgets, args, training, base_curve, 0,
                 note="each prompt's designated (ground-truth) neurons off: the mask a perfect localization finds")
         else:
-            out["methods"]["designated"] = {"replication_mitigated": None, "recovery_rate": None, "budget": None,
-                                            "reason": f"no ground truth: the {subject.name} model has no designated "
-                                                      "neurons (use --model planted or a planted variant folder)"}
+            out["methods"]["designated"] = unavailable(f"no ground truth: the {subject.name} model has no designated "
+                                                       "neurons (use --model planted or a planted variant folder)")
 
     if "subspace" in args.methods:
         print("subspace", flush=True)
@@ -249,10 +253,9 @@ def run(args: argparse.Namespace, subject: Subject) -> dict:
                                     denoiser.fingerprint())
         except DejaGuardError as err:  # no calibration for this model: not available, never a made-up level
             for name in ("embedding", "embedding_evade"):
-                out["methods"][name] = {"replication_mitigated": None, "recovery_rate": None, "budget": None,
-                                        "reason": f"not available: {err} (`dejaguard calibrate --model DIR` writes "
-                                                  "one into the model folder; or pass --calibration FILE, or "
-                                                  "--threshold and --target)"}
+                out["methods"][name] = unavailable(f"not available: {err} (`dejaguard calibrate --model DIR` writes "
+                                                   "one into the model folder; or pass --calibration FILE, or "
+                                                   "--threshold and --target)")
     if levels is not None:
         print("embedding", flush=True)
         spent = [0]
@@ -296,8 +299,7 @@ def run(args: argparse.Namespace, subject: Subject) -> dict:
             out["methods"]["loss_filter"] = summarize(curve, unmitigated, attacks, 0,
                                                       filtered_model=filtered.fingerprint())
         else:
-            out["methods"]["loss_filter"] = {"replication_mitigated": None, "recovery_rate": None, "budget": None,
-                                             "reason": NO_FILTERED_MODEL}
+            out["methods"]["loss_filter"] = unavailable(NO_FILTERED_MODEL)
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     return out
 
