@@ -145,7 +145,10 @@ UI_CONFIG = {"txt2img/Width/value": 64, "txt2img/Height/value": 64,
 # LayerNorm of ones and zeros, so its embeddings have zero mean per token, and the default ("Original") emphasis
 # divides the embeddings by their mean, i.e. by rounding noise: NaN or an arbitrary scale, depending on the batch
 # (on a real checkpoint the mean is far from 0 and, for prompts without emphasis, the division is by itself: 1).
-UI_SETTINGS = {"sd_t2i_width": 64, "sd_t2i_height": 64, "sd_t2i_sampler": "Euler", "emphasis": "No norm"}
+# Live previews off: their default decoder for SDXL ("Approx NN") downloads vaeapprox-sdxl.pt on first use, and
+# without a network the whole txt2img call fails with HTTP 500 (A1111 modules/processing.py; Forge likewise).
+UI_SETTINGS = {"sd_t2i_width": 64, "sd_t2i_height": 64, "sd_t2i_sampler": "Euler", "emphasis": "No norm",
+               "live_previews_enable": False}
 
 
 def page_sections(port: int) -> dict | None:
