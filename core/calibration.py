@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .denoiser import BUNDLED_TESTBED, Denoiser
-from .detect import MAGNITUDE, ScoreSettings, first_step_scores
+from .detect import EMPTY_PROMPT, MAGNITUDE, ScoreSettings, first_step_scores
 from .errors import DejaGuardError
 from .progress import Progress
 
@@ -223,11 +223,13 @@ def find_calibration(location: str | Path | None, settings: ScoreSettings, finge
     if not math.isfinite(threshold):
         raise DejaGuardError(f"malformed calibration file {file}: threshold {entry['threshold']!r} for "
                              f"{settings.key()} is not a finite number; recalibrate")
-    stored = entry.get("settings")
-    made_with = stored.get("score", MAGNITUDE) if isinstance(stored, dict) else settings.score
-    if made_with != settings.score:  # a hand-edited file: a threshold of one score never serves another
-        raise DejaGuardError(f"malformed calibration file {file}: the entry for {settings.key()} was calibrated "
-                             f"with the {made_with} score, not {settings.score}; recalibrate")
+    stored = entry.get("settings") if isinstance(entry.get("settings"), dict) else {}
+    for name, default in (("score", MAGNITUDE), ("unconditional", EMPTY_PROMPT)):
+        made_with, wanted = stored.get(name, default), getattr(settings, name)
+        if made_with != wanted:  # a hand-edited file: a threshold of one score never serves another
+            raise DejaGuardError(f"malformed calibration file {file}: the entry for {settings.key()} was calibrated "
+                                 f"with the {made_with} {'score' if name == 'score' else 'unconditional'}, not "
+                                 f"{wanted}; recalibrate")
     if entry["fingerprint"] != fingerprint:
         raise DejaGuardError(f"calibration in {file} was made for another model (fingerprint {entry['fingerprint']}, "
                              f"this model {fingerprint}): recalibrate")

@@ -30,6 +30,12 @@ Both are computed per step and averaged over the first ``steps`` steps of guided
 ``generations`` initial noises, alike. Scores of different options are on different scales: thresholds are
 calibrated per option (:meth:`ScoreSettings.key` names a non-default option, so each has its own entry).
 
+The unconditional prediction (``ScoreSettings.unconditional``): ``"empty"`` (default) conditions it on the model's
+encoding of the empty prompt, as the library, the CLI and ComfyUI's samplers do; ``"zeros"`` on a zero conditioning
+(an SDXL model's packed hidden states and pooled vector all 0, its size conditioning kept), which is what both
+Stable Diffusion WebUIs give an SDXL model for an empty negative prompt. The two give different scores, so a
+threshold calibrated with one is never used for the other (the key names ``"zeros"``).
+
 Thresholds are calibrated on prompts known not to be memorized: the threshold is the ``1 - target_fpr``
 quantile of their scores, stored per model and per scoring setting in a JSON file beside the model
 (``dejaguard_calibration.json``; :mod:`core.calibration`).
@@ -61,6 +67,8 @@ from .sampling import (
 MAGNITUDE = "magnitude"
 ANISOTROPY = "anisotropy"
 SCORES = (MAGNITUDE, ANISOTROPY)  # the score options; the first is the default
+EMPTY_PROMPT, ZERO_CONDITIONING = "empty", "zeros"
+UNCONDITIONALS = (EMPTY_PROMPT, ZERO_CONDITIONING)  # what the unconditional prediction is conditioned on (module doc)
 # Asthana & Belagiannis' weights for Stable Diffusion 1.x: score = NORM_WEIGHT ||d|| + ALIGNMENT_WEIGHT * alignment.
 ANISOTROPY_NORM_WEIGHT = 1.0
 ANISOTROPY_ALIGNMENT_WEIGHT = 2.0
@@ -126,6 +134,7 @@ class ScoreSettings:
     guidance_scale: float = DEFAULT_GUIDANCE  # steers the trajectory when steps > 1
     num_inference_steps: int = DEFAULT_STEPS  # the sampling schedule the steps are taken from
     score: str = MAGNITUDE  # which score of the two predictions (SCORES; see the module doc)
+    unconditional: str = EMPTY_PROMPT  # UNCONDITIONALS: the empty prompt's encoding, or zero conditioning
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.generations < 1:
@@ -133,13 +142,25 @@ class ScoreSettings:
         if self.steps > self.num_inference_steps:
             raise DejaGuardError(f"steps ({self.steps}) exceeds the sampling schedule ({self.num_inference_steps})")
         check_score(self.score)
+        if self.unconditional not in UNCONDITIONALS:
+            raise DejaGuardError(f"unknown unconditional {self.unconditional!r}: choose one of "
+                                 f"{', '.join(UNCONDITIONALS)}")
 
     def key(self) -> str:
-        """The calibration key. The score option is part of it only when it is not the default, so every key (and
-        calibration file) made before the option existed still names the magnitude score."""
+        """The calibration key. The score option and the unconditional are part of it only when they are not the
+        defaults, so every key (and calibration file) made before they existed still names what it was made with."""
         key = (f"steps={self.steps},generations={self.generations},"
                f"cfg={self.guidance_scale:g},schedule={self.num_inference_steps}")
-        return key if self.score == MAGNITUDE else f"{key},score={self.score}"
+        if self.score != MAGNITUDE:
+            key += f",score={self.score}"
+        return key if self.unconditional == EMPTY_PROMPT else f"{key},uncond={self.unconditional}"
+
+
+def unconditional_embedding(denoiser: Denoiser, settings: ScoreSettings) -> torch.Tensor:
+    """The conditioning of the unconditional prediction, ``(1, L, D)`` as ``denoiser.encode_prompts([""])`` gives
+    (SDXL: packed): that encoding, or zeros of its shape for ``settings.unconditional == "zeros"``."""
+    empty = denoiser.encode_prompts([""])
+    return torch.zeros_like(empty) if settings.unconditional == ZERO_CONDITIONING else empty
 
 
 @dataclass
@@ -209,7 +230,7 @@ def first_step_scores(
     prompts = _check_prompts(prompts)
     jobs = [(i, g) for i in range(len(prompts)) for g in range(settings.generations)]
     seeds = {(i, g): (seed + g if seed is not None else prompt_seed(prompts[i], g)) for i, g in jobs}
-    uncond = denoiser.encode_prompts([""])
+    uncond = unconditional_embedding(denoiser, settings)
     per_job: dict[tuple[int, int], float] = {}
     calls = np.zeros(len(prompts))
     report(progress, 0, len(jobs), "scoring")

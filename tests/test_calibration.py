@@ -224,6 +224,13 @@ def test_each_score_option_has_its_own_threshold(tmp_path):
                                                                         "settings": aniso.settings}})
     with pytest.raises(DejaGuardError, match="calibrated with the anisotropy score, not magnitude"):
         find_calibration(swapped, ScoreSettings(), FP)
+    zeros = Calibration(4.0, 0.01, asdict(ScoreSettings(unconditional="zeros")), FP, 100, "a")
+    save_calibration(zeros, path)
+    assert find_calibration(path, ScoreSettings(unconditional="zeros"), FP).threshold == 4.0
+    assert find_calibration(path, ScoreSettings(), FP).threshold == 1.0
+    hand_edited = _write(tmp_path / "zeros.json", {ScoreSettings().key(): {**_entry(3.0), "settings": zeros.settings}})
+    with pytest.raises(DejaGuardError, match="calibrated with the zeros unconditional, not empty"):
+        find_calibration(hand_edited, ScoreSettings(), FP)
     # Entries written before the option existed (no "score" in their settings) are magnitude entries.
     old = _write(tmp_path / "old.json", {ScoreSettings().key(): {**_entry(), "settings": {"steps": 1}}})
     assert find_calibration(old, ScoreSettings(), FP).threshold == 2.0

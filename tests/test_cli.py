@@ -172,3 +172,24 @@ def test_audit_and_calibrate_with_the_anisotropy_score(tmp_path, testbed, testbe
     _one_line_error(proc, "it was written with score='anisotropy'")
     _one_line_error(run("calibrate", "--score", "sharpness", "--model", str(tmp_path / "absent")),
                     "unknown score 'sharpness'")
+
+
+def test_calibrate_with_the_zero_unconditional(tmp_path, testbed, testbed_prompts):
+    """`calibrate --unconditional zeros` (a threshold for the WebUIs' empty SDXL negative prompt) stores an entry
+    of its own whose threshold is core's scores against zeros; a bad value is a one-line error before loading."""
+    from dejaguard.core.detect import ScoreSettings, first_step_scores
+
+    _, novel = testbed_prompts
+    nonmem = tmp_path / "nonmem.txt"
+    nonmem.write_text("\n".join(novel[:4]) + "\n")
+    cal = tmp_path / "cal.json"
+    proc = run("calibrate", "--unconditional", "zeros", "--prompts", str(nonmem), "--target-fpr", "0.25",
+               "--out", str(cal))
+    assert proc.returncode == 0, proc.stderr
+    zeros = ScoreSettings(unconditional="zeros")
+    entries = json.loads(cal.read_text())
+    assert list(entries) == [zeros.key()] and entries[zeros.key()]["settings"]["unconditional"] == "zeros"
+    expected = first_step_scores(testbed, novel[:4], zeros)
+    assert entries[zeros.key()]["threshold"] == pytest.approx(max(r.score for r in expected), rel=1e-5)
+    _one_line_error(run("calibrate", "--unconditional", "none", "--model", str(tmp_path / "absent")),
+                    "unknown unconditional 'none'")

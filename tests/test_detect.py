@@ -168,6 +168,34 @@ def test_default_key_unchanged_and_option_keyed():
         ScoreSettings(score="Anisotropy")
 
 
+def test_zero_unconditional_is_keyed_and_scores_against_zeros(testbed):
+    """``unconditional="zeros"`` (the WebUIs' empty SDXL negative prompt) has keys of its own, and its scores are
+    the magnitude against a zero conditioning of the empty prompt's shape: computed by hand here from the same
+    noise; an unknown unconditional is refused."""
+    from dejaguard.core.detect import unconditional_embedding
+    from dejaguard.core.sampling import initial_noise, new_schedule, text_conditional_magnitude
+
+    zeros = ScoreSettings(unconditional="zeros")
+    assert zeros.key() == "steps=1,generations=1,cfg=7.5,schedule=50,uncond=zeros"
+    assert ScoreSettings(score="anisotropy", unconditional="zeros").key().endswith(",score=anisotropy,uncond=zeros")
+    with pytest.raises(DejaGuardError, match="unknown unconditional"):
+        ScoreSettings(unconditional="none")
+    prompt = "a red cube on a table"
+    empty = testbed.encode_prompts([""])
+    assert torch.equal(unconditional_embedding(testbed, ScoreSettings()), empty)
+    assert torch.equal(unconditional_embedding(testbed, zeros), torch.zeros_like(empty))
+    got = first_step_scores(testbed, [prompt], zeros, seed=3)[0].score
+    default = first_step_scores(testbed, [prompt], ScoreSettings(), seed=3)[0].score
+    schedule = new_schedule(testbed, zeros.num_inference_steps)
+    x = initial_noise(testbed, [3]) * schedule.init_noise_sigma
+    t = schedule.timesteps[0]
+    with torch.no_grad():
+        eps = testbed.predict_noise(torch.cat([x, x]), t, torch.cat([testbed.encode_prompts([prompt]),
+                                                                      torch.zeros_like(empty)]))
+    expected = float(text_conditional_magnitude(eps[:1], eps[1:]))
+    assert got == pytest.approx(expected, rel=1e-5) and abs(got - default) > 1e-3 * default
+
+
 def test_bundled_calibrations_found_per_score(testbed):
     """The shipped magnitude thresholds are still found under their old keys; the anisotropy ones under theirs,
     and the two differ (a score's threshold never serves the other)."""

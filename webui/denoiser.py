@@ -5,8 +5,8 @@ on the WebUI's own weights: the Calibrate button of the DejaGuard section scores
 loaded checkpoint with it. Plain torch and diffusers: the glue (:mod:`webui.script`) hands over the WebUI's pieces,
 so this module imports nothing of a WebUI and is tested without one.
 
-What it takes from the WebUI (SD1.x, epsilon prediction; shapes ``B`` batch, latents ``(B, 4, h, w)``, ``L = 77``,
-``D = 768``):
+What it takes from the WebUI (SD1.x; SDXL below; epsilon prediction; shapes ``B`` batch, latents ``(B, 4, h, w)``,
+``L = 77``, ``D = 768``):
 
 - ``unet``: the LDM UNet (``openaimodel.UNetModel``: A1111's ``sd_model.model.diffusion_model``, Forge's
   ``forge_objects.unet.model.diffusion_model``), called as ``unet(x_t, t, context=...)`` on the diffusers-style
@@ -35,6 +35,15 @@ output already holds the inversion rows) instead of re-implementing any of it:
   ``encode_token_embeddings(p, token_embeddings(p))`` is ``encode_prompts(p)`` exactly,
   emphasis and textual inversions included.
 
+SDXL (``pooled_width`` given, 1280): ``encode`` returns the WebUI's conditioning dict, ``crossattn`` ``(B, 77, 2048)``
+and ``vector`` ``(B, 2816)`` (CLIP-G's pooled output, then the size conditioning of ``sample_shape``'s image). The
+adapter speaks core's SDXL convention (:mod:`core.conditioning`): :meth:`encode_prompts` returns the packed
+``(B, 78, 2048)`` ``[crossattn ; [pooled, 0]]`` and keeps the size part of ``vector`` (the same for every prompt at
+one image size), and :meth:`predict_noise` unpacks and calls ``unet(x, t, context=crossattn, y=[pooled, size])``, the
+call both WebUIs' SDXL CFG denoisers make. A zero conditioning (``torch.zeros_like`` of a packed one: what both
+WebUIs give an SDXL model for an empty negative prompt) becomes zero hidden states and pooled vector with the size
+part kept, as there. Token-level methods are SD1.x only (no ``text_encoder`` for SDXL).
+
 One chunk only: a prompt over 75 tokens (or with ``BREAK``) is encoded in several 77-token chunks, which the
 ``(B, 77, E)`` token rows of the seam cannot hold; those get a one-line :class:`~core.errors.DejaGuardError`.
 Without a ``text_encoder`` the token methods raise that error with :data:`NO_TOKENS`. Decoding and neuron masks are
@@ -58,6 +67,7 @@ from typing import Any
 
 import torch
 
+from ..core.conditioning import pack_pooled, unpack_pooled
 from ..core.denoiser import UNetCounter, clone_saved_activations, substituted_token_embeddings
 from ..core.errors import DejaGuardError
 from ..core.sampling import ddim_from_alphas_cumprod
@@ -70,14 +80,16 @@ CHUNK = 77  # tokens of one chunk of the WebUIs' CLIP encoding: BOS, 75 pieces, 
 
 
 class WebUIDenoiser:
-    """The WebUI's loaded SD1.x model as a :class:`~core.denoiser.Denoiser` (see the module doc)."""
+    """The WebUI's loaded SD1.x or SDXL model as a :class:`~core.denoiser.Denoiser` (see the module doc)."""
 
-    def __init__(self, unet: torch.nn.Module, encode: Callable[[list[str]], torch.Tensor],
+    def __init__(self, unet: torch.nn.Module, encode: Callable[[list[str]], Any],
                  alphas_cumprod: torch.Tensor, fingerprint: str, sample_shape: tuple[int, int, int] = (4, 64, 64),
                  device: torch.device | str | None = None, text_encoder: torch.nn.Module | None = None,
-                 tokenizer: Any = None) -> None:
+                 tokenizer: Any = None, pooled_width: int | None = None) -> None:
         self.unet = unet
         self._encode = encode
+        self.pooled_width = pooled_width  # SDXL: the width of the pooled vector packed as the last row; else None
+        self._size_conditioning: torch.Tensor | None = None  # SDXL: (1, A - pooled_width), the tail of ``vector``
         self.text_encoder = text_encoder  # the HF CLIPTextModel that ``encode`` runs (token methods), or None
         self.tokenizer = tokenizer  # its tokenizer (ids -> pieces)
         self._alphas_cumprod = alphas_cumprod
@@ -111,21 +123,39 @@ class WebUIDenoiser:
         self._grad_copies.clear()
 
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Prompts -> ``(B, 77, 768)`` through the WebUI's own text encoding."""
+        """Prompts -> ``(B, 77, 768)`` (SDXL: packed ``(B, 78, 2048)``, module doc) through the WebUI's own text
+        encoding."""
         with torch.no_grad():
             out = self._encode(list(prompts))
-        if isinstance(out, dict):  # a WebUI that hands back a conditioning dict (SDXL-style)
+        if self.pooled_width:
+            vector = out["vector"].to(self.device, self.dtype)
+            size = vector[:1, self.pooled_width:]
+            if self._size_conditioning is not None and not torch.equal(size, self._size_conditioning):
+                raise DejaGuardError("the WebUI's SDXL size conditioning changed between encodings (another image "
+                                     "size?): make a new adapter for each size")
+            self._size_conditioning = size
+            return pack_pooled(out["crossattn"].to(self.device, self.dtype), vector[:, :self.pooled_width])
+        if isinstance(out, dict):  # a WebUI that hands back a conditioning dict for a one-encoder model
             out = out["crossattn"]
         return out.to(self.device, self.dtype)
 
     def predict_noise(self, samples: torch.Tensor, timestep: torch.Tensor | int,
                       text_embeddings: torch.Tensor) -> torch.Tensor:
-        """``samples (B, 4, h, w)`` (the UNet input ``x_t``), one timestep, ``text_embeddings (B, 77, 768)`` ->
-        eps ``(B, 4, h, w)`` (float32)."""
+        """``samples (B, 4, h, w)`` (the UNet input ``x_t``), one timestep, ``text_embeddings (B, 77, 768)`` (SDXL:
+        packed ``(B, 78, 2048)``) -> eps ``(B, 4, h, w)`` (float32)."""
         batch = samples.shape[0]
         t = torch.as_tensor(timestep, device=self.device).float().reshape(-1).expand(batch)
-        eps = self._call(self.unet, lambda x, c: self.unet(x, t, context=c), samples.to(self.device, self.unet_dtype),
-                         text_embeddings.to(self.device, self.unet_dtype))
+        x = samples.to(self.device, self.unet_dtype)
+        if not self.pooled_width:
+            eps = self._call(self.unet, lambda x, c: self.unet(x, t, context=c), x,
+                             text_embeddings.to(self.device, self.unet_dtype))
+            return self.counter.count(eps.float())
+        if self._size_conditioning is None:
+            raise DejaGuardError("encode a prompt first: the SDXL size conditioning comes from the WebUI's encoding")
+        hidden, pooled = unpack_pooled(text_embeddings, self.pooled_width)
+        y = torch.cat([pooled.to(self._size_conditioning.dtype), self._size_conditioning.expand(batch, -1)], dim=1)
+        eps = self._call(self.unet, lambda x, c, y: self.unet(x, t, context=c, y=y), x,
+                         hidden.to(self.device, self.unet_dtype), y.to(self.device, self.unet_dtype))
         return self.counter.count(eps.float())
 
     def new_scheduler(self) -> Any:

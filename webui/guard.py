@@ -17,10 +17,12 @@ Support: SD1.x and SDXL base single-file checkpoints (:func:`core.checkpoint.rea
 score and protection. Others get one line (SD2.x: untested in the WebUI; SDXL refiner, SD3, Flux, inpainting:
 core's refusal). SDXL in the WebUI: its conditioning is a dict (``crossattn`` ``(B, 77, 2048)``, ``vector``
 ``(B, 2816)``), and the score reads only the predictions, so the seam is the same; but both WebUIs condition an
-*empty* negative prompt on zeros (``force_zero_negative_prompt``: zero hidden states and pooled vector), not on the
-encoding of ``""`` that core's calibration uses, so an SDXL job's info says so (:data:`SDXL_ZERO_UNCOND`). The
-Calibrate and Explain buttons take SD1.x only (:func:`check_tools`): the WebUI adapter of the denoiser seam encodes
-SD1 prompts into one ``(B, 77, 768)`` tensor, not core's packed SDXL conditioning, and SDXL's two token tables.
+*empty* negative prompt on zeros (``force_zero_negative_prompt``: zero hidden states and pooled vector, the size
+conditioning kept), not on the encoding of ``""`` that ComfyUI and the library use. An SDXL job's threshold is
+therefore looked up, and its Calibrate button calibrates, with :data:`SDXL_SETTINGS` (``unconditional="zeros"``,
+its own calibration key), so a threshold made against the other unconditional is never applied
+(:func:`score_settings`). The Calibrate button takes SD1.x and SDXL, the Explain button SD1.x only
+(:func:`supported_family`): token highlighting hooks SD1's one token table, not SDXL's two.
 
 Threshold: a value set in the UI wins; else the calibration of this checkpoint found by core
 (:func:`core.calibration.find_calibration` at the checkpoint file, i.e. ``MODEL.dejaguard_calibration.json``
@@ -60,17 +62,18 @@ import torch
 
 from ..core.calibration import Calibration, calibrate, find_calibration, save_calibration
 from ..core.checkpoint import Family, read_family, unet_fingerprint
-from ..core.detect import ScoreSettings, prediction_scores, scores_from_denoised
+from ..core.detect import EMPTY_PROMPT, ZERO_CONDITIONING, ScoreSettings, prediction_scores, scores_from_denoised
 from ..core.errors import DejaGuardError
 from ..core.progress import Progress
 from ..core.prompt_sets import calibration_prompts
 from ..core.protect import DEFAULT_STEER_SCALE, GuidanceSteering
 
 SUPPORTED_FAMILIES = ("sd1", "sdxl")  # the score and protection
-TOOL_FAMILIES = ("sd1",)  # Calibrate and Explain (the WebUI adapter of the denoiser seam)
-SDXL_ZERO_UNCOND = ("SDXL: the WebUI conditions an empty negative prompt on zeros, not on the encoding of \"\" that "
-                    "`dejaguard calibrate` uses, so a library calibration's threshold does not apply: set one in the "
-                    "UI, measured on this WebUI")
+CALIBRATE, EXPLAIN = "Calibrate", "Explain"
+TOOL_FAMILIES = {CALIBRATE: ("sd1", "sdxl"), EXPLAIN: ("sd1",)}  # the buttons on the WebUI adapter of the seam
+SDXL_POOLED_WIDTH = 1280  # CLIP-G's pooled, projected output: the head of SDXL's 2816-wide ``vector``
+# Both WebUIs condition an SDXL model's empty negative prompt on zeros (module doc): its calibrations say so.
+SDXL_SETTINGS = ScoreSettings(unconditional=ZERO_CONDITIONING)
 KEY_SCORE = "DejaGuard score"
 KEY_VERDICT = "DejaGuard verdict"
 KEY_THRESHOLD = "DejaGuard threshold"
@@ -79,9 +82,10 @@ MEMORIZED, NOT_MEMORIZED, UNSCORED, NO_THRESHOLD = "memorized", "not memorized",
 STEERED = "steered"  # memorized at the first step, then steered away (protection on)
 
 
-def supported_family(path: str | Path | None) -> tuple[Family | None, str | None]:
-    """``(family, None)`` when the WebUI guard supports the checkpoint file ``path`` (its header read once);
-    else ``(None, one line saying why not)``."""
+def supported_family(path: str | Path | None, tool: str | None = None) -> tuple[Family | None, str | None]:
+    """``(family, None)`` when the WebUI guard supports the checkpoint file ``path`` (its header read once) and, if
+    ``tool`` is given (:data:`CALIBRATE`: SD1.x and SDXL; :data:`EXPLAIN`: SD1.x), that button takes it; else
+    ``(None, one line saying why not)``."""
     if not path:
         return None, "unsupported model: the WebUI names no checkpoint file for it"
     try:
@@ -91,35 +95,32 @@ def supported_family(path: str | Path | None) -> tuple[Family | None, str | None
     if family.name not in SUPPORTED_FAMILIES:
         return None, (f"unsupported model: {family.label} is not supported in the WebUI yet (SD1.x and SDXL are; "
                       "ComfyUI's Guard takes SD2.x and SD3)")
+    if tool is not None and family.name not in TOOL_FAMILIES[tool]:
+        return None, (f"not available for {family.label} in the WebUI yet: token highlighting hooks SD1.x's one "
+                      "token table, not SDXL's two; the guard's score, Calibrate and protection work")
     return family, None
 
 
-def check_checkpoint(path: str | Path | None) -> str | None:
-    """None when the WebUI guard supports the checkpoint file ``path``; else one line saying why not."""
-    return supported_family(path)[1]
+def score_settings(family: Family) -> ScoreSettings:
+    """The scoring settings of a job on a ``family`` checkpoint, under which its threshold is calibrated and looked
+    up: :data:`SDXL_SETTINGS` for SDXL (module doc), else the defaults."""
+    return SDXL_SETTINGS if family.name == "sdxl" else ScoreSettings()
 
 
-def check_tools(path: str | Path | None) -> str | None:
-    """None when the Calibrate and Explain buttons take the checkpoint file ``path`` (SD1.x); else one line."""
-    family, refusal = supported_family(path)
-    if family is None:
-        return refusal
-    if family.name not in TOOL_FAMILIES:
-        return (f"not available for {family.label} in the WebUI yet: the WebUI adapter encodes SD1.x prompts only "
-                "(not SDXL's two text encoders and pooled vector); the guard's score and protection work")
-    return None
-
-
-def resolve_threshold(threshold: float, checkpoint: str | Path) -> tuple[float | None, str]:
+def resolve_threshold(threshold: float, checkpoint: str | Path,
+                      settings: ScoreSettings | None = None) -> tuple[float | None, str]:
     """``(threshold, where it came from)``: a value above 0 as set in the UI; else the calibration of this
-    checkpoint (``(None, why there is none)`` when there is none)."""
+    checkpoint under ``settings`` (:func:`score_settings`; default: the defaults) (``(None, why there is none)``
+    when there is none)."""
     if threshold > 0:
         return float(threshold), "set in the UI"
+    settings = settings or ScoreSettings()
     try:
-        found = find_calibration(checkpoint, ScoreSettings(), unet_fingerprint(checkpoint))
+        found = find_calibration(checkpoint, settings, unet_fingerprint(checkpoint))
     except DejaGuardError as err:
-        return None, (f"{err} (set a threshold in the DejaGuard section, or run `dejaguard calibrate --checkpoint "
-                      f"{Path(checkpoint).name}`)")
+        cli = "" if settings.unconditional == EMPTY_PROMPT else f" --unconditional {settings.unconditional}"
+        return None, (f"{err} (press Calibrate in the DejaGuard section, set a threshold there, or run `dejaguard "
+                      f"calibrate --checkpoint {Path(checkpoint).name}{cli}`)")
     return found.threshold, f"calibration {found.file.name}"
 
 
@@ -128,24 +129,29 @@ PROMPTS_SOURCE = "bundled calibration prompts (MemAttn non-memorized, MIT)"
 
 
 def calibrate_checkpoint(denoiser: Any, checkpoint: str | Path, prompt_limit: int = 0,
-                         progress: Progress | None = None) -> tuple[Calibration, Path, str]:
+                         progress: Progress | None = None,
+                         settings: ScoreSettings | None = None) -> tuple[Calibration, Path, str]:
     """Calibrate the loaded checkpoint (``denoiser``: :class:`webui.denoiser.WebUIDenoiser` over it) on the bundled
     prompts (the first ``prompt_limit``; 0: all), through core's :func:`~core.calibration.calibrate` (a
-    ``1 - 0.01`` quantile of first-step scores at the denoiser's sample size), and save it beside the checkpoint
-    file, where :func:`resolve_threshold` finds it. Returns (calibration, file, one-paragraph summary)."""
+    ``1 - 0.01`` quantile of first-step scores at the denoiser's sample size) under ``settings``
+    (:func:`score_settings`; default: the defaults), and save it beside the checkpoint file, where
+    :func:`resolve_threshold` finds it. Returns (calibration, file, one-paragraph summary)."""
+    settings = settings or ScoreSettings()
     prompts = calibration_prompts()
     if prompt_limit > 0:
         prompts = prompts[:prompt_limit]
     _, h, w = denoiser.sample_shape
     source = f"{PROMPTS_SOURCE}: {len(prompts)} prompts, {w * 8}x{h * 8} px, DejaGuard Calibrate in the WebUI"
     before = denoiser.counter.calls
-    calibration = calibrate(denoiser, prompts, ScoreSettings(), CALIBRATION_FPR, source, progress=progress)
+    calibration = calibrate(denoiser, prompts, settings, CALIBRATION_FPR, source, progress=progress)
     file = save_calibration(calibration, checkpoint)
     summary = (f"DejaGuard Calibrate: threshold {calibration.threshold:.6g} for a {CALIBRATION_FPR:g} false-positive "
                f"rate on {len(prompts)} non-memorized prompts at {w * 8}x{h * 8} px "
                f"({denoiser.counter.calls - before} UNet calls); saved in {file.name} beside the checkpoint. "
                "The DejaGuard section uses it when its threshold is 0 (calibrate at the size you generate at: "
                "the score grows with the image area).")
+    if settings.unconditional == ZERO_CONDITIONING:
+        summary += " Scored against the zero conditioning the WebUI gives an SDXL model for an empty negative prompt."
     return calibration, file, summary
 
 

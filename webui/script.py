@@ -43,7 +43,9 @@ adapter, which is handed the WebUI's CLIPTextModel (A1111: ``cond_stage_model.wr
 tensors, the adapter differentiates through copies of them made for the call and freed after it. The button's
 result (core's JSON payload) goes into a hidden textbox, from which ``javascript/dejaguard.js`` draws the
 highlighted words under the prompt. Not in the per-image info: it costs a backward pass per step, not the free
-first-step score. Calibrate and Explain take SD1.x checkpoints; SDXL gets one line (:func:`webui.guard.check_tools`).
+first-step score. Calibrate takes SD1.x and SDXL checkpoints (SDXL with the zero unconditional conditioning the
+WebUIs use, :data:`webui.guard.SDXL_SETTINGS`), Explain SD1.x; anything else gets one line
+(:func:`webui.guard.supported_family`).
 """
 
 from __future__ import annotations
@@ -57,20 +59,22 @@ import modules.scripts as scripts
 import torch
 from modules import script_callbacks
 
-from ..core.checkpoint import unet_fingerprint
+from ..core.checkpoint import Family, unet_fingerprint
 from ..core.errors import DejaGuardError
 from ..core.explain import to_json, token_significance
 from ..core.protect import GuidanceSteering
 from ..core.sampling import sigma_noise_level, steer_rows
 from .denoiser import NO_TOKENS, WebUIDenoiser
 from .guard import (
+    CALIBRATE,
+    EXPLAIN,
     KEY_NOTE,
-    SDXL_ZERO_UNCOND,
+    SDXL_POOLED_WIDTH,
     Job,
     calibrate_checkpoint,
-    check_tools,
     first_step_scores,
     resolve_threshold,
+    score_settings,
     supported_family,
 )
 
@@ -96,9 +100,14 @@ def is_forge(p: Any) -> bool:
     return getattr(getattr(p, "sd_model", None), "forge_objects", None) is not None
 
 
-def webui_denoiser(sd_model: Any, width: int, height: int) -> WebUIDenoiser:
-    """Core's denoiser seam over the WebUI's loaded SD1.x model (:mod:`webui.denoiser`), for images of
-    ``width x height`` px. The caller holds the WebUI's queue lock (or runs inside a generation)."""
+def webui_denoiser(sd_model: Any, width: int, height: int, family: Family) -> WebUIDenoiser:
+    """Core's denoiser seam over the WebUI's loaded SD1.x or SDXL model (:mod:`webui.denoiser`; ``family``: its
+    checkpoint's, :func:`webui.guard.supported_family`), for images of ``width x height`` px. The caller holds the
+    WebUI's queue lock (or runs inside a generation)."""
+    from modules.prompt_parser import SdConditioning
+
+    sdxl = family.name == "sdxl"
+    clip = tokenizer = None
     forge = getattr(sd_model, "forge_objects", None)
     if forge is not None:
         from backend import memory_management
@@ -107,15 +116,21 @@ def webui_denoiser(sd_model: Any, width: int, height: int) -> WebUIDenoiser:
         unet = forge.unet.model.diffusion_model
         sigmas = forge.unet.model.predictor.sigmas.detach().double().cpu()
         alphas_cumprod = 1.0 / (1.0 + sigmas**2)
+        if sdxl:  # both text encoders, the pooled vector and the size conditioning, as a generation at this size
+            def conditioning(prompts: list[str]) -> Any:
+                return sd_model.get_learned_conditioning(SdConditioning(prompts, width=width, height=height))
+        else:
+            engine = sd_model.text_processing_engine  # SD1.x: the one text encoding get_learned_conditioning runs
+            clip, tokenizer = engine.text_encoder, engine.tokenizer  # IntegratedCLIP: .transformer is CLIPTextModel
 
-        engine = sd_model.text_processing_engine  # SD1.x: the one text encoding get_learned_conditioning runs
-        clip, tokenizer = engine.text_encoder, engine.tokenizer  # IntegratedCLIP: .transformer is HF's CLIPTextModel
+            def conditioning(prompts: list[str]) -> Any:
+                # get_learned_conditioning is the engine's call under torch.inference_mode, where no gradient flows
+                # (token significance needs one): the same steps without it
+                return engine(prompts)
 
-        def encode(prompts: list[str]) -> torch.Tensor:
-            # get_learned_conditioning is the engine's call under torch.inference_mode, where no gradient flows (token
-            # significance needs one): the same steps without it
+        def encode(prompts: list[str]) -> Any:
             memory_management.load_model_gpu(forge.clip.patcher)  # loads the text encoder, which may unload the UNet
-            cond = engine(prompts)
+            cond = conditioning(prompts)
             memory_management.load_model_gpu(forge.unet)
             return cond
     else:
@@ -124,15 +139,16 @@ def webui_denoiser(sd_model: Any, width: int, height: int) -> WebUIDenoiser:
         unet = sd_model.model.diffusion_model
         alphas_cumprod = sd_model.alphas_cumprod
 
-        def encode(prompts: list[str]) -> torch.Tensor:
+        def encode(prompts: list[str]) -> Any:
             with devices.autocast():
-                return sd_model.get_learned_conditioning(prompts)
-        clip = getattr(sd_model.cond_stage_model, "wrapped", None)  # FrozenCLIPEmbedder: .transformer, .tokenizer
-        tokenizer = getattr(clip, "tokenizer", None)
-    # both encode with an HF CLIPTextModel, which the token methods hook (Forge's through weight copies: module doc)
+                return sd_model.get_learned_conditioning(SdConditioning(prompts, width=width, height=height))
+        if not sdxl:
+            clip = getattr(sd_model.cond_stage_model, "wrapped", None)  # FrozenCLIPEmbedder: .transformer, .tokenizer
+            tokenizer = getattr(clip, "tokenizer", None)
+    # SD1.x: both encode with an HF CLIPTextModel, which the token methods hook (Forge's through weight copies)
     return WebUIDenoiser(unet, encode, alphas_cumprod, unet_fingerprint(model_file(sd_model)),
                          (4, int(height) // 8, int(width) // 8), text_encoder=getattr(clip, "transformer", None),
-                         tokenizer=tokenizer)
+                         tokenizer=tokenizer, pooled_width=SDXL_POOLED_WIDTH if sdxl else None)
 
 
 def calibrate_loaded(width: int = 512, height: int = 512, prompt_limit: int = 0,
@@ -144,17 +160,18 @@ def calibrate_loaded(width: int = 512, height: int = 512, prompt_limit: int = 0,
 
     with queue_lock:  # not while the WebUI generates
         sd_model = shared.sd_model
-        refusal = check_tools(model_file(sd_model))
-        if refusal is not None:
+        family, refusal = supported_family(model_file(sd_model), CALIBRATE)
+        if family is None:
             return f"DejaGuard Calibrate: {refusal}"
-        denoiser = webui_denoiser(sd_model, width, height)
+        denoiser = webui_denoiser(sd_model, width, height, family)
 
         def report(done: float, total: float, stage: str = "") -> None:
             if progress is not None:
                 progress((int(done), int(total)), desc=f"DejaGuard {stage}")
 
         with torch.inference_mode():
-            _, _, summary = calibrate_checkpoint(denoiser, model_file(sd_model), int(prompt_limit), report)
+            _, _, summary = calibrate_checkpoint(denoiser, model_file(sd_model), int(prompt_limit), report,
+                                                 score_settings(family))
     log.info("%s", summary)
     return summary
 
@@ -173,10 +190,10 @@ def explain_loaded(prompt: str, width: int = 512, height: int = 512, steps: int 
 
     with queue_lock:  # not while the WebUI generates
         sd_model = shared.sd_model
-        refusal = check_tools(model_file(sd_model))
-        if refusal is not None:
+        family, refusal = supported_family(model_file(sd_model), EXPLAIN)
+        if family is None:
             return {"error": f"DejaGuard Explain: {refusal}"}
-        denoiser = webui_denoiser(sd_model, width, height)
+        denoiser = webui_denoiser(sd_model, width, height, family)
         if denoiser.text_encoder is None:  # said before anything else (an empty prompt, say)
             return {"error": f"DejaGuard Explain: {NO_TOKENS}"}
         try:
@@ -231,8 +248,8 @@ class DejaGuardScript(scripts.Script):
                                                "evaluation; other images unchanged)",
                                   elem_id=f"dejaguard_protect_{tab}")
             gr.HTML("<p>Score and verdict per image appear in the generation info (PNG parameters, API info) and "
-                    "as a badge above it (red: memorized, amber: steered). SD1.x and SDXL checkpoints (Calibrate and "
-                    "Explain: SD1.x); leave the negative prompt empty for calibrated scores.</p><p>Explain: the words "
+                    "as a badge above it (red: memorized, amber: steered). SD1.x and SDXL checkpoints (Explain: "
+                    "SD1.x); leave the negative prompt empty for calibrated scores.</p><p>Explain: the words "
                     "that drive the score, highlighted under the prompt (token significance, one backward pass per "
                     "step; prompts of one 75-token chunk; " + EXPLAIN_NOTE + ").</p>")
             with gr.Row():
@@ -296,13 +313,11 @@ class DejaGuardScript(scripts.Script):
             p.extra_generation_params[KEY_NOTE] = refusal
             log.warning("DejaGuard: %s", refusal)
             return
-        value, source = resolve_threshold(float(threshold or 0.0), path)
+        value, source = resolve_threshold(float(threshold or 0.0), path, score_settings(family))
         job = Job(int(p.n_iter) * int(p.batch_size), value, source, protect=bool(protect))
         negatives = getattr(p, "all_negative_prompts", None) or [getattr(p, "negative_prompt", "")]
         if any(str(n).strip() for n in negatives):
             job.note("scored against the negative prompt (thresholds are calibrated with an empty one)")
-        elif family.name == "sdxl":
-            job.note(SDXL_ZERO_UNCOND)
         if job.protect and value is None:
             job.note("no protection without a threshold")
         if job.protect and getattr(p, "image_mask", None) is not None:

@@ -16,14 +16,18 @@ def score_option(sp: argparse.ArgumentParser, what: str) -> None:
     torch), for ``calibrate`` and ``audit``."""
     sp.add_argument("--score", default="magnitude", help=f"score option: magnitude (default; Wen et al.) or "
                     f"anisotropy (Asthana & Belagiannis; same cost, see core/detect.py); {what}")
+    sp.add_argument("--unconditional", default="empty", help="what the unconditional prediction is conditioned on: "
+                    "empty (default: the encoding of the empty prompt, as ComfyUI) or zeros (as A1111 and Forge "
+                    "condition an SDXL model on an empty negative prompt: calibrate with it for those WebUIs)")
 
 
 def scoring_settings(args: argparse.Namespace) -> ScoreSettings:
-    """:func:`score_settings` with the ``--score`` option."""
+    """:func:`score_settings` with the ``--score`` and ``--unconditional`` options."""
     from ..detect import ScoreSettings
 
     base = score_settings(args)
-    return ScoreSettings(base.steps, base.generations, base.guidance_scale, base.num_inference_steps, args.score)
+    return ScoreSettings(base.steps, base.generations, base.guidance_scale, base.num_inference_steps, args.score,
+                         args.unconditional)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import ast
 import copy
 import json
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,6 +25,8 @@ import torch
 from dejaguard.core.checkpoint import FAMILIES
 from dejaguard.core.sampling import text_conditional_magnitude
 from dejaguard.webui.guard import (
+    CALIBRATE,
+    EXPLAIN,
     KEY_NOTE,
     KEY_SCORE,
     KEY_THRESHOLD,
@@ -32,8 +36,8 @@ from dejaguard.webui.guard import (
     NOT_MEMORIZED,
     UNSCORED,
     Job,
-    check_checkpoint,
     first_step_scores,
+    supported_family,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -213,23 +217,25 @@ def _fixtures_importable(monkeypatch):
 
 
 def test_checkpoint_support_one_line(tmp_path):
-    assert check_checkpoint(None).startswith("unsupported model")
-    assert "not found" in check_checkpoint(tmp_path / "missing.safetensors")
-    assert check_checkpoint(_fixture("sd15")) is None
-    sd2 = check_checkpoint(_fixture("sd21_768_v"))
+    def refusal(path, tool=None):
+        return supported_family(path, tool)[1]
+
+    assert refusal(None).startswith("unsupported model")
+    assert "not found" in refusal(tmp_path / "missing.safetensors")
+    assert supported_family(_fixture("sd15")) == (FAMILIES["sd1"], None)
+    sd2 = refusal(_fixture("sd21_768_v"))
     assert "SD2.x 768 (v-prediction) is not supported in the WebUI yet" in sd2 and "\n" not in sd2
-    assert check_checkpoint(_fixture("sdxl")) is None  # the score and protection take SDXL (issue 27)
+    assert supported_family(_fixture("sdxl")) == (FAMILIES["sdxl"], None)  # the score and protection take SDXL
+    assert "v-prediction" in refusal(_fixture("sd21_768_v"), CALIBRATE)
 
 
-def test_tools_take_sd1_and_refuse_sdxl_in_one_line():
-    """The Calibrate and Explain buttons (and routes) take SD1.x; SDXL gets one line saying why and what works."""
-    from dejaguard.webui.guard import check_tools, supported_family
-
-    assert check_tools(_fixture("sd15")) is None and supported_family(_fixture("sd15"))[0].name == "sd1"
-    line = check_tools(_fixture("sdxl"))
-    assert "SDXL base" in line and "score and protection work" in line and "\n" not in line
-    assert supported_family(_fixture("sdxl")) == (FAMILIES["sdxl"], None)
-    assert "v-prediction" in check_tools(_fixture("sd21_768_v"))
+def test_buttons_take_their_families_and_refuse_the_rest_in_one_line():
+    """Calibrate takes SD1.x and SDXL; Explain SD1.x, and SDXL gets one line saying why and what works."""
+    assert supported_family(_fixture("sd15"), EXPLAIN) == (FAMILIES["sd1"], None)
+    assert supported_family(_fixture("sdxl"), CALIBRATE) == (FAMILIES["sdxl"], None)
+    family, line = supported_family(_fixture("sdxl"), EXPLAIN)
+    assert family is None and "\n" not in line
+    assert "SDXL base" in line and "score, Calibrate and protection work" in line
 
 
 @pytest.mark.slow
@@ -322,19 +328,36 @@ def test_a1111_callbacks_score_and_steer_sdxl_dict_conditioning(glue):
         assert torch.equal(steered[1], combined[1])
 
 
-def test_sdxl_job_notes_the_zero_unconditional(glue):
-    """An SDXL job with an empty negative prompt says in its info that the WebUI's unconditional input is zeros
-    (not the encoding of "" that library calibrations use); an SD1 job does not."""
+def test_sdxl_job_uses_only_zero_unconditional_calibrations(glue, tmp_path):
+    """An SDXL job's threshold comes from a calibration made against the zero conditioning both WebUIs give an empty
+    SDXL negative prompt (``SDXL_SETTINGS``), never from one made against the encoding of "" (the CLI's default);
+    an SD1 job's from the default one."""
     from types import SimpleNamespace
 
-    from dejaguard.webui.guard import SDXL_ZERO_UNCOND
+    from dejaguard.core.calibration import calibration_from_scores, save_calibration
+    from dejaguard.core.checkpoint import unet_fingerprint
+    from dejaguard.core.detect import ScoreSettings
+    from dejaguard.webui.guard import SDXL_SETTINGS
 
-    for name, noted in (("sdxl", True), ("sd15", False)):
-        path = _fixture(name)
+    def job_threshold(path):
         p = SimpleNamespace(sd_model=SimpleNamespace(sd_checkpoint_info=SimpleNamespace(filename=str(path))),
                             n_iter=1, batch_size=2, all_negative_prompts=["", ""], extra_generation_params={})
-        glue.DejaGuardScript().process(p, True, 5.0, False)
-        assert (SDXL_ZERO_UNCOND in (p.extra_generation_params[KEY_NOTE][0] or "")) is noted
+        glue.DejaGuardScript().process(p, True, 0.0, False)
+        return p.dejaguard_job.threshold, p.dejaguard_job.threshold_source
+
+    for name, own, other in (("sdxl", SDXL_SETTINGS, ScoreSettings()), ("sd15", ScoreSettings(), SDXL_SETTINGS)):
+        path = tmp_path / f"{name}.safetensors"
+        try:
+            os.link(_fixture(name), path)
+        except OSError:
+            shutil.copyfile(_fixture(name), path)
+        fingerprint = unet_fingerprint(path)
+        save_calibration(calibration_from_scores([2.0], 0.5, other, fingerprint, "tests"), path)
+        threshold, source = job_threshold(path)
+        assert threshold is None and "no calibration" in source and "\n" not in source, source
+        assert ("--unconditional zeros" in source) is (name == "sdxl")
+        save_calibration(calibration_from_scores([3.0], 0.5, own, fingerprint, "tests"), path)
+        assert job_threshold(path)[0] == 3.0
 
 
 def test_a1111_no_score_never_zero(glue):
@@ -465,6 +488,66 @@ def test_webui_denoiser_is_the_seam_and_calibrates(tmp_path):
     assert calibration.n_prompts == 100 and progress[-1][:2] == (100, 100)
     found = find_calibration(checkpoint, ScoreSettings(), "tiny-fingerprint")
     assert found.threshold == calibration.threshold > 0
+
+
+class _TinySDXLUNet(_TinyLDMUNet):
+    """An SGM-signature SDXL UNet stand-in: ``(x, t, context (B, 77, 2048), y (B, 2816)) -> eps``, depending on all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text = torch.nn.Linear(2048, 4)
+        self.adm = torch.nn.Linear(2816, 4)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return super().forward(x, timesteps, context) + self.adm(y)[:, :, None, None]
+
+
+def test_webui_denoiser_speaks_cores_sdxl_convention_and_calibrates_against_zeros(tmp_path):
+    """SDXL through the WebUI adapter: the WebUI's conditioning dict becomes core's packed conditioning (hidden states
+    and the pooled head of ``vector``), the UNet gets ``y = [pooled, size conditioning]`` back; zeros of a packed
+    conditioning are the WebUI's empty SDXL negative prompt (zero hidden states and pooled vector, the size part
+    kept); a calibration under SDXL_SETTINGS scores against them and is saved under their key."""
+    from dejaguard.core.calibration import find_calibration
+    from dejaguard.core.detect import ScoreSettings
+    from dejaguard.core.errors import DejaGuardError
+    from dejaguard.webui.denoiser import WebUIDenoiser
+    from dejaguard.webui.guard import SDXL_POOLED_WIDTH, SDXL_SETTINGS, calibrate_checkpoint
+
+    torch.manual_seed(0)
+    unet = _TinySDXLUNet()
+    table = torch.nn.Embedding(50, 2048)
+    size = torch.randn(1, 2816 - SDXL_POOLED_WIDTH)  # the WebUI's embedding of the image size, the same per prompt
+
+    def encode(prompts: list[str]) -> dict:
+        ids = torch.tensor([[sum(map(ord, w)) % 50 for w in (p.split() + [""] * 77)[:77]] for p in prompts])
+        hidden = table(ids)
+        pooled = hidden[:, 0, :SDXL_POOLED_WIDTH] * 2
+        return {"crossattn": hidden, "vector": torch.cat([pooled, size.expand(len(prompts), -1)], dim=1)}
+
+    denoiser = WebUIDenoiser(unet, encode, _sd_alphas_cumprod(), "xl-fingerprint", (4, 8, 8),
+                             pooled_width=SDXL_POOLED_WIDTH)
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.raises(DejaGuardError, match="encode a prompt first"):
+        denoiser.predict_noise(x, 999, torch.zeros(2, 78, 2048))
+    emb = denoiser.encode_prompts(["a cat", "a dog"])
+    assert emb.shape == (2, 78, 2048)
+    webui = encode(["a cat", "a dog"])
+    t = torch.full((2,), 999.0)
+    with torch.no_grad():
+        torch.testing.assert_close(denoiser.predict_noise(x, 999, emb), unet(x, t, webui["crossattn"], webui["vector"]))
+        zeros_y = torch.cat([torch.zeros(2, SDXL_POOLED_WIDTH), size.expand(2, -1)], dim=1)
+        torch.testing.assert_close(denoiser.predict_noise(x, 999, torch.zeros_like(emb)),
+                                   unet(x, t, torch.zeros(2, 77, 2048), zeros_y))
+    checkpoint = tmp_path / "xl.safetensors"
+    checkpoint.write_bytes(b"")
+    calibration, _, summary = calibrate_checkpoint(denoiser, checkpoint, prompt_limit=100, settings=SDXL_SETTINGS)
+    assert "zero conditioning" in summary
+    assert find_calibration(checkpoint, SDXL_SETTINGS, "xl-fingerprint").threshold == calibration.threshold
+    with pytest.raises(DejaGuardError, match="no calibration"):
+        find_calibration(checkpoint, ScoreSettings(), "xl-fingerprint")
+    size = torch.randn(1, 2816 - SDXL_POOLED_WIDTH)  # another image size, same adapter: refused
+    with pytest.raises(DejaGuardError, match="size conditioning changed"):
+        denoiser.encode_prompts(["a cat"])
 
 
 class _FixesEmbedding(torch.nn.Module):

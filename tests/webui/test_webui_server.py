@@ -35,7 +35,9 @@ SDXL (issue 27): with ``DEJAGUARD_WEBUI_SDXL=1`` every test also runs on the ran
 16 GiB: run it alone, under ``flock /tmp/bigmem.lock``): the score equals core's SDXL UNet on the first step's inputs,
 with the prompt encoded by core (packed hidden states and pooled vector, the size conditioning of the 64x64 image)
 against the zero conditioning both WebUIs give an empty SDXL negative prompt; verdicts, bit-identical images, no
-extra UNet call and protection as on SD1.5; Calibrate and Explain answer their one line (SD1.x only); no browser.
+extra UNet call and protection as on SD1.5; the Calibrate path's scores and the route's threshold equal core's,
+both against that zero conditioning (``webui.guard.SDXL_SETTINGS``); Explain answers its one line (SD1.x only); no
+browser.
 
 Memory: the WebUI uses 5-7 GiB, the direct computation about 5 GiB after it; on a shared machine run it under
 ``flock /tmp/bigmem.lock``.
@@ -82,6 +84,7 @@ def run(request, tmp_path_factory):
     from dejaguard.core.calibration import calibration_from_scores, save_calibration
     from dejaguard.core.checkpoint import unet_fingerprint
     from dejaguard.core.detect import ScoreSettings
+    from dejaguard.webui.guard import SDXL_SETTINGS
 
     name = request.param
     assert (WEBUI_ROOT / "webui" / "launch.py").is_file(), f"{WEBUI_ROOT} is not a WebUI test root"
@@ -91,9 +94,11 @@ def run(request, tmp_path_factory):
         os.link(checkpoint_file(name), checkpoint)
     except OSError:
         shutil.copyfile(checkpoint_file(name), checkpoint)
-    # A calibration beside the checkpoint, for its fingerprint, with a threshold every image exceeds.
-    save_calibration(calibration_from_scores([1e-3], 0.5, ScoreSettings(), unet_fingerprint(checkpoint),
-                                             "tests/webui"), checkpoint)
+    # A calibration beside the checkpoint, for its fingerprint, with a threshold every image exceeds (SDXL: under
+    # the zero-unconditional settings the guard looks SDXL thresholds up with).
+    settings = SDXL_SETTINGS if name == "sdxl" else ScoreSettings()
+    save_calibration(calibration_from_scores([1e-3], 0.5, settings, unet_fingerprint(checkpoint), "tests/webui"),
+                     checkpoint)
     reuse = os.environ.get("DEJAGUARD_WEBUI_RESULTS_SDXL" if name == "sdxl" else "DEJAGUARD_WEBUI_RESULTS")
     if reuse:  # a finished run's output folder: check it, start no server
         results = json.loads((Path(reuse) / "results.json").read_text())
@@ -276,8 +281,6 @@ def test_calibrate_path_scores_equal_the_guards(run):
     """The Calibrate button's path (the WebUI adapter of the denoiser seam + core's scoring step, run in the WebUI
     by the probe on the first job's first-step UNet inputs at core's first timestep) gives the guard's scores."""
     _, results, _ = run
-    if _sdxl(run):
-        pytest.skip("the Calibrate button's path (the WebUI adapter) takes SD1.x only")
     probe = results["probe0"]
     assert float(probe["first_t"]) == float(probe["adapter_t"]) == 999.0, probe
     reported = torch.tensor([float(s) for s in _params(results["calibrated"])["DejaGuard score"]], dtype=torch.float64)
@@ -288,32 +291,31 @@ def test_calibrate_path_scores_equal_the_guards(run):
 def test_calibrate_button_saves_where_the_guard_finds_it(run, core_denoiser):
     """``POST /dejaguard/v1/calibrate`` (the button's function) on 100 prompts at 64x64: the file beside the checkpoint
     holds the calibration under the checkpoint's fingerprint, the guard's :func:`resolve_threshold` finds it, and its
-    threshold equals core's calibration of the same prompts on core's own loading of the checkpoint (1e-4)."""
+    threshold equals core's calibration of the same prompts on core's own loading of the checkpoint (1e-4). SDXL:
+    both under the zero-unconditional settings (``SDXL_SETTINGS``: the WebUIs' empty SDXL negative prompt)."""
     import json
 
     from dejaguard.core.calibration import calibrate
     from dejaguard.core.checkpoint import unet_fingerprint
     from dejaguard.core.detect import ScoreSettings
     from dejaguard.core.prompt_sets import calibration_prompts
-    from dejaguard.webui.guard import resolve_threshold
+    from dejaguard.webui.guard import SDXL_SETTINGS, resolve_threshold
 
     checkpoint, results, _ = run
     answer = results["calibrate"]
     print(f"{answer['summary']} ({answer['seconds']:.0f} s)")
-    if _sdxl(run):  # one line; the calibration beside the checkpoint (the fixture's) is left as it was
-        assert TOOLS_REFUSED in answer["summary"] and "\n" not in answer["summary"], answer
-        return
+    settings = SDXL_SETTINGS if _sdxl(run) else ScoreSettings()
     assert answer["file"] is not None, answer
-    entry = answer["file"][ScoreSettings().key()]
+    entry = answer["file"][settings.key()]
     assert entry["fingerprint"] == unet_fingerprint(checkpoint)
     assert entry["n_prompts"] == 100 and "64x64 px" in entry["prompts_source"] and "WebUI" in entry["prompts_source"]
     (checkpoint.parent / f"{checkpoint.stem}.dejaguard_calibration.json").write_text(json.dumps(answer["file"]))
-    threshold, source = resolve_threshold(0.0, checkpoint)
+    threshold, source = resolve_threshold(0.0, checkpoint, settings)
     assert threshold == entry["threshold"] and source == f"calibration {checkpoint.stem}.dejaguard_calibration.json"
     shape, core_denoiser.sample_shape = core_denoiser.sample_shape, (4, 8, 8)
     try:
         with torch.no_grad():
-            direct = calibrate(core_denoiser, calibration_prompts()[:100], ScoreSettings(), 0.01)
+            direct = calibrate(core_denoiser, calibration_prompts()[:100], settings, 0.01)
     finally:
         core_denoiser.sample_shape = shape
     print(f"WebUI threshold {entry['threshold']} core {direct.threshold}")
@@ -383,5 +385,4 @@ def _check_sdxl_scores(run, denoiser) -> None:
     reported = torch.tensor([float(s) for s in params["DejaGuard score"]], dtype=torch.float64)
     print(f"SDXL WebUI {reported.tolist()} direct {direct.tolist()}")
     assert float(direct.min()) > 0
-    assert "zeros" in params["DejaGuard note"][0]
     torch.testing.assert_close(reported, direct, rtol=1e-4, atol=0)

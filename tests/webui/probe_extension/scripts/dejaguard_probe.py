@@ -8,10 +8,11 @@ the record goes to ``$DEJAGUARD_WEBUI_PROBE/<n>.pt`` (a plain dict of tensors, r
 ``torch.load(weights_only=True)``). The tests count the calls (no extra UNet evaluation) and recompute the first
 step's score from the recorded inputs on the same weights.
 
-After the first generation (SD1) it also scores that generation's first-step UNet inputs the way the Calibrate
+After the first generation it also scores that generation's first-step UNet inputs the way the Calibrate
 button does: through DejaGuard's WebUI adapter of the denoiser seam (``webui_denoiser`` of the loaded model) and core's
 scoring step (``core.detect.step_scores``, which :func:`core.calibration.calibrate` runs), prompts encoded by the
-WebUI; the test compares these with the guard's scores (``adapter_scores`` and ``adapter_t`` in ``0.pt``).
+WebUI, the unconditional one as the guard's calibrations are made (SDXL: zeros, ``webui.guard.score_settings``);
+the test compares these with the guard's scores (``adapter_scores`` and ``adapter_t`` in ``0.pt``).
 """
 
 import os
@@ -64,7 +65,7 @@ class DejaGuardProbe(scripts.Script):
         folder.mkdir(parents=True, exist_ok=True)
         n = len(list(folder.glob("*.pt")))
         record = {"calls": list(_calls)}  # a copy: the adapter's own UNet calls below are not the generation's
-        if n == 0 and _calls and "y" not in _calls[0]:  # SD1 (the WebUI adapter takes SD1 only)
+        if n == 0 and _calls:
             record.update(_adapter_scores(p, record["calls"]))
         torch.save(record, folder / f"{n}.pt")
         _calls.clear()
@@ -74,17 +75,20 @@ def _adapter_scores(p, calls):
     """The first step's scores of the batch by the Calibrate button's path (see the module doc)."""
     glue = next(m for name, m in list(sys.modules.items()) if name.endswith(".webui.script")
                 and hasattr(m, "webui_denoiser"))
-    detect = sys.modules[glue.__name__.rsplit(".", 2)[0] + ".core.detect"]
+    package = glue.__name__.rsplit(".", 2)[0]
+    detect, guard = sys.modules[package + ".core.detect"], sys.modules[package + ".webui.guard"]
     first_t = max(float(c["t"].max()) for c in calls)
     batch = int(p.batch_size)
     first = next(c for c in calls if float(c["t"].max()) == first_t)
     x = first["x"][-batch:]  # the unconditional rows, one per image (the conditional rows have the same x)
+    family, _ = guard.supported_family(glue.checkpoint_path(p))
+    settings = guard.score_settings(family)
     with torch.inference_mode():
-        denoiser = glue.webui_denoiser(p.sd_model, p.width, p.height)
+        denoiser = glue.webui_denoiser(p.sd_model, p.width, p.height, family)
         cond = denoiser.encode_prompts(list(p.all_prompts[:batch]))
-        uncond = denoiser.encode_prompts([""])
-        scores = detect.step_scores(denoiser, x.to(denoiser.device), cond, uncond, detect.ScoreSettings())[:, 0]
+        uncond = detect.unconditional_embedding(denoiser, settings)
+        scores = detect.step_scores(denoiser, x.to(denoiser.device), cond, uncond, settings)[:, 0]
         schedule = denoiser.new_scheduler()
-        schedule.set_timesteps(detect.ScoreSettings().num_inference_steps)
+        schedule.set_timesteps(settings.num_inference_steps)
     return {"adapter_scores": scores.double().cpu(), "adapter_t": torch.tensor(float(schedule.timesteps[0])),
             "first_t": torch.tensor(first_t)}
