@@ -223,7 +223,9 @@ def test_resume_refuses_a_run_with_other_settings(tmp_path, testbed, prompts, mo
                            "schedule=25"),
                           ({"threshold": 2.0}, "threshold=1.0, this run has threshold=2.0"),
                           ({"settings": ScoreSettings(score="anisotropy")}, "score=None, this run has "
-                           "score='anisotropy'")]:
+                           "score='anisotropy'"),
+                          ({"settings": ScoreSettings(unconditional="zeros")}, "unconditional=None, this run has "
+                           "unconditional='zeros'")]:
         with pytest.raises(DejaGuardError, match=f"cannot resume .*{named}") as err:
             audit_prompts(src, out, **{**kw, **change})
         assert "\n" not in str(err.value)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..denoiser import Denoiser
-from ..detect import MAGNITUDE, ScoreSettings, first_step_scores
+from ..detect import EMPTY_PROMPT, MAGNITUDE, ScoreSettings, first_step_scores
 from ..errors import DejaGuardError
 from ..loss_filter import image_shape, training_pair_magnitude
 from ..sampling import prompt_seed
@@ -42,6 +42,8 @@ class PromptJob:
                "generations": self.settings.generations, "threshold": self.threshold}
         if self.settings.score != MAGNITUDE:  # named only when not the default: older outputs still resume
             key["score"] = self.settings.score
+        if self.settings.unconditional != EMPTY_PROMPT:
+            key["unconditional"] = self.settings.unconditional
         return key
 
     def score(self, denoiser: Denoiser, items: Sequence[dict]) -> list[dict]:
