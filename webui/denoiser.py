@@ -59,8 +59,11 @@ ComfyUI's adapter (:mod:`nodes.comfy_denoiser`) does: on the first call that nee
 backward pass; never for scoring or calibration, which run without one), the adapter makes ordinary copies of the
 inference tensors of the UNet, and of the text encoders, and calls the module through ``torch.func.functional_call``
 with them, copying each activation autograd saves (:func:`core.denoiser.clone_saved_activations`). The copies are
-held by the adapter only (one extra copy of the UNet and CLIP weights, 3.9 GB for SD1.5 in fp32) and freed by
-:meth:`WebUIDenoiser.free_grad_copies` (the Explain button calls it when done) or with the adapter. The WebUI's own
+held by the adapter only (one extra copy of the UNet and CLIP weights, 3.9 GB for SD1.5 in fp32, 13.7 GB for SDXL)
+and freed by :meth:`WebUIDenoiser.free_grad_copies` (the Explain button calls it when done) or with the adapter.
+Before copying, the adapter checks that the copies (with a quarter more for activations) fit in the memory left on
+their device (:func:`free_memory`) and otherwise refuses in one line, so a WebUI short of memory answers the button
+instead of being killed. The WebUI's own
 model is never changed. A1111's weights are ordinary tensors: no copy is made there.
 """
 
@@ -118,9 +121,10 @@ class WebUIDenoiser:
             return fn(*args)
         key = id(module)
         if key not in self._grad_copies:
+            inference = [(n, t) for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_inference()]
+            _check_room_for_copies([t for _, t in inference])
             with torch.no_grad():
-                self._grad_copies[key] = {f"module.{n}": t.detach().clone() for n, t in
-                                          [*module.named_parameters(), *module.named_buffers()] if t.is_inference()}
+                self._grad_copies[key] = {f"module.{n}": t.detach().clone() for n, t in inference}
         copies = self._grad_copies[key]
         if not copies:
             return fn(*args)
@@ -238,6 +242,42 @@ class WebUIDenoiser:
     def named_modules(self) -> Iterator[tuple[str, torch.nn.Module]]:
         raise DejaGuardError("the WebUI's UNet has LDM module names, not diffusers': neuron masks are not available "
                              "in the WebUI")
+
+
+COPY_HEADROOM = 1.25  # the copies, plus a quarter for the activations the backward pass keeps
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device``: CUDA's free memory plus what PyTorch's cache holds unused,
+    the system's available memory for the CPU (``MemAvailable``); None where unknown (MPS, no /proc)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def _check_room_for_copies(tensors: list[torch.Tensor]) -> None:
+    """A one-line DejaGuardError, before anything is copied, when the gradient-capable copies of ``tensors`` (module
+    doc: Gradients) would not fit in the memory left on their devices: a refused button, not a WebUI killed for
+    memory halfway through a backward pass."""
+    need: dict[torch.device, int] = {}
+    for t in tensors:
+        need[t.device] = need.get(t.device, 0) + t.numel() * t.element_size()
+    for device, size in need.items():
+        free = free_memory(device)
+        if free is not None and size * COPY_HEADROOM > free:
+            raise DejaGuardError(
+                f"not enough memory on {device} for token highlighting on this model: its weights are inference "
+                f"tensors (Forge), so the backward pass needs ordinary copies of them, {size / 2**30:.1f} GiB (plus "
+                f"activations), and {free / 2**30:.1f} GiB is free; the score, Calibrate and protection are unaffected")
 
 
 def _table_width(table: torch.nn.Module) -> int:

@@ -742,6 +742,26 @@ def test_webui_denoiser_explains_on_inference_tensors():
     assert forge._grad_copies == {} and all(w.is_inference() for w in weights)
 
 
+def test_webui_denoiser_refuses_copies_that_do_not_fit(monkeypatch):
+    """Forge on a machine short of memory: the gradient-capable copies are not made, and the token methods answer one
+    line saying how much they need and how much is free (not a WebUI killed for memory)."""
+    import dejaguard.webui.denoiser as adapter
+    from dejaguard.core.errors import DejaGuardError
+    from dejaguard.core.explain import token_significance
+
+    tokenizer = _webui_text_stack()[1]
+    with torch.inference_mode():
+        forge_model, _, forge_encode = _webui_text_stack()
+        forge_unet = _InPlaceLDMUNet(inplace=True)
+    forge = adapter.WebUIDenoiser(forge_unet, forge_encode, _sd_alphas_cumprod(), "fp", (4, 8, 8),
+                                  text_encoders=[forge_model], tokenizer=tokenizer)
+    assert adapter.free_memory(torch.device("cpu")) > 0  # this machine's MemAvailable
+    monkeypatch.setattr(adapter, "free_memory", lambda device: 1024)
+    with pytest.raises(DejaGuardError, match=r"not enough memory on cpu .* GiB is free") as err:
+        token_significance(forge, "a photograph of an astronaut", steps=1)
+    assert "\n" not in str(err.value) and forge._grad_copies == {}
+
+
 def test_install_adds_diffusers_with_the_webuis_pins(tmp_path):
     """``install.py`` (run by the WebUI at start-up) asks the WebUI's ``launch.run_pip`` for diffusers only when it
     is missing, pinning the installed huggingface_hub and safetensors; without a WebUI it does nothing."""

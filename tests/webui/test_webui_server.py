@@ -250,6 +250,10 @@ def test_explain_route(run, core_denoiser):
 
     answer = run[1]["explain"]
     print(f"explain ({answer['seconds']:.0f} s): {answer}")
+    assert run[1].get("alive_after_explain"), "the WebUI stopped answering after Explain"
+    if "not enough memory" in answer.get("error", ""):  # Forge's weight copies on a machine too small for them
+        assert "\n" not in answer["error"]
+        pytest.skip(f"the WebUI refused Explain for memory, in one line, and kept running: {answer['error']}")
     assert "error" not in answer, answer
     assert answer["words"] == PROMPT.split() and len(answer["word_scores"]) == len(answer["words"])
     assert len(answer["scores"]) == len(answer["tokens"]) == len(answer["word_ids"])
