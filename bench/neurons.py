@@ -35,7 +35,11 @@ Replication is judged against every training image of the model (v5's 12, plus t
   ``recall_union`` / ``precision_union``: the union of the masks against the union of the truths;
   ``truth_in_search_space`` per prompt: the share of its designated neurons inside NeMo's search space (value
   neurons of the searched ``attn2.to_v`` layers; FFN neurons, e.g. the ``shared`` group's, are outside it, so
-  that share bounds the recall NeMo can reach).
+  that share bounds the recall NeMo can reach); ``truth_zscore_ranks``: where NeMo's own activation statistic
+  (the z-score ranking its initial selection takes the top of; ``core.nemo.statistics.zscore_ranking``, no UNet
+  call) puts each designated neuron in the search space (0 = most suspicious), and ``truth_in_initial_selection``
+  how many of them were among the ``initial_candidates`` NeMo switched off before refining: a designated neuron
+  ranked there but missing from the mask was dropped by the refinement, one ranked far below was never a candidate.
 - **Subspace** (``core.prune.subspace_mask``): the planted images are split in two halves (alternating
   within each memorization kind); the mask is found on the first half's prompts only.
   ``replication_before`` / ``_after`` on that half; ``heldout_replication_before`` / ``_after`` on the
@@ -72,7 +76,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from dejaguard.core.denoiser import Denoiser, load_denoiser
-from dejaguard.core.nemo import LocalizeSettings, localize, nemo_layers, nemo_statistics
+from dejaguard.core.nemo import LocalizeSettings, localize, nemo_layers, nemo_statistics, zscore_ranking
 from dejaguard.core.neuron_mask import NeuronMask, apply_mask, mask_units, recall_precision
 from dejaguard.core.prune import subspace_mask
 from dejaguard.core.sampling import generate, prompt_seed
@@ -299,11 +303,19 @@ def run_nemo(args: argparse.Namespace, subject: Subject, prompts: list[str], ima
         scores = truth_scores(masks, prompts, images, subject.truth, list(nemo_layers(denoiser, args.blocks)))
         nemo.update(recall=scores["recall"], precision=scores["precision"], recall_union=scores.get("recall_union"),
                     precision_union=scores.get("precision_union"))
-        for row, score in zip(nemo["per_prompt"], scores["per_prompt"]):
+        layers = nemo_layers(denoiser, args.blocks)
+        for row, score, record in zip(nemo["per_prompt"], scores["per_prompt"], runs["fast"]):
+            rank = {unit: r for r, unit in enumerate(zscore_ranking(denoiser, row["prompt"], stats, layers))}
+            ranks = sorted(rank[(layer, int(i))] for layer, i in mask_units(subject.truth(row["image"]))
+                           if (layer, int(i)) in rank)
+            initial = record.get("initial_candidates")
             row.update(recall=score["recall"], precision=score["precision"],
-                       truth_in_search_space=score["truth_in_search_space"])
+                       truth_in_search_space=score["truth_in_search_space"], truth_zscore_ranks=ranks,
+                       truth_in_initial_selection=None if initial is None else sum(r < initial for r in ranks),
+                       initial_candidates=initial)
             print(f"  truth     {row['prompt'][:48]:48s} recall {score['recall']} precision {score['precision']} "
-                  f"(designated neurons in NeMo's search space: {score['truth_in_search_space']})")
+                  f"(designated neurons in NeMo's search space: {score['truth_in_search_space']}; their z-score "
+                  f"ranks {ranks}, {row['truth_in_initial_selection']} in the initial selection of {initial})")
     union = NeuronMask.union(list(masks.values())) if masks else None
     nemo["novel_alignment_before"] = round(align_before, 4)
     nemo["novel_alignment_after"] = round(alignment(denoiser, novel, args.steps, union), 4)

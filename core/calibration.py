@@ -40,9 +40,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .denoiser import BUNDLED_TESTBED, Denoiser
-from .detect import EMPTY_PROMPT, MAGNITUDE, ScoreSettings, first_step_scores
+from .detect import MAGNITUDE, ScoreSettings, first_step_scores
 from .errors import DejaGuardError
 from .progress import Progress
+from .sampling import EMPTY_PROMPT
 
 CALIBRATION_FILE = "dejaguard_calibration.json"
 # Single-file model weights: their calibration is a file beside them, never the weights file itself.

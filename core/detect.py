@@ -56,19 +56,20 @@ from .progress import Progress, report
 from .sampling import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
+    EMPTY_PROMPT,
+    UNCONDITIONALS,
     check_sampling_settings,
     guided_step,
     initial_noise,
     new_schedule,
     prompt_seed,
     text_conditional_magnitude,
+    unconditional_embedding,
 )
 
 MAGNITUDE = "magnitude"
 ANISOTROPY = "anisotropy"
 SCORES = (MAGNITUDE, ANISOTROPY)  # the score options; the first is the default
-EMPTY_PROMPT, ZERO_CONDITIONING = "empty", "zeros"
-UNCONDITIONALS = (EMPTY_PROMPT, ZERO_CONDITIONING)  # what the unconditional prediction is conditioned on (module doc)
 # Asthana & Belagiannis' weights for Stable Diffusion 1.x: score = NORM_WEIGHT ||d|| + ALIGNMENT_WEIGHT * alignment.
 ANISOTROPY_NORM_WEIGHT = 1.0
 ANISOTROPY_ALIGNMENT_WEIGHT = 2.0
@@ -156,13 +157,6 @@ class ScoreSettings:
         return key if self.unconditional == EMPTY_PROMPT else f"{key},uncond={self.unconditional}"
 
 
-def unconditional_embedding(denoiser: Denoiser, settings: ScoreSettings) -> torch.Tensor:
-    """The conditioning of the unconditional prediction, ``(1, L, D)`` as ``denoiser.encode_prompts([""])`` gives
-    (SDXL: packed): that encoding, or zeros of its shape for ``settings.unconditional == "zeros"``."""
-    empty = denoiser.encode_prompts([""])
-    return torch.zeros_like(empty) if settings.unconditional == ZERO_CONDITIONING else empty
-
-
 @dataclass
 class PromptScore:
     """Detection result for one prompt."""
@@ -230,7 +224,7 @@ def first_step_scores(
     prompts = _check_prompts(prompts)
     jobs = [(i, g) for i in range(len(prompts)) for g in range(settings.generations)]
     seeds = {(i, g): (seed + g if seed is not None else prompt_seed(prompts[i], g)) for i, g in jobs}
-    uncond = unconditional_embedding(denoiser, settings)
+    uncond = unconditional_embedding(denoiser, settings.unconditional)
     per_job: dict[tuple[int, int], float] = {}
     calls = np.zeros(len(prompts))
     report(progress, 0, len(jobs), "scoring")

@@ -23,7 +23,16 @@ import torch
 from .denoiser import Denoiser
 from .errors import DejaGuardError, NonFiniteError
 from .progress import Progress, report
-from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, guided_step, initial_noise, new_schedule, prompt_seed
+from .sampling import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    EMPTY_PROMPT,
+    guided_step,
+    initial_noise,
+    new_schedule,
+    prompt_seed,
+    unconditional_embedding,
+)
 
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
@@ -82,6 +91,7 @@ def token_significance(
     num_inference_steps: int = DEFAULT_STEPS,
     wrt: str = "input",
     progress: Progress | None = None,
+    unconditional: str = EMPTY_PROMPT,
 ) -> TokenSignificance:
     """Significance of each token of ``prompt`` (see module doc).
 
@@ -93,7 +103,8 @@ def token_significance(
     batched, the unconditional half would sit in the autograd graph and be back-propagated for a zero
     gradient). Cost: ``2 steps`` noise predictions (``unet_evals``) in ``2 steps`` calls, ``steps``
     conditional backward passes, plus one text-encoder forward and ``steps`` cheap text-encoder backwards.
-    ``progress(done, steps, "explain")`` after every step.
+    ``progress(done, steps, "explain")`` after every step. ``unconditional``: what the unconditional prediction is
+    conditioned on (:func:`core.sampling.unconditional_embedding`; ``"zeros"`` as the WebUIs condition SDXL).
     """
     if wrt not in ("input", "conditioning"):
         raise DejaGuardError(f"wrt must be 'input' or 'conditioning', not {wrt!r}")
@@ -103,7 +114,7 @@ def token_significance(
     seed = prompt_seed(prompt) if seed is None else seed
     before = denoiser.counter.snapshot()
     with torch.no_grad():
-        uncond = denoiser.encode_prompts([""])
+        uncond = unconditional_embedding(denoiser, unconditional)
     with torch.enable_grad():
         if wrt == "input":
             # One text-encoder forward with a graph; each step back-propagates through it.

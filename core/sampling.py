@@ -34,6 +34,10 @@ from .progress import Progress, report
 
 DEFAULT_GUIDANCE = 7.5
 DEFAULT_STEPS = 50
+# What the unconditional prediction is conditioned on: the model's encoding of the empty prompt (the library, the CLI,
+# ComfyUI) or a zero conditioning (A1111 and Forge condition an SDXL model on zeros for an empty negative prompt).
+EMPTY_PROMPT, ZERO_CONDITIONING = "empty", "zeros"
+UNCONDITIONALS = (EMPTY_PROMPT, ZERO_CONDITIONING)
 
 # A per-step steering decision (core.protect): given this step's ``eps_cond``, ``eps_uncond`` ``(B, C, H, W)`` and
 # its noise level ``t / num_train_timesteps`` (1 = pure noise, 0 = clean), the rows to steer ``(B,)`` bool and the
@@ -111,6 +115,15 @@ def noise_level(scheduler: Any, t: torch.Tensor | int) -> float:
     position of a step, also computable in ComfyUI from its sigma)."""
     trained = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None) or 1000
     return float(t) / float(trained)
+
+
+def unconditional_embedding(denoiser: Denoiser, unconditional: str = EMPTY_PROMPT) -> torch.Tensor:
+    """The conditioning of the unconditional prediction, ``(1, L, D)`` as ``denoiser.encode_prompts([""])`` gives
+    (SDXL: packed): that encoding, or zeros of its shape for ``unconditional == "zeros"`` (:data:`UNCONDITIONALS`)."""
+    if unconditional not in UNCONDITIONALS:
+        raise DejaGuardError(f"unknown unconditional {unconditional!r}: choose one of {', '.join(UNCONDITIONALS)}")
+    empty = denoiser.encode_prompts([""])
+    return torch.zeros_like(empty) if unconditional == ZERO_CONDITIONING else empty
 
 
 def sigma_noise_level(sigma: torch.Tensor, timestep: Callable[[torch.Tensor], torch.Tensor],

@@ -172,8 +172,12 @@ def test_zero_unconditional_is_keyed_and_scores_against_zeros(testbed):
     """``unconditional="zeros"`` (the WebUIs' empty SDXL negative prompt) has keys of its own, and its scores are
     the magnitude against a zero conditioning of the empty prompt's shape: computed by hand here from the same
     noise; an unknown unconditional is refused."""
-    from dejaguard.core.detect import unconditional_embedding
-    from dejaguard.core.sampling import initial_noise, new_schedule, text_conditional_magnitude
+    from dejaguard.core.sampling import (
+        initial_noise,
+        new_schedule,
+        text_conditional_magnitude,
+        unconditional_embedding,
+    )
 
     zeros = ScoreSettings(unconditional="zeros")
     assert zeros.key() == "steps=1,generations=1,cfg=7.5,schedule=50,uncond=zeros"
@@ -182,8 +186,10 @@ def test_zero_unconditional_is_keyed_and_scores_against_zeros(testbed):
         ScoreSettings(unconditional="none")
     prompt = "a red cube on a table"
     empty = testbed.encode_prompts([""])
-    assert torch.equal(unconditional_embedding(testbed, ScoreSettings()), empty)
-    assert torch.equal(unconditional_embedding(testbed, zeros), torch.zeros_like(empty))
+    assert torch.equal(unconditional_embedding(testbed, "empty"), empty)
+    assert torch.equal(unconditional_embedding(testbed, "zeros"), torch.zeros_like(empty))
+    with pytest.raises(DejaGuardError, match="unknown unconditional"):
+        unconditional_embedding(testbed, "none")
     got = first_step_scores(testbed, [prompt], zeros, seed=3)[0].score
     default = first_step_scores(testbed, [prompt], ScoreSettings(), seed=3)[0].score
     schedule = new_schedule(testbed, zeros.num_inference_steps)

@@ -16,7 +16,7 @@ import torch
 from dejaguard.core.denoiser import BUNDLED_TESTBED
 from dejaguard.core.errors import DejaGuardError
 from dejaguard.core.nemo import nemo_layers
-from dejaguard.core.neuron_mask import NeuronMask, layer_shape
+from dejaguard.core.neuron_mask import NeuronMask, layer_shape, mask_units
 from dejaguard.core.redteam import adversarial_embedding
 from dejaguard.core.sampling import initial_noise
 from dejaguard.core.testbed.data import load_memorized_images
@@ -198,9 +198,13 @@ def test_bench_neurons_planted_last_line(fake_planted, capsys, monkeypatch):
             raise DejaGuardError("not localized")
         mask = found[prompt]
         mask.info = {"neurons": mask.count(), "unet_evals": 10, "unet_calls": 2, "wall_s": 0.1, "score_before": 1.0,
-                     "score_after": 0.1, "memorized": True}
+                     "score_after": 0.1, "memorized": True, "initial_candidates": 4}
         return mask
 
+    # NeMo's z-score ranking: the three images' designated neurons first, in image order
+    ranking = [unit for image in ("planted_camera", "planted_astronaut", "planted_horse")
+               for unit in sorted(mask_units(truth(image)))]
+    monkeypatch.setattr(bench_neurons, "zscore_ranking", lambda *a: ranking)
     monkeypatch.setattr(bench_neurons, "localize", fake_localize)
     monkeypatch.setattr(bench_neurons, "nemo_statistics",
                         lambda *a, **k: types.SimpleNamespace(threshold=0.5, score_mean=0.3, score_std=0.2))
@@ -215,6 +219,8 @@ def test_bench_neurons_planted_last_line(fake_planted, capsys, monkeypatch):
     assert recalls == [1.0, round(2 / 3, 4), 0.0]  # the horse prompt was not localized
     assert [row["precision"] for row in out["nemo"]["per_prompt"]] == [1.0, 0.5, None]
     assert [row["truth_in_search_space"] for row in out["nemo"]["per_prompt"]] == [1.0, 1.0, 1.0]
+    assert [row["truth_zscore_ranks"] for row in out["nemo"]["per_prompt"]] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert [row["truth_in_initial_selection"] for row in out["nemo"]["per_prompt"]] == [3, 1, None]
     assert out["recall"] == round((1 + 2 / 3 + 0) / 3, 4) and out["precision"] == 0.75
     assert out["evals_ratio_vs_reference"] is None
     assert "skip-reference" in out["null_reasons"]["evals_ratio_vs_reference"]

@@ -20,20 +20,24 @@ What it takes from the WebUI (SD1.x; SDXL below; epsilon prediction; shapes ``B`
 - ``fingerprint``: core's fingerprint of the checkpoint file (:func:`core.checkpoint.unet_fingerprint`), the key
   :func:`webui.guard.resolve_threshold` finds a calibration by.
 
-Token-level methods (token significance, :mod:`core.explain`), where the glue hands over the WebUI's HF
-``CLIPTextModel`` (``text_encoder``) and its tokenizer: both WebUIs tokenize (emphasis parsed out, textual inversions
-placed), run that model and weight its output themselves, so the adapter hooks the model's input-embedding table
-(``get_input_embeddings()``: A1111's and Forge's textual-inversion wrapper around CLIP's token embedding, whose
-output already holds the inversion rows) instead of re-implementing any of it:
+Token-level methods (token significance, :mod:`core.explain`), where the glue hands over the WebUI's text encoders
+(``text_encoders``: A1111's and Forge's HF ``CLIPTextModel`` for SD1.x; for SDXL CLIP-L and CLIP-G, which A1111 runs
+as an open_clip model), their token-embedding tables in encoding order (``token_tables``; default each HF encoder's
+``get_input_embeddings()``) and the first one's tokenizer: both WebUIs tokenize (emphasis parsed out, textual
+inversions placed), run those models and weight their output themselves, so the adapter hooks the tables (A1111's
+and Forge's textual-inversion wrappers around CLIP's token embeddings, whose output already holds the inversion
+rows) instead of re-implementing any of it:
 
-- :meth:`token_embeddings` records the table's output ``(B, 77, 768)`` during the WebUI's own encoding, and
-  :meth:`prompt_tokens` the ids it was called with (``[BOS, pieces..., EOS, EOS...]``; the pieces up to the first
-  EOS, as the WebUI tokenized them: emphasis brackets and weights are not pieces, a textual inversion's positions
-  show the placeholder id the WebUI puts there);
-- :meth:`encode_token_embeddings` runs the WebUI's encoding again with the table's output replaced by the given rows
-  (core's :func:`~core.denoiser.substituted_token_embeddings`), differentiably, so
-  ``encode_token_embeddings(p, token_embeddings(p))`` is ``encode_prompts(p)`` exactly,
-  emphasis and textual inversions included.
+- :meth:`token_embeddings` records the tables' outputs during the WebUI's own encoding, side by side
+  ``(B, 77, E)`` (``E = 768``; SDXL ``768 + 1280``, core's convention for two encoders), and :meth:`prompt_tokens` the
+  ids the first table was called with (``[BOS, pieces..., EOS, EOS...]``; the pieces up to the first EOS, as the
+  WebUI tokenized them: emphasis brackets and weights are not pieces, a textual inversion's positions show the
+  placeholder id the WebUI puts there);
+- :meth:`encode_token_embeddings` runs the WebUI's encoding again with each table's output replaced by its part of
+  the given rows, differentiably, so ``encode_token_embeddings(p, token_embeddings(p))`` is ``encode_prompts(p)``
+  exactly, emphasis and textual inversions included. ``grad_encode``, when given, is the WebUI's encoding through
+  which a gradient flows (the glue's: A1111's SDXL conditioner runs its frozen embedders under ``torch.no_grad``,
+  Forge's ``get_learned_conditioning`` under ``torch.inference_mode``); default ``encode``.
 
 SDXL (``pooled_width`` given, 1280): ``encode`` returns the WebUI's conditioning dict, ``crossattn`` ``(B, 77, 2048)``
 and ``vector`` ``(B, 2816)`` (CLIP-G's pooled output, then the size conditioning of ``sample_shape``'s image). The
@@ -42,21 +46,24 @@ adapter speaks core's SDXL convention (:mod:`core.conditioning`): :meth:`encode_
 one image size), and :meth:`predict_noise` unpacks and calls ``unet(x, t, context=crossattn, y=[pooled, size])``, the
 call both WebUIs' SDXL CFG denoisers make. A zero conditioning (``torch.zeros_like`` of a packed one: what both
 WebUIs give an SDXL model for an empty negative prompt) becomes zero hidden states and pooled vector with the size
-part kept, as there. Token-level methods are SD1.x only (no ``text_encoder`` for SDXL).
+part kept, as there.
 
 One chunk only: a prompt over 75 tokens (or with ``BREAK``) is encoded in several 77-token chunks, which the
 ``(B, 77, E)`` token rows of the seam cannot hold; those get a one-line :class:`~core.errors.DejaGuardError`.
-Without a ``text_encoder`` the token methods raise that error with :data:`NO_TOKENS`. Decoding and neuron masks are
+Without token tables the token methods raise that error with :data:`NO_TOKENS`. Decoding and neuron masks are
 not offered.
 
 Gradients (Forge): Forge's loader builds the weights under ``torch.inference_mode``, so they are *inference
 tensors*, which autograd cannot save for backward, and its UNet adds to activations in place (``x += n``). As
 ComfyUI's adapter (:mod:`nodes.comfy_denoiser`) does: on the first call that needs a gradient (token significance's
 backward pass; never for scoring or calibration, which run without one), the adapter makes ordinary copies of the
-inference tensors of the UNet, and of the text encoder, and calls the module through ``torch.func.functional_call``
+inference tensors of the UNet, and of the text encoders, and calls the module through ``torch.func.functional_call``
 with them, copying each activation autograd saves (:func:`core.denoiser.clone_saved_activations`). The copies are
-held by the adapter only (one extra copy of the UNet and CLIP weights, 3.9 GB for SD1.5 in fp32) and freed by
-:meth:`WebUIDenoiser.free_grad_copies` (the Explain button calls it when done) or with the adapter. The WebUI's own
+held by the adapter only (one extra copy of the UNet and CLIP weights, 3.9 GB for SD1.5 in fp32, 13.7 GB for SDXL)
+and freed by :meth:`WebUIDenoiser.free_grad_copies` (the Explain button calls it when done) or with the adapter.
+Before copying, the adapter checks that the copies (with a quarter more for activations) fit in the memory left on
+their device (:func:`free_memory`) and otherwise refuses in one line, so a WebUI short of memory answers the button
+instead of being killed. The WebUI's own
 model is never changed. A1111's weights are ordinary tensors: no copy is made there.
 """
 
@@ -68,7 +75,7 @@ from typing import Any
 import torch
 
 from ..core.conditioning import pack_pooled, unpack_pooled
-from ..core.denoiser import UNetCounter, clone_saved_activations, substituted_token_embeddings
+from ..core.denoiser import UNetCounter, clone_saved_activations
 from ..core.errors import DejaGuardError
 from ..core.sampling import ddim_from_alphas_cumprod
 
@@ -84,14 +91,19 @@ class WebUIDenoiser:
 
     def __init__(self, unet: torch.nn.Module, encode: Callable[[list[str]], Any],
                  alphas_cumprod: torch.Tensor, fingerprint: str, sample_shape: tuple[int, int, int] = (4, 64, 64),
-                 device: torch.device | str | None = None, text_encoder: torch.nn.Module | None = None,
-                 tokenizer: Any = None, pooled_width: int | None = None) -> None:
+                 device: torch.device | str | None = None, text_encoders: Sequence[torch.nn.Module] = (),
+                 tokenizer: Any = None, pooled_width: int | None = None,
+                 token_tables: Sequence[torch.nn.Module] | None = None,
+                 grad_encode: Callable[[list[str]], Any] | None = None) -> None:
         self.unet = unet
         self._encode = encode
         self.pooled_width = pooled_width  # SDXL: the width of the pooled vector packed as the last row; else None
         self._size_conditioning: torch.Tensor | None = None  # SDXL: (1, A - pooled_width), the tail of ``vector``
-        self.text_encoder = text_encoder  # the HF CLIPTextModel that ``encode`` runs (token methods), or None
-        self.tokenizer = tokenizer  # its tokenizer (ids -> pieces)
+        self._grad_encode = grad_encode or encode
+        self.text_encoders = torch.nn.ModuleList(text_encoders)  # the models ``encode`` runs (token methods), or none
+        self.token_tables = list(token_tables if token_tables is not None else
+                                 [m.get_input_embeddings() for m in text_encoders])
+        self.tokenizer = tokenizer  # the first table's tokenizer (ids -> pieces)
         self._alphas_cumprod = alphas_cumprod
         self._fingerprint = fingerprint
         self.sample_shape = tuple(int(s) for s in sample_shape)
@@ -109,9 +121,10 @@ class WebUIDenoiser:
             return fn(*args)
         key = id(module)
         if key not in self._grad_copies:
+            inference = [(n, t) for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_inference()]
+            _check_room_for_copies([t for _, t in inference])
             with torch.no_grad():
-                self._grad_copies[key] = {f"module.{n}": t.detach().clone() for n, t in
-                                          [*module.named_parameters(), *module.named_buffers()] if t.is_inference()}
+                self._grad_copies[key] = {f"module.{n}": t.detach().clone() for n, t in inference}
         copies = self._grad_copies[key]
         if not copies:
             return fn(*args)
@@ -126,10 +139,13 @@ class WebUIDenoiser:
         """Prompts -> ``(B, 77, 768)`` (SDXL: packed ``(B, 78, 2048)``, module doc) through the WebUI's own text
         encoding."""
         with torch.no_grad():
-            out = self._encode(list(prompts))
+            return self._conditioning(self._encode(list(prompts)))
+
+    def _conditioning(self, out: Any) -> torch.Tensor:
+        """The WebUI's conditioning -> core's: ``(B, 77, D)``, or SDXL's packed ``(B, 78, 2048)`` (module doc)."""
         if self.pooled_width:
             vector = out["vector"].to(self.device, self.dtype)
-            size = vector[:1, self.pooled_width:]
+            size = vector[:1, self.pooled_width:].detach()
             if self._size_conditioning is not None and not torch.equal(size, self._size_conditioning):
                 raise DejaGuardError("the WebUI's SDXL size conditioning changed between encodings (another image "
                                      "size?): make a new adapter for each size")
@@ -166,32 +182,37 @@ class WebUIDenoiser:
 
     def _encode_recording(self, prompts: Sequence[str], rows: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The WebUI's encoding of ``prompts`` with the token-embedding table watched (and its output replaced by
-        ``rows (B, 77, E)`` when given) -> ``(conditioning (B, 77, D), ids (B, 77), table output (B, 77, E))``."""
-        if self.text_encoder is None:
+        """The WebUI's encoding of ``prompts`` with the token-embedding tables watched (and their outputs replaced by
+        ``rows (B, 77, E)`` when given, each table its part) -> ``(conditioning, ids of the first table (B, 77),
+        tables' outputs side by side (B, 77, E))``."""
+        if not self.token_tables:
             raise DejaGuardError(NO_TOKENS)
-        width = getattr(getattr(self.text_encoder, "config", None), "hidden_size", None)
-        if rows is not None and tuple(rows.shape) != (len(prompts), CHUNK, width or rows.shape[-1]):
+        widths = [_table_width(t) for t in self.token_tables]
+        if rows is not None and tuple(rows.shape) != (len(prompts), CHUNK, sum(widths)):
             raise DejaGuardError(f"token embeddings {tuple(rows.shape)} do not match the {len(prompts)} prompt(s) of "
-                                 f"{CHUNK} tokens and width {width}")
-        table = self.text_encoder.get_input_embeddings()
-        calls: list[tuple[torch.Tensor, torch.Tensor]] = []
-        handle = table.register_forward_hook(lambda _m, inputs, out: calls.append((inputs[0].detach(), out.detach())))
+                                 f"{CHUNK} tokens and width {sum(widths)}")
+        parts = None if rows is None else torch.split(rows, widths, dim=-1)
+        calls: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.token_tables]
+
+        def hook(k: int) -> Callable[..., torch.Tensor | None]:
+            def watch(_m: torch.nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor | None:
+                calls[k].append((inputs[0].detach(), out.detach()))
+                return None if parts is None else parts[k].to(out.device, out.dtype)
+            return watch
+
+        handles = [t.register_forward_hook(hook(k)) for k, t in enumerate(self.token_tables)]
         try:
             if rows is None:
                 out = self._encode(list(prompts))
             else:
-                with substituted_token_embeddings(self.text_encoder, rows):
-                    out = self._call(self.text_encoder, self._encode, list(prompts))
+                out = self._call(self.text_encoders, self._grad_encode, list(prompts))
         finally:
-            handle.remove()
-        if len(calls) != 1:
+            for handle in handles:
+                handle.remove()
+        if any(len(c) != 1 for c in calls):
             raise DejaGuardError("token highlighting takes prompts of one 77-token chunk (at most 75 tokens, no "
-                                 f"BREAK); the WebUI encoded these in {len(calls)} chunks")
-        ids, table_rows = calls[0]
-        if isinstance(out, dict):
-            out = out["crossattn"]
-        return out.to(self.device, self.dtype), ids, table_rows
+                                 f"BREAK); the WebUI encoded these in {max(len(c) for c in calls)} chunks")
+        return self._conditioning(out), calls[0][0][0], torch.cat([c[0][1] for c in calls], dim=-1)
 
     def prompt_tokens(self, prompt: str) -> list[str]:
         """The BPE pieces at positions ``1..n`` of the WebUI's own tokenization (up to the first EOS)."""
@@ -221,6 +242,52 @@ class WebUIDenoiser:
     def named_modules(self) -> Iterator[tuple[str, torch.nn.Module]]:
         raise DejaGuardError("the WebUI's UNet has LDM module names, not diffusers': neuron masks are not available "
                              "in the WebUI")
+
+
+COPY_HEADROOM = 1.25  # the copies, plus a quarter for the activations the backward pass keeps
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device``: CUDA's free memory plus what PyTorch's cache holds unused,
+    the system's available memory for the CPU (``MemAvailable``); None where unknown (MPS, no /proc)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def _check_room_for_copies(tensors: list[torch.Tensor]) -> None:
+    """A one-line DejaGuardError, before anything is copied, when the gradient-capable copies of ``tensors`` (module
+    doc: Gradients) would not fit in the memory left on their devices: a refused button, not a WebUI killed for
+    memory halfway through a backward pass."""
+    need: dict[torch.device, int] = {}
+    for t in tensors:
+        need[t.device] = need.get(t.device, 0) + t.numel() * t.element_size()
+    for device, size in need.items():
+        free = free_memory(device)
+        if free is not None and size * COPY_HEADROOM > free:
+            raise DejaGuardError(
+                f"not enough memory on {device} for token highlighting on this model: its weights are inference "
+                f"tensors (Forge), so the backward pass needs ordinary copies of them, {size / 2**30:.1f} GiB (plus "
+                f"activations), and {free / 2**30:.1f} GiB is free; the score, Calibrate and protection are unaffected")
+
+
+def _table_width(table: torch.nn.Module) -> int:
+    """The row width of a token-embedding table: its own ``embedding_dim``, or that of the first ``nn.Embedding``
+    inside (the WebUIs' textual-inversion wrappers)."""
+    found = table if isinstance(table, torch.nn.Embedding) else next(
+        (m for m in table.modules() if isinstance(m, torch.nn.Embedding)), None)
+    if found is None:
+        raise DejaGuardError("the WebUI's token-embedding table holds no embedding: token methods cannot run on it")
+    return int(found.embedding_dim)
 
 
 class _Holder(torch.nn.Module):

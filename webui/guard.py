@@ -21,8 +21,7 @@ core's refusal). SDXL in the WebUI: its conditioning is a dict (``crossattn`` ``
 conditioning kept), not on the encoding of ``""`` that ComfyUI and the library use. An SDXL job's threshold is
 therefore looked up, and its Calibrate button calibrates, with :data:`SDXL_SETTINGS` (``unconditional="zeros"``,
 its own calibration key), so a threshold made against the other unconditional is never applied
-(:func:`score_settings`). The Calibrate button takes SD1.x and SDXL, the Explain button SD1.x only
-(:func:`supported_family`): token highlighting hooks SD1's one token table, not SDXL's two.
+(:func:`score_settings`); its Explain button's token significance takes the same unconditional.
 
 Threshold: a value set in the UI wins; else the calibration of this checkpoint found by core
 (:func:`core.calibration.find_calibration` at the checkpoint file, i.e. ``MODEL.dejaguard_calibration.json``
@@ -62,15 +61,14 @@ import torch
 
 from ..core.calibration import Calibration, calibrate, find_calibration, save_calibration
 from ..core.checkpoint import Family, read_family, unet_fingerprint
-from ..core.detect import EMPTY_PROMPT, ZERO_CONDITIONING, ScoreSettings, prediction_scores, scores_from_denoised
+from ..core.detect import ScoreSettings, prediction_scores, scores_from_denoised
 from ..core.errors import DejaGuardError
 from ..core.progress import Progress
 from ..core.prompt_sets import calibration_prompts
 from ..core.protect import DEFAULT_STEER_SCALE, GuidanceSteering
+from ..core.sampling import EMPTY_PROMPT, ZERO_CONDITIONING
 
 SUPPORTED_FAMILIES = ("sd1", "sdxl")  # the score and protection
-CALIBRATE, EXPLAIN = "Calibrate", "Explain"
-TOOL_FAMILIES = {CALIBRATE: ("sd1", "sdxl"), EXPLAIN: ("sd1",)}  # the buttons on the WebUI adapter of the seam
 SDXL_POOLED_WIDTH = 1280  # CLIP-G's pooled, projected output: the head of SDXL's 2816-wide ``vector``
 # Both WebUIs condition an SDXL model's empty negative prompt on zeros (module doc): its calibrations say so.
 SDXL_SETTINGS = ScoreSettings(unconditional=ZERO_CONDITIONING)
@@ -82,10 +80,9 @@ MEMORIZED, NOT_MEMORIZED, UNSCORED, NO_THRESHOLD = "memorized", "not memorized",
 STEERED = "steered"  # memorized at the first step, then steered away (protection on)
 
 
-def supported_family(path: str | Path | None, tool: str | None = None) -> tuple[Family | None, str | None]:
-    """``(family, None)`` when the WebUI guard supports the checkpoint file ``path`` (its header read once) and, if
-    ``tool`` is given (:data:`CALIBRATE`: SD1.x and SDXL; :data:`EXPLAIN`: SD1.x), that button takes it; else
-    ``(None, one line saying why not)``."""
+def supported_family(path: str | Path | None) -> tuple[Family | None, str | None]:
+    """``(family, None)`` when the WebUI guard (score, protection, Calibrate and Explain) supports the checkpoint file
+    ``path`` (its header read once); else ``(None, one line saying why not)``."""
     if not path:
         return None, "unsupported model: the WebUI names no checkpoint file for it"
     try:
@@ -95,9 +92,6 @@ def supported_family(path: str | Path | None, tool: str | None = None) -> tuple[
     if family.name not in SUPPORTED_FAMILIES:
         return None, (f"unsupported model: {family.label} is not supported in the WebUI yet (SD1.x and SDXL are; "
                       "ComfyUI's Guard takes SD2.x and SD3)")
-    if tool is not None and family.name not in TOOL_FAMILIES[tool]:
-        return None, (f"not available for {family.label} in the WebUI yet: token highlighting hooks SD1.x's one "
-                      "token table, not SDXL's two; the guard's score, Calibrate and protection work")
     return family, None
 
 

@@ -37,15 +37,19 @@ gradio's progress bar fed by core's progress convention.
 
 Token highlighting (the section's Explain button and ``POST /dejaguard/v1/explain``, one function,
 :func:`explain_loaded`): under the queue lock, core's :func:`~core.explain.token_significance` runs on the same
-adapter, which is handed the WebUI's CLIPTextModel (A1111: ``cond_stage_model.wrapped.transformer``; Forge:
-``text_processing_engine.text_encoder.transformer``, its encoding run without the ``torch.inference_mode`` of
-``get_learned_conditioning``) for the token hook of :mod:`webui.denoiser`; on Forge, whose weights are inference
-tensors, the adapter differentiates through copies of them made for the call and freed after it. The button's
+adapter, which is handed the WebUI's text encoders and their token tables (SD1.x, A1111:
+``cond_stage_model.wrapped.transformer``; Forge: ``text_processing_engine.text_encoder.transformer``, its encoding run
+without the ``torch.inference_mode`` of ``get_learned_conditioning``; SDXL, A1111: the conditioner's CLIP-L
+``embedders[0].wrapped.transformer`` and open_clip CLIP-G ``embedders[1].wrapped.model``, its gradient encoding with
+both counted trainable, as sgm's conditioner runs frozen embedders under ``torch.no_grad``; Forge:
+``text_processing_engine_l`` and ``_g``, its gradient encoding ``get_learned_conditioning``'s body without the
+decorator) for the token hooks of :mod:`webui.denoiser`; on Forge, whose weights are inference tensors, the adapter
+differentiates through copies of them made for the call and freed after it. The button's
 result (core's JSON payload) goes into a hidden textbox, from which ``javascript/dejaguard.js`` draws the
 highlighted words under the prompt. Not in the per-image info: it costs a backward pass per step, not the free
-first-step score. Calibrate takes SD1.x and SDXL checkpoints (SDXL with the zero unconditional conditioning the
-WebUIs use, :data:`webui.guard.SDXL_SETTINGS`), Explain SD1.x; anything else gets one line
-(:func:`webui.guard.supported_family`).
+first-step score. Calibrate and Explain take SD1.x and SDXL checkpoints (SDXL: both text encoders' token tables,
+against the zero unconditional conditioning the WebUIs use, :data:`webui.guard.SDXL_SETTINGS`); anything else gets
+one line (:func:`webui.guard.supported_family`).
 """
 
 from __future__ import annotations
@@ -66,8 +70,6 @@ from ..core.protect import GuidanceSteering
 from ..core.sampling import sigma_noise_level, steer_rows
 from .denoiser import NO_TOKENS, WebUIDenoiser
 from .guard import (
-    CALIBRATE,
-    EXPLAIN,
     KEY_NOTE,
     SDXL_POOLED_WIDTH,
     Job,
@@ -102,12 +104,16 @@ def is_forge(p: Any) -> bool:
 
 def webui_denoiser(sd_model: Any, width: int, height: int, family: Family) -> WebUIDenoiser:
     """Core's denoiser seam over the WebUI's loaded SD1.x or SDXL model (:mod:`webui.denoiser`; ``family``: its
-    checkpoint's, :func:`webui.guard.supported_family`), for images of ``width x height`` px. The caller holds the
-    WebUI's queue lock (or runs inside a generation)."""
+    checkpoint's, :func:`webui.guard.supported_family`), for images of ``width x height`` px, with the WebUI's text
+    encoders and token tables for token highlighting. The caller holds the WebUI's queue lock (or runs inside a
+    generation)."""
     from modules.prompt_parser import SdConditioning
 
     sdxl = family.name == "sdxl"
-    clip = tokenizer = None
+
+    def batch(prompts: list[str]) -> Any:  # SDXL's size conditioning is that of a generation at this size
+        return SdConditioning(prompts, width=width, height=height)
+
     forge = getattr(sd_model, "forge_objects", None)
     if forge is not None:
         from backend import memory_management
@@ -116,23 +122,23 @@ def webui_denoiser(sd_model: Any, width: int, height: int, family: Family) -> We
         unet = forge.unet.model.diffusion_model
         sigmas = forge.unet.model.predictor.sigmas.detach().double().cpu()
         alphas_cumprod = 1.0 / (1.0 + sigmas**2)
-        if sdxl:  # both text encoders, the pooled vector and the size conditioning, as a generation at this size
-            def conditioning(prompts: list[str]) -> Any:
-                return sd_model.get_learned_conditioning(SdConditioning(prompts, width=width, height=height))
-        else:
-            engine = sd_model.text_processing_engine  # SD1.x: the one text encoding get_learned_conditioning runs
-            clip, tokenizer = engine.text_encoder, engine.tokenizer  # IntegratedCLIP: .transformer is CLIPTextModel
-
-            def conditioning(prompts: list[str]) -> Any:
-                # get_learned_conditioning is the engine's call under torch.inference_mode, where no gradient flows
-                # (token significance needs one): the same steps without it
-                return engine(prompts)
+        # IntegratedCLIP: .transformer is the HF CLIPTextModel (SDXL: CLIP-L's and CLIP-G's engines)
+        engines = ([sd_model.text_processing_engine_l, sd_model.text_processing_engine_g] if sdxl else
+                   [sd_model.text_processing_engine])
+        text_encoders, tokenizer = [e.text_encoder.transformer for e in engines], engines[0].tokenizer
+        # get_learned_conditioning runs under torch.inference_mode, where no gradient flows (token significance needs
+        # one): SD1.x its engine's call, SDXL the method's body (the decorator's __wrapped__), without it
+        def conditioning(prompts: list[str]) -> Any:
+            if sdxl:
+                return type(sd_model).get_learned_conditioning.__wrapped__(sd_model, batch(prompts))
+            return engines[0](prompts)
 
         def encode(prompts: list[str]) -> Any:
             memory_management.load_model_gpu(forge.clip.patcher)  # loads the text encoder, which may unload the UNet
             cond = conditioning(prompts)
             memory_management.load_model_gpu(forge.unet)
             return cond
+        tables, grad_encode = None, None
     else:
         from modules import devices
 
@@ -141,14 +147,31 @@ def webui_denoiser(sd_model: Any, width: int, height: int, family: Family) -> We
 
         def encode(prompts: list[str]) -> Any:
             with devices.autocast():
-                return sd_model.get_learned_conditioning(SdConditioning(prompts, width=width, height=height))
-        if not sdxl:
+                return sd_model.get_learned_conditioning(batch(prompts))
+        if sdxl:  # the conditioner's CLIP-L (HF) and OpenCLIP-G (open_clip) embedders, as A1111 wrapped them
+            embedders = list(sd_model.conditioner.embedders[:2])
+            clip_l, clip_g = (e.wrapped for e in embedders)
+            text_encoders, tokenizer = [clip_l.transformer, clip_g.model], clip_l.tokenizer
+            tables = [clip_l.transformer.get_input_embeddings(), clip_g.model.token_embedding]
+
+            def grad_encode(prompts: list[str]) -> Any:
+                # sgm's conditioner runs frozen embedders under torch.no_grad: these two count as trainable meanwhile
+                frozen = [e.is_trainable for e in embedders]
+                try:
+                    for e in embedders:
+                        e.is_trainable = True
+                    return encode(prompts)
+                finally:
+                    for e, value in zip(embedders, frozen):
+                        e.is_trainable = value
+        else:
             clip = getattr(sd_model.cond_stage_model, "wrapped", None)  # FrozenCLIPEmbedder: .transformer, .tokenizer
-            tokenizer = getattr(clip, "tokenizer", None)
-    # SD1.x: both encode with an HF CLIPTextModel, which the token methods hook (Forge's through weight copies)
+            text_encoders = [clip.transformer] if clip is not None else []
+            tokenizer, tables, grad_encode = getattr(clip, "tokenizer", None), None, None
     return WebUIDenoiser(unet, encode, alphas_cumprod, unet_fingerprint(model_file(sd_model)),
-                         (4, int(height) // 8, int(width) // 8), text_encoder=getattr(clip, "transformer", None),
-                         tokenizer=tokenizer, pooled_width=SDXL_POOLED_WIDTH if sdxl else None)
+                         (4, int(height) // 8, int(width) // 8), text_encoders=text_encoders, tokenizer=tokenizer,
+                         pooled_width=SDXL_POOLED_WIDTH if sdxl else None, token_tables=tables,
+                         grad_encode=grad_encode)
 
 
 def calibrate_loaded(width: int = 512, height: int = 512, prompt_limit: int = 0,
@@ -160,7 +183,7 @@ def calibrate_loaded(width: int = 512, height: int = 512, prompt_limit: int = 0,
 
     with queue_lock:  # not while the WebUI generates
         sd_model = shared.sd_model
-        family, refusal = supported_family(model_file(sd_model), CALIBRATE)
+        family, refusal = supported_family(model_file(sd_model))
         if family is None:
             return f"DejaGuard Calibrate: {refusal}"
         denoiser = webui_denoiser(sd_model, width, height, family)
@@ -190,14 +213,15 @@ def explain_loaded(prompt: str, width: int = 512, height: int = 512, steps: int 
 
     with queue_lock:  # not while the WebUI generates
         sd_model = shared.sd_model
-        family, refusal = supported_family(model_file(sd_model), EXPLAIN)
+        family, refusal = supported_family(model_file(sd_model))
         if family is None:
             return {"error": f"DejaGuard Explain: {refusal}"}
         denoiser = webui_denoiser(sd_model, width, height, family)
-        if denoiser.text_encoder is None:  # said before anything else (an empty prompt, say)
+        if not denoiser.token_tables:  # said before anything else (an empty prompt, say)
             return {"error": f"DejaGuard Explain: {NO_TOKENS}"}
         try:
-            result = token_significance(denoiser, prompt, steps=int(steps))
+            result = token_significance(denoiser, prompt, steps=int(steps),
+                                        unconditional=score_settings(family).unconditional)
         except DejaGuardError as err:
             return {"error": f"DejaGuard Explain: {err}"}
         finally:
@@ -248,8 +272,8 @@ class DejaGuardScript(scripts.Script):
                                                "evaluation; other images unchanged)",
                                   elem_id=f"dejaguard_protect_{tab}")
             gr.HTML("<p>Score and verdict per image appear in the generation info (PNG parameters, API info) and "
-                    "as a badge above it (red: memorized, amber: steered). SD1.x and SDXL checkpoints (Explain: "
-                    "SD1.x); leave the negative prompt empty for calibrated scores.</p><p>Explain: the words "
+                    "as a badge above it (red: memorized, amber: steered). SD1.x and SDXL checkpoints; leave the "
+                    "negative prompt empty for calibrated scores.</p><p>Explain: the words "
                     "that drive the score, highlighted under the prompt (token significance, one backward pass per "
                     "step; prompts of one 75-token chunk; " + EXPLAIN_NOTE + ").</p>")
             with gr.Row():

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from ..denoiser import Denoiser
-from ..detect import EMPTY_PROMPT, MAGNITUDE, ScoreSettings, first_step_scores
+from ..detect import MAGNITUDE, ScoreSettings, first_step_scores
 from ..errors import DejaGuardError
 from ..loss_filter import image_shape, training_pair_magnitude
-from ..sampling import prompt_seed
+from ..sampling import EMPTY_PROMPT, prompt_seed
 from .inputs import load_image
 
 

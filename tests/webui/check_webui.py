@@ -202,6 +202,10 @@ def main(root: Path, checkpoint: Path, out: Path) -> None:
         except RuntimeError as err:
             response = {"error": f"ERROR {err}"}
         results["explain"] = {**response, "seconds": time.time() - started}
+        try:  # the WebUI still answers after Explain (a refusal for memory, say)
+            results["alive_after_explain"] = "progress" in call(port, "/sdapi/v1/progress")
+        except RuntimeError:
+            results["alive_after_explain"] = False
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

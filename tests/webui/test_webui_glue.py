@@ -25,8 +25,6 @@ import torch
 from dejaguard.core.checkpoint import FAMILIES
 from dejaguard.core.sampling import text_conditional_magnitude
 from dejaguard.webui.guard import (
-    CALIBRATE,
-    EXPLAIN,
     KEY_NOTE,
     KEY_SCORE,
     KEY_THRESHOLD,
@@ -217,8 +215,8 @@ def _fixtures_importable(monkeypatch):
 
 
 def test_checkpoint_support_one_line(tmp_path):
-    def refusal(path, tool=None):
-        return supported_family(path, tool)[1]
+    def refusal(path):
+        return supported_family(path)[1]
 
     assert refusal(None).startswith("unsupported model")
     assert "not found" in refusal(tmp_path / "missing.safetensors")
@@ -226,16 +224,6 @@ def test_checkpoint_support_one_line(tmp_path):
     sd2 = refusal(_fixture("sd21_768_v"))
     assert "SD2.x 768 (v-prediction) is not supported in the WebUI yet" in sd2 and "\n" not in sd2
     assert supported_family(_fixture("sdxl")) == (FAMILIES["sdxl"], None)  # the score and protection take SDXL
-    assert "v-prediction" in refusal(_fixture("sd21_768_v"), CALIBRATE)
-
-
-def test_buttons_take_their_families_and_refuse_the_rest_in_one_line():
-    """Calibrate takes SD1.x and SDXL; Explain SD1.x, and SDXL gets one line saying why and what works."""
-    assert supported_family(_fixture("sd15"), EXPLAIN) == (FAMILIES["sd1"], None)
-    assert supported_family(_fixture("sdxl"), CALIBRATE) == (FAMILIES["sdxl"], None)
-    family, line = supported_family(_fixture("sdxl"), EXPLAIN)
-    assert family is None and "\n" not in line
-    assert "SDXL base" in line and "score, Calibrate and protection work" in line
 
 
 @pytest.mark.slow
@@ -625,7 +613,7 @@ def test_webui_denoiser_token_path_is_the_webuis_encoding():
     unet = _TinyLDMUNet()
     unet.text = torch.nn.Linear(64, 4)
     denoiser = WebUIDenoiser(unet, encode, _sd_alphas_cumprod(), "tiny-fingerprint", (4, 8, 8),
-                             text_encoder=model, tokenizer=tokenizer)
+                             text_encoders=[model], tokenizer=tokenizer)
     for prompts in (["a photograph of an astronaut riding a horse"], ["a cat", "a dog on the moon"],
                     ["a (red:1.4) car in the rain"], ["a portrait in the style of <ti> at dusk"]):
         plain = denoiser.encode_prompts(prompts)
@@ -652,6 +640,55 @@ def test_webui_denoiser_token_path_is_the_webuis_encoding():
             denoiser.token_embeddings([long])
     with pytest.raises(DejaGuardError, match="do not match"):
         denoiser.encode_token_embeddings(["a cat"], torch.zeros(1, 77, 32))
+
+
+def test_webui_denoiser_token_path_over_two_tables():
+    """SDXL (issue 27): the WebUI's two token tables (CLIP-L and CLIP-G, here two reduced CLIP models) recorded side
+    by side ``(B, 77, E1 + E2)``, its conditioning dict packed with the pooled head of ``vector``: the token path
+    equals the WebUI's encoding exactly; the gradient path goes through ``grad_encode`` (the WebUI's own encoding runs
+    its frozen text encoders under ``torch.no_grad``, as sgm's conditioner does); core's token significance runs
+    unchanged, one finite share per word."""
+    from dejaguard.core.explain import token_significance
+    from dejaguard.webui.denoiser import WebUIDenoiser
+
+    model_l, tokenizer, encode_l = _webui_text_stack(64)
+    model_g, _, encode_g = _webui_text_stack(96)
+    size = torch.randn(1, 16)
+
+    def both(prompts: list[str]) -> dict:
+        hidden_l, hidden_g = encode_l(prompts), encode_g(prompts)
+        return {"crossattn": torch.cat([hidden_l, hidden_g], dim=-1),
+                "vector": torch.cat([hidden_g[:, 0, :32], size.expand(len(prompts), -1)], dim=1)}
+
+    def frozen(prompts: list[str]) -> dict:
+        with torch.no_grad():
+            return both(prompts)
+
+    class _UNet(_TinySDXLUNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.text, self.adm = torch.nn.Linear(160, 4), torch.nn.Linear(48, 4)
+
+    denoiser = WebUIDenoiser(_UNet(), frozen, _sd_alphas_cumprod(), "fp", (4, 8, 8), text_encoders=[model_l, model_g],
+                             tokenizer=tokenizer, pooled_width=32, grad_encode=both)
+    prompt = "a photograph of an astronaut riding a horse"
+    rows = denoiser.token_embeddings([prompt])
+    assert rows.shape == (1, 77, 160)
+    pieces = tokenizer(prompt, add_special_tokens=False).input_ids
+    ids = torch.tensor([[49406] + pieces + [49407] * (76 - len(pieces))])
+    with torch.no_grad():
+        assert torch.equal(rows[..., :64], model_l.get_input_embeddings()(ids))
+        assert torch.equal(rows[..., 64:], model_g.get_input_embeddings()(ids))
+    plain = denoiser.encode_prompts([prompt])
+    assert plain.shape == (1, 78, 160)
+    assert torch.equal(denoiser.encode_token_embeddings([prompt], rows), plain)
+    result = token_significance(denoiser, prompt, steps=1)
+    assert result.words == prompt.split() and all(torch.isfinite(torch.tensor(result.word_scores)))
+    assert abs(sum(result.word_scores) - 1) < 1e-6 and result.unet_evals == 2
+    no_grad = WebUIDenoiser(_UNet(), frozen, _sd_alphas_cumprod(), "fp", (4, 8, 8), text_encoders=[model_l, model_g],
+                            tokenizer=tokenizer, pooled_width=32)
+    with pytest.raises(RuntimeError):  # without grad_encode no gradient reaches the token rows
+        token_significance(no_grad, prompt, steps=1)
 
 
 class _InPlaceLDMUNet(torch.nn.Module):
@@ -686,13 +723,13 @@ def test_webui_denoiser_explains_on_inference_tensors():
     model, tokenizer, encode = _webui_text_stack()
     unet = _InPlaceLDMUNet(inplace=False)
     reference = token_significance(WebUIDenoiser(unet, encode, _sd_alphas_cumprod(), "fp", (4, 8, 8),
-                                                 text_encoder=model, tokenizer=tokenizer), prompt, steps=2)
+                                                 text_encoders=[model], tokenizer=tokenizer), prompt, steps=2)
     with torch.inference_mode():  # as Forge's loader builds its models: the same weights (same seeds), as inference
         forge_model, _, forge_encode = _webui_text_stack()
         forge_unet = _InPlaceLDMUNet(inplace=True)
     weights = [*forge_model.parameters(), *forge_unet.parameters()]
     assert all(w.is_inference() for w in weights)
-    forge = WebUIDenoiser(forge_unet, forge_encode, _sd_alphas_cumprod(), "fp", (4, 8, 8), text_encoder=forge_model,
+    forge = WebUIDenoiser(forge_unet, forge_encode, _sd_alphas_cumprod(), "fp", (4, 8, 8), text_encoders=[forge_model],
                           tokenizer=tokenizer)
     with torch.no_grad():  # scoring and calibration: no copy
         forge.predict_noise(torch.randn(1, 4, 8, 8), 999, forge.encode_prompts([prompt]))
@@ -703,6 +740,26 @@ def test_webui_denoiser_explains_on_inference_tensors():
     torch.testing.assert_close(torch.tensor(result.scores), torch.tensor(reference.scores), rtol=1e-5, atol=0)
     forge.free_grad_copies()
     assert forge._grad_copies == {} and all(w.is_inference() for w in weights)
+
+
+def test_webui_denoiser_refuses_copies_that_do_not_fit(monkeypatch):
+    """Forge on a machine short of memory: the gradient-capable copies are not made, and the token methods answer one
+    line saying how much they need and how much is free (not a WebUI killed for memory)."""
+    import dejaguard.webui.denoiser as adapter
+    from dejaguard.core.errors import DejaGuardError
+    from dejaguard.core.explain import token_significance
+
+    tokenizer = _webui_text_stack()[1]
+    with torch.inference_mode():
+        forge_model, _, forge_encode = _webui_text_stack()
+        forge_unet = _InPlaceLDMUNet(inplace=True)
+    forge = adapter.WebUIDenoiser(forge_unet, forge_encode, _sd_alphas_cumprod(), "fp", (4, 8, 8),
+                                  text_encoders=[forge_model], tokenizer=tokenizer)
+    assert adapter.free_memory(torch.device("cpu")) > 0  # this machine's MemAvailable
+    monkeypatch.setattr(adapter, "free_memory", lambda device: 1024)
+    with pytest.raises(DejaGuardError, match=r"not enough memory on cpu .* GiB is free") as err:
+        token_significance(forge, "a photograph of an astronaut", steps=1)
+    assert "\n" not in str(err.value) and forge._grad_copies == {}
 
 
 def test_install_adds_diffusers_with_the_webuis_pins(tmp_path):

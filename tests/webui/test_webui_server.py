@@ -36,8 +36,8 @@ SDXL (issue 27): with ``DEJAGUARD_WEBUI_SDXL=1`` every test also runs on the ran
 with the prompt encoded by core (packed hidden states and pooled vector, the size conditioning of the 64x64 image)
 against the zero conditioning both WebUIs give an empty SDXL negative prompt; verdicts, bit-identical images, no
 extra UNet call and protection as on SD1.5; the Calibrate path's scores and the route's threshold equal core's,
-both against that zero conditioning (``webui.guard.SDXL_SETTINGS``); Explain answers its one line (SD1.x only); no
-browser.
+both against that zero conditioning (``webui.guard.SDXL_SETTINGS``); the Explain route's shares equal core's token
+significance of the prompt (both encoders' token rows, against the same zeros); no browser.
 
 Memory: the WebUI uses 5-7 GiB, the direct computation about 5 GiB after it; on a shared machine run it under
 ``flock /tmp/bigmem.lock``.
@@ -146,9 +146,6 @@ def _sdxl(run) -> bool:
     return "sdxl" in run[0].name
 
 
-TOOLS_REFUSED = "not available for SDXL base in the WebUI yet"
-
-
 def test_verdicts_and_threshold_sources(run):
     checkpoint, results, _ = run
     calibrated, given, off = (_params(results[k]) for k in ("calibrated", "given", "off"))
@@ -245,14 +242,18 @@ def test_explain_route(run, core_denoiser):
     """``POST /dejaguard/v1/explain`` (the Explain button's function) at 64x64, 1 step: A1111 and Forge (through
     gradient-capable copies of its inference-tensor weights) answer the prompt's pieces and words with finite shares
     summing to 1, after 2 UNet evaluations, equal to core's token significance of the prompt on core's own loading of
-    the checkpoint (diffusers' UNet and CLIP; 1e-5 relative, measured 1.5e-7 on A1111); SDXL: one line."""
+    the checkpoint (diffusers' UNet and CLIP; 1e-5 relative, measured 1.5e-7 on A1111). SDXL: both encoders' token
+    rows, against the zero conditioning the WebUIs give an empty SDXL negative prompt (``SDXL_SETTINGS``), as core's
+    with the same unconditional."""
     from dejaguard.core.explain import token_significance
+    from dejaguard.webui.guard import SDXL_SETTINGS
 
     answer = run[1]["explain"]
     print(f"explain ({answer['seconds']:.0f} s): {answer}")
-    if _sdxl(run):
-        assert TOOLS_REFUSED in answer["error"] and "\n" not in answer["error"], answer
-        return
+    assert run[1].get("alive_after_explain"), "the WebUI stopped answering after Explain"
+    if "not enough memory" in answer.get("error", ""):  # Forge's weight copies on a machine too small for them
+        assert "\n" not in answer["error"]
+        pytest.skip(f"the WebUI refused Explain for memory, in one line, and kept running: {answer['error']}")
     assert "error" not in answer, answer
     assert answer["words"] == PROMPT.split() and len(answer["word_scores"]) == len(answer["words"])
     assert len(answer["scores"]) == len(answer["tokens"]) == len(answer["word_ids"])
@@ -260,7 +261,8 @@ def test_explain_route(run, core_denoiser):
     assert answer["unet_evals"] == 2 and answer["steps"] == 1
     shape, core_denoiser.sample_shape = core_denoiser.sample_shape, (4, 8, 8)
     try:
-        direct = token_significance(core_denoiser, PROMPT, steps=1)
+        direct = token_significance(core_denoiser, PROMPT, steps=1,
+                                    unconditional=SDXL_SETTINGS.unconditional if _sdxl(run) else "empty")
     finally:
         core_denoiser.sample_shape = shape
     print(f"WebUI {answer['word_scores']} core {direct.word_scores}")

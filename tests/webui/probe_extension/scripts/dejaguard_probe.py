@@ -77,6 +77,7 @@ def _adapter_scores(p, calls):
                 and hasattr(m, "webui_denoiser"))
     package = glue.__name__.rsplit(".", 2)[0]
     detect, guard = sys.modules[package + ".core.detect"], sys.modules[package + ".webui.guard"]
+    sampling = sys.modules[package + ".core.sampling"]
     first_t = max(float(c["t"].max()) for c in calls)
     batch = int(p.batch_size)
     first = next(c for c in calls if float(c["t"].max()) == first_t)
@@ -86,7 +87,7 @@ def _adapter_scores(p, calls):
     with torch.inference_mode():
         denoiser = glue.webui_denoiser(p.sd_model, p.width, p.height, family)
         cond = denoiser.encode_prompts(list(p.all_prompts[:batch]))
-        uncond = detect.unconditional_embedding(denoiser, settings)
+        uncond = sampling.unconditional_embedding(denoiser, settings.unconditional)
         scores = detect.step_scores(denoiser, x.to(denoiser.device), cond, uncond, settings)[:, 0]
         schedule = denoiser.new_scheduler()
         schedule.set_timesteps(settings.num_inference_steps)
