@@ -59,8 +59,9 @@ ComfyUI's adapter (:mod:`nodes.comfy_denoiser`) does: on the first call that nee
 backward pass; never for scoring or calibration, which run without one), the adapter makes ordinary copies of the
 inference tensors of the UNet, and of the text encoders, and calls the module through ``torch.func.functional_call``
 with them, copying each activation autograd saves (:func:`core.denoiser.clone_saved_activations`). The copies are
-held by the adapter only (one extra copy of the UNet and CLIP weights, 3.9 GB for SD1.5 in fp32, 13.7 GB for SDXL)
-and freed by :meth:`WebUIDenoiser.free_grad_copies` (the Explain button calls it when done) or with the adapter.
+held by the adapter only (one extra copy of the UNet and CLIP weights, 3.9 GB for SD1.5 in fp32; SDXL's UNet alone
+9.6 GiB) and freed by :meth:`WebUIDenoiser.free_grad_copies` (the Explain button calls it when done) or with the
+adapter.
 Before copying, the adapter checks that the copies (with a quarter more for activations) fit in the memory left on
 their device (:func:`free_memory`) and otherwise refuses in one line, so a WebUI short of memory answers the button
 instead of being killed. The WebUI's own
