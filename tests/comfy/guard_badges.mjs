@@ -16,6 +16,13 @@ page.on('pageerror', e => errors.push(String(e) + '\n' + (e.stack || '')));
 page.on('dialog', async d => { errors.push('dialog: ' + d.message()); await d.dismiss(); });
 await page.goto(url);
 await page.waitForFunction(() => window.app && window.app.graph && Object.keys(LiteGraph.registered_node_types).length > 100, null, { timeout: 60000 });
+// Queue only once the page's websocket is open and the server has named the client (a prompt queued before that
+// runs, but its messages reach no page). A front end without the legacy api module skips this wait.
+await page.evaluate(async () => {
+  try { window.__dgApi = (await import('/scripts/api.js')).api; } catch (e) { window.__dgApi = null; }
+});
+await page.waitForFunction(() => !window.__dgApi || (window.__dgApi.clientId &&
+  (!window.__dgApi.socket || window.__dgApi.socket.readyState === 1)), null, { timeout: 120000, polling: 250 });
 const wf = JSON.parse(fs.readFileSync(wfPath, 'utf8'));
 await page.evaluate(async (wf) => { await window.app.loadGraphData(wf); await window.app.queuePrompt(0, 1); }, wf);
 let timedOut = false;

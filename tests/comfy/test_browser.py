@@ -74,7 +74,12 @@ try {
     window.__dg = { errors: [], executed: [] };
     api.addEventListener('execution_error', e => window.__dg.errors.push(e.detail));
     api.addEventListener('executed', e => window.__dg.executed.push(String(e.detail.node)));
+    window.__dgApi = api;
   });
+  // Queue only once the page's websocket is open and the server has named the client: a prompt queued before
+  // that runs (the server logs it), but its "executed" message reaches no page (seen once in CI: 480 s timeout).
+  await page.waitForFunction(() => window.__dgApi.clientId &&
+    (!window.__dgApi.socket || window.__dgApi.socket.readyState === 1), null, { timeout: 120000 });
   for (const job of jobs) {
     const started = Date.now();
     await page.evaluate(async ui => {
