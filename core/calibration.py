@@ -229,8 +229,7 @@ def find_calibration(location: str | Path | None, settings: ScoreSettings, finge
         made_with, wanted = stored.get(name, default), getattr(settings, name)
         if made_with != wanted:  # a hand-edited file: a threshold of one score never serves another
             raise DejaGuardError(f"malformed calibration file {file}: the entry for {settings.key()} was calibrated "
-                                 f"with the {made_with} {'score' if name == 'score' else 'unconditional'}, not "
-                                 f"{wanted}; recalibrate")
+                                 f"with the {made_with} {name}, not {wanted}; recalibrate")
     if entry["fingerprint"] != fingerprint:
         raise DejaGuardError(f"calibration in {file} was made for another model (fingerprint {entry['fingerprint']}, "
                              f"this model {fingerprint}): recalibrate")

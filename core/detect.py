@@ -57,8 +57,8 @@ from .sampling import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
     EMPTY_PROMPT,
-    UNCONDITIONALS,
     check_sampling_settings,
+    check_unconditional,
     guided_step,
     initial_noise,
     new_schedule,
@@ -143,9 +143,7 @@ class ScoreSettings:
         if self.steps > self.num_inference_steps:
             raise DejaGuardError(f"steps ({self.steps}) exceeds the sampling schedule ({self.num_inference_steps})")
         check_score(self.score)
-        if self.unconditional not in UNCONDITIONALS:
-            raise DejaGuardError(f"unknown unconditional {self.unconditional!r}: choose one of "
-                                 f"{', '.join(UNCONDITIONALS)}")
+        check_unconditional(self.unconditional)
 
     def key(self) -> str:
         """The calibration key. The score option and the unconditional are part of it only when they are not the

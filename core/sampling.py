@@ -117,11 +117,17 @@ def noise_level(scheduler: Any, t: torch.Tensor | int) -> float:
     return float(t) / float(trained)
 
 
+def check_unconditional(unconditional: str) -> str:
+    """``unconditional`` if it names one of :data:`UNCONDITIONALS`, else a one-line :class:`DejaGuardError`."""
+    if unconditional not in UNCONDITIONALS:
+        raise DejaGuardError(f"unknown unconditional {unconditional!r}: choose one of {', '.join(UNCONDITIONALS)}")
+    return unconditional
+
+
 def unconditional_embedding(denoiser: Denoiser, unconditional: str = EMPTY_PROMPT) -> torch.Tensor:
     """The conditioning of the unconditional prediction, ``(1, L, D)`` as ``denoiser.encode_prompts([""])`` gives
     (SDXL: packed): that encoding, or zeros of its shape for ``unconditional == "zeros"`` (:data:`UNCONDITIONALS`)."""
-    if unconditional not in UNCONDITIONALS:
-        raise DejaGuardError(f"unknown unconditional {unconditional!r}: choose one of {', '.join(UNCONDITIONALS)}")
+    check_unconditional(unconditional)
     empty = denoiser.encode_prompts([""])
     return torch.zeros_like(empty) if unconditional == ZERO_CONDITIONING else empty
 
