@@ -568,3 +568,52 @@ def test_recall_precision_undefined_and_refused():
     wrong = _truth_mask({"a.attn2.to_v": [1]}, {"a.attn2.to_v": (9, 4)})
     with pytest.raises(DejaGuardError, match="shape"):
         recall_precision(wrong, truth)
+
+
+def test_value_and_ffn_search_space(testbed, tmp_path):
+    """space="value+ffn" adds the GEGLU hidden units: activations read at the first step (counted UNet calls), one
+    statistic per hidden unit, and statistics of one space refused for the other (the search itself:
+    ``tests/test_planted.py``, on the model whose memorization sits in a known FFN neuron)."""
+    from dejaguard.core.nemo import NEMO_SPACES, neuron_activations, prompt_zscores
+    from dejaguard.core.nemo.score import first_step_noise, neuron_count
+
+    assert set(NEMO_SPACES) == {"value", "value+ffn"}
+    value, both = nemo_layers(testbed), nemo_layers(testbed, space="value+ffn")
+    ffn = [k for k in both if k not in value]
+    assert ffn and all(k.endswith("ff.net.0.proj") for k in ffn) and set(value) < set(both)
+    with pytest.raises(DejaGuardError, match="search space"):
+        nemo_layers(testbed, space="ffn")
+    with pytest.raises(DejaGuardError, match="search space"):
+        LocalizeSettings(space="ffn")
+    noise, t = first_step_noise(testbed, range(2))
+    emb = testbed.encode_prompts([MEMORIZED_PROMPT, "a red circle on the left"])
+    before = testbed.counter.snapshot()
+    acts = neuron_activations(testbed, both, emb, noise, t)
+    assert testbed.counter.since(before).forwards == 4  # 2 prompts x 2 noises, conditional only
+    for k, m in both.items():
+        assert acts[k].shape == (2, neuron_count(k, m)) and bool((acts[k] >= 0).all())
+    assert neuron_count(ffn[0], both[ffn[0]]) == layer_shape(both[ffn[0]])[0] // 2
+    for k in value:  # value neurons: text only, as before
+        torch.testing.assert_close(acts[k], value_activations({k: both[k]}, emb)[k])
+    # the hidden unit's activation is what the GEGLU hands to ff.net.2
+    modules = dict(testbed.named_modules())
+    seen = {}
+    handle = modules[ffn[0][: -len(".proj")]].register_forward_hook(
+        lambda mod, inp, out: seen.setdefault("out", out.detach()))
+    try:
+        testbed.predict_noise(noise[:1], t, emb[:1])
+    finally:
+        handle.remove()
+    assert torch.allclose(seen["out"].abs().mean(dim=1)[0], neuron_activations(
+        testbed, {ffn[0]: both[ffn[0]]}, emb[:1], noise[:1], t)[ffn[0]][0], atol=1e-6)
+
+    prompts = default_statistics_prompts()[:8]
+    stats_both = nemo_statistics(testbed, prompts, seeds=2, score_prompts=4, cache=tmp_path, space="value+ffn",
+                                 score="magnitude")
+    assert set(stats_both.mean) == set(both) and stats_both.settings["space"] == "value+ffn"
+    z = prompt_zscores(testbed, MEMORIZED_PROMPT, stats_both, both)
+    assert all(z[k].shape == (neuron_count(k, m),) for k, m in both.items())
+    with pytest.raises(DejaGuardError, match="search space"):
+        localize(testbed, MEMORIZED_PROMPT, stats_both, LocalizeSettings(score="magnitude", seeds=2))
+    paper = nemo_statistics(testbed, prompts, seeds=2, score_prompts=4, cache=tmp_path, score="magnitude")
+    assert "space" not in paper.settings  # the paper's space keeps the cache keys it always had

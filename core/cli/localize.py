@@ -1,4 +1,5 @@
-"""``dejaguard localize``: NeMo, the cross-attention value neurons that carry one memorized prompt."""
+"""``dejaguard localize``: NeMo, the cross-attention value neurons (optionally also the feed-forward hidden units)
+that carry one memorized prompt."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     help="steps of the 'generation' score's short generations (default 10)")
     sp.add_argument("--blocks", choices=["down_mid", "all"], default="down_mid",
                     help="attn2.to_v layers searched: down and mid blocks (the paper's, default) or all, up blocks too")
+    sp.add_argument("--space", choices=["value", "value+ffn"], default="value",
+                    help="neurons searched: the cross-attention value neurons (the paper's, default) or value+ffn, "
+                    "the feed-forward (GEGLU) hidden units of the same blocks too")
     sp.add_argument("--verify-rounds", type=int, default=0,
                     help="check the mask on --seeds unseen seeds; if it fails there, search again with them too "
                     "(at most this many rounds; default 0: no check)")
@@ -51,12 +55,12 @@ def run(args: argparse.Namespace) -> int:
         print("dejaguard: note: activation statistics from the testbed's compositional captions; pass "
               "--stats-prompts with prompts typical for this model that are not memorized", file=sys.stderr)
     settings = LocalizeSettings(seeds=args.seeds, schedule="reference" if args.reference else "fast",
-                                batch=args.batch, score=args.score, blocks=args.blocks,
+                                batch=args.batch, score=args.score, blocks=args.blocks, space=args.space,
                                 generation_steps=args.generation_steps, verify_rounds=args.verify_rounds)
     with TqdmProgress("statistics") as bar:
         stats = nemo_statistics(denoiser, stats_prompts, seeds=settings.seeds, score_prompts=args.score_prompts,
                                 cache=args.cache, progress=bar, score=args.score, blocks=args.blocks,
-                                generation_steps=args.generation_steps)
+                                generation_steps=args.generation_steps, space=args.space)
     with TqdmProgress("localizing") as bar:
         mask = localize(denoiser, args.prompt, stats, settings, threshold=args.threshold, progress=bar)
     info = mask.info

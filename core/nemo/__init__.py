@@ -26,7 +26,11 @@ first-step criteria are met while the image re-forms later in sampling (see the 
 replicate at 10 and at 50 steps). Cost: ``generation_steps`` x the first-step scores per candidate.
 
 *Search space* (``LocalizeSettings.blocks``): the paper's ``attn2.to_v`` of the down and mid blocks
-(``"down_mid"``, the default), or every ``attn2.to_v`` (``"all"``, the up blocks too). Measured on the
+(``"down_mid"``, the default), or every ``attn2.to_v`` (``"all"``, the up blocks too). ``LocalizeSettings.space``
+``"value+ffn"`` (not in the paper) adds the GEGLU hidden units of the same blocks' feed-forwards (``ff.net.0.proj``
+output channels ``< out / 2``); their activation is read at the first sampling step on the score's fixed noises
+(:func:`~core.nemo.score.neuron_activations`). Why: memorization that lives in the feed-forward (Chavhan et al.'s
+subspace; the planted variant's shared group) is out of reach of value neurons. Measured on the
 testbed (4 seeds, 20 DDIM steps): switching off every down/mid value neuron stops the astronaut and
 cameraman prompts from replicating but not "chelsea the tabby cat looking at the camera" (SSIM to its
 training image 0.67 -> 0.80); that image is carried by the up blocks.
@@ -50,20 +54,31 @@ width, ``N`` neurons of a layer (its output channels).
 from .score import (
     GENERATION_STEPS,
     NEMO_BLOCKS,
+    NEMO_SPACES,
     SCORES,
     ScoreContext,
     cross_seed_similarity,
     first_step_context,
     memorization_scores,
     nemo_layers,
+    neuron_activations,
     seed_consistency,
     value_activations,
 )
 from .stages import LocalizeSettings, localize
-from .statistics import ActivationStats, cache_dir, default_statistics_prompts, nemo_statistics, zscore_ranking
+from .statistics import (
+    ActivationStats,
+    cache_dir,
+    default_statistics_prompts,
+    nemo_statistics,
+    prompt_zscores,
+    zscore_ranking,
+)
 
 __all__ = [
-    "GENERATION_STEPS", "NEMO_BLOCKS", "SCORES", "ActivationStats", "LocalizeSettings", "ScoreContext", "cache_dir",
+    "GENERATION_STEPS", "NEMO_BLOCKS", "NEMO_SPACES", "SCORES", "ActivationStats", "LocalizeSettings", "ScoreContext",
+    "cache_dir",
     "cross_seed_similarity", "default_statistics_prompts", "first_step_context", "localize", "memorization_scores",
-    "nemo_layers", "nemo_statistics", "seed_consistency", "value_activations", "zscore_ranking",
+    "nemo_layers", "nemo_statistics", "neuron_activations", "prompt_zscores", "seed_consistency", "value_activations",
+    "zscore_ranking",
 ]

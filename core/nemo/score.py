@@ -41,23 +41,46 @@ from ..neuron_mask import OutputGates, layer_shape
 from ..sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, guided_denoise, initial_noise
 
 NEMO_BLOCKS = {"down_mid": ("down_blocks.", "mid_block."), "all": ("down_blocks.", "mid_block.", "up_blocks.")}
+VALUE_LAYER, FFN_LAYER = "attn2.to_v", "ff.net.0.proj"
+NEMO_SPACES = {"value": (VALUE_LAYER,), "value+ffn": (VALUE_LAYER, FFN_LAYER)}
 
 
-def nemo_layers(denoiser: Denoiser, blocks: str = "down_mid") -> dict[str, torch.nn.Module]:
-    """``attn2.to_v`` layers in model order: NeMo's search space.
+def is_ffn_layer(name: str) -> bool:
+    """Is ``name`` a GEGLU input projection, whose neurons are its hidden units (output channels ``< out / 2``)?"""
+    return name.endswith(FFN_LAYER)
+
+
+def neuron_count(name: str, module: torch.nn.Module) -> int:
+    """Neurons of a search-space layer: a value layer's output channels, a GEGLU projection's hidden half."""
+    out = layer_shape(module)[0]
+    return out // 2 if is_ffn_layer(name) else out
+
+
+def nemo_layers(denoiser: Denoiser, blocks: str = "down_mid", space: str = "value") -> dict[str, torch.nn.Module]:
+    """The search space in model order: ``attn2.to_v`` layers (NeMo's), and with ``space="value+ffn"`` the GEGLU
+    input projections ``ff.net.0.proj`` of the same blocks (not in the paper; their neurons are the hidden units).
 
     ``blocks``: ``"down_mid"`` (the paper's: down and mid blocks) or ``"all"`` (up blocks too).
     """
     if blocks not in NEMO_BLOCKS:
         raise DejaGuardError(f"unknown NeMo blocks {blocks!r} (one of {', '.join(NEMO_BLOCKS)})")
+    if space not in NEMO_SPACES:
+        raise DejaGuardError(f"unknown NeMo search space {space!r} (one of {', '.join(NEMO_SPACES)})")
     if getattr(denoiser, "pooled_width", None):  # library, CLI and nodes alike
         raise DejaGuardError("NeMo localization is not supported for SDXL: its neuron statistics read every row of "
                              "the text conditioning as a token, and SDXL's carries a pooled row besides its tokens")
-    layers = {name: m for name, m in denoiser.named_modules()
-              if name.endswith("attn2.to_v") and name.startswith(NEMO_BLOCKS[blocks])}
+    modules = dict(denoiser.named_modules())
+    layers = {name: m for name, m in modules.items()
+              if name.endswith(VALUE_LAYER) and name.startswith(NEMO_BLOCKS[blocks])}
     if not layers:
         raise DejaGuardError(f"this UNet has no cross-attention value layers (attn2.to_v) in its {blocks} blocks "
                              "under diffusers names: NeMo cannot run on it")
+    if FFN_LAYER in NEMO_SPACES[space]:
+        ffn = {name: m for name, m in modules.items() if is_ffn_layer(name) and name.startswith(NEMO_BLOCKS[blocks])}
+        if not ffn or any(name[: -len(".proj")] not in modules for name in ffn):
+            raise DejaGuardError(f"this UNet has no GEGLU feed-forward layers (ff.net.0.proj under ff.net.0) in its "
+                                 f"{blocks} blocks under diffusers names: search space {space!r} is not available")
+        layers = {name: m for name, m in modules.items() if name in layers or name in ffn}
     return layers
 
 
@@ -74,6 +97,44 @@ def value_activations(layers: dict[str, torch.nn.Module], embeddings: torch.Tens
         values = module(embeddings.to(weight.device, weight.dtype))
         out[name] = values.float().abs().mean(dim=1).cpu()
     return out
+
+
+@torch.no_grad()
+def neuron_activations(denoiser: Denoiser, layers: dict[str, torch.nn.Module], embeddings: torch.Tensor,
+                       noise: torch.Tensor, timestep: Any, max_batch: int = 64) -> dict[str, torch.Tensor]:
+    """Activations of every search-space neuron: ``embeddings (P, L, D)`` -> ``{layer: (P, N)}`` float32, CPU.
+
+    Value layers: :func:`value_activations` (text only). FFN layers (``space="value+ffn"``): the hidden unit's
+    output ``|h_j * gelu(g_j)|`` (the GEGLU module's output) averaged over positions and over the ``S`` fixed first-
+    step noises ``noise (S, C, H, W)`` at ``timestep``, conditional prediction only: unlike a value neuron it
+    depends on the image, so it is read at the first sampling step, where NeMo's score is. Costs ``P * S`` noise
+    predictions when the layers include FFN ones, none otherwise.
+    """
+    out = value_activations({k: m for k, m in layers.items() if not is_ffn_layer(k)}, embeddings)
+    ffn = [k for k in layers if is_ffn_layer(k)]
+    if not ffn:
+        return out
+    modules = dict(denoiser.named_modules())
+    s = noise.shape[0]
+    sums: dict[str, list[torch.Tensor]] = {k: [] for k in ffn}
+
+    def record(name: str):
+        def hook(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            sums[name].append(output.float().abs().flatten(1, -2).mean(dim=1).cpu())  # (n, inner)
+        return hook
+
+    handles = [modules[k[: -len(".proj")]].register_forward_hook(record(k)) for k in ffn]
+    try:
+        per_call = max(1, max_batch // s)
+        for start in range(0, embeddings.shape[0], per_call):
+            emb = embeddings[start:start + per_call]
+            denoiser.predict_noise(noise.repeat(emb.shape[0], 1, 1, 1), timestep, emb.repeat_interleave(s, dim=0))
+    finally:
+        for h in handles:
+            h.remove()
+    for k in ffn:
+        out[k] = torch.cat(sums[k]).view(embeddings.shape[0], s, -1).mean(dim=1)
+    return {k: out[k] for k in layers}
 
 
 def seed_consistency(differences: torch.Tensor) -> torch.Tensor:
@@ -149,12 +210,19 @@ def first_step_context(denoiser: Denoiser, prompt: str | torch.Tensor, seeds: Se
     """Fixed noise for ``seeds`` and the first timestep of the sampling schedule (trailing spacing: t = 999)."""
     if generation_steps < 1:
         raise DejaGuardError(f"generation_steps must be at least 1, got {generation_steps}")
+    noise, timestep = first_step_noise(denoiser, seeds, num_inference_steps)
+    cond = denoiser.encode_prompts([prompt]) if isinstance(prompt, str) else prompt
+    return ScoreContext(denoiser, gates, cond, denoiser.encode_prompts([""]), noise, timestep,
+                        max_batch=max_batch, kind=check_score_kind(kind), generation_steps=int(generation_steps))
+
+
+def first_step_noise(denoiser: Denoiser, seeds: Sequence[int],
+                     num_inference_steps: int = DEFAULT_STEPS) -> tuple[torch.Tensor, Any]:
+    """The fixed initial noises of ``seeds`` ``(S, C, H, W)``, scaled by the scheduler's init sigma, and the first
+    timestep of the ``num_inference_steps`` schedule."""
     scheduler = denoiser.new_scheduler()
     scheduler.set_timesteps(num_inference_steps)
-    noise = initial_noise(denoiser, list(seeds)) * scheduler.init_noise_sigma
-    cond = denoiser.encode_prompts([prompt]) if isinstance(prompt, str) else prompt
-    return ScoreContext(denoiser, gates, cond, denoiser.encode_prompts([""]), noise, scheduler.timesteps[0],
-                        max_batch=max_batch, kind=check_score_kind(kind), generation_steps=int(generation_steps))
+    return initial_noise(denoiser, list(seeds)) * scheduler.init_noise_sigma, scheduler.timesteps[0]
 
 
 GENERATION_SIZE = 64  # the "generation" score compares decoded images at most this many pixels wide

@@ -42,15 +42,15 @@ from ..progress import Progress, report
 from ..sampling import DEFAULT_STEPS
 from .score import (
     GENERATION_STEPS,
+    NEMO_SPACES,
     SCORES,
     ScoreContext,
     check_score_kind,
     first_step_context,
     nemo_layers,
-    value_activations,
 )
 from .search import CandidateSearch, NeuronSet, first_true, refine_neurons
-from .statistics import ActivationStats, nemo_statistics
+from .statistics import ActivationStats, nemo_statistics, prompt_zscores
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ class LocalizeSettings:
     max_batch: int = 64  # samples per UNet call
     score: str = "ssim"  # memorization score: "ssim" (NeMo) or "magnitude" (see SCORES)
     blocks: str = "down_mid"  # search space (NEMO_BLOCKS): the paper's down and mid blocks, or "all"
+    space: str = "value"  # NEMO_SPACES: the paper's value neurons, or "value+ffn" (the FFN hidden units too)
     generation_steps: int = GENERATION_STEPS  # score "generation": steps of its short generations
     verify_rounds: int = 0  # > 0: check each mask on `seeds` unseen seeds; a failing set joins the search (max rounds)
     # fast schedule: score a candidate on two seeds first and the others only if it passes there (max-type scores:
@@ -80,6 +81,8 @@ class LocalizeSettings:
             raise DejaGuardError("NeMo needs at least 2 seeds, batch >= 1, z_step > 0 and verify_rounds >= 0")
         if self.generation_steps < 1:
             raise DejaGuardError(f"generation_steps must be at least 1, got {self.generation_steps}")
+        if self.space not in NEMO_SPACES:
+            raise DejaGuardError(f"unknown NeMo search space {self.space!r} (one of {', '.join(NEMO_SPACES)})")
 
 
 class NestedCandidates:
@@ -201,7 +204,10 @@ def _statistics_layers(denoiser: Denoiser, stats: ActivationStats,
                              f"the search uses {settings.generation_steps}: recompute them with those steps")
     if stats.fingerprint != denoiser.fingerprint():
         raise DejaGuardError(f"activation statistics are for model {stats.fingerprint}, not {denoiser.fingerprint()}")
-    layers = nemo_layers(denoiser, settings.blocks)
+    if stats.settings.get("space", "value") != settings.space:
+        raise DejaGuardError(f"the statistics cover the {stats.settings.get('space', 'value')!r} search space, the "
+                             f"search uses {settings.space!r}: compute statistics with space={settings.space!r}")
+    layers = nemo_layers(denoiser, settings.blocks, settings.space)
     if set(layers) != set(stats.mean):
         raise DejaGuardError(f"activation statistics were computed on other layers than the {settings.blocks!r} "
                              "blocks: recompute them with the same blocks")
@@ -216,7 +222,8 @@ def localize(
     threshold: float | None = None,
     progress: Progress | None = None,
 ) -> NeuronMask:
-    """NeMo: the ``attn2.to_v`` neurons (down and mid blocks) whose deactivation stops ``prompt``'s memorization.
+    """NeMo: the ``attn2.to_v`` neurons (down and mid blocks; ``settings`` may widen the search space) whose
+    deactivation stops ``prompt``'s memorization.
 
     Returns a :class:`NeuronMask` of kind "neurons"; empty when the prompt's score is already below the
     threshold (not memorized by NeMo's measure; ``info["memorized"]`` is False). ``threshold``
@@ -230,14 +237,15 @@ def localize(
         raise DejaGuardError("the prompt is empty: nothing to localize")
     stats = stats or nemo_statistics(denoiser, seeds=settings.seeds, num_inference_steps=settings.num_inference_steps,
                                      score=settings.score, blocks=settings.blocks,
-                                     generation_steps=settings.generation_steps, progress=progress)
+                                     generation_steps=settings.generation_steps, space=settings.space,
+                                     progress=progress)
     layers = _statistics_layers(denoiser, stats, settings)
     tau = float(stats.threshold if threshold is None else threshold)
     start_time = time.perf_counter()
     before = denoiser.counter.snapshot()
     fast = settings.schedule == "fast"
     cond = denoiser.encode_prompts([prompt])
-    candidates = NestedCandidates(stats.zscores(value_activations(layers, cond)), settings.z_start, settings.z_step)
+    candidates = NestedCandidates(prompt_zscores(denoiser, cond, stats, layers), settings.z_start, settings.z_step)
 
     with OutputGates(layers) as gates:
 
@@ -257,8 +265,8 @@ def localize(
             j = initial_selection(search, candidates, progress)
             if j is None:
                 raise DejaGuardError(
-                    f"switching off all {candidates.neurons()} neurons of the {len(layers)} "
-                    f"{settings.blocks} attn2.to_v layers leaves the memorization score above the threshold "
+                    f"switching off all {candidates.neurons()} neurons of the {len(layers)} {settings.blocks} "
+                    f"layers of the {settings.space!r} search space leaves the memorization score above the threshold "
                     f"{tau:.3f}: this prompt's memorization is not localized in these neurons")
             current = candidates(j)
             info.update(initial_step=j, initial_z_threshold=candidates.threshold(j),

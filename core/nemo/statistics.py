@@ -31,7 +31,7 @@ import torch
 
 from ..denoiser import Denoiser
 from ..errors import DejaGuardError
-from ..neuron_mask import METADATA_KEY, Neuron, OutputGates, layer_shape, now, read_dejaguard_file
+from ..neuron_mask import METADATA_KEY, Neuron, OutputGates, now, read_dejaguard_file
 from ..progress import Progress, report
 from ..sampling import DEFAULT_STEPS
 from .score import (
@@ -39,9 +39,11 @@ from .score import (
     GENERATION_STEPS,
     check_score_kind,
     first_step_context,
+    first_step_noise,
     memorization_scores,
     nemo_layers,
-    value_activations,
+    neuron_activations,
+    neuron_count,
 )
 
 STATS_FORMAT = "dejaguard.nemo_statistics"
@@ -134,7 +136,7 @@ class ActivationStats:
         if set(self.mean) != set(layers):
             return "made for other layers"
         for name, module in layers.items():
-            size = layer_shape(module)[0]
+            size = neuron_count(name, module)
             if tuple(self.mean[name].shape) != (size,) or tuple(self.std[name].shape) != (size,):
                 return f"{name} has {size} neurons, the statistics {tuple(self.mean[name].shape)}"
         if not math.isfinite(self.threshold):
@@ -174,6 +176,7 @@ def nemo_statistics(
     score: str = "ssim",
     blocks: str = "down_mid",
     generation_steps: int = GENERATION_STEPS,
+    space: str = "value",
 ) -> ActivationStats:
     """Activation statistics and the memorization-score threshold for ``denoiser``, cached per model.
 
@@ -182,7 +185,8 @@ def nemo_statistics(
     ``score_prompts`` give the score threshold (``2 * seeds`` noise predictions each). The cache file
     is ``cache_dir(cache)/nemo-<fingerprint>-<settings hash>.safetensors``; an unusable entry is recomputed
     (with a warning). ``progress(done, total, stage)``: stage "activation statistics" counts chunks of 32
-    prompts, "score threshold" the score prompts.
+    prompts, "score threshold" the score prompts. ``space`` (:data:`~core.nemo.score.NEMO_SPACES`): with
+    ``"value+ffn"`` the FFN hidden units' activations too (``P * seeds`` more noise predictions).
     """
     prompts = list(prompts) if prompts is not None else default_statistics_prompts()
     if len(prompts) < 2:
@@ -190,23 +194,27 @@ def nemo_statistics(
     settings = {"seeds": int(seeds), "score_prompts": min(int(score_prompts), len(prompts)),
                 "num_inference_steps": int(num_inference_steps), "score": check_score_kind(score),
                 "threshold_rule": "mean + 1 std", "blocks": blocks}
+    if space != "value":  # recorded only when not the paper's, so existing caches keep their keys
+        settings["space"] = space
     if score == "generation":
         settings.update(generation_steps=int(generation_steps), generation_images=f"decoded, <= {GENERATION_SIZE}px")
     sha = _prompts_sha(prompts)
     key = hashlib.sha256(json.dumps([settings, sha], sort_keys=True).encode()).hexdigest()[:12]
     fingerprint = denoiser.fingerprint()
     path = cache_dir(cache) / f"nemo-{fingerprint}-{key}.safetensors"
-    layers = nemo_layers(denoiser, blocks)
+    layers = nemo_layers(denoiser, blocks, space)
     if use_cache and path.is_file():
         stats = _cached(path, fingerprint, sha, settings, layers)
         if stats is not None:
             return stats
-    sums = {k: torch.zeros(layer_shape(m)[0], dtype=torch.float64) for k, m in layers.items()}
+    sums = {k: torch.zeros(neuron_count(k, m), dtype=torch.float64) for k, m in layers.items()}
     squares = {k: torch.zeros_like(v) for k, v in sums.items()}
     chunk = 32
     chunks = math.ceil(len(prompts) / chunk)
+    noise, timestep = first_step_noise(denoiser, range(seeds), num_inference_steps)
     for number, start in enumerate(range(0, len(prompts), chunk), 1):
-        acts = value_activations(layers, denoiser.encode_prompts(prompts[start:start + chunk]))
+        acts = neuron_activations(denoiser, layers, denoiser.encode_prompts(prompts[start:start + chunk]), noise,
+                                  timestep, max_batch)
         for k, v in acts.items():
             sums[k] += v.double().sum(0)
             squares[k] += (v.double() ** 2).sum(0)
@@ -235,13 +243,23 @@ def nemo_statistics(
     return stats
 
 
+def prompt_zscores(denoiser: Denoiser, prompt: str | torch.Tensor, stats: ActivationStats,
+                   layers: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """NeMo's z-scores ``{layer: (N,)}`` of ``prompt``'s activations (a prompt or its embedding ``(1, L, D)``), with
+    FFN activations read on the statistics' own seeds and schedule."""
+    if set(layers) != set(stats.mean):
+        raise DejaGuardError("the activation statistics were computed on other layers: recompute them for these")
+    cond = denoiser.encode_prompts([prompt]) if isinstance(prompt, str) else prompt
+    noise, timestep = first_step_noise(denoiser, range(int(stats.settings.get("seeds", 4))),
+                                       int(stats.settings.get("num_inference_steps", DEFAULT_STEPS)))
+    return stats.zscores(neuron_activations(denoiser, layers, cond, noise, timestep))
+
+
 def zscore_ranking(denoiser: Denoiser, prompt: str, stats: ActivationStats,
                    layers: dict[str, torch.nn.Module]) -> list[Neuron]:
     """Every neuron of ``layers`` (the statistics' layers), most suspicious first: NeMo's z-score of ``prompt``'s
     activation, descending, over all layers at once (ties in model order)."""
-    if set(layers) != set(stats.mean):
-        raise DejaGuardError("the activation statistics were computed on other layers: recompute them for these")
-    z = stats.zscores(value_activations(layers, denoiser.encode_prompts([prompt])))
+    z = prompt_zscores(denoiser, prompt, stats, layers)
     flat = [(-float(z[name][i]), position, i, name) for position, name in enumerate(layers)
             for i in range(z[name].shape[0])]
     return [(name, i) for _, _, i, name in sorted(flat)]
