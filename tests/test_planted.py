@@ -157,3 +157,74 @@ def test_plant_refuses_a_bad_recipe_before_training(tmp_path, cfg, message):
     with pytest.raises(DejaGuardError, match=message):
         pl.plant(tmp_path / "variant", cfg, progress=False)
     assert not (tmp_path / "variant").exists()  # nothing written
+
+
+@pytest.mark.skipif(not SHIPPED, reason="the planted variant is not in this install")
+def test_carriers_rule_necessary_neurons_or_the_whole_redundant_set(monkeypatch):
+    """``evaluate --parts carriers``: a designated neuron is necessary if, re-enabled alone (every other designated
+    neuron off), its image replicates again in at least half the unmasked rate; an image with no necessary neuron
+    (redundant) keeps its whole designated set as carriers. Scripted replication rates, no generation."""
+    from contextlib import contextmanager
+
+    from dejaguard.core import neuron_mask
+    from dejaguard.core.testbed import evaluate as ev
+
+    planted = [(p, m) for p, m in pl.planted_eval_prompts() if m.name in ("stripes", "rings")]
+    key = sorted(neuron_mask.mask_units(pl.designated_mask("stripes")))[1]
+    state: dict = {"off": set()}
+
+    @contextmanager
+    def fake_apply(denoiser, mask, strength=1.0):
+        state["off"] = neuron_mask.mask_units(mask)
+        try:
+            yield
+        finally:
+            state["off"] = set()
+
+    def fake_rates(denoiser, prompts, seeds, training, *steps, any_image=False):
+        rows = []
+        for _, name, _ in prompts:
+            left_on = neuron_mask.mask_units(pl.designated_mask(name)) - state["off"]
+            rate = 0.8 if not state["off"] else (0.5 if name == "stripes" and left_on == {key} else 0.0)
+            rows.append({"replication_rate": rate})
+        return rows, []
+
+    monkeypatch.setattr(neuron_mask, "apply_mask", fake_apply)
+    monkeypatch.setattr(ev, "_memorized_rates", fake_rates)
+    result = ev._carriers_part(None, planted, (0,), {}, pl.PLANTED_MODEL, (1, 7.5, None))
+    stripes, rings = result["images"]["stripes"], result["images"]["rings"]
+    assert stripes["necessary"] == stripes["carriers"] == [f"{key[0]}:{key[1]}"]  # 0.5 >= 0.5 x 0.8
+    assert rings["necessary"] == [] and len(rings["carriers"]) == rings["designated"] == 10
+    assert "necessary" in result["rule"]
+
+
+@pytest.mark.skipif(not SHIPPED, reason="the planted variant is not in this install")
+def test_shipped_carriers_are_designated_neurons(tmp_path):
+    """The shipped carriers measurement: per image a non-empty subset of its designated neurons, as a mask of the
+    variant; a folder without the measurement is refused in one line."""
+    from dejaguard.core.neuron_mask import mask_units
+
+    variant = load_denoiser(pl.PLANTED_MODEL, device="cpu")
+    for m in pl.planted_images():
+        carriers = pl.carrying_mask(m.name)
+        carriers.check(variant)
+        assert mask_units(carriers) and mask_units(carriers) <= mask_units(pl.designated_mask(m.name))
+    assert mask_units(pl.carrying_mask()) <= mask_units(pl.designated_mask())
+    with pytest.raises(DejaGuardError, match="no carriers measurement"):
+        pl.carrying_mask("stripes", folder=tmp_path)
+
+
+@pytest.mark.skipif(not SHIPPED, reason="the planted variant is not in this install")
+def test_nemo_over_value_and_ffn_neurons_finds_a_shared_carrier(tmp_path):
+    """NeMo with the FFN hidden units in its search space (magnitude criterion) on a prompt of the shared group,
+    whose memorization the carriers measurement puts in one FFN hidden unit: what it switches off is that unit."""
+    from dejaguard.core.nemo import LocalizeSettings, localize, nemo_statistics
+    from dejaguard.core.neuron_mask import mask_units
+
+    variant = load_denoiser(pl.PLANTED_MODEL, device="cpu")
+    glyph = pl.planted_image("glyph")
+    stats = nemo_statistics(variant, seeds=4, score_prompts=16, cache=tmp_path, score="magnitude", space="value+ffn")
+    mask = localize(variant, glyph.eval_prompts[0], stats, LocalizeSettings(score="magnitude", space="value+ffn"))
+    assert mask.info["memorized"] and mask.count() >= 1
+    assert mask_units(mask) <= mask_units(pl.carrying_mask("glyph"))
+    assert all(k.endswith("ff.net.0.proj") for k in mask.layers)

@@ -48,7 +48,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     help="with --planted, comma-separated: 'planted' (planted prompts, neurons on/off), 'v5' (v5's "
                     "prompts on the variant and on v5), 'graded' (graded memorization: replication and first-step "
                     "detection per duplication count, --seeds seeds per prompt against --novel held-out prompts, on "
-                    "the variant and on v5); default 'planted,v5'")
+                    "the variant and on v5), 'carriers' (which designated neurons carry each planted image: --seeds "
+                    "generations with every other designated neuron off, per neuron); default 'planted,v5'")
     sp.add_argument("--sampling-steps", type=int, default=50, metavar="N", help="DDIM steps per generation "
                     "(default 50, the protocol of every figure in the model card)")
     sp.add_argument("--novel", type=int, default=None,

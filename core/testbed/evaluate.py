@@ -27,7 +27,9 @@ from .data import MEMORIZED, RESOLUTION, check_alignment, heldout_specs, load_me
 REPLICATION_SSIM = 0.5
 EVAL_SEEDS = tuple(range(16))
 UNCONDITIONAL_SEEDS = 32
-PLANTED_PARTS = ("planted", "v5", "graded")  # evaluate_planted's parts
+PLANTED_PARTS = ("planted", "v5", "graded", "carriers")  # evaluate_planted's parts
+CARRIER_SHARE = 0.5  # a designated neuron is necessary if, re-enabled alone, its image replicates in this share of
+# the seeds where it replicates with every neuron on (carriers_part)
 DETECTION_NOISES = (1, 4)  # first-step detection of the graded prompts: noise draws averaged per prompt
 REPLICATING_SHARE = 0.5  # a graded prompt "replicates" (labelled by behaviour) in at least this share of its seeds
 
@@ -250,10 +252,13 @@ def evaluate_planted(
       with the union of them off, and on ``base`` (testbed v5 itself, when given) in the same run;
     - ``base`` on the planted prompts (2 seeds): v5 must not draw the planted images;
     - ``graded`` (not a default part): graded memorization, :func:`evaluate_graded` with ``seeds`` and
-      ``novel_count`` (result key ``graded``).
+      ``novel_count`` (result key ``graded``);
+    - ``carriers`` (not a default part): which designated neurons carry each planted image (:func:`_carriers_part`,
+      result key ``carriers``), the truth a localization's recall is fairly measured against.
 
     ``folder``: the variant's folder for its ground truth (default: the shipped one). ``parts``: ``planted`` (the
-    first item), ``v5`` (the other two), ``graded``; e.g. one each in separate processes on a machine with idle cores.
+    first item), ``v5`` (the other two), ``graded``, ``carriers``; e.g. one each in separate processes on a machine
+    with idle cores.
     """
     from .planted import PLANTED_MODEL, all_training_images, designated_mask, planted_eval_prompts
 
@@ -282,6 +287,8 @@ def evaluate_planted(
                                novel_seeds, training, steps_cfg))
     if "graded" in parts:
         result["graded"] = _graded_part(variant, base, seeds, novel_count, training, steps_cfg)
+    if "carriers" in parts:
+        result["carriers"] = _carriers_part(variant, planted, seeds, training, folder, steps_cfg)
     return result
 
 
@@ -308,6 +315,45 @@ def _planted_part(variant: Denoiser, planted: list, seeds: Sequence[int], traini
         "prompts_off_at_most_5pct": int(sum(r["off"]["replication_rate_any"] <= 0.05 for r in per_prompt)),
         "per_prompt": per_prompt,
     }
+
+
+def _carriers_part(variant: Denoiser, planted: list, seeds: Sequence[int], training: dict[str, np.ndarray],
+                   folder, steps_cfg: tuple) -> dict:
+    """Which of each planted image's designated neurons carry its memorization ("leave one in").
+
+    Why: the planting switches a group's designated neurons off *together*, so nothing forces every one of them to
+    matter; the ones that do not cannot be found by any method that judges a neuron by what switching it off does,
+    and recall against them is not a measure of that method. For each designated neuron ``n`` the image's prompt is
+    generated over ``seeds`` with every *other* designated neuron off: ``n`` is **necessary** if its own image
+    replicates again in at least :data:`CARRIER_SHARE` of the rate with every neuron on. The **carriers** are the
+    necessary neurons; where none is necessary (the memorization survives in none of the single neurons: it needs
+    several together, the set is redundant) every designated neuron counts as a carrier.
+    """
+    from ..neuron_mask import NeuronMask, apply_mask, mask_units
+    from .planted import designated_mask
+
+    on, _ = _memorized_rates(variant, [(p, m.name, m.group) for p, m in planted], seeds, training, *steps_cfg)
+    per_image = {}
+    for (prompt, image), rate_on in zip(((p, m) for p, m in planted), on):
+        truth = designated_mask(image.name, folder)
+        units = sorted(mask_units(truth))
+        leave_one_in = {}
+        for unit in units:
+            rest = [u for u in units if u != unit]
+            layers = {k: torch.tensor(sorted(i for layer, i in rest if layer == k), dtype=torch.int64)
+                      for k in dict.fromkeys(layer for layer, _ in rest)}
+            others = NeuronMask(layers=layers, layer_shapes=truth.layer_shapes, fingerprint=truth.fingerprint,
+                                method="designated, all but one")
+            with apply_mask(variant, others):
+                rates, _ = _memorized_rates(variant, [(prompt, image.name, image.group)], seeds, training, *steps_cfg)
+            leave_one_in[f"{unit[0]}:{unit[1]}"] = rates[0]["replication_rate"]
+        necessary = [u for u, r in leave_one_in.items() if r >= CARRIER_SHARE * rate_on["replication_rate"] > 0]
+        per_image[image.name] = {"prompt": prompt, "group": image.group, "replication_on": rate_on["replication_rate"],
+                                 "designated": len(units), "leave_one_in": leave_one_in, "necessary": necessary,
+                                 "carriers": necessary or list(leave_one_in)}
+    return {"rule": f"necessary: with every other designated neuron off, own-image replication >= {CARRIER_SHARE} x "
+                    "its rate with every neuron on; carriers: the necessary neurons, or all designated if none is",
+            "images": per_image}
 
 
 def _v5_part(variant: Denoiser, base: Denoiser | None, union, planted: list, memorized_seeds: int, novel_count: int,

@@ -256,6 +256,40 @@ def designated_mask(name: str | None = None, folder: str | Path = PLANTED_MODEL)
                             method="designated (planted ground truth, union)")
 
 
+CARRIERS_PART = "carriers_part"  # evaluation.json's key for ``dejaguard testbed evaluate --planted --parts carriers``
+
+
+def carrying_mask(name: str | None = None, folder: str | Path = PLANTED_MODEL) -> NeuronMask:
+    """The designated neurons that measurably **carry** planted image ``name`` (None: the union over all images).
+
+    Read from the variant's ``evaluation.json`` (key :data:`CARRIERS_PART`, written from ``dejaguard testbed evaluate
+    --planted --parts carriers --json``; rule in :func:`core.testbed.evaluate._carriers_part`): a subset of
+    :func:`designated_mask`. Why both: the planting switches a group's designated neurons off together, so some of
+    them may carry nothing, and no method can find a neuron by what switching it off does when switching it off does
+    nothing. DejaGuardError if the folder has no such measurement.
+    """
+    path = Path(folder) / "evaluation.json"
+    try:
+        record = json.loads(path.read_text())[CARRIERS_PART]["carriers"]
+        images = record["images"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DejaGuardError(f"{path} has no carriers measurement ({err!r}): run dejaguard testbed evaluate "
+                             f"--planted --model {folder} --parts carriers --json FILE and add it under "
+                             f"{CARRIERS_PART!r}") from err
+    if name is None:
+        return NeuronMask.union([carrying_mask(m.name, folder) for m in planted_images()],
+                                method="carriers (planted ground truth, union)")
+    truth = designated_mask(name, folder)
+    if name not in images:
+        raise DejaGuardError(f"{path}: the carriers measurement has no image {name!r}")
+    units = {(layer, int(i)) for layer, i in (u.rsplit(":", 1) for u in images[name]["carriers"])}
+    layers = {k: torch.tensor(sorted(i for layer, i in units if layer == k), dtype=torch.int64)
+              for k in dict.fromkeys(sorted(layer for layer, _ in units))}
+    return NeuronMask(layers=layers, layer_shapes={k: truth.layer_shapes[k] for k in layers},
+                      fingerprint=truth.fingerprint, method=f"carriers of {name} (planted ground truth)",
+                      info={"rule": record.get("rule", "")})
+
+
 # -- neuron choice ---------------------------------------------------------------------------------
 
 
