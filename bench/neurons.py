@@ -33,6 +33,9 @@ Replication is judged against every training image of the model (v5's 12, plus t
   prompt's fast mask against its image's designated neurons (``designated_mask(name)``), per prompt and the
   mean over prompts (a prompt NeMo could not localize counts recall 0 and has no precision);
   ``recall_union`` / ``precision_union``: the union of the masks against the union of the truths;
+  ``recall_carrying`` / ``precision_carrying``: the same against the designated neurons measured to **carry** each
+  image (``core.testbed.planted.carrying_mask``: the planting switches a group's neurons off together, and some of
+  them turn out to carry nothing; no method can find those by what switching them off does);
   ``truth_in_search_space`` per prompt: the share of its designated neurons inside NeMo's search space (value
   neurons of the searched ``attn2.to_v`` layers; FFN neurons, e.g. the ``shared`` group's, are outside it, so
   that share bounds the recall NeMo can reach); ``truth_zscore_ranks``: where NeMo's own activation statistic
@@ -53,7 +56,8 @@ Replication is judged against every training image of the model (v5's 12, plus t
 A run with any setting other than the defaults (the full protocol) is labelled ``"protocol": "reduced"`` and
 lists each departure under ``departures_from_full_protocol`` (``{option: {"used", "full"}}``).
 
-Last line's headline keys (issue 25): ``recall``, ``precision``, ``replication_before``, ``replication_after``,
+Last line's headline keys (issue 25): ``recall``, ``precision`` (and ``recall_carrying``, ``precision_carrying``),
+``replication_before``, ``replication_after``,
 ``novel_alignment_before``, ``novel_alignment_after``, ``evals_ratio_vs_reference`` (NeMo),
 ``subspace_heldout_replication_after`` (the first ``--ratios`` entry); a key that was not measured is null and
 ``null_reasons`` says why (no ground truth on the testbed, ``--skip-nemo``, ...).
@@ -76,6 +80,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from dejaguard.core.denoiser import Denoiser, load_denoiser
+from dejaguard.core.errors import DejaGuardError
 from dejaguard.core.nemo import LocalizeSettings, localize, nemo_layers, nemo_statistics, zscore_ranking
 from dejaguard.core.neuron_mask import NeuronMask, apply_mask, mask_units, recall_precision
 from dejaguard.core.prune import subspace_mask
@@ -95,7 +100,8 @@ class Subject:
     each memorized image; ``training``: every training image ``name -> (3, 32, 32)`` a generation is judged
     against (``core.testbed.evaluate.check_replication``); ``truth(name)``: that image's designated neurons
     (``None``: all images'), None where the model has no ground truth; ``location``: the model's folder (None:
-    the bundled testbed).
+    the bundled testbed); ``carriers(name)``: the designated neurons measured to carry the image
+    (``core.testbed.planted.carrying_mask``), None where not measured (``carriers_missing`` says why).
     """
 
     name: str
@@ -105,6 +111,8 @@ class Subject:
     training: dict[str, np.ndarray]
     truth: Callable[[str | None], NeuronMask] | None = None
     location: str | None = None
+    carriers: Callable[[str | None], NeuronMask] | None = None
+    carriers_missing: str = ""  # why ``carriers`` is None on a model with a ground truth
 
     def chosen(self, indices: Sequence[str] | None) -> list[tuple[str, str, str]]:
         """``--prompts``: indices into :attr:`pairs`, ``["all"]``, or None (:attr:`default`); (prompt, image name,
@@ -137,12 +145,20 @@ def load_subject(model: str | None = "testbed") -> Subject:
         def truth(name: str | None) -> NeuronMask:
             return planted.designated_mask(name, folder=folder)
 
+        def carriers(name: str | None) -> NeuronMask:
+            return planted.carrying_mask(name, folder=folder)
+
+        try:
+            carriers(None)
+            missing = ""
+        except DejaGuardError as err:
+            missing = str(err)
         return Subject(
             name="planted" if model == "planted" else f"planted variant {folder}", denoiser=load_denoiser(folder),
             pairs=[(p, m.name, m.group) for p, m in planted.planted_eval_prompts()],
             default=[(m.eval_prompts[0], m.name, m.group) for m in images],
             training=planted.all_training_images(),
-            truth=truth, location=str(folder))
+            truth=truth, location=str(folder), carriers=None if missing else carriers, carriers_missing=missing)
     location = None if model in (None, "testbed") else model
     return Subject(
         name="testbed" if location is None else str(location), denoiser=load_denoiser(location),
@@ -239,7 +255,8 @@ def run_nemo(args: argparse.Namespace, subject: Subject, prompts: list[str], ima
     denoiser = subject.denoiser
     t0 = time.perf_counter()
     stats = nemo_statistics(denoiser, seeds=args.nemo_seeds, score_prompts=args.score_prompts, cache=args.cache,
-                            blocks=args.blocks, score=args.score, generation_steps=args.generation_steps)
+                            blocks=args.blocks, score=args.score, generation_steps=args.generation_steps,
+                            space=args.space)
     print(f"statistics: threshold {stats.threshold:.3f} (score mean {stats.score_mean:.3f}, std {stats.score_std:.3f}) "
           f"in {time.perf_counter() - t0:.1f}s", flush=True)
     runs: dict[str, list[dict]] = {"fast": [], "reference": []}
@@ -248,7 +265,7 @@ def run_nemo(args: argparse.Namespace, subject: Subject, prompts: list[str], ima
     for prompt in prompts:
         for schedule in schedules:
             settings = LocalizeSettings(seeds=args.nemo_seeds, schedule=schedule, batch=args.batch,
-                                        blocks=args.blocks, score=args.score,
+                                        blocks=args.blocks, space=args.space, score=args.score,
                                         generation_steps=args.generation_steps,
                                         verify_rounds=args.verify_rounds if schedule == "fast" else 0)
             try:
@@ -300,11 +317,14 @@ def run_nemo(args: argparse.Namespace, subject: Subject, prompts: list[str], ima
                            "replication_after_own_image": a[1], "neurons": masks[p].count() if p in masks else None}
                           for p, i, b, a in zip(prompts, images, before, after)]
     if subject.truth is not None:
-        scores = truth_scores(masks, prompts, images, subject.truth, list(nemo_layers(denoiser, args.blocks)))
+        layers = nemo_layers(denoiser, args.blocks, args.space)
+        scores = truth_scores(masks, prompts, images, subject.truth, list(layers))
         nemo.update(recall=scores["recall"], precision=scores["precision"], recall_union=scores.get("recall_union"),
                     precision_union=scores.get("precision_union"))
-        layers = nemo_layers(denoiser, args.blocks)
-        for row, score, record in zip(nemo["per_prompt"], scores["per_prompt"], runs["fast"]):
+        carrying = truth_scores(masks, prompts, images, subject.carriers) if subject.carriers else None
+        if carrying:
+            nemo.update(recall_carrying=carrying["recall"], precision_carrying=carrying["precision"])
+        for k, (row, score, record) in enumerate(zip(nemo["per_prompt"], scores["per_prompt"], runs["fast"])):
             rank = {unit: r for r, unit in enumerate(zscore_ranking(denoiser, row["prompt"], stats, layers))}
             ranks = sorted(rank[(layer, int(i))] for layer, i in mask_units(subject.truth(row["image"]))
                            if (layer, int(i)) in rank)
@@ -313,9 +333,15 @@ def run_nemo(args: argparse.Namespace, subject: Subject, prompts: list[str], ima
                        truth_in_search_space=score["truth_in_search_space"], truth_zscore_ranks=ranks,
                        truth_in_initial_selection=None if initial is None else sum(r < initial for r in ranks),
                        initial_candidates=initial)
+            if carrying:
+                row.update(recall_carrying=carrying["per_prompt"][k]["recall"],
+                           precision_carrying=carrying["per_prompt"][k]["precision"],
+                           carriers=subject.carriers(row["image"]).count())
             print(f"  truth     {row['prompt'][:48]:48s} recall {score['recall']} precision {score['precision']} "
                   f"(designated neurons in NeMo's search space: {score['truth_in_search_space']}; their z-score "
-                  f"ranks {ranks}, {row['truth_in_initial_selection']} in the initial selection of {initial})")
+                  f"ranks {ranks}, {row['truth_in_initial_selection']} in the initial selection of {initial}); "
+                  f"vs the {row.get('carriers', '-')} carrying neurons: recall {row.get('recall_carrying', '-')} "
+                  f"precision {row.get('precision_carrying', '-')}")
     union = NeuronMask.union(list(masks.values())) if masks else None
     nemo["novel_alignment_before"] = round(align_before, 4)
     nemo["novel_alignment_after"] = round(alignment(denoiser, novel, args.steps, union), 4)
@@ -350,7 +376,7 @@ def run_designated(args: argparse.Namespace, subject: Subject, prompts: list[str
 
 
 PROTOCOL_KEYS = ("prompts", "seeds", "steps", "novel", "nemo_seeds", "score_prompts", "batch", "ratios", "blocks",
-                 "score", "verify_rounds", "skip_reference", "skip_nemo")
+                 "space", "score", "verify_rounds", "skip_reference", "skip_nemo")
 
 
 def protocol(args: argparse.Namespace, parser: argparse.ArgumentParser, full: dict | None = None,
@@ -382,19 +408,23 @@ def headline(out: dict, subject: Subject, args: argparse.Namespace, before: list
     """Issue 25's last-line keys, null with a reason where not measured."""
     nemo, reasons = out.get("nemo"), {}
     if args.skip_nemo:
-        reasons.update(dict.fromkeys(("recall", "precision", "replication_after", "novel_alignment_after",
-                                      "evals_ratio_vs_reference"), "--skip-nemo: NeMo was not run"))
+        reasons.update(dict.fromkeys(("recall", "precision", "recall_carrying", "precision_carrying",
+                                      "replication_after", "novel_alignment_after", "evals_ratio_vs_reference"),
+                                     "--skip-nemo: NeMo was not run"))
     else:
         if subject.truth is None:
-            reasons.update(dict.fromkeys(("recall", "precision"), f"no ground truth: the {subject.name} model has no "
-                                         "designated neurons (use --model planted)"))
+            reasons.update(dict.fromkeys(("recall", "precision", "recall_carrying", "precision_carrying"),
+                                         f"no ground truth: the {subject.name} model has no designated neurons "
+                                         "(use --model planted)"))
+        elif subject.carriers is None:
+            reasons.update(dict.fromkeys(("recall_carrying", "precision_carrying"), subject.carriers_missing))
         if args.skip_reference:
             reasons["evals_ratio_vs_reference"] = "--skip-reference: the reference schedule was not run"
     first = next(iter(out["subspace"].values()), {})
     if "heldout_replication_after" not in first:
         reasons["subspace_heldout_replication_after"] = "no held-out prompts among the chosen ones (see --prompts)"
-    keys = ("recall", "precision", "replication_after", "novel_alignment_before", "novel_alignment_after",
-            "evals_ratio_vs_reference")
+    keys = ("recall", "precision", "recall_carrying", "precision_carrying", "replication_after",
+            "novel_alignment_before", "novel_alignment_after", "evals_ratio_vs_reference")
     figures = {k: (nemo or {}).get(k) for k in keys}
     figures["novel_alignment_before"] = out["novel_alignment_before"]
     designated = out.get("designated")
@@ -425,6 +455,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "and 0.05)")
     parser.add_argument("--blocks", choices=["down_mid", "all"], default="down_mid",
                         help="NeMo's search space (default: the paper's down and mid blocks)")
+    parser.add_argument("--space", choices=["value", "value+ffn"], default="value",
+                        help="NeMo's neurons (default: the paper's value neurons; value+ffn adds the FFN hidden units)")
     parser.add_argument("--score", choices=["ssim", "magnitude", "generation"], default="ssim",
                         help="NeMo's memorization score (default: the paper's first-step seed-consistency SSIM)")
     parser.add_argument("--generation-steps", type=int, default=10, help="steps of the 'generation' score")
@@ -445,7 +477,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                  "settings": {"prompts": len(prompts), "prompt_indices": args.prompts, "seeds": args.seeds,
                               "steps": args.steps, "novel": len(novel), "nemo_seeds": args.nemo_seeds,
                               "score_prompts": args.score_prompts, "batch": args.batch, "ratios": args.ratios,
-                              "blocks": args.blocks, "score": args.score, "generation_steps": args.generation_steps,
+                              "blocks": args.blocks, "space": args.space, "score": args.score,
+                              "generation_steps": args.generation_steps,
                               "verify_rounds": args.verify_rounds, "skip_reference": args.skip_reference,
                               "replication_ssim": REPLICATION_SSIM, "training_images": len(subject.training),
                               "threads": torch.get_num_threads()},
@@ -486,6 +519,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 truth = NeuronMask.union([subject.truth(i) for _, i in fit + held])
                 recall, precision = recall_precision(mask, truth)
                 sub.update(recall=rounded(recall), precision=rounded(precision))
+                if subject.carriers is not None:
+                    recall, precision = recall_precision(
+                        mask, NeuronMask.union([subject.carriers(i) for _, i in fit + held]))
+                    sub.update(recall_carrying=rounded(recall), precision_carrying=rounded(precision))
         out["subspace"][f"ratio_{ratio:g}"] = sub
         print(f"subspace ratio {ratio:g} measured", flush=True)
 
@@ -504,7 +541,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{'designated':10s} {d['replication_before']:12.3f} {d['replication_after']:12.3f} {'':>14s} "
               f"{d['novel_alignment_before']:12.3f} {d['novel_alignment_after']:12.3f}  (ground truth: reference)")
     if nemo is not None and subject.truth is not None:
-        print(f"NeMo vs designated neurons: recall {out['recall']}, precision {out['precision']}")
+        print(f"NeMo vs designated neurons: recall {out['recall']}, precision {out['precision']}; vs carrying "
+              f"neurons: recall {out['recall_carrying']}, precision {out['precision_carrying']}")
     print(json.dumps(out))
 
 

@@ -146,6 +146,13 @@ def fake_planted(testbed, monkeypatch):
                           layer_shapes={first: layer_shape(layers[first])}, fingerprint=testbed.fingerprint(),
                           method="designated")
 
+    def carrying_mask(name: str | None = None, folder=BUNDLED_TESTBED) -> NeuronMask:
+        if Path(folder) != BUNDLED_TESTBED:
+            raise DejaGuardError(f"{folder}/evaluation.json has no carriers measurement")
+        full = designated_mask(name, folder)  # the first two of each image's three designated neurons
+        return NeuronMask(layers={first: full.layers[first].view(-1, 3)[:, :2].flatten()},
+                          layer_shapes=full.layer_shapes, fingerprint=full.fingerprint, method="carriers")
+
     module = types.ModuleType(PLANTED_MODULE)
     module.PLANTED_MODEL = BUNDLED_TESTBED
     module.GROUND_TRUTH_DIR = "ground_truth"
@@ -157,6 +164,7 @@ def fake_planted(testbed, monkeypatch):
     module.all_training_images = lambda: {**v5, **module.load_planted_pixels()}
     module.planted_eval_prompts = lambda: [(p, m) for m in images for p in m.eval_prompts]
     module.designated_mask = designated_mask
+    module.carrying_mask = carrying_mask
     monkeypatch.setitem(sys.modules, PLANTED_MODULE, module)
     return module
 
@@ -222,6 +230,10 @@ def test_bench_neurons_planted_last_line(fake_planted, capsys, monkeypatch):
     assert [row["truth_zscore_ranks"] for row in out["nemo"]["per_prompt"]] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
     assert [row["truth_in_initial_selection"] for row in out["nemo"]["per_prompt"]] == [3, 1, None]
     assert out["recall"] == round((1 + 2 / 3 + 0) / 3, 4) and out["precision"] == 0.75
+    # against the carrying neurons (two of each three): both found masks hold them, with one and two extra neurons
+    assert [row["recall_carrying"] for row in out["nemo"]["per_prompt"]] == [1.0, 1.0, 0.0]
+    assert [row["precision_carrying"] for row in out["nemo"]["per_prompt"]] == [round(2 / 3, 4), 0.5, None]
+    assert out["recall_carrying"] == round(2 / 3, 4) and out["precision_carrying"] == round((2 / 3 + 0.5) / 2, 4)
     assert out["evals_ratio_vs_reference"] is None
     assert "skip-reference" in out["null_reasons"]["evals_ratio_vs_reference"]
     assert out["subspace"]["ratio_0.01"]["heldout_images"] == ["planted_horse"]
@@ -268,6 +280,7 @@ def test_planted_variant_folder_is_recognised(fake_planted, tmp_path):
     assert [i for _, i, _ in subject.default] == ["planted_camera", "planted_astronaut", "planted_horse"]
     assert len(subject.training) == 12 + 3
     assert subject.truth("planted_horse").count() == 3 and fake_planted.folders == [tmp_path]
+    assert subject.carriers is None and "no carriers measurement" in subject.carriers_missing
     assert subject.denoiser.fingerprint() == load_subject("testbed").denoiser.fingerprint()
 
 
