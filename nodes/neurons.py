@@ -1,7 +1,8 @@
 """Neuron-mask nodes: localize (NeMo), load, save, and apply a mask to a MODEL.
 
 - **Localize Neurons** runs :func:`core.nemo.localize` on the graph's MODEL and CLIP through
-  :class:`~nodes.comfy_denoiser.ComfyDenoiser`. Its batched search gates ``attn2.to_v`` outputs with
+  :class:`~nodes.comfy_denoiser.ComfyDenoiser`. Its batched search gates ``attn2.to_v`` outputs (and with
+  ``space`` "value+ffn" the GEGLU projections' hidden halves) with
   forward hooks on the loaded UNet for the duration of the search only; they are removed before the
   node returns (also on errors and interruptions). Activation statistics are cached per model
   fingerprint (``$DEJAGUARD_CACHE`` or ``~/.cache/dejaguard``), shared with the ``dejaguard`` CLI.
@@ -149,6 +150,12 @@ class DejaGuardLocalizeNeurons:
                     "tooltip": "Where to search: 'down_mid' = the cross-attention value layers of the down and mid "
                                "blocks (the paper's choice for Stable Diffusion); 'all' = the up blocks too (needed "
                                "where a memorized image is carried by the up blocks, as for some testbed prompts)."}),
+                "space": (["value", "value+ffn"], {
+                    "default": "value",
+                    "tooltip": "Which neurons: 'value' = the cross-attention value neurons (the paper's); "
+                               "'value+ffn' = the feed-forward (GEGLU) hidden units of the same blocks too, for "
+                               "memorization stored in the feed-forward layers (costs seeds noise predictions per "
+                               "statistics prompt once, and one per seed for the prompt)."}),
                 "verify_rounds": ("INT", {
                     "default": 0, "min": 0, "max": 8,
                     "tooltip": "Check the mask on as many unseen seeds as 'seeds'; where it fails there, search again "
@@ -172,7 +179,8 @@ class DejaGuardLocalizeNeurons:
 
     def localize(self, model: Any, clip: Any, prompt: str, seeds: int, threshold: float = 0.0,
                  score: str = "ssim", statistics_prompts: str = "", blocks: str = "down_mid",
-                 generation_steps: int = 10, vae: Any = None, verify_rounds: int = 0) -> tuple[NeuronMask, str]:
+                 generation_steps: int = 10, vae: Any = None, verify_rounds: int = 0,
+                 space: str = "value") -> tuple[NeuronMask, str]:
         if not prompt.strip():
             raise DejaGuardError("DejaGuard Localize Neurons: the prompt is empty; enter the memorized prompt")
         bar = comfy.utils.ProgressBar(100)
@@ -186,11 +194,11 @@ class DejaGuardLocalizeNeurons:
             raise DejaGuardError("DejaGuard Localize Neurons: the 'generation' score compares decoded images; "
                                  "connect the model's VAE")
         prompts = [p.strip() for p in statistics_prompts.splitlines() if p.strip()] or None
-        settings = LocalizeSettings(seeds=seeds, score=score, blocks=blocks, generation_steps=generation_steps,
-                                    verify_rounds=verify_rounds)
+        settings = LocalizeSettings(seeds=seeds, score=score, blocks=blocks, space=space,
+                                    generation_steps=generation_steps, verify_rounds=verify_rounds)
         with torch.inference_mode(False), torch.no_grad():
             comfy.model_management.load_models_gpu([model])  # the to_v weights are read directly for activations
-            stats = nemo_statistics(denoiser, prompts, seeds=seeds, score=score, blocks=blocks,
+            stats = nemo_statistics(denoiser, prompts, seeds=seeds, score=score, blocks=blocks, space=space,
                                     generation_steps=generation_steps, progress=on_progress)
             mask = localize(denoiser, prompt, stats, settings, threshold=threshold or None, progress=on_progress)
         return mask, summary_text(mask)

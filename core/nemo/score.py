@@ -58,7 +58,8 @@ def neuron_count(name: str, module: torch.nn.Module) -> int:
 
 def nemo_layers(denoiser: Denoiser, blocks: str = "down_mid", space: str = "value") -> dict[str, torch.nn.Module]:
     """The search space in model order: ``attn2.to_v`` layers (NeMo's), and with ``space="value+ffn"`` the GEGLU
-    input projections ``ff.net.0.proj`` of the same blocks (not in the paper; their neurons are the hidden units).
+    input projections ``ff.net.0.proj`` of the same blocks (not in the paper; their neurons are the hidden units),
+    each after its block's value layer.
 
     ``blocks``: ``"down_mid"`` (the paper's: down and mid blocks) or ``"all"`` (up blocks too).
     """
@@ -80,7 +81,14 @@ def nemo_layers(denoiser: Denoiser, blocks: str = "down_mid", space: str = "valu
         if not ffn or any(name[: -len(".proj")] not in modules for name in ffn):
             raise DejaGuardError(f"this UNet has no GEGLU feed-forward layers (ff.net.0.proj under ff.net.0) in its "
                                  f"{blocks} blocks under diffusers names: search space {space!r} is not available")
-        layers = {name: m for name, m in modules.items() if name in layers or name in ffn}
+        # one order in every adapter (ComfyUI defines ff before attn2): each block's value layer, then its FFN
+        ordered = {}
+        for name, module in layers.items():
+            ordered[name] = module
+            twin = name[: -len(VALUE_LAYER)] + FFN_LAYER
+            if twin in ffn:
+                ordered[twin] = ffn.pop(twin)
+        layers = {**ordered, **ffn}
     return layers
 
 

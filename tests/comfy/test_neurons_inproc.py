@@ -186,3 +186,43 @@ def test_localize_node(comfy_env: Any, pair: tuple[Any, ...], tmp_path: Path, mo
     loaded, _ = neuron_nodes.DejaGuardLoadNeuronMask().load("nemo/test.safetensors")
     assert all(torch.equal(loaded.layers[k], mask.layers[k]) for k in mask.layers)
     assert "nemo/test.safetensors" in neuron_nodes.folder_paths.get_filename_list(neuron_nodes.MASK_FOLDER)
+
+
+def test_ffn_activations_and_space_in_comfyui(comfy_env: Any, pair: tuple[Any, ...],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 'value+ffn' search space through the ComfyUI adapter: the same layers under diffusers names and the same
+    activations as on the diffusers model (GEGLU hidden units read by hooks on ComfyUI's modules); the node hands its
+    'space' input to both the statistics and the search."""
+    torch = comfy_env
+    from DejaGuard.core.nemo import nemo_layers, neuron_activations
+    from DejaGuard.core.nemo.score import first_step_noise
+    from DejaGuard.nodes import neurons as neuron_nodes
+    from DejaGuard.nodes.comfy_denoiser import ComfyDenoiser
+
+    model, clip, den = pair
+    comfy_den = ComfyDenoiser(model, clip, feature="masks")
+    layers, comfy_layers = nemo_layers(den, space="value+ffn"), nemo_layers(comfy_den, space="value+ffn")
+    assert list(layers) == list(comfy_layers) and any(k.endswith("ff.net.0.proj") for k in layers)
+    noise, t = first_step_noise(den, range(2))
+    with torch.inference_mode(False), torch.no_grad():
+        ours = neuron_activations(den, layers, den.encode_prompts([PROMPT]), noise, t)
+        theirs = neuron_activations(comfy_den, comfy_layers, comfy_den.encode_prompts([PROMPT]), noise, t)
+    for k in layers:
+        assert _rel(theirs[k], ours[k]) < 1e-4, k
+    assert _no_hooks(model)
+
+    seen: dict[str, Any] = {}
+
+    def statistics(*args: Any, **kwargs: Any) -> None:
+        seen["stats"] = kwargs
+
+    def search(denoiser: Any, prompt: str, stats: Any, settings: Any, **kwargs: Any) -> None:
+        seen["settings"] = settings
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(neuron_nodes, "nemo_statistics", statistics)
+    monkeypatch.setattr(neuron_nodes, "localize", search)
+    with pytest.raises(RuntimeError, match="stop"):
+        neuron_nodes.DejaGuardLocalizeNeurons().localize(model, clip, PROMPT, 3, space="value+ffn")
+    assert seen["stats"]["space"] == "value+ffn" and seen["settings"].space == "value+ffn"
+    assert "value+ffn" in neuron_nodes.DejaGuardLocalizeNeurons.INPUT_TYPES()["optional"]["space"][0]
