@@ -13,8 +13,9 @@ prompt optimized on the mean over its ``--seeds`` initial noises; then full gene
 ``--steps``, CFG 7.5) are judged by the testbed's replication check (structure SSIM above ``REPLICATION_SSIM`` to
 *any* training image: v5's 12, plus the planted ones on ``--model planted``). Methods:
 
-- ``nemo``: each prompt's own NeMo mask (``core.nemo.localize``, paper's settings, fast schedule) on while the
-  attack searches and while its generations run. A prompt NeMo cannot localize is left out (``errors``).
+- ``nemo``: each prompt's own NeMo mask (``core.nemo.localize``, fast schedule; the paper's settings unless
+  ``--nemo-score`` / ``--nemo-space`` say otherwise) on while the attack searches and while its generations run.
+  A prompt NeMo cannot localize is left out (``errors``).
 - ``designated`` (models with a ground truth: ``--model planted`` or a planted variant folder, see
   ``bench.neurons.load_subject``): each prompt's designated neurons (``designated_mask(image)``) switched off, the
   mask a perfect localization would find, attacked exactly as ``nemo``; elsewhere null with that reason.
@@ -195,6 +196,7 @@ def run(args: argparse.Namespace, subject: Subject) -> dict:
                               "step_fraction": args.step_fraction, "subspace_ratio": args.subspace_ratio,
                               "replication_ssim": REPLICATION_SSIM, "training_images": len(training),
                               "nemo_seeds": args.nemo_seeds, "score_prompts": args.score_prompts,
+                              "nemo_score": args.nemo_score, "nemo_space": args.nemo_space,
                               "threads": torch.get_num_threads(),
                               "objective": "maximize the first-step text-conditional magnitude (core.redteam)"},
                  "model_folder": subject.location, "methods": {}}
@@ -208,12 +210,14 @@ def run(args: argparse.Namespace, subject: Subject) -> dict:
     if "nemo" in args.methods:
         print("nemo", flush=True)
         before = denoiser.counter.snapshot()
-        stats = nemo_statistics(denoiser, seeds=args.nemo_seeds, score_prompts=args.score_prompts, cache=args.cache)
+        stats = nemo_statistics(denoiser, seeds=args.nemo_seeds, score_prompts=args.score_prompts, cache=args.cache,
+                                score=args.nemo_score, space=args.nemo_space)
         masks: dict[int, NeuronMask] = {}
         errors = []
         for i, prompt in enumerate(prompts):
             try:
-                masks[i] = localize(denoiser, prompt, stats, LocalizeSettings(seeds=args.nemo_seeds))
+                masks[i] = localize(denoiser, prompt, stats, LocalizeSettings(
+                    seeds=args.nemo_seeds, score=args.nemo_score, space=args.nemo_space))
             except DejaGuardError as err:  # not localized: reported, left out of the figures
                 errors.append({"prompt": prompt, "error": str(err)})
         spent = denoiser.counter.since(before).forwards
@@ -350,6 +354,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--filtered-model", default=None, help="a model trained with the loss filter (diffusers)")
     parser.add_argument("--nemo-seeds", type=int, default=4, help="seeds of NeMo's memorization score")
     parser.add_argument("--score-prompts", type=int, default=64, help="prompts calibrating NeMo's threshold")
+    parser.add_argument("--nemo-score", choices=["ssim", "magnitude"], default="ssim",
+                        help="NeMo's memorization score (default: the paper's seed-consistency SSIM)")
+    parser.add_argument("--nemo-space", choices=["value", "value+ffn"], default="value",
+                        help="NeMo's neurons (default: the paper's value neurons; value+ffn adds the FFN hidden units)")
     parser.add_argument("--threshold", type=float, default=None, help="embedding mitigation threshold (calibrated)")
     parser.add_argument("--target", type=float, default=None, help="embedding mitigation target (calibrated)")
     parser.add_argument("--calibration", default=None,
@@ -361,7 +369,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.manual_seed(0)
     out = run(args, load_subject(args.model))
     departures = protocol(args, parser, FULL_PROTOCOL, ("images", "prompts", "seeds", "steps", "budgets",
-                                                        "attack_steps", "nemo_seeds", "score_prompts"))
+                                                        "attack_steps", "nemo_seeds", "score_prompts",
+                                                        "nemo_score", "nemo_space"))
     out.update({"protocol": "reduced" if departures else "full", "departures_from_full_protocol": departures})
     print("\n" + table(out))
     print(json.dumps(out))
