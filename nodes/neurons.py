@@ -156,6 +156,12 @@ class DejaGuardLocalizeNeurons:
                                "'value+ffn' = the feed-forward (GEGLU) hidden units of the same blocks too, for "
                                "memorization stored in the feed-forward layers (costs seeds noise predictions per "
                                "statistics prompt once, and one per seed for the prompt)."}),
+                "ranking": (["zscore", "attribution"], {
+                    "default": "zscore",
+                    "tooltip": "Which neurons are tried first: 'zscore' = NeMo's (how unusual each neuron's "
+                               "activation is for this prompt); 'attribution' = how much switching each one off "
+                               "would lower the first-step magnitude, from one gradient (a backward pass over the "
+                               "seeds): finds feed-forward carriers that z-scores rank low."}),
                 "verify_rounds": ("INT", {
                     "default": 0, "min": 0, "max": 8,
                     "tooltip": "Check the mask on as many unseen seeds as 'seeds'; where it fails there, search again "
@@ -180,7 +186,7 @@ class DejaGuardLocalizeNeurons:
     def localize(self, model: Any, clip: Any, prompt: str, seeds: int, threshold: float = 0.0,
                  score: str = "ssim", statistics_prompts: str = "", blocks: str = "down_mid",
                  generation_steps: int = 10, vae: Any = None, verify_rounds: int = 0,
-                 space: str = "value") -> tuple[NeuronMask, str]:
+                 space: str = "value", ranking: str = "zscore") -> tuple[NeuronMask, str]:
         if not prompt.strip():
             raise DejaGuardError("DejaGuard Localize Neurons: the prompt is empty; enter the memorized prompt")
         bar = comfy.utils.ProgressBar(100)
@@ -194,7 +200,7 @@ class DejaGuardLocalizeNeurons:
             raise DejaGuardError("DejaGuard Localize Neurons: the 'generation' score compares decoded images; "
                                  "connect the model's VAE")
         prompts = [p.strip() for p in statistics_prompts.splitlines() if p.strip()] or None
-        settings = LocalizeSettings(seeds=seeds, score=score, blocks=blocks, space=space,
+        settings = LocalizeSettings(seeds=seeds, score=score, blocks=blocks, space=space, ranking=ranking,
                                     generation_steps=generation_steps, verify_rounds=verify_rounds)
         with torch.inference_mode(False), torch.no_grad():
             comfy.model_management.load_models_gpu([model])  # the to_v weights are read directly for activations

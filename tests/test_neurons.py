@@ -617,3 +617,37 @@ def test_value_and_ffn_search_space(testbed, tmp_path):
         localize(testbed, MEMORIZED_PROMPT, stats_both, LocalizeSettings(score="magnitude", seeds=2))
     paper = nemo_statistics(testbed, prompts, seeds=2, score_prompts=4, cache=tmp_path, score="magnitude")
     assert "space" not in paper.settings  # the paper's space keeps the cache keys it always had
+
+
+def test_gate_attributions_are_the_gradient_of_the_first_step_magnitude(testbed):
+    """The attribution of a neuron is d(magnitude)/d(gate) at gate 1: a finite difference of the magnitude with the
+    gate at 1 - h agrees; one batched call over the seeds, counted with its backward pass; the ranked candidate sets
+    take the highest attributions first and grow 1..16, then double."""
+    from dejaguard.core.nemo import RANKINGS, gate_attributions
+    from dejaguard.core.nemo.stages import RankedCandidates
+
+    assert set(RANKINGS) == {"zscore", "attribution"}
+    with pytest.raises(DejaGuardError, match="ranking"):
+        LocalizeSettings(ranking="gradient")
+    layers = nemo_layers(testbed, space="value+ffn")
+    with OutputGates(layers) as gates:
+        ctx = first_step_context(testbed, MEMORIZED_PROMPT, range(2), gates, kind="magnitude")
+        before = testbed.counter.snapshot()
+        attr = gate_attributions(ctx, layers)
+        spent = testbed.counter.since(before)
+        assert (spent.forwards, spent.backwards) == (4, 4)
+        with torch.no_grad():  # as a graph's node calls it
+            again = gate_attributions(ctx, layers)
+        assert all(torch.allclose(again[k], attr[k]) for k in attr)
+        name = max(attr, key=lambda k: float(attr[k].max()))
+        j = int(attr[name].argmax())
+        h = 1e-2
+        gate = torch.ones(layer_shape(layers[name])[0])
+        gate[j] = 1 - h
+        on, off = memorization_scores(ctx, [None, {name: gate}]).tolist()
+    assert attr[name][j] > 0
+    assert abs((on - off) / h - float(attr[name][j])) < 0.05 * float(attr[name][j])
+    ranked = RankedCandidates(attr)
+    assert ranked(0) == frozenset({(name, j)}) and [ranked.size(k) for k in range(17)] == list(range(1, 17)) + [32]
+    assert ranked.size(ranked.steps - 1) == ranked.neurons() and ranked.threshold(0) == float(attr[name][j])
+    assert ranked.ascending(ranked(1))[-1] == (name, j)

@@ -216,15 +216,27 @@ def test_shipped_carriers_are_designated_neurons(tmp_path):
 
 @pytest.mark.skipif(not SHIPPED, reason="the planted variant is not in this install")
 def test_nemo_over_value_and_ffn_neurons_finds_a_shared_carrier(tmp_path):
-    """NeMo with the FFN hidden units in its search space (magnitude criterion) on a prompt of the shared group,
-    whose memorization the carriers measurement puts in one FFN hidden unit: what it switches off is that unit."""
+    """NeMo with the FFN hidden units in its search space (magnitude criterion) on prompts of the shared group,
+    whose memorization the carriers measurement puts in one FFN hidden unit: what it switches off is that unit (with
+    the z-score ranking for glyph, with the attribution ranking for spiral, where the z-score ranking fails)."""
     from dejaguard.core.nemo import LocalizeSettings, localize, nemo_statistics
     from dejaguard.core.neuron_mask import mask_units
 
     variant = load_denoiser(pl.PLANTED_MODEL, device="cpu")
-    glyph = pl.planted_image("glyph")
+    glyph, spiral = pl.planted_image("glyph"), pl.planted_image("spiral")
     stats = nemo_statistics(variant, seeds=4, score_prompts=16, cache=tmp_path, score="magnitude", space="value+ffn")
-    mask = localize(variant, glyph.eval_prompts[0], stats, LocalizeSettings(score="magnitude", space="value+ffn"))
+    settings = LocalizeSettings(score="magnitude", space="value+ffn")
+    mask = localize(variant, glyph.eval_prompts[0], stats, settings)
     assert mask.info["memorized"] and mask.count() >= 1
     assert mask_units(mask) <= mask_units(pl.carrying_mask("glyph"))
     assert all(k.endswith("ff.net.0.proj") for k in mask.layers)
+    # spiral: the z-score's nested sets switch the carrier off only with dozens of other FFN units, which raise the
+    # magnitude again, so none passes; ranked by attribution the carrier comes first and is the whole mask
+    with pytest.raises(DejaGuardError, match="not localized"):
+        localize(variant, spiral.eval_prompts[0], stats, settings)
+    before = variant.counter.snapshot()
+    mask = localize(variant, spiral.eval_prompts[0], stats,
+                    LocalizeSettings(score="magnitude", space="value+ffn", ranking="attribution"))
+    assert mask_units(mask) == mask_units(pl.carrying_mask("spiral"))
+    assert mask.info["initial_candidates"] == 1 and mask.settings["ranking"] == "attribution"
+    assert variant.counter.since(before).backwards == 2 * 4  # the attribution's one backward pass over 4 seeds

@@ -28,6 +28,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sp.add_argument("--space", choices=["value", "value+ffn"], default="value",
                     help="neurons searched: the cross-attention value neurons (the paper's, default) or value+ffn, "
                     "the feed-forward (GEGLU) hidden units of the same blocks too")
+    sp.add_argument("--ranking", choices=["zscore", "attribution"], default="zscore",
+                    help="candidate order: activation z-scores (the paper's, default) or attribution, the "
+                    "first-order effect of switching each neuron off on the first-step magnitude (one backward pass)")
     sp.add_argument("--verify-rounds", type=int, default=0,
                     help="check the mask on --seeds unseen seeds; if it fails there, search again with them too "
                     "(at most this many rounds; default 0: no check)")
@@ -56,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
               "--stats-prompts with prompts typical for this model that are not memorized", file=sys.stderr)
     settings = LocalizeSettings(seeds=args.seeds, schedule="reference" if args.reference else "fast",
                                 batch=args.batch, score=args.score, blocks=args.blocks, space=args.space,
+                                ranking=args.ranking,
                                 generation_steps=args.generation_steps, verify_rounds=args.verify_rounds)
     with TqdmProgress("statistics") as bar:
         stats = nemo_statistics(denoiser, stats_prompts, seeds=settings.seeds, score_prompts=args.score_prompts,

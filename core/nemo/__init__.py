@@ -55,10 +55,12 @@ from .score import (
     GENERATION_STEPS,
     NEMO_BLOCKS,
     NEMO_SPACES,
+    RANKINGS,
     SCORES,
     ScoreContext,
     cross_seed_similarity,
     first_step_context,
+    gate_attributions,
     memorization_scores,
     nemo_layers,
     neuron_activations,
@@ -76,9 +78,8 @@ from .statistics import (
 )
 
 __all__ = [
-    "GENERATION_STEPS", "NEMO_BLOCKS", "NEMO_SPACES", "SCORES", "ActivationStats", "LocalizeSettings", "ScoreContext",
-    "cache_dir",
-    "cross_seed_similarity", "default_statistics_prompts", "first_step_context", "localize", "memorization_scores",
-    "nemo_layers", "nemo_statistics", "neuron_activations", "prompt_zscores", "seed_consistency", "value_activations",
-    "zscore_ranking",
+    "GENERATION_STEPS", "NEMO_BLOCKS", "NEMO_SPACES", "RANKINGS", "SCORES", "ActivationStats", "LocalizeSettings",
+    "ScoreContext", "cache_dir", "cross_seed_similarity", "default_statistics_prompts", "first_step_context",
+    "gate_attributions", "localize", "memorization_scores", "nemo_layers", "nemo_statistics", "neuron_activations",
+    "prompt_zscores", "seed_consistency", "value_activations", "zscore_ranking",
 ]

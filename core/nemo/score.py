@@ -43,6 +43,9 @@ from ..sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, guided_denoise, initial_
 NEMO_BLOCKS = {"down_mid": ("down_blocks.", "mid_block."), "all": ("down_blocks.", "mid_block.", "up_blocks.")}
 VALUE_LAYER, FFN_LAYER = "attn2.to_v", "ff.net.0.proj"
 NEMO_SPACES = {"value": (VALUE_LAYER,), "value+ffn": (VALUE_LAYER, FFN_LAYER)}
+RANKINGS = {"zscore": "activation z-scores against non-memorized prompts (NeMo)",
+            "attribution": "first-order effect of switching the neuron off on the first-step magnitude "
+                           "(gate_attributions)"}
 
 
 def is_ffn_layer(name: str) -> bool:
@@ -143,6 +146,33 @@ def neuron_activations(denoiser: Denoiser, layers: dict[str, torch.nn.Module], e
     for k in ffn:
         out[k] = torch.cat(sums[k]).view(embeddings.shape[0], s, -1).mean(dim=1)
     return {k: out[k] for k in layers}
+
+
+def gate_attributions(ctx: ScoreContext, layers: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """First-order effect of switching each neuron off on the prompt's first-step magnitude: ``{layer: (N,)}``.
+
+    The gradient of ``mean over seeds of ||eps(x_T, c) - eps(x_T, "")||`` (:data:`SCORES` ``"magnitude"``) with
+    respect to a gate on every neuron of ``layers``, at gate 1 (every neuron on); switching neuron ``j`` off
+    (gate 0) changes the score by about ``-attribution_j``, so the highest attributions are the neurons whose
+    loss lowers the score most ("attribution patching"). Not in the paper: NeMo ranks by activation z-scores, which
+    rank feed-forward carriers low (the README's planted-variant measurements). One batched UNet call over the
+    ``S`` seeds (uncond and cond, ``2 S`` noise predictions) and its backward pass; ``ctx.gates`` must hook
+    ``layers``. Float32 on the CPU.
+    """
+    s = ctx.seeds
+    gates = {name: torch.ones(1, layer_shape(m)[0], requires_grad=True) for name, m in layers.items()}
+    try:
+        with torch.enable_grad():  # also under the no_grad of a graph's node
+            ctx.gates.set({name: g.repeat(2 * s, 1) for name, g in gates.items()})
+            context = torch.cat([ctx.uncond.expand(s, -1, -1), ctx.cond.expand(s, -1, -1)])
+            eps = ctx.denoiser.predict_noise(torch.cat([ctx.noise, ctx.noise]), ctx.timestep, context)
+            eps_uncond, eps_cond = eps.float().chunk(2)
+            score = (eps_cond - eps_uncond).flatten(1).norm(dim=1).mean()
+            grads = torch.autograd.grad(score, list(gates.values()))
+    finally:
+        ctx.gates.set({})
+    return {name: g[0, :neuron_count(name, module)].detach().float().cpu()
+            for (name, module), g in zip(layers.items(), grads)}
 
 
 def seed_consistency(differences: torch.Tensor) -> torch.Tensor:

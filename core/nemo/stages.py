@@ -43,10 +43,12 @@ from ..sampling import DEFAULT_STEPS
 from .score import (
     GENERATION_STEPS,
     NEMO_SPACES,
+    RANKINGS,
     SCORES,
     ScoreContext,
     check_score_kind,
     first_step_context,
+    gate_attributions,
     nemo_layers,
 )
 from .search import CandidateSearch, NeuronSet, first_true, refine_neurons
@@ -67,6 +69,7 @@ class LocalizeSettings:
     score: str = "ssim"  # memorization score: "ssim" (NeMo) or "magnitude" (see SCORES)
     blocks: str = "down_mid"  # search space (NEMO_BLOCKS): the paper's down and mid blocks, or "all"
     space: str = "value"  # NEMO_SPACES: the paper's value neurons, or "value+ffn" (the FFN hidden units too)
+    ranking: str = "zscore"  # RANKINGS: the paper's activation z-scores, or "attribution" (gate gradients)
     generation_steps: int = GENERATION_STEPS  # score "generation": steps of its short generations
     verify_rounds: int = 0  # > 0: check each mask on `seeds` unseen seeds; a failing set joins the search (max rounds)
     # fast schedule: score a candidate on two seeds first and the others only if it passes there (max-type scores:
@@ -83,6 +86,8 @@ class LocalizeSettings:
             raise DejaGuardError(f"generation_steps must be at least 1, got {self.generation_steps}")
         if self.space not in NEMO_SPACES:
             raise DejaGuardError(f"unknown NeMo search space {self.space!r} (one of {', '.join(NEMO_SPACES)})")
+        if self.ranking not in RANKINGS:
+            raise DejaGuardError(f"unknown NeMo ranking {self.ranking!r} (one of {', '.join(RANKINGS)})")
 
 
 class NestedCandidates:
@@ -114,6 +119,36 @@ class NestedCandidates:
     def ascending(self, neurons: Iterable[Neuron]) -> list[Neuron]:
         """``neurons`` by ascending z (least suspicious first; ties by layer name and index)."""
         return sorted(neurons, key=lambda n: (float(self.z[n[0]][n[1]]), n))
+
+
+class RankedCandidates(NestedCandidates):
+    """Nested candidate sets from one ranking of every neuron by a score ``{layer: (N,)}`` (higher: more suspicious;
+    here :func:`~core.nemo.score.gate_attributions`): ``C_j`` = the top :meth:`size` ``(j)`` neurons over all layers
+    at once, sizes 1, 2, ..., 16, then doubling up to every neuron. Same interface as :class:`NestedCandidates`
+    (:meth:`threshold` is the score of the last neuron taken)."""
+
+    SMALL = 16  # sizes 1..SMALL one by one: a carrier set is usually small
+
+    def __init__(self, scores: dict[str, torch.Tensor]) -> None:
+        self.z = scores
+        flat = [(-float(v[i]), position, name, i) for position, (name, v) in enumerate(scores.items())
+                for i in range(v.shape[0])]
+        self.order = [(name, i) for _, _, name, i in sorted(flat)]
+        sizes = list(range(1, min(self.SMALL, len(self.order)) + 1))
+        while sizes[-1] < len(self.order):
+            sizes.append(min(2 * sizes[-1], len(self.order)))
+        self.sizes = sizes
+        self.steps = len(sizes)
+
+    def size(self, j: int) -> int:
+        return self.sizes[j]
+
+    def threshold(self, j: int) -> float:
+        name, i = self.order[self.sizes[j] - 1]
+        return float(self.z[name][i])
+
+    def __call__(self, j: int) -> NeuronSet:
+        return frozenset(self.order[: self.sizes[j]])
 
 
 def score_unmasked(search: CandidateSearch, progress: Progress | None = None) -> float:
@@ -245,14 +280,18 @@ def localize(
     before = denoiser.counter.snapshot()
     fast = settings.schedule == "fast"
     cond = denoiser.encode_prompts([prompt])
-    candidates = NestedCandidates(prompt_zscores(denoiser, cond, stats, layers), settings.z_start, settings.z_step)
-
     with OutputGates(layers) as gates:
 
         def context(seeds: range) -> ScoreContext:
             return first_step_context(denoiser, cond, seeds, gates, settings.num_inference_steps,
                                       settings.max_batch, settings.score, settings.generation_steps)
 
+        candidates: NestedCandidates
+        if settings.ranking == "attribution":
+            candidates = RankedCandidates(gate_attributions(context(range(settings.seeds)), layers))
+        else:
+            candidates = NestedCandidates(prompt_zscores(denoiser, cond, stats, layers), settings.z_start,
+                                          settings.z_step)
         search = CandidateSearch(context(range(settings.seeds)), tau, early_stop=fast and settings.early_stop,
                                  fast=fast, batch=settings.batch if fast else 1)
         score_before = score_unmasked(search, progress)

@@ -192,10 +192,12 @@ def test_ffn_activations_and_space_in_comfyui(comfy_env: Any, pair: tuple[Any, .
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """The 'value+ffn' search space through the ComfyUI adapter: the same layers under diffusers names and the same
     activations as on the diffusers model (GEGLU hidden units read by hooks on ComfyUI's modules); the node hands its
-    'space' input to both the statistics and the search."""
+    'space' input to both the statistics and the search; the attribution ranking's gradients equal the diffusers
+    model's, under ComfyUI's inference mode."""
     torch = comfy_env
-    from DejaGuard.core.nemo import nemo_layers, neuron_activations
+    from DejaGuard.core.nemo import first_step_context, gate_attributions, nemo_layers, neuron_activations
     from DejaGuard.core.nemo.score import first_step_noise
+    from DejaGuard.core.neuron_mask import OutputGates
     from DejaGuard.nodes import neurons as neuron_nodes
     from DejaGuard.nodes.comfy_denoiser import ComfyDenoiser
 
@@ -209,6 +211,15 @@ def test_ffn_activations_and_space_in_comfyui(comfy_env: Any, pair: tuple[Any, .
         theirs = neuron_activations(comfy_den, comfy_layers, comfy_den.encode_prompts([PROMPT]), noise, t)
     for k in layers:
         assert _rel(theirs[k], ours[k]) < 1e-4, k
+    # the attribution ranking's gradient through ComfyUI's UNet, as ComfyUI runs nodes (inference mode outside)
+    with torch.inference_mode(), torch.inference_mode(False), torch.no_grad():
+        with OutputGates(layers) as gates:
+            ours = gate_attributions(first_step_context(den, PROMPT, range(2), gates, kind="magnitude"), layers)
+        with OutputGates(comfy_layers) as gates:
+            theirs = gate_attributions(first_step_context(comfy_den, PROMPT, range(2), gates, kind="magnitude"),
+                                       comfy_layers)
+    for k in layers:
+        assert _rel(theirs[k], ours[k]) < 1e-3, k
     assert _no_hooks(model)
 
     seen: dict[str, Any] = {}
@@ -225,4 +236,7 @@ def test_ffn_activations_and_space_in_comfyui(comfy_env: Any, pair: tuple[Any, .
     with pytest.raises(RuntimeError, match="stop"):
         neuron_nodes.DejaGuardLocalizeNeurons().localize(model, clip, PROMPT, 3, space="value+ffn")
     assert seen["stats"]["space"] == "value+ffn" and seen["settings"].space == "value+ffn"
+    with pytest.raises(RuntimeError, match="stop"):
+        neuron_nodes.DejaGuardLocalizeNeurons().localize(model, clip, PROMPT, 3, ranking="attribution")
+    assert seen["settings"].ranking == "attribution"
     assert "value+ffn" in neuron_nodes.DejaGuardLocalizeNeurons.INPUT_TYPES()["optional"]["space"][0]
