@@ -265,7 +265,8 @@ def run_nemo(args: argparse.Namespace, subject: Subject, prompts: list[str], ima
     for prompt in prompts:
         for schedule in schedules:
             settings = LocalizeSettings(seeds=args.nemo_seeds, schedule=schedule, batch=args.batch,
-                                        blocks=args.blocks, space=args.space, score=args.score,
+                                        blocks=args.blocks, space=args.space, ranking=args.ranking,
+                                        score=args.score,
                                         generation_steps=args.generation_steps,
                                         verify_rounds=args.verify_rounds if schedule == "fast" else 0)
             try:
@@ -376,7 +377,7 @@ def run_designated(args: argparse.Namespace, subject: Subject, prompts: list[str
 
 
 PROTOCOL_KEYS = ("prompts", "seeds", "steps", "novel", "nemo_seeds", "score_prompts", "batch", "ratios", "blocks",
-                 "space", "score", "verify_rounds", "skip_reference", "skip_nemo")
+                 "space", "ranking", "score", "verify_rounds", "skip_reference", "skip_nemo")
 
 
 def protocol(args: argparse.Namespace, parser: argparse.ArgumentParser, full: dict | None = None,
@@ -457,6 +458,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="NeMo's search space (default: the paper's down and mid blocks)")
     parser.add_argument("--space", choices=["value", "value+ffn"], default="value",
                         help="NeMo's neurons (default: the paper's value neurons; value+ffn adds the FFN hidden units)")
+    parser.add_argument("--ranking", choices=["zscore", "attribution"], default="zscore",
+                        help="NeMo's candidate order (default: the paper's activation z-scores; attribution: the "
+                        "first-order effect of switching each neuron off on the first-step magnitude)")
     parser.add_argument("--score", choices=["ssim", "magnitude", "generation"], default="ssim",
                         help="NeMo's memorization score (default: the paper's first-step seed-consistency SSIM)")
     parser.add_argument("--generation-steps", type=int, default=10, help="steps of the 'generation' score")
@@ -477,7 +481,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                  "settings": {"prompts": len(prompts), "prompt_indices": args.prompts, "seeds": args.seeds,
                               "steps": args.steps, "novel": len(novel), "nemo_seeds": args.nemo_seeds,
                               "score_prompts": args.score_prompts, "batch": args.batch, "ratios": args.ratios,
-                              "blocks": args.blocks, "space": args.space, "score": args.score,
+                              "blocks": args.blocks, "space": args.space, "ranking": args.ranking,
+                              "score": args.score,
                               "generation_steps": args.generation_steps,
                               "verify_rounds": args.verify_rounds, "skip_reference": args.skip_reference,
                               "replication_ssim": REPLICATION_SSIM, "training_images": len(subject.training),

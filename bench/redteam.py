@@ -14,8 +14,8 @@ prompt optimized on the mean over its ``--seeds`` initial noises; then full gene
 *any* training image: v5's 12, plus the planted ones on ``--model planted``). Methods:
 
 - ``nemo``: each prompt's own NeMo mask (``core.nemo.localize``, fast schedule; the paper's settings unless
-  ``--nemo-score`` / ``--nemo-space`` say otherwise) on while the attack searches and while its generations run.
-  A prompt NeMo cannot localize is left out (``errors``).
+  ``--nemo-score`` / ``--nemo-space`` / ``--nemo-ranking`` say otherwise) on while the attack searches and while
+  its generations run. A prompt NeMo cannot localize is left out (``errors``).
 - ``designated`` (models with a ground truth: ``--model planted`` or a planted variant folder, see
   ``bench.neurons.load_subject``): each prompt's designated neurons (``designated_mask(image)``) switched off, the
   mask a perfect localization would find, attacked exactly as ``nemo``; elsewhere null with that reason.
@@ -197,6 +197,7 @@ def run(args: argparse.Namespace, subject: Subject) -> dict:
                               "replication_ssim": REPLICATION_SSIM, "training_images": len(training),
                               "nemo_seeds": args.nemo_seeds, "score_prompts": args.score_prompts,
                               "nemo_score": args.nemo_score, "nemo_space": args.nemo_space,
+                              "nemo_ranking": args.nemo_ranking,
                               "threads": torch.get_num_threads(),
                               "objective": "maximize the first-step text-conditional magnitude (core.redteam)"},
                  "model_folder": subject.location, "methods": {}}
@@ -217,7 +218,7 @@ def run(args: argparse.Namespace, subject: Subject) -> dict:
         for i, prompt in enumerate(prompts):
             try:
                 masks[i] = localize(denoiser, prompt, stats, LocalizeSettings(
-                    seeds=args.nemo_seeds, score=args.nemo_score, space=args.nemo_space))
+                    seeds=args.nemo_seeds, score=args.nemo_score, space=args.nemo_space, ranking=args.nemo_ranking))
             except DejaGuardError as err:  # not localized: reported, left out of the figures
                 errors.append({"prompt": prompt, "error": str(err)})
         spent = denoiser.counter.since(before).forwards
@@ -358,6 +359,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="NeMo's memorization score (default: the paper's seed-consistency SSIM)")
     parser.add_argument("--nemo-space", choices=["value", "value+ffn"], default="value",
                         help="NeMo's neurons (default: the paper's value neurons; value+ffn adds the FFN hidden units)")
+    parser.add_argument("--nemo-ranking", choices=["zscore", "attribution"], default="zscore",
+                        help="NeMo's candidate order (default: the paper's activation z-scores)")
     parser.add_argument("--threshold", type=float, default=None, help="embedding mitigation threshold (calibrated)")
     parser.add_argument("--target", type=float, default=None, help="embedding mitigation target (calibrated)")
     parser.add_argument("--calibration", default=None,
@@ -370,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = run(args, load_subject(args.model))
     departures = protocol(args, parser, FULL_PROTOCOL, ("images", "prompts", "seeds", "steps", "budgets",
                                                         "attack_steps", "nemo_seeds", "score_prompts",
-                                                        "nemo_score", "nemo_space"))
+                                                        "nemo_score", "nemo_space", "nemo_ranking"))
     out.update({"protocol": "reduced" if departures else "full", "departures_from_full_protocol": departures})
     print("\n" + table(out))
     print(json.dumps(out))
