@@ -26,14 +26,22 @@ first-step criteria are met while the image re-forms later in sampling (see the 
 replicate at 10 and at 50 steps). Cost: ``generation_steps`` x the first-step scores per candidate.
 
 *Search space* (``LocalizeSettings.blocks``): the paper's ``attn2.to_v`` of the down and mid blocks
-(``"down_mid"``, the default), or every ``attn2.to_v`` (``"all"``, the up blocks too). ``LocalizeSettings.space``
+(``"down_mid"``, the default), or every ``attn2.to_v`` (``"all"``, the up blocks too). Measured on the
+testbed (4 seeds, 20 DDIM steps): switching off every down/mid value neuron stops the astronaut and
+cameraman prompts from replicating but not "chelsea the tabby cat looking at the camera" (SSIM to its
+training image 0.67 -> 0.80); that image is carried by the up blocks. ``LocalizeSettings.space``
 ``"value+ffn"`` (not in the paper) adds the GEGLU hidden units of the same blocks' feed-forwards (``ff.net.0.proj``
 output channels ``< out / 2``); their activation is read at the first sampling step on the score's fixed noises
 (:func:`~core.nemo.score.neuron_activations`). Why: memorization that lives in the feed-forward (Chavhan et al.'s
-subspace; the planted variant's shared group) is out of reach of value neurons. Measured on the
-testbed (4 seeds, 20 DDIM steps): switching off every down/mid value neuron stops the astronaut and
-cameraman prompts from replicating but not "chelsea the tabby cat looking at the camera" (SSIM to its
-training image 0.67 -> 0.80); that image is carried by the up blocks.
+subspace; the planted variant's shared group) is out of reach of value neurons.
+
+*Ranking* (``LocalizeSettings.ranking``): the paper's activation z-scores (``"zscore"``), or ``"attribution"`` (not
+in the paper): the gradient of the first-step magnitude with respect to a gate on each neuron, at every gate 1
+(:func:`~core.nemo.score.gate_attributions`, one batched backward pass), i.e. the first-order effect of switching it
+off; the nested candidate sets are then its top 1..16, 32, 64, ... neurons
+(:class:`~core.nemo.stages.RankedCandidates`).
+Why: on the planted variant z-scores rank the feed-forward carrier 15th to 158th of 1,600, and the large candidate
+sets that reach it switch off other FFN units that raise the score again; attribution ranks it first.
 
 Two schedules compute the stages; both score each distinct candidate set once (memoized). ``"reference"``
 is the straightforward one: one candidate set per UNet call (its ``S`` seeds, conditional and
