@@ -337,15 +337,24 @@ def neurons_mask(denoiser: Denoiser, layers: dict[str, torch.nn.Module], neurons
                  **fields: Any) -> NeuronMask:
     """A :class:`NeuronMask` switching off ``neurons`` ((layer, index) pairs of ``layers``) on ``denoiser``;
     ``fields`` are the other :class:`NeuronMask` fields (method, prompts, thresholds, settings, info)."""
-    grouped: dict[str, list[int]] = {k: [] for k in layers}  # model order
+    return shaped_neurons_mask(neurons, {k: layer_shape(m) for k, m in layers.items()}, denoiser.fingerprint(),
+                               **fields)
+
+
+def shaped_neurons_mask(neurons: Iterable[Neuron], layer_shapes: dict[str, tuple[int, int]], fingerprint: str,
+                        **fields: Any) -> NeuronMask:
+    """A :class:`NeuronMask` switching off ``neurons`` ((layer, index) pairs) of layers with the weight shapes
+    ``layer_shapes`` (in model order) on the model ``fingerprint``, without the model at hand: e.g. a subset of a
+    ground-truth mask (``NeuronMask(..., layer_shapes=truth.layer_shapes, ...)``)."""
+    grouped: dict[str, list[int]] = {k: [] for k in layer_shapes}  # model order
     for name, i in neurons:
         if name not in grouped:
             raise DejaGuardError(f"neuron of {name}, which is not one of the given layers")
         grouped[name].append(int(i))
     grouped = {k: v for k, v in grouped.items() if v}
     return NeuronMask(layers={k: torch.tensor(v, dtype=torch.int64) for k, v in grouped.items()},
-                      layer_shapes={k: layer_shape(m) for k, m in layers.items() if k in grouped},
-                      fingerprint=denoiser.fingerprint(), **fields)
+                      layer_shapes={k: v for k, v in layer_shapes.items() if k in grouped},
+                      fingerprint=fingerprint, **fields)
 
 
 

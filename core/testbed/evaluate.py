@@ -329,21 +329,18 @@ def _carriers_part(variant: Denoiser, planted: list, seeds: Sequence[int], train
     necessary neurons; where none is necessary (the memorization survives in none of the single neurons: it needs
     several together, the set is redundant) every designated neuron counts as a carrier.
     """
-    from ..neuron_mask import NeuronMask, apply_mask, mask_units
+    from ..neuron_mask import apply_mask, mask_units, shaped_neurons_mask
     from .planted import designated_mask
 
     on, _ = _memorized_rates(variant, [(p, m.name, m.group) for p, m in planted], seeds, training, *steps_cfg)
     per_image = {}
-    for (prompt, image), rate_on in zip(((p, m) for p, m in planted), on):
+    for (prompt, image), rate_on in zip(planted, on):
         truth = designated_mask(image.name, folder)
         units = sorted(mask_units(truth))
         leave_one_in = {}
         for unit in units:
-            rest = [u for u in units if u != unit]
-            layers = {k: torch.tensor(sorted(i for layer, i in rest if layer == k), dtype=torch.int64)
-                      for k in dict.fromkeys(layer for layer, _ in rest)}
-            others = NeuronMask(layers=layers, layer_shapes=truth.layer_shapes, fingerprint=truth.fingerprint,
-                                method="designated, all but one")
+            others = shaped_neurons_mask([u for u in units if u != unit], truth.layer_shapes, truth.fingerprint,
+                                         method="designated, all but one")
             with apply_mask(variant, others):
                 rates, _ = _memorized_rates(variant, [(prompt, image.name, image.group)], seeds, training, *steps_cfg)
             leave_one_in[f"{unit[0]}:{unit[1]}"] = rates[0]["replication_rate"]

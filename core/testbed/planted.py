@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DejaGuardError
-from ..neuron_mask import NeuronMask, OutputGates, layer_shape
+from ..neuron_mask import NeuronMask, OutputGates, layer_shape, shaped_neurons_mask
 from .data import RESOLUTION, TrainingSampler, load_memorized_images
 
 PLANTED_MODEL = Path(__file__).parent / "planted"
@@ -282,12 +282,10 @@ def carrying_mask(name: str | None = None, folder: str | Path = PLANTED_MODEL) -
     truth = designated_mask(name, folder)
     if name not in images:
         raise DejaGuardError(f"{path}: the carriers measurement has no image {name!r}")
-    units = {(layer, int(i)) for layer, i in (u.rsplit(":", 1) for u in images[name]["carriers"])}
-    layers = {k: torch.tensor(sorted(i for layer, i in units if layer == k), dtype=torch.int64)
-              for k in dict.fromkeys(sorted(layer for layer, _ in units))}
-    return NeuronMask(layers=layers, layer_shapes={k: truth.layer_shapes[k] for k in layers},
-                      fingerprint=truth.fingerprint, method=f"carriers of {name} (planted ground truth)",
-                      info={"rule": record.get("rule", "")})
+    units = [(layer, int(i)) for layer, i in (u.rsplit(":", 1) for u in images[name]["carriers"])]
+    return shaped_neurons_mask(units, truth.layer_shapes, truth.fingerprint,
+                               method=f"carriers of {name} (planted ground truth)",
+                               info={"rule": record.get("rule", "")})
 
 
 # -- neuron choice ---------------------------------------------------------------------------------
