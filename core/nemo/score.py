@@ -38,7 +38,7 @@ from ..denoiser import Denoiser
 from ..errors import DejaGuardError
 from ..metrics import ssim_batch
 from ..neuron_mask import OutputGates, layer_shape
-from ..sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, guided_denoise, initial_noise
+from ..sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, guided_denoise, initial_noise, text_conditional_magnitude
 
 NEMO_BLOCKS = {"down_mid": ("down_blocks.", "mid_block."), "all": ("down_blocks.", "mid_block.", "up_blocks.")}
 VALUE_LAYER, FFN_LAYER = "attn2.to_v", "ff.net.0.proj"
@@ -159,15 +159,12 @@ def gate_attributions(ctx: ScoreContext, layers: dict[str, torch.nn.Module]) -> 
     ``S`` seeds (uncond and cond, ``2 S`` noise predictions) and its backward pass; ``ctx.gates`` must hook
     ``layers``. Float32 on the CPU.
     """
-    s = ctx.seeds
     gates = {name: torch.ones(1, layer_shape(m)[0], requires_grad=True) for name, m in layers.items()}
     try:
         with torch.enable_grad():  # also under the no_grad of a graph's node
-            ctx.gates.set({name: g.repeat(2 * s, 1) for name, g in gates.items()})
-            context = torch.cat([ctx.uncond.expand(s, -1, -1), ctx.cond.expand(s, -1, -1)])
-            eps = ctx.denoiser.predict_noise(torch.cat([ctx.noise, ctx.noise]), ctx.timestep, context)
-            eps_uncond, eps_cond = eps.float().chunk(2)
-            score = (eps_cond - eps_uncond).flatten(1).norm(dim=1).mean()
+            ctx.gates.set({name: g.repeat(2 * ctx.seeds, 1) for name, g in gates.items()})
+            eps_uncond, eps_cond = first_step_pair(ctx, ctx.noise)
+            score = text_conditional_magnitude(eps_cond, eps_uncond).mean()
             grads = torch.autograd.grad(score, list(gates.values()))
     finally:
         ctx.gates.set({})
@@ -286,6 +283,16 @@ def _short_generations(ctx: ScoreContext, x: torch.Tensor) -> torch.Tensor:
     return images
 
 
+def first_step_pair(ctx: ScoreContext, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(eps_uncond, eps_cond)`` float32 ``(n, C, H, W)`` of the prompt at ``ctx``'s first timestep from the scaled
+    noises ``x (n, C, H, W)``, in one call laid out ``[uncond x n, cond x n]`` (the layout of the gates set on
+    ``ctx.gates``)."""
+    n = x.shape[0]
+    context = torch.cat([ctx.uncond.expand(n, -1, -1), ctx.cond.expand(n, -1, -1)])
+    eps = ctx.denoiser.predict_noise(torch.cat([x, x]), ctx.timestep, context)
+    return eps.float().chunk(2)
+
+
 def seed_features(ctx: ScoreContext, masks: Sequence[dict[str, torch.Tensor] | None],
                   seeds: Sequence[int] | None = None) -> torch.Tensor:
     """What the memorization score compares, per candidate mask and seed: ``(B, s, ...)`` for ``B`` masks and the
@@ -305,7 +312,6 @@ def seed_features(ctx: ScoreContext, masks: Sequence[dict[str, torch.Tensor] | N
     with torch.no_grad():
         for start in range(0, len(masks), per_call):
             chunk = list(masks[start:start + per_call])
-            n = len(chunk) * s
             x = noise.repeat(len(chunk), 1, 1, 1)
             gates: dict[str, torch.Tensor | None] = {}
             for name, module in ctx.gates.modules.items():
@@ -329,11 +335,9 @@ def seed_features(ctx: ScoreContext, masks: Sequence[dict[str, torch.Tensor] | N
                 out.append(samples.float().cpu().view(len(chunk), s, *samples.shape[1:]))
                 continue
             ctx.gates.set(gates)
-            context = torch.cat([ctx.uncond.expand(n, -1, -1), ctx.cond.expand(n, -1, -1)])
-            eps = ctx.denoiser.predict_noise(torch.cat([x, x]), ctx.timestep, context)
+            eps_uncond, eps_cond = first_step_pair(ctx, x)
             ctx.gates.set({})
-            eps_uncond, eps_cond = eps.float().chunk(2)
-            out.append((eps_cond - eps_uncond).cpu().view(len(chunk), s, *eps.shape[1:]))
+            out.append((eps_cond - eps_uncond).cpu().view(len(chunk), s, *eps_cond.shape[1:]))
     return torch.cat(out)
 
 

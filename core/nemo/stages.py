@@ -286,13 +286,14 @@ def localize(
             return first_step_context(denoiser, cond, seeds, gates, settings.num_inference_steps,
                                       settings.max_batch, settings.score, settings.generation_steps)
 
+        searched = context(range(settings.seeds))
         candidates: NestedCandidates
         if settings.ranking == "attribution":
-            candidates = RankedCandidates(gate_attributions(context(range(settings.seeds)), layers))
+            candidates = RankedCandidates(gate_attributions(searched, layers))
         else:
             candidates = NestedCandidates(prompt_zscores(denoiser, cond, stats, layers), settings.z_start,
                                           settings.z_step)
-        search = CandidateSearch(context(range(settings.seeds)), tau, early_stop=fast and settings.early_stop,
+        search = CandidateSearch(searched, tau, early_stop=fast and settings.early_stop,
                                  fast=fast, batch=settings.batch if fast else 1)
         score_before = score_unmasked(search, progress)
         info: dict[str, Any] = {"score_before": score_before, "threshold": tau, "memorized": score_before >= tau}
