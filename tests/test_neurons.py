@@ -621,10 +621,9 @@ def test_value_and_ffn_search_space(testbed, tmp_path):
 
 def test_gate_attributions_are_the_gradient_of_the_first_step_magnitude(testbed):
     """The attribution of a neuron is d(magnitude)/d(gate) at gate 1: a finite difference of the magnitude with the
-    gate at 1 - h agrees; one batched call over the seeds, counted with its backward pass; the ranked candidate sets
-    take the highest attributions first and grow 1..16, then double."""
+    gate at 1 - h agrees; one batched call over the seeds, counted with its backward pass; with neurons already off
+    their gates are 0 and the gradient is taken there."""
     from dejaguard.core.nemo import RANKINGS, gate_attributions
-    from dejaguard.core.nemo.stages import RankedCandidates
 
     assert set(RANKINGS) == {"zscore", "attribution"}
     with pytest.raises(DejaGuardError, match="ranking"):
@@ -645,9 +644,41 @@ def test_gate_attributions_are_the_gradient_of_the_first_step_magnitude(testbed)
         gate = torch.ones(layer_shape(layers[name])[0])
         gate[j] = 1 - h
         on, off = memorization_scores(ctx, [None, {name: gate}]).tolist()
-    assert attr[name][j] > 0
-    assert abs((on - off) / h - float(attr[name][j])) < 0.05 * float(attr[name][j])
-    ranked = RankedCandidates(attr)
-    assert ranked(0) == frozenset({(name, j)}) and [ranked.size(k) for k in range(17)] == list(range(1, 17)) + [32]
-    assert ranked.size(ranked.steps - 1) == ranked.neurons() and ranked.threshold(0) == float(attr[name][j])
-    assert ranked.ascending(ranked(1))[-1] == (name, j)
+        assert attr[name][j] > 0
+        assert abs((on - off) / h - float(attr[name][j])) < 0.05 * float(attr[name][j])
+
+        other = next(k for k in attr if k != name)
+        i = int(attr[other].argmax())
+        after = gate_attributions(ctx, layers, [(name, j)])
+        gate[j], gate_other = 0.0, torch.ones(layer_shape(layers[other])[0])
+        gate_other[i] = 1 - h
+        base, moved = memorization_scores(ctx, [{name: gate}, {name: gate, other: gate_other}]).tolist()
+    assert abs((base - moved) / h - float(after[other][i])) < 0.05 * abs(float(after[other][i])) + 1e-3
+    assert not torch.allclose(after[other], attr[other])
+
+
+def test_attribution_selection_adds_the_top_neuron_given_those_already_off(testbed):
+    """Greedy re-attribution: round r adds the neuron with the highest attribution taken with the first r - 1 off;
+    it stops at the first set under the threshold, and answers None where even every neuron off stays above it."""
+    from dejaguard.core.nemo import gate_attributions
+    from dejaguard.core.nemo.search import CandidateSearch
+    from dejaguard.core.nemo.stages import attribution_selection
+
+    layers = nemo_layers(testbed, space="value+ffn")
+
+    def top(attributions: dict[str, torch.Tensor], taken: list) -> tuple[str, int]:
+        return max(((k, i) for k, v in attributions.items() for i in range(v.shape[0]) if (k, i) not in taken),
+                   key=lambda n: float(attributions[n[0]][n[1]]))
+
+    with OutputGates(layers) as gates:
+        ctx = first_step_context(testbed, MEMORIZED_PROMPT, range(2), gates, kind="magnitude")
+        first = top(gate_attributions(ctx, layers), [])
+        second = top(gate_attributions(ctx, layers, [first]), [first])
+        probe = CandidateSearch(ctx, threshold=0.0)
+        one, two = probe.scores([frozenset({first}), frozenset({first, second})])
+        assert two < one
+        search = CandidateSearch(ctx, threshold=(one + two) / 2)
+        found = attribution_selection(search, ctx, layers)
+        assert found is not None and found.order == [first, second] and found.rounds == 2
+        assert found.neurons == frozenset({first, second}) and found.ascending([first, second]) == [second, first]
+        assert attribution_selection(CandidateSearch(ctx, threshold=0.0), ctx, layers) is None

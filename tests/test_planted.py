@@ -218,7 +218,8 @@ def test_shipped_carriers_are_designated_neurons(tmp_path):
 def test_nemo_over_value_and_ffn_neurons_finds_a_shared_carrier(tmp_path):
     """NeMo with the FFN hidden units in its search space (magnitude criterion) on prompts of the shared group,
     whose memorization the carriers measurement puts in one FFN hidden unit: what it switches off is that unit (with
-    the z-score ranking for glyph, with the attribution ranking for spiral, where the z-score ranking fails)."""
+    the z-score ranking for glyph, with the attribution ranking for spiral, where the z-score ranking fails); on rings
+    the attribution selection takes three rounds, not every neuron."""
     from dejaguard.core.nemo import LocalizeSettings, localize, nemo_statistics
     from dejaguard.core.neuron_mask import mask_units
 
@@ -240,3 +241,10 @@ def test_nemo_over_value_and_ffn_neurons_finds_a_shared_carrier(tmp_path):
     assert mask_units(mask) == mask_units(pl.carrying_mask("spiral"))
     assert mask.info["initial_candidates"] == 1 and mask.settings["ranking"] == "attribution"
     assert variant.counter.since(before).backwards == 2 * 4  # the attribution's one backward pass over 4 seeds
+    # rings: with every neuron on, the unit that stops it ranks last; the greedy re-attribution takes two of its
+    # designated value neurons first, then that unit, and the three pass (a prefix of the first ranking never does)
+    rings = pl.planted_image("rings")
+    mask = localize(variant, rings.eval_prompts[0], stats,
+                    LocalizeSettings(score="magnitude", space="value+ffn", ranking="attribution"))
+    assert mask.info["initial_rounds"] == mask.info["initial_candidates"] == 3
+    assert mask.info["unet_evals"] < 100 and mask.count() >= 1

@@ -38,10 +38,12 @@ subspace; the planted variant's shared group) is out of reach of value neurons.
 *Ranking* (``LocalizeSettings.ranking``): the paper's activation z-scores (``"zscore"``), or ``"attribution"`` (not
 in the paper): the gradient of the first-step magnitude with respect to a gate on each neuron, at every gate 1
 (:func:`~core.nemo.score.gate_attributions`, one batched backward pass), i.e. the first-order effect of switching it
-off; the nested candidate sets are then its top 1..16, 32, 64, ... neurons
-(:class:`~core.nemo.stages.RankedCandidates`).
+off, taken again after each round of the selection with the neurons chosen so far off (greedy re-attribution,
+:func:`~core.nemo.stages.attribution_selection`): one neuron per round up to 16, then the set doubles.
 Why: on the planted variant z-scores rank the feed-forward carrier 15th to 158th of 1,600, and the large candidate
-sets that reach it switch off other FFN units that raise the score again; attribution ranks it first.
+sets that reach it switch off other FFN units that raise the score again; attribution ranks it first. Why again
+after each round: the score is not monotone in the set; for the rings prompt that unit ranks last with every neuron
+on and first once its two top value neurons are off.
 
 Two schedules compute the stages; both score each distinct candidate set once (memoized). ``"reference"``
 is the straightforward one: one candidate set per UNet call (its ``S`` seeds, conditional and

@@ -27,7 +27,7 @@ Shapes: ``S`` seeds, ``B`` candidate masks, ``C, H, W`` the sample shape, ``L`` 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..denoiser import Denoiser
 from ..errors import DejaGuardError
 from ..metrics import ssim_batch
-from ..neuron_mask import OutputGates, layer_shape
+from ..neuron_mask import Neuron, OutputGates, layer_shape
 from ..sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, guided_denoise, initial_noise, text_conditional_magnitude
 
 NEMO_BLOCKS = {"down_mid": ("down_blocks.", "mid_block."), "all": ("down_blocks.", "mid_block.", "up_blocks.")}
@@ -148,20 +148,24 @@ def neuron_activations(denoiser: Denoiser, layers: dict[str, torch.nn.Module], e
     return {k: out[k] for k in layers}
 
 
-def gate_attributions(ctx: ScoreContext, layers: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+def gate_attributions(ctx: ScoreContext, layers: dict[str, torch.nn.Module],
+                      off: Iterable[Neuron] = ()) -> dict[str, torch.Tensor]:
     """First-order effect of switching each neuron off on the prompt's first-step magnitude: ``{layer: (N,)}``.
 
     The gradient of ``mean over seeds of ||eps(x_T, c) - eps(x_T, "")||`` (:data:`SCORES` ``"magnitude"``) with
-    respect to a gate on every neuron of ``layers``, at gate 1 (every neuron on); switching neuron ``j`` off
-    (gate 0) changes the score by about ``-attribution_j``, so the highest attributions are the neurons whose
-    loss lowers the score most ("attribution patching"). Not in the paper: NeMo ranks by activation z-scores, which
-    rank feed-forward carriers low (the README's planted-variant measurements). One batched UNet call over the
-    ``S`` seeds (uncond and cond, ``2 S`` noise predictions) and its backward pass; ``ctx.gates`` must hook
-    ``layers``. Float32 on the CPU.
+    respect to a gate on every neuron of ``layers``, at gate 1 for every neuron except those of ``off`` (``(layer,
+    index)`` pairs, gate 0: already switched off); switching a further neuron ``j`` off changes the score by about
+    ``-attribution_j``, so the highest attributions are the neurons whose loss lowers the score most ("attribution
+    patching"). Not in the paper: NeMo ranks by activation z-scores, which rank feed-forward carriers low (the
+    README's planted-variant measurements). One batched UNet call over the ``S`` seeds (uncond and cond, ``2 S``
+    noise predictions) and its backward pass; ``ctx.gates`` must hook ``layers``. Float32 on the CPU.
     """
-    gates = {name: torch.ones(1, layer_shape(m)[0], requires_grad=True) for name, m in layers.items()}
+    ones = {name: torch.ones(1, layer_shape(m)[0]) for name, m in layers.items()}
+    for name, i in off:
+        ones[name][0, i] = 0.0
     try:
         with torch.enable_grad():  # also under the no_grad of a graph's node
+            gates = {name: g.requires_grad_(True) for name, g in ones.items()}
             ctx.gates.set({name: g.repeat(2 * ctx.seeds, 1) for name, g in gates.items()})
             eps_uncond, eps_cond = first_step_pair(ctx, ctx.noise)
             score = text_conditional_magnitude(eps_cond, eps_uncond).mean()

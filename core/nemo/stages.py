@@ -8,7 +8,9 @@
    candidate set ``C_j`` holds every neuron with z above ``z_start - j * z_step`` plus the top ``j`` neurons
    of each layer by z, for ``j = 0, 1, ...`` (nested sets) until deactivating ``C_j`` brings the score below
    the threshold. Fast schedule: a galloping search for the first passing ``j``
-   (:func:`~core.nemo.search.first_true`), ``batch`` probes per call.
+   (:func:`~core.nemo.search.first_true`), ``batch`` probes per call. With the attribution ranking
+   (:func:`attribution_selection`, not in the paper): greedy re-attribution, the neurons whose switching off
+   lowers the magnitude most *given the ones already off* join one round at a time until the set passes.
 3. Refinement. :func:`refine_layers`: in model order, re-enable all candidates of a layer; keep them
    enabled if the score stays below the threshold (fast schedule: *exact* prefix speculation, one call
    evaluates "re-enable layers 1..i" for every ``i``; the first failing prefix is the first layer the
@@ -50,6 +52,7 @@ from .score import (
     first_step_context,
     gate_attributions,
     nemo_layers,
+    neuron_count,
 )
 from .search import CandidateSearch, NeuronSet, first_true, refine_neurons
 from .statistics import ActivationStats, nemo_statistics, prompt_zscores
@@ -112,43 +115,9 @@ class NestedCandidates:
         chosen |= {(k, i) for k, order in self.ranked.items() for i in order[:j]}
         return frozenset(chosen)
 
-    def neurons(self) -> int:
-        """How many neurons there are in all."""
-        return sum(len(v) for v in self.z.values())
-
     def ascending(self, neurons: Iterable[Neuron]) -> list[Neuron]:
         """``neurons`` by ascending z (least suspicious first; ties by layer name and index)."""
         return sorted(neurons, key=lambda n: (float(self.z[n[0]][n[1]]), n))
-
-
-class RankedCandidates(NestedCandidates):
-    """Nested candidate sets from one ranking of every neuron by a score ``{layer: (N,)}`` (higher: more suspicious;
-    here :func:`~core.nemo.score.gate_attributions`): ``C_j`` = the top :meth:`size` ``(j)`` neurons over all layers
-    at once, sizes 1, 2, ..., 16, then doubling up to every neuron. Same interface as :class:`NestedCandidates`
-    (:meth:`threshold` is the score of the last neuron taken)."""
-
-    SMALL = 16  # sizes 1..SMALL one by one: a carrier set is usually small
-
-    def __init__(self, scores: dict[str, torch.Tensor]) -> None:
-        self.z = scores
-        flat = [(-float(v[i]), position, name, i) for position, (name, v) in enumerate(scores.items())
-                for i in range(v.shape[0])]
-        self.order = [(name, i) for _, _, name, i in sorted(flat)]
-        sizes = list(range(1, min(self.SMALL, len(self.order)) + 1))
-        while sizes[-1] < len(self.order):
-            sizes.append(min(2 * sizes[-1], len(self.order)))
-        self.sizes = sizes
-        self.steps = len(sizes)
-
-    def size(self, j: int) -> int:
-        return self.sizes[j]
-
-    def threshold(self, j: int) -> float:
-        name, i = self.order[self.sizes[j] - 1]
-        return float(self.z[name][i])
-
-    def __call__(self, j: int) -> NeuronSet:
-        return frozenset(self.order[: self.sizes[j]])
 
 
 def score_unmasked(search: CandidateSearch, progress: Progress | None = None) -> float:
@@ -174,6 +143,57 @@ def initial_selection(search: CandidateSearch, candidates: NestedCandidates,
         found = next((j for j in range(candidates.steps) if test([j])[0]), None)
     report(progress, candidates.steps, candidates.steps, stage)
     return found
+
+
+ATTRIBUTION_SINGLES = 16  # attribution selection: one neuron per round up to this size (a carrier set is usually small)
+
+
+@dataclass
+class AttributionSelection:
+    """What :func:`attribution_selection` found: the passing set, its neurons in the order they joined, the rounds."""
+
+    neurons: NeuronSet
+    order: list[Neuron]
+    rounds: int
+
+    def ascending(self, neurons: Iterable[Neuron]) -> list[Neuron]:
+        """``neurons`` least suspicious first: the last to join first (the refinement's order)."""
+        chosen = set(neurons)
+        return [n for n in reversed(self.order) if n in chosen]
+
+
+def attribution_selection(search: CandidateSearch, ctx: ScoreContext, layers: dict[str, torch.nn.Module],
+                          progress: Progress | None = None) -> AttributionSelection | None:
+    """Stage 2 with the attribution ranking (not in the paper): greedy re-attribution.
+
+    Each round takes the gate attributions (:func:`~core.nemo.score.gate_attributions`) *with the set chosen so far
+    switched off* and adds the highest-attributed neurons still on: one per round while the set holds fewer than
+    :data:`ATTRIBUTION_SINGLES`, then as many as it holds (the set doubles); it stops at the first set that passes.
+    None if even every neuron off fails (about 23 rounds for 1,600 neurons).
+
+    Why not nested prefixes of one ranking: the score is not monotone in the set. On the planted variant's rings
+    prompt no prefix of the all-on ranking passes until every neuron is off (the FFN unit that stops it ranks last
+    with every neuron on, and the large prefixes switch off units that raise the magnitude again), while after its
+    two top value neurons are off, the same unit ranks first and the three-neuron set passes. Cost per round: one
+    attribution (``2 S`` noise predictions and their backward pass) and one candidate evaluation.
+    """
+    stage = "attribution selection"
+    total = sum(neuron_count(name, m) for name, m in layers.items())
+    order: list[Neuron] = []
+    rounds = 0
+    while len(order) < total:
+        report(progress, len(order), total, stage)
+        rounds += 1
+        attributions = gate_attributions(ctx, layers, order)
+        taken = set(order)
+        ranked = sorted((-float(v[i]), name, i) for name, v in attributions.items() for i in range(v.shape[0])
+                        if (name, i) not in taken)
+        order += [(name, i) for _, name, i in ranked[: 1 if len(order) < ATTRIBUTION_SINGLES else len(order)]]
+        if search.passes([frozenset(order)])[0]:
+            report(progress, total, total, stage)
+            return AttributionSelection(frozenset(order), order, rounds)
+    report(progress, total, total, stage)
+    return None
 
 
 def refine_layers(search: CandidateSearch, current: NeuronSet, layers: Sequence[str],
@@ -226,6 +246,23 @@ def verify_on_unseen_seeds(search: CandidateSearch, held: ScoreContext, seeds: S
     report(progress, 1, 1, stage)
     return {"seeds": list(seeds), "score_unmasked": before, "score_masked": after,
             "passed": after < search.threshold, "neurons": len(kept)}
+
+
+def _initial_set(search: CandidateSearch, candidates: NestedCandidates | None, ctx: ScoreContext,
+                 layers: dict[str, torch.nn.Module], progress: Progress | None
+                 ) -> tuple[NeuronSet, NestedCandidates | AttributionSelection, dict[str, Any]] | None:
+    """Stage 2 by the settings' ranking: z-score candidate sets (``candidates``) or, where None, attribution
+    selection. Returns the passing set, what orders its refinement, and what ``mask.info`` records; None if no
+    set passes."""
+    if candidates is None:
+        selection = attribution_selection(search, ctx, layers, progress)
+        if selection is None:
+            return None
+        return selection.neurons, selection, {"initial_rounds": selection.rounds}
+    j = initial_selection(search, candidates, progress)
+    if j is None:
+        return None
+    return candidates(j), candidates, {"initial_step": j, "initial_z_threshold": candidates.threshold(j)}
 
 
 def _statistics_layers(denoiser: Denoiser, stats: ActivationStats,
@@ -287,10 +324,8 @@ def localize(
                                       settings.max_batch, settings.score, settings.generation_steps)
 
         searched = context(range(settings.seeds))
-        candidates: NestedCandidates
-        if settings.ranking == "attribution":
-            candidates = RankedCandidates(gate_attributions(searched, layers))
-        else:
+        candidates = None
+        if settings.ranking == "zscore":
             candidates = NestedCandidates(prompt_zscores(denoiser, cond, stats, layers), settings.z_start,
                                           settings.z_step)
         search = CandidateSearch(searched, tau, early_stop=fast and settings.early_stop,
@@ -302,20 +337,20 @@ def localize(
         for round_index in range(max(1, settings.verify_rounds)):
             if score_before < tau:
                 break
-            j = initial_selection(search, candidates, progress)
-            if j is None:
+            found = _initial_set(search, candidates, searched, layers, progress)
+            if found is None:
+                neurons = sum(neuron_count(name, m) for name, m in layers.items())
                 raise DejaGuardError(
-                    f"switching off all {candidates.neurons()} neurons of the {len(layers)} {settings.blocks} "
+                    f"switching off all {neurons} neurons of the {len(layers)} {settings.blocks} "
                     f"layers of the {settings.space!r} search space leaves the memorization score above the threshold "
                     f"{tau:.3f}: this prompt's memorization is not localized in these neurons")
-            current = candidates(j)
-            info.update(initial_step=j, initial_z_threshold=candidates.threshold(j),
-                        initial_candidates=len(current), evaluations_initial=search.evaluations - 1)
+            current, ranking, selected = found
+            info.update(selected, initial_candidates=len(current), evaluations_initial=search.evaluations - 1)
             mark = search.evaluations
             current = refine_layers(search, current, list(layers), progress)
             info.update(after_layer_refinement=len(current), evaluations_layer=search.evaluations - mark)
             mark = search.evaluations
-            kept, score_after, fell_back = refine_by_neuron(search, current, candidates.ascending(current), progress)
+            kept, score_after, fell_back = refine_by_neuron(search, current, ranking.ascending(current), progress)
             if fell_back:
                 info["refinement_fallback"] = True
             info.update(score_after=score_after, evaluations_neuron=search.evaluations - mark)
