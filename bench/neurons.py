@@ -22,7 +22,10 @@ Replication is judged against every training image of the model (v5's 12, plus t
 - **NeMo** (``core.nemo.localize``) per prompt, with the fast (batched) schedule and the reference
   (sequential, one candidate set per UNet call) schedule: neurons, UNet evaluations (noise predictions),
   batched calls and wall time; ``evals_ratio_vs_reference`` = fast / reference noise predictions
-  (``calls_`` and ``wall_ratio_vs_reference`` alike), and how often both found the same neurons.
+  (``calls_`` and ``wall_ratio_vs_reference`` alike), and how often both found the same neurons. Where the
+  search space, ranking or score are not the paper's, the paper's NeMo (its settings, reference schedule) runs on
+  the same prompts too: ``evals_ratio_vs_paper_reference`` = this run's fast noise predictions / the paper's
+  (``paper_reference``); with the paper's settings it equals ``evals_ratio_vs_reference``.
   ``replication_before`` / ``_after``: share of full generations (``--seeds`` per prompt, DDIM
   ``--steps``, CFG 7.5) that replicate a training image (SSIM to some planted image above
   ``REPLICATION_SSIM``; a mask that turns one copy into another has not stopped replication; ``_own_image``:
@@ -59,7 +62,8 @@ lists each departure under ``departures_from_full_protocol`` (``{option: {"used"
 
 Last line's headline keys (issue 25): ``recall``, ``precision`` (and ``recall_carrying``, ``precision_carrying``),
 ``replication_before``, ``replication_after``,
-``novel_alignment_before``, ``novel_alignment_after``, ``evals_ratio_vs_reference`` (NeMo),
+``novel_alignment_before``, ``novel_alignment_after``, ``evals_ratio_vs_reference`` and
+``evals_ratio_vs_paper_reference`` (NeMo),
 ``subspace_heldout_replication_after`` (the first ``--ratios`` entry); a key that was not measured is null and
 ``null_reasons`` says why (no ground truth on the testbed, ``--skip-nemo``, ...).
 
@@ -249,6 +253,15 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
     return {"mean": round(float(np.mean(values)), 3), "std": round(float(np.std(values)), 3)}
 
 
+PAPER_CONFIGURATION = {"blocks": "down_mid", "space": "value", "ranking": "zscore", "score": "ssim"}
+
+
+def is_paper_configuration(args: argparse.Namespace) -> bool:
+    """Whether NeMo runs with the paper's search space, ranking and score (then its reference schedule is the
+    paper's procedure)."""
+    return all(getattr(args, k) == v for k, v in PAPER_CONFIGURATION.items())
+
+
 def run_nemo(args: argparse.Namespace, subject: Subject, prompts: list[str], images: list[str], seeds: list[int],
              before: list[tuple[float, float]], novel: list[str], align_before: float) -> dict:
     """NeMo per prompt, both schedules, then replication with each prompt's mask and alignment with their union;
@@ -260,18 +273,26 @@ def run_nemo(args: argparse.Namespace, subject: Subject, prompts: list[str], ima
                             space=args.space)
     print(f"statistics: threshold {stats.threshold:.3f} (score mean {stats.score_mean:.3f}, std {stats.score_std:.3f}) "
           f"in {time.perf_counter() - t0:.1f}s", flush=True)
-    runs: dict[str, list[dict]] = {"fast": [], "reference": []}
+    runs: dict[str, list[dict]] = {"fast": [], "reference": [], "paper": []}
     masks: dict[str, NeuronMask] = {}
     schedules = ["fast"] if args.skip_reference else ["fast", "reference"]
+    paper_stats = None
+    if not args.skip_reference and not is_paper_configuration(args):
+        schedules.append("paper")
+        paper_stats = nemo_statistics(denoiser, seeds=args.nemo_seeds, score_prompts=args.score_prompts,
+                                      cache=args.cache)
     for prompt in prompts:
         for schedule in schedules:
-            settings = LocalizeSettings(seeds=args.nemo_seeds, schedule=schedule, batch=args.batch,
-                                        blocks=args.blocks, space=args.space, ranking=args.ranking,
-                                        score=args.score,
-                                        generation_steps=args.generation_steps,
-                                        verify_rounds=args.verify_rounds if schedule == "fast" else 0)
+            if schedule == "paper":  # NeMo as published: its settings, its sequential schedule
+                settings = LocalizeSettings(seeds=args.nemo_seeds, schedule="reference")
+            else:
+                settings = LocalizeSettings(seeds=args.nemo_seeds, schedule=schedule, batch=args.batch,
+                                            blocks=args.blocks, space=args.space, ranking=args.ranking,
+                                            score=args.score,
+                                            generation_steps=args.generation_steps,
+                                            verify_rounds=args.verify_rounds if schedule == "fast" else 0)
             try:
-                mask = localize(denoiser, prompt, stats, settings)
+                mask = localize(denoiser, prompt, paper_stats if schedule == "paper" else stats, settings)
                 record = {**mask.info, "prompt": prompt, "neuron_set": sorted(
                     f"{k}:{int(i)}" for k, v in mask.layers.items() for i in v)}
             except Exception as err:  # a prompt NeMo cannot localize is reported, not fatal
@@ -309,6 +330,18 @@ def run_nemo(args: argparse.Namespace, subject: Subject, prompts: list[str], ima
             nemo["wall_ratio_vs_reference"] = round(total("wall_s", 0) / max(1e-9, total("wall_s", 1)), 4)
             nemo["same_neurons_as_reference"] = round(float(np.mean(
                 [f["neuron_set"] == r["neuron_set"] for f, r in both])), 3)
+        if is_paper_configuration(args):
+            nemo["evals_ratio_vs_paper_reference"] = nemo.get("evals_ratio_vs_reference")
+        else:
+            pairs = [(f, r) for f, r in zip(runs["fast"], runs["paper"]) if "error" not in f and "error" not in r]
+            if pairs:
+                fast_evals, paper_evals = (float(sum(pair[k]["unet_evals"] for pair in pairs)) for k in (0, 1))
+                nemo["paper_reference"] = {
+                    "prompts": len(pairs),
+                    "unet_evals_per_prompt": round(paper_evals / len(pairs), 1),
+                    "neurons_per_prompt": mean_std([r["neurons"] for _, r in pairs]),
+                    "errors": [r for r in runs["paper"] if "error" in r]}
+                nemo["evals_ratio_vs_paper_reference"] = round(fast_evals / max(1.0, paper_evals), 4)
     t0 = time.perf_counter()
     after = replication(denoiser, prompts, images, seeds, args.steps, masks, subject.training)
     nemo["replication_before"] = mean_rate(before)
@@ -411,8 +444,8 @@ def headline(out: dict, subject: Subject, args: argparse.Namespace, before: list
     nemo, reasons = out.get("nemo"), {}
     if args.skip_nemo:
         reasons.update(dict.fromkeys(("recall", "precision", "recall_carrying", "precision_carrying",
-                                      "replication_after", "novel_alignment_after", "evals_ratio_vs_reference"),
-                                     "--skip-nemo: NeMo was not run"))
+                                      "replication_after", "novel_alignment_after", "evals_ratio_vs_reference",
+                                      "evals_ratio_vs_paper_reference"), "--skip-nemo: NeMo was not run"))
     else:
         if subject.truth is None:
             reasons.update(dict.fromkeys(("recall", "precision", "recall_carrying", "precision_carrying"),
@@ -422,11 +455,13 @@ def headline(out: dict, subject: Subject, args: argparse.Namespace, before: list
             reasons.update(dict.fromkeys(("recall_carrying", "precision_carrying"), subject.carriers_missing))
         if args.skip_reference:
             reasons["evals_ratio_vs_reference"] = "--skip-reference: the reference schedule was not run"
+            reasons["evals_ratio_vs_paper_reference"] = "--skip-reference: the paper's reference was not run"
     first = next(iter(out["subspace"].values()), {})
     if "heldout_replication_after" not in first:
         reasons["subspace_heldout_replication_after"] = "no held-out prompts among the chosen ones (see --prompts)"
     keys = ("recall", "precision", "recall_carrying", "precision_carrying", "replication_after",
-            "novel_alignment_before", "novel_alignment_after", "evals_ratio_vs_reference")
+            "novel_alignment_before", "novel_alignment_after", "evals_ratio_vs_reference",
+            "evals_ratio_vs_paper_reference")
     figures = {k: (nemo or {}).get(k) for k in keys}
     figures["novel_alignment_before"] = out["novel_alignment_before"]
     designated = out.get("designated")

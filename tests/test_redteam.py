@@ -236,6 +236,7 @@ def test_bench_neurons_planted_last_line(fake_planted, capsys, monkeypatch):
     assert out["recall_carrying"] == round(2 / 3, 4) and out["precision_carrying"] == round((2 / 3 + 0.5) / 2, 4)
     assert out["evals_ratio_vs_reference"] is None
     assert "skip-reference" in out["null_reasons"]["evals_ratio_vs_reference"]
+    assert out["evals_ratio_vs_paper_reference"] is None and "evals_ratio_vs_paper_reference" in out["null_reasons"]
     assert out["subspace"]["ratio_0.01"]["heldout_images"] == ["planted_horse"]
     assert isinstance(out["subspace_heldout_replication_after"], float)
     designated = out["designated"]  # the reference line: each prompt's designated neurons off
@@ -247,6 +248,35 @@ def test_bench_neurons_planted_last_line(fake_planted, capsys, monkeypatch):
     assert "designated_replication_after" not in out["null_reasons"]
     assert out["protocol"] == "reduced" and out["departures_from_full_protocol"]["seeds"] == {"used": 1, "full": 16}
     assert set(out["departures_from_full_protocol"]) == {"seeds", "steps", "novel", "ratios", "skip_reference"}
+
+
+def test_bench_neurons_measures_the_cost_against_the_papers_nemo(fake_planted, capsys, monkeypatch):
+    """With settings other than the paper's, the paper's NeMo (its settings, its reference schedule, statistics for
+    its score and space) runs on the same prompts, and the fast schedule's evaluations are compared with it too."""
+    import bench.neurons as bench_neurons
+
+    evals = {"fast": 10, "reference": 20}
+    calls = []
+
+    def fake_localize(denoiser, prompt, stats, settings):
+        paper = (settings.space, settings.ranking, settings.score) == ("value", "zscore", "ssim")
+        calls.append((settings.schedule, paper, stats.space))
+        mask = fake_planted.designated_mask("planted_camera")
+        mask.info = {"neurons": mask.count(), "unet_evals": 100 if paper else evals[settings.schedule],
+                     "unet_calls": 2, "wall_s": 0.1, "score_before": 1.0, "score_after": 0.1, "memorized": True,
+                     "initial_candidates": 3}
+        return mask
+
+    monkeypatch.setattr(bench_neurons, "zscore_ranking", lambda *a: [])
+    monkeypatch.setattr(bench_neurons, "localize", fake_localize)
+    monkeypatch.setattr(bench_neurons, "nemo_statistics", lambda *a, space="value", **k: types.SimpleNamespace(
+        threshold=0.5, score_mean=0.3, score_std=0.2, space=space))
+    bench_neurons.main(["--model", "planted", "--seeds", "1", "--steps", "2", "--novel", "2", "--ratios", "0.01",
+                        "--prompts", "0", "--space", "value+ffn", "--score", "magnitude", "--ranking", "attribution"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert calls == [("fast", False, "value+ffn"), ("reference", False, "value+ffn"), ("reference", True, "value")]
+    assert (out["evals_ratio_vs_reference"], out["evals_ratio_vs_paper_reference"]) == (0.5, 0.1)
+    assert out["nemo"]["paper_reference"]["unet_evals_per_prompt"] == 100
 
 
 def test_bench_neurons_testbed_has_no_ground_truth():
