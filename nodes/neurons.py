@@ -160,8 +160,9 @@ class DejaGuardLocalizeNeurons:
                     "default": "zscore",
                     "tooltip": "Which neurons are tried first: 'zscore' = NeMo's (how unusual each neuron's "
                                "activation is for this prompt); 'attribution' = how much switching each one off "
-                               "would lower the first-step magnitude, from one gradient (a backward pass over the "
-                               "seeds): finds feed-forward carriers that z-scores rank low."}),
+                               "would lower the first-step magnitude, from a gradient (a backward pass over the "
+                               "seeds) taken again after each pick with the picked neurons off: finds feed-forward "
+                               "carriers that z-scores rank low."}),
                 "verify_rounds": ("INT", {
                     "default": 0, "min": 0, "max": 8,
                     "tooltip": "Check the mask on as many unseen seeds as 'seeds'; where it fails there, search again "

@@ -30,7 +30,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "the feed-forward (GEGLU) hidden units of the same blocks too")
     sp.add_argument("--ranking", choices=["zscore", "attribution"], default="zscore",
                     help="candidate order: activation z-scores (the paper's, default) or attribution, the "
-                    "first-order effect of switching each neuron off on the first-step magnitude (one backward pass)")
+                    "first-order effect of switching each neuron off on the first-step magnitude (one backward pass "
+                    "per pick, taken again with the picked neurons off)")
     sp.add_argument("--verify-rounds", type=int, default=0,
                     help="check the mask on --seeds unseen seeds; if it fails there, search again with them too "
                     "(at most this many rounds; default 0: no check)")
