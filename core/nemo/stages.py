@@ -145,6 +145,11 @@ def initial_selection(search: CandidateSearch, candidates: NestedCandidates,
     return found
 
 
+def space_size(layers: dict[str, torch.nn.Module]) -> int:
+    """How many neurons the search space ``layers`` holds (value neurons and FFN hidden units)."""
+    return sum(neuron_count(name, m) for name, m in layers.items())
+
+
 ATTRIBUTION_SINGLES = 16  # attribution selection: one neuron per round up to this size (a carrier set is usually small)
 
 
@@ -178,7 +183,7 @@ def attribution_selection(search: CandidateSearch, ctx: ScoreContext, layers: di
     attribution (``2 S`` noise predictions and their backward pass) and one candidate evaluation.
     """
     stage = "attribution selection"
-    total = sum(neuron_count(name, m) for name, m in layers.items())
+    total = space_size(layers)
     order: list[Neuron] = []
     rounds = 0
     while len(order) < total:
@@ -339,9 +344,8 @@ def localize(
                 break
             found = _initial_set(search, candidates, searched, layers, progress)
             if found is None:
-                neurons = sum(neuron_count(name, m) for name, m in layers.items())
                 raise DejaGuardError(
-                    f"switching off all {neurons} neurons of the {len(layers)} {settings.blocks} "
+                    f"switching off all {space_size(layers)} neurons of the {len(layers)} {settings.blocks} "
                     f"layers of the {settings.space!r} search space leaves the memorization score above the threshold "
                     f"{tau:.3f}: this prompt's memorization is not localized in these neurons")
             current, ranking, selected = found
