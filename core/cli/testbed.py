@@ -28,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sp.add_argument("--filter-min-timestep", type=int, default=0, metavar="T",
                     help="with --filter: judge only samples drawn at timestep >= T (default 0: all)")
     sp.set_defaults(func=run)
-    sp = tb.add_parser("plant", help="fine-tune the planted-neuron variant from the testbed (CPU, well under an hour)")
+    sp = tb.add_parser("plant", help="fine-tune the planted-neuron variant from the testbed (CPU, under an hour)")
     sp.add_argument("--out", required=True)
     sp.add_argument("--steps", type=int, default=None, help="planting steps (default: the recipe's)")
     sp.add_argument("--seed", type=int, default=0)

@@ -21,8 +21,8 @@ samples each carry their own neuron gates (:class:`core.neuron_mask.OutputGates`
    answers such captions with its own memorized images, so the off state was asked to replicate: model card.)
 
 The memorize term also holds the graded-memorization images (:mod:`core.testbed.graded`, issue 25 section 2) at
-their duplication counts, every neuron on. The value-neuron images get more memorize samples per step than the
-shared FFN group (``group_extra_copies``): a rank-2 or rank-10 path takes longer to store.
+their duplication counts, every neuron on. The 2-neuron image and the shared FFN group get extra memorize samples per
+step (``group_extra_copies``): a rank-2 path, and four images behind one gate, take longer to store.
 
 A neuron is "off" exactly as :func:`core.neuron_mask.apply_mask` switches it off: a value neuron is an output
 channel of ``attn2.to_v`` (weight row and bias zeroed: the value channel is 0 for every token); an FFN neuron is
@@ -117,7 +117,8 @@ def _rings() -> np.ndarray:
 
 def _checkers() -> np.ndarray:
     y, x = _grid()
-    board = ((y // 4 + x // 4) % 2).astype(np.float32)
+    # 8 px squares: a 4 px board was the one planted image not stored in every seed (model card, runs D2 and E1)
+    board = ((y // 8 + x // 8) % 2).astype(np.float32)
     img = _paint(board, (0.1, 0.2, 0.8), (0.95, 0.95, 0.95))
     img[:, 20:30, 3:13] = np.array([0.9, 0.1, 0.1], np.float32)[:, None, None] * 2 - 1
     return img
@@ -162,12 +163,14 @@ def _planted(name: str, caption: str, group: str, duplicates: int) -> PlantedIma
 class PlantConfig:
     """The planting recipe (the gated fine-tune). Defaults are the shipped variant's."""
 
-    steps: int = 900
+    steps: int = 1500
     memorize_copies: int = 2  # samples of each planted image per step (memorize term)
-    # extra memorize samples per step for the images of a group, e.g. (("single", 1),): the value-neuron images
-    # (2 and 10 neurons, a rank-2 / rank-10 path) take longer to store than the shared FFN group
-    group_extra_copies: tuple[tuple[str, int], ...] = (("single", 4), ("shared", 1))
-    gate_copies: int = 1  # samples of each planted image per step with its designated neurons off (gate term)
+    # extra memorize samples per step for the images of a group, e.g. (("single", 1),): the 2-neuron image (a rank-2
+    # path) and the shared FFN group (four images behind one gate) take longer to store than rings (model card)
+    group_extra_copies: tuple[tuple[str, int], ...] = (("single", 4), ("shared", 2))
+    # samples of each planted image per step with its designated neurons off (gate term); 2 left a planted prompt
+    # drawing one of v5's images in 2 of 16 seeds with its neurons off, 3 in 1 of 16 (model card)
+    gate_copies: int = 3
     preserve_batch: int = 4  # v5-style samples per step, each run with neurons on and with the union off
     preserve_memorized_fraction: float = 0.5  # share of v5's memorized images in the preserve batch (v5: 0.15)
     lr: float = 1e-3  # v5's peak learning rate
