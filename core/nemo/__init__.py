@@ -40,10 +40,12 @@ in the paper): the gradient of the first-step magnitude with respect to a gate o
 (:func:`~core.nemo.score.gate_attributions`, one batched backward pass), i.e. the first-order effect of switching it
 off, taken again after each round of the selection with the neurons chosen so far off (greedy re-attribution,
 :func:`~core.nemo.stages.attribution_selection`): one neuron per round up to 16, then the set doubles.
-Why: on the planted variant z-scores rank the feed-forward carrier 15th to 158th of 1,600, and the large candidate
-sets that reach it switch off other FFN units that raise the score again; attribution ranks it first. Why again
-after each round: the score is not monotone in the set; for the rings prompt that unit ranks last with every neuron
-on and first once its two top value neurons are off.
+Why: on the previously shipped planted variant (run C2 of the model card) z-scores rank the feed-forward carrier 15th to
+158th of 1,600, and the large candidate sets that reach it switch off other FFN units that raise the score again;
+attribution ranks it first (on the variant shipped now, z-score selections over value and FFN neurons start at
+112-850 neurons and miss one or two of the six carriers; attribution finds all six: README). Why again after each
+round: the score is not monotone in the set; for C2's rings prompt that unit ranks last with every neuron on and
+first once its two top value neurons are off.
 
 Two schedules compute the stages; both score each distinct candidate set once (memoized). ``"reference"``
 is the straightforward one: one candidate set per UNet call (its ``S`` seeds, conditional and

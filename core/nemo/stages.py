@@ -176,10 +176,11 @@ def attribution_selection(search: CandidateSearch, ctx: ScoreContext, layers: di
     :data:`ATTRIBUTION_SINGLES`, then as many as it holds (the set doubles); it stops at the first set that passes.
     None if even every neuron off fails (about 23 rounds for 1,600 neurons).
 
-    Why not nested prefixes of one ranking: the score is not monotone in the set. On the planted variant's rings
-    prompt no prefix of the all-on ranking passes until every neuron is off (the FFN unit that stops it ranks last
-    with every neuron on, and the large prefixes switch off units that raise the magnitude again), while after its
-    two top value neurons are off, the same unit ranks first and the three-neuron set passes. Cost per round: one
+    Why not nested prefixes of one ranking: the score is not monotone in the set. On the previously shipped planted
+    variant's rings prompt (run C2 of the model card) no prefix of the all-on ranking passes until every neuron is
+    off (the FFN unit that stops it ranks last with every neuron on, and the large prefixes switch off units that
+    raise the magnitude again), while after its two top value neurons are off, the same unit ranks first and the
+    three-neuron set passes. Cost per round: one
     attribution (``2 S`` noise predictions and their backward pass) and one candidate evaluation.
     """
     stage = "attribution selection"
