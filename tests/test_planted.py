@@ -232,9 +232,9 @@ def test_nemo_over_value_and_ffn_neurons_finds_a_shared_carrier(tmp_path):
     assert mask_units(mask) <= mask_units(pl.carrying_mask("glyph"))
     assert all(k.endswith("ff.net.0.proj") for k in mask.layers)
     # spiral: ranked by attribution the carrier comes first and is the whole mask
+    attribution = LocalizeSettings(score="magnitude", space="value+ffn", ranking="attribution")
     before = variant.counter.snapshot()
-    mask = localize(variant, spiral.eval_prompts[0], stats,
-                    LocalizeSettings(score="magnitude", space="value+ffn", ranking="attribution"))
+    mask = localize(variant, spiral.eval_prompts[0], stats, attribution)
     assert mask_units(mask) == mask_units(pl.carrying_mask("spiral"))
     assert mask.info["initial_candidates"] == 1 and mask.settings["ranking"] == "attribution"
     assert variant.counter.since(before).backwards == 2 * 4  # the attribution's one backward pass over 4 seeds
@@ -243,7 +243,6 @@ def test_nemo_over_value_and_ffn_neurons_finds_a_shared_carrier(tmp_path):
     rings = pl.planted_image("rings")
     carrier = mask_units(pl.carrying_mask("rings"))
     assert not carrier & mask_units(localize(variant, rings.eval_prompts[0], stats, settings))
-    mask = localize(variant, rings.eval_prompts[0], stats,
-                    LocalizeSettings(score="magnitude", space="value+ffn", ranking="attribution"))
+    mask = localize(variant, rings.eval_prompts[0], stats, attribution)
     assert mask.info["initial_rounds"] == mask.info["initial_candidates"] == 3
     assert mask.info["unet_evals"] < 100 and carrier <= mask_units(mask)

@@ -42,10 +42,9 @@ off, taken again after each round of the selection with the neurons chosen so fa
 :func:`~core.nemo.stages.attribution_selection`): one neuron per round up to 16, then the set doubles.
 Why: on the previously shipped planted variant (run C2 of the model card) z-scores rank the feed-forward carrier 15th to
 158th of 1,600, and the large candidate sets that reach it switch off other FFN units that raise the score again;
-attribution ranks it first (on the variant shipped now, z-score selections over value and FFN neurons start at
-112-850 neurons and miss one or two of the six carriers; attribution finds all six: README). Why again after each
-round: the score is not monotone in the set; for C2's rings prompt that unit ranks last with every neuron on and
-first once its two top value neurons are off.
+attribution ranks it first (README measures both rankings on the variant shipped now). Why again after each round:
+the score is not monotone in the set; for C2's rings prompt that unit ranks last with every neuron on and first once
+its two top value neurons are off.
 
 Two schedules compute the stages; both score each distinct candidate set once (memoized). ``"reference"``
 is the straightforward one: one candidate set per UNet call (its ``S`` seeds, conditional and
