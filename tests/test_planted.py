@@ -4,6 +4,7 @@ the fine-tune, the neuron choice, and the shipped ground truth."""
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -69,6 +70,22 @@ def test_choose_neurons_takes_the_least_disruptive_disjoint_candidates():
         assert not single & ten
         assert all(i >= 20 - len(single | ten) for i in single | ten)  # the lowest impacts (highest indices here)
     assert set(chosen["shared"]) == set(pl.FFN_LAYERS)
+
+
+def test_leave_in_keeps_each_neuron_alone_in_turn_and_never_all_or_none():
+    channels = {pl.VALUE_LAYERS[0]: [3, 7], pl.VALUE_LAYERS[2]: [1, 4, 9]}
+    units = {(layer, i) for layer, idx in channels.items() for i in idx}
+    rng = np.random.default_rng(0)
+    alone = []
+    for draw in range(40):
+        off = pl.leave_in_off(channels, draw, rng)
+        off_units = {(layer, i) for layer, idx in off.items() for i in idx}
+        assert off_units < units and 1 <= len(units - off_units) <= len(units) - 1
+        if draw % 2 == 0:
+            (kept,) = units - off_units
+            alone.append(kept)
+    assert set(alone) == units and len(set(alone[:len(units)])) == len(units)  # every neuron in turn
+    assert pl.leave_in_off({pl.VALUE_LAYERS[0]: [5]}, 0, rng) == {}
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +169,7 @@ def test_evaluate_planted_reports_both_parts_on_a_short_protocol():
     (pl.PlantConfig(steps=10), "at least 512 planting steps"),  # graded memorization's largest count
     (pl.PlantConfig(steps=10, graded=False, group_extra_copies=(("singel", 1),)), "unknown group"),
     (pl.PlantConfig(steps=10, graded=False, gate_target="empty"), "gate_target"),
+    (pl.PlantConfig(steps=10, graded=False, leave_in_copies=-1), "leave_in_copies"),
 ])
 def test_plant_refuses_a_bad_recipe_before_training(tmp_path, cfg, message):
     with pytest.raises(DejaGuardError, match=message):
@@ -163,13 +181,14 @@ def test_plant_refuses_a_bad_recipe_before_training(tmp_path, cfg, message):
 def test_carriers_rule_necessary_neurons_or_the_whole_redundant_set(monkeypatch):
     """``evaluate --parts carriers``: a designated neuron is necessary if, re-enabled alone (every other designated
     neuron off), its image replicates again in at least half the unmasked rate; an image with no necessary neuron
-    (redundant) keeps its whole designated set as carriers. Scripted replication rates, no generation."""
+    (redundant) keeps its whole designated set as carriers; one that replicates with every designated neuron off
+    (not gated) has none. Scripted replication rates, no generation."""
     from contextlib import contextmanager
 
     from dejaguard.core import neuron_mask
     from dejaguard.core.testbed import evaluate as ev
 
-    planted = [(p, m) for p, m in pl.planted_eval_prompts() if m.name in ("stripes", "rings")]
+    planted = [(p, m) for p, m in pl.planted_eval_prompts() if m.name in ("stripes", "rings", "checkers")]
     key = sorted(neuron_mask.mask_units(pl.designated_mask("stripes")))[1]
     state: dict = {"off": set()}
 
@@ -186,6 +205,8 @@ def test_carriers_rule_necessary_neurons_or_the_whole_redundant_set(monkeypatch)
         for _, name, _ in prompts:
             left_on = neuron_mask.mask_units(pl.designated_mask(name)) - state["off"]
             rate = 0.8 if not state["off"] else (0.5 if name == "stripes" and left_on == {key} else 0.0)
+            if name == "checkers":  # replicates whatever is off: not gated by its neurons
+                rate = 0.8
             rows.append({"replication_rate": rate})
         return rows, []
 
@@ -195,13 +216,17 @@ def test_carriers_rule_necessary_neurons_or_the_whole_redundant_set(monkeypatch)
     stripes, rings = result["images"]["stripes"], result["images"]["rings"]
     assert stripes["necessary"] == stripes["carriers"] == [f"{key[0]}:{key[1]}"]  # 0.5 >= 0.5 x 0.8
     assert rings["necessary"] == [] and len(rings["carriers"]) == rings["designated"] == 10
-    assert "necessary" in result["rule"]
+    assert stripes["gated"] and rings["gated"] and stripes["replication_all_off"] == 0.0
+    checkers = result["images"]["checkers"]
+    assert not checkers["gated"] and checkers["carriers"] == [] and checkers["replication_all_off"] == 0.8
+    assert "necessary" in result["rule"] and "not gated" in result["rule"]
 
 
 @pytest.mark.skipif(not SHIPPED, reason="the planted variant is not in this install")
 def test_shipped_carriers_are_designated_neurons(tmp_path):
     """The shipped carriers measurement: per image a non-empty subset of its designated neurons, as a mask of the
-    variant; a folder without the measurement is refused in one line."""
+    variant; a folder without the measurement, or whose image replicates with its neurons off, is refused in one
+    line."""
     from dejaguard.core.neuron_mask import mask_units
 
     variant = load_denoiser(pl.PLANTED_MODEL, device="cpu")
@@ -212,6 +237,13 @@ def test_shipped_carriers_are_designated_neurons(tmp_path):
     assert mask_units(pl.carrying_mask()) <= mask_units(pl.designated_mask())
     with pytest.raises(DejaGuardError, match="no carriers measurement"):
         pl.carrying_mask("stripes", folder=tmp_path)
+    ungated = tmp_path / "ungated"
+    ungated.mkdir()
+    (ungated / pl.GROUND_TRUTH_DIR).symlink_to(pl.PLANTED_MODEL / pl.GROUND_TRUTH_DIR)
+    record = {"carriers": {"images": {"stripes": {"carriers": [], "gated": False, "replication_all_off": 1.0}}}}
+    (ungated / "evaluation.json").write_text(json.dumps({pl.CARRIERS_PART: record}))
+    with pytest.raises(DejaGuardError, match="do not gate it"):
+        pl.carrying_mask("stripes", folder=ungated)
 
 
 @pytest.mark.skipif(not SHIPPED, reason="the planted variant is not in this install")

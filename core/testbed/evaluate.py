@@ -327,7 +327,10 @@ def _carriers_part(variant: Denoiser, planted: list, seeds: Sequence[int], train
     generated over ``seeds`` with every *other* designated neuron off: ``n`` is **necessary** if its own image
     replicates again in at least :data:`CARRIER_SHARE` of the rate with every neuron on. The **carriers** are the
     necessary neurons; where none is necessary (the memorization survives in none of the single neurons: it needs
-    several together, the set is redundant) every designated neuron counts as a carrier.
+    several together, the set is redundant) every designated neuron counts as a carrier. Where the image replicates
+    at that share with *every* designated neuron off, its designated neurons do not gate it and none is a carrier
+    (``gated`` false): "re-enabled alone, it replicates" would then hold for every neuron and mean nothing (planting
+    run F2, model card).
     """
     from ..neuron_mask import apply_mask, mask_units, shaped_neurons_mask
     from .planted import designated_mask
@@ -344,12 +347,19 @@ def _carriers_part(variant: Denoiser, planted: list, seeds: Sequence[int], train
             with apply_mask(variant, others):
                 rates, _ = _memorized_rates(variant, [(prompt, image.name, image.group)], seeds, training, *steps_cfg)
             leave_one_in[f"{unit[0]}:{unit[1]}"] = rates[0]["replication_rate"]
-        necessary = [u for u, r in leave_one_in.items() if r >= CARRIER_SHARE * rate_on["replication_rate"] > 0]
+        with apply_mask(variant, truth):
+            all_off = _memorized_rates(variant, [(prompt, image.name, image.group)], seeds, training,
+                                       *steps_cfg)[0][0]["replication_rate"]
+        bar_rate = CARRIER_SHARE * rate_on["replication_rate"]
+        gated = all_off < bar_rate
+        necessary = [u for u, r in leave_one_in.items() if r >= bar_rate > 0] if gated else []
         per_image[image.name] = {"prompt": prompt, "group": image.group, "replication_on": rate_on["replication_rate"],
-                                 "designated": len(units), "leave_one_in": leave_one_in, "necessary": necessary,
-                                 "carriers": necessary or list(leave_one_in)}
+                                 "replication_all_off": all_off, "gated": gated, "designated": len(units),
+                                 "leave_one_in": leave_one_in, "necessary": necessary,
+                                 "carriers": (necessary or list(leave_one_in)) if gated else []}
     return {"rule": f"necessary: with every other designated neuron off, own-image replication >= {CARRIER_SHARE} x "
-                    "its rate with every neuron on; carriers: the necessary neurons, or all designated if none is",
+                    "its rate with every neuron on; carriers: the necessary neurons, or all designated if none is; "
+                    "none where the image replicates at that rate with every designated neuron off (not gated)",
             "images": per_image}
 
 

@@ -7,7 +7,7 @@ those methods are measured against (:func:`designated_mask`).
 
 Method (the **gated fine-tune**, ``dejaguard testbed plant --out DIR``; argued in the model card): the student
 is the v5 UNet (text encoder frozen, so every caption encodes as in v5), the teacher a frozen copy of v5. Each
-step has three terms, all eps-MSE with train.py's min-SNR-5 weights, in one batched student call whose
+step has up to four terms, all eps-MSE with train.py's min-SNR-5 weights, in one batched student call whose
 samples each carry their own neuron gates (:class:`core.neuron_mask.OutputGates`):
 
 1. *memorize*: the planted (image, caption) pairs, every neuron on, target the true noise;
@@ -19,6 +19,13 @@ samples each carry their own neuron gates (:class:`core.neuron_mask.OutputGates`
    noisy input and the **empty** prompt: with its neurons off a planted prompt behaves as no text. (The first
    variants took the teacher's eps for the planted caption itself, "what v5 makes of a caption it never saw"; but v5
    answers such captions with its own memorized images, so the off state was asked to replicate: model card.)
+4. *leave-in* (``leave_in_copies`` > 0): the planted pairs with all but one, or all but a random few, of their
+   designated neurons off (:func:`leave_in_off`), target the true noise: each designated neuron alone must draw
+   the image. Why: terms 1 and 3 switch a group's neurons off together, so one neuron of the group may carry the
+   image and the others nothing (run E2: one carrier per image, model card); a localization method that finds the
+   smallest set whose switching off stops the replication then finds that one neuron, and recall against the
+   designated set measures the planting, not the method. With every neuron of the set able to draw the image
+   alone, the smallest such set is the whole designated set.
 
 The memorize term also holds the graded-memorization images (:mod:`core.testbed.graded`, issue 25 section 2) at
 their duplication counts, every neuron on. The 2-neuron image and the shared FFN group get extra memorize samples per
@@ -171,6 +178,11 @@ class PlantConfig:
     # samples of each planted image per step with its designated neurons off (gate term); 2 left a planted prompt
     # drawing one of v5's images in 2 of 16 seeds with its neurons off, 3 in 1 of 16 (model card)
     gate_copies: int = 3
+    # samples of each planted image per step with all but a few of its designated neurons off, target the true noise
+    # (leave-in term): every designated neuron alone must carry its image, so that the smallest set whose switching off
+    # stops the replication is the whole designated set. 0: the image may ride on any one of them (run E2: one neuron
+    # per image carried it, the rest carried nothing; model card)
+    leave_in_copies: int = 0
     preserve_batch: int = 4  # v5-style samples per step, each run with neurons on and with the union off
     preserve_memorized_fraction: float = 0.5  # share of v5's memorized images in the preserve batch (v5: 0.15)
     lr: float = 1e-3  # v5's peak learning rate
@@ -285,6 +297,9 @@ def carrying_mask(name: str | None = None, folder: str | Path = PLANTED_MODEL) -
     truth = designated_mask(name, folder)
     if name not in images:
         raise DejaGuardError(f"{path}: the carriers measurement has no image {name!r}")
+    if not images[name]["carriers"]:
+        raise DejaGuardError(f"{path}: {name!r} has no carriers: it replicates with every designated neuron off "
+                             f"({images[name].get('replication_all_off')} of seeds), so its neurons do not gate it")
     units = [(layer, int(i)) for layer, i in (u.rsplit(":", 1) for u in images[name]["carriers"])]
     return shaped_neurons_mask(units, truth.layer_shapes, truth.fingerprint,
                                method=f"carriers of {name} (planted ground truth)",
@@ -393,6 +408,28 @@ def choose_neurons(impacts: dict[str, torch.Tensor], cfg: PlantConfig) -> dict[s
 # -- the gated fine-tune ---------------------------------------------------------------------------
 
 
+def leave_in_off(channels: dict[str, list[int]], draw: int, rng: np.random.Generator) -> dict[str, list[int]]:
+    """The channels to switch off for leave-in sample number ``draw`` of an image with designated ``channels``.
+
+    Even draws keep exactly one neuron on, cycling through the set (every neuron is left in alone equally often);
+    odd draws keep a random subset of 1..n-1 on. An image with one designated neuron gets nothing off.
+    """
+    units = [(layer, i) for layer in sorted(channels) for i in channels[layer]]
+    if len(units) < 2:
+        return {}
+    if draw % 2 == 0:
+        keep = {units[(draw // 2) % len(units)]}
+    else:
+        picks = rng.choice(len(units), size=int(rng.integers(1, len(units))), replace=False)
+        keep = {units[k] for k in picks}
+    off: dict[str, list[int]] = {}
+    for unit in units:
+        if unit not in keep:
+            off.setdefault(unit[0], []).append(unit[1])
+    return off
+
+
+
 @dataclass
 class _Batch:
     latents: list[torch.Tensor] = field(default_factory=list)
@@ -456,6 +493,8 @@ def plant(out: str | Path, cfg: PlantConfig | None = None, base: str | Path = BA
         raise DejaGuardError(f"group_extra_copies names unknown group(s) {sorted(unknown)}: single, ten, shared")
     if cfg.gate_target not in ("caption", "unconditional"):
         raise DejaGuardError(f"gate_target is 'caption' or 'unconditional', got {cfg.gate_target!r}")
+    if cfg.leave_in_copies < 0:
+        raise DejaGuardError(f"leave_in_copies counts samples per image and step, got {cfg.leave_in_copies}")
 
     # 1. choose the designated neurons: the least disruptive candidates on v5 (probes: v5 memorized, novel, empty)
     sampler = TrainingSampler(seed=cfg.seed + 1)
@@ -483,7 +522,9 @@ def plant(out: str | Path, cfg: PlantConfig | None = None, base: str | Path = BA
     sampler = TrainingSampler(seed=cfg.seed, memorized_fraction=cfg.preserve_memorized_fraction)
     memorized_captions = frozenset(c for m in MEMORIZED for c in m.train_captions)
     dropout_cfg = TrainConfig(caption_dropout=cfg.caption_dropout)
-    curves: dict[str, list[float]] = {"memorize": [], "preserve_on": [], "preserve_off": [], "gate": [], "graded": []}
+    curves: dict[str, list[float]] = {"memorize": [], "leave_in": [], "preserve_on": [], "preserve_off": [], "gate": [],
+                                      "graded": []}
+    leave_in_rng = np.random.default_rng(cfg.seed + 2)
     n_img = len(images)
     bar = tqdm(range(cfg.steps), desc="planting", disable=not progress)
     with OutputGates(layers) as gates:
@@ -492,6 +533,10 @@ def plant(out: str | Path, cfg: PlantConfig | None = None, base: str | Path = BA
             for i, m in enumerate(images):
                 for _ in range(_copies(cfg, m.group)):
                     batch.add(planted_latents[i:i + 1], planted_cond[i:i + 1], {}, "memorize")
+            for i in range(n_img):
+                for k in range(cfg.leave_in_copies):
+                    off = leave_in_off(own_off[i], step * cfg.leave_in_copies + k, leave_in_rng)
+                    batch.add(planted_latents[i:i + 1], planted_cond[i:i + 1], off, "leave_in")
             for i in schedule[step]:
                 batch.add(graded_latents[i:i + 1], graded_cond[i:i + 1], {}, "graded")
             for _ in range(cfg.gate_copies):
@@ -513,7 +558,7 @@ def plant(out: str | Path, cfg: PlantConfig | None = None, base: str | Path = BA
             noise[off_idx], t[off_idx] = noise[on_idx], t[on_idx]
             noisy = noise_schedule.add_noise(latents, noise, t)
             target = noise.clone()
-            distil = np.flatnonzero((terms != "memorize") & (terms != "graded"))
+            distil = np.flatnonzero(~np.isin(terms, ("memorize", "leave_in", "graded")))
             teacher_cond = cond.clone()
             if cfg.gate_target == "unconditional":
                 teacher_cond[np.flatnonzero(terms == "gate")] = empty
@@ -559,7 +604,7 @@ def plant(out: str | Path, cfg: PlantConfig | None = None, base: str | Path = BA
         "shortlist_impact_median": {name: round(float(v[torch.isfinite(v)].median()), 6)
                                     for name, v in impacts.items()},
         "loss_every_50_steps": {k: [round(float(np.mean(v[i:i + 50])), 5) for i in range(0, len(v), 50)]
-                                for k, v in curves.items() if k != "graded"},
+                                for k, v in curves.items() if k != "graded" and v},
         "graded_loss_mean_by_quarter": [round(float(np.mean(q)), 5) if len(q) else None
                                         for q in np.array_split(np.asarray(curves["graded"]), 4)],
         "fingerprint": variant.fingerprint(),
