@@ -298,8 +298,10 @@ def carrying_mask(name: str | None = None, folder: str | Path = PLANTED_MODEL) -
     if name not in images:
         raise DejaGuardError(f"{path}: the carriers measurement has no image {name!r}")
     if not images[name]["carriers"]:
-        raise DejaGuardError(f"{path}: {name!r} has no carriers: it replicates with every designated neuron off "
-                             f"({images[name].get('replication_all_off')} of seeds), so its neurons do not gate it")
+        record_of = images[name]
+        raise DejaGuardError(f"{path}: {name!r} has no carriers: its designated neurons do not gate it (own-image "
+                             f"replication {record_of.get('replication_on')} with every neuron on, "
+                             f"{record_of.get('replication_all_off')} with every designated neuron off)")
     units = [(layer, int(i)) for layer, i in (u.rsplit(":", 1) for u in images[name]["carriers"])]
     return shaped_neurons_mask(units, truth.layer_shapes, truth.fingerprint,
                                method=f"carriers of {name} (planted ground truth)",
@@ -427,7 +429,6 @@ def leave_in_off(channels: dict[str, list[int]], draw: int, rng: np.random.Gener
         if unit not in keep:
             off.setdefault(unit[0], []).append(unit[1])
     return off
-
 
 
 @dataclass
