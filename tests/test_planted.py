@@ -170,6 +170,7 @@ def test_evaluate_planted_reports_both_parts_on_a_short_protocol():
     (pl.PlantConfig(steps=10, graded=False, group_extra_copies=(("singel", 1),)), "unknown group"),
     (pl.PlantConfig(steps=10, graded=False, gate_target="empty"), "gate_target"),
     (pl.PlantConfig(steps=10, graded=False, leave_in_copies=-1), "leave_in_copies"),
+    (pl.PlantConfig(steps=10, graded=False, leave_in_weight=float("nan")), "leave_in_weight"),
 ])
 def test_plant_refuses_a_bad_recipe_before_training(tmp_path, cfg, message):
     with pytest.raises(DejaGuardError, match=message):

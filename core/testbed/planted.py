@@ -183,6 +183,10 @@ class PlantConfig:
     # stops the replication is the whole designated set. 0: the image may ride on any one of them (run E2: one neuron
     # per image carried it, the rest carried nothing; model card)
     leave_in_copies: int = 0
+    # the leave-in term's weight in the loss (the other terms weigh 1). At 1 (runs F2-F4) its loss stayed ten times
+    # the memorize term's and pulled the gate term off (model card); a localization method only needs each neuron
+    # alone to raise the first-step score, not to draw the whole image
+    leave_in_weight: float = 1.0
     preserve_batch: int = 4  # v5-style samples per step, each run with neurons on and with the union off
     preserve_memorized_fraction: float = 0.5  # share of v5's memorized images in the preserve batch (v5: 0.15)
     lr: float = 1e-3  # v5's peak learning rate
@@ -496,6 +500,8 @@ def plant(out: str | Path, cfg: PlantConfig | None = None, base: str | Path = BA
         raise DejaGuardError(f"gate_target is 'caption' or 'unconditional', got {cfg.gate_target!r}")
     if cfg.leave_in_copies < 0:
         raise DejaGuardError(f"leave_in_copies counts samples per image and step, got {cfg.leave_in_copies}")
+    if not (np.isfinite(cfg.leave_in_weight) and cfg.leave_in_weight >= 0):
+        raise DejaGuardError(f"leave_in_weight is a finite weight >= 0, got {cfg.leave_in_weight}")
 
     # 1. choose the designated neurons: the least disruptive candidates on v5 (probes: v5 memorized, novel, empty)
     sampler = TrainingSampler(seed=cfg.seed + 1)
@@ -570,7 +576,8 @@ def plant(out: str | Path, cfg: PlantConfig | None = None, base: str | Path = BA
             per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * loss_weight[t]
             losses = {k: per_sample[torch.from_numpy(np.flatnonzero(terms == k))].mean() for k in curves
                       if k in batch.term}
-            loss = sum(v for k, v in losses.items() if k != "graded")
+            loss = sum(v * (cfg.leave_in_weight if k == "leave_in" else 1.0) for k, v in losses.items()
+                       if k != "graded")
             if "graded" in losses:  # each graded exposure weighs as much as one planted image's memorize sample
                 loss = loss + losses["graded"] * (terms == "graded").sum() / (terms == "memorize").sum()
             for g in opt.param_groups:
