@@ -301,12 +301,12 @@ def carrying_mask(name: str | None = None, folder: str | Path = PLANTED_MODEL) -
     truth = designated_mask(name, folder)
     if name not in images:
         raise DejaGuardError(f"{path}: the carriers measurement has no image {name!r}")
-    if not images[name]["carriers"]:
-        record_of = images[name]
+    measured = images[name]
+    if not measured["carriers"]:
         raise DejaGuardError(f"{path}: {name!r} has no carriers: its designated neurons do not gate it (own-image "
-                             f"replication {record_of.get('replication_on')} with every neuron on, "
-                             f"{record_of.get('replication_all_off')} with every designated neuron off)")
-    units = [(layer, int(i)) for layer, i in (u.rsplit(":", 1) for u in images[name]["carriers"])]
+                             f"replication {measured.get('replication_on')} with every neuron on, "
+                             f"{measured.get('replication_all_off')} with every designated neuron off)")
+    units = [(layer, int(i)) for layer, i in (u.rsplit(":", 1) for u in measured["carriers"])]
     return shaped_neurons_mask(units, truth.layer_shapes, truth.fingerprint,
                                method=f"carriers of {name} (planted ground truth)",
                                info={"rule": record.get("rule", "")})
