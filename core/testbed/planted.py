@@ -576,10 +576,10 @@ def plant(out: str | Path, cfg: PlantConfig | None = None, base: str | Path = BA
             per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * loss_weight[t]
             losses = {k: per_sample[torch.from_numpy(np.flatnonzero(terms == k))].mean() for k in curves
                       if k in batch.term}
-            loss = sum(v * (cfg.leave_in_weight if k == "leave_in" else 1.0) for k, v in losses.items()
-                       if k != "graded")
-            if "graded" in losses:  # each graded exposure weighs as much as one planted image's memorize sample
-                loss = loss + losses["graded"] * (terms == "graded").sum() / (terms == "memorize").sum()
+            # each graded exposure weighs as much as one planted image's memorize sample; the other terms weigh 1
+            weights = {"leave_in": cfg.leave_in_weight,
+                       "graded": float((terms == "graded").sum()) / max(1, int((terms == "memorize").sum()))}
+            loss = sum(v * weights.get(k, 1.0) for k, v in losses.items())
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             opt.zero_grad(set_to_none=True)
