@@ -86,7 +86,7 @@ import numpy as np
 import torch
 from dejaguard.core.denoiser import Denoiser, load_denoiser
 from dejaguard.core.errors import DejaGuardError
-from dejaguard.core.nemo import LocalizeSettings, localize, nemo_layers, nemo_statistics, zscore_ranking
+from dejaguard.core.nemo import RANKINGS, LocalizeSettings, localize, nemo_layers, nemo_statistics, zscore_ranking
 from dejaguard.core.neuron_mask import NeuronMask, apply_mask, mask_units, recall_precision
 from dejaguard.core.prune import subspace_mask
 from dejaguard.core.sampling import generate, prompt_seed
@@ -351,6 +351,9 @@ def run_nemo(args: argparse.Namespace, subject: Subject, prompts: list[str], ima
     nemo["per_prompt"] = [{"prompt": p, "image": i, "replication_before": b[0], "replication_after": a[0],
                            "replication_after_own_image": a[1], "neurons": masks[p].count() if p in masks else None}
                           for p, i, b, a in zip(prompts, images, before, after)]
+    for row, record in zip(nemo["per_prompt"], runs["fast"]):
+        if "chosen_ranking" in record:  # --ranking both: whose mask was kept
+            row["chosen_ranking"] = record["chosen_ranking"]
     if subject.truth is not None:
         layers = nemo_layers(denoiser, args.blocks, args.space)
         scores = truth_scores(masks, prompts, images, subject.truth, list(layers))
@@ -494,9 +497,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="NeMo's search space (default: the paper's down and mid blocks)")
     parser.add_argument("--space", choices=["value", "value+ffn"], default="value",
                         help="NeMo's neurons (default: the paper's value neurons; value+ffn adds the FFN hidden units)")
-    parser.add_argument("--ranking", choices=["zscore", "attribution"], default="zscore",
+    parser.add_argument("--ranking", choices=list(RANKINGS), default="zscore",
                         help="NeMo's candidate order (default: the paper's activation z-scores; attribution: the "
-                        "first-order effect of switching each neuron off on the first-step magnitude)")
+                        "first-order effect of switching each neuron off on the first-step magnitude; both: each "
+                        "search, keeping the smaller mask)")
     parser.add_argument("--score", choices=["ssim", "magnitude", "generation"], default="ssim",
                         help="NeMo's memorization score (default: the paper's first-step seed-consistency SSIM)")
     parser.add_argument("--generation-steps", type=int, default=10, help="steps of the 'generation' score")

@@ -62,7 +62,7 @@ from dejaguard.core.calibration import resolve_levels
 from dejaguard.core.denoiser import Denoiser, load_denoiser
 from dejaguard.core.errors import DejaGuardError
 from dejaguard.core.mitigate import mitigate_embedding
-from dejaguard.core.nemo import LocalizeSettings, localize, nemo_statistics
+from dejaguard.core.nemo import RANKINGS, LocalizeSettings, localize, nemo_statistics
 from dejaguard.core.neuron_mask import NeuronMask, apply_mask
 from dejaguard.core.prune import subspace_mask
 from dejaguard.core.redteam import DEFAULT_ATTACK_STEPS, DEFAULT_STEP_FRACTION, AttackResult, adversarial_embedding
@@ -359,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="NeMo's memorization score (default: the paper's seed-consistency SSIM)")
     parser.add_argument("--nemo-space", choices=["value", "value+ffn"], default="value",
                         help="NeMo's neurons (default: the paper's value neurons; value+ffn adds the FFN hidden units)")
-    parser.add_argument("--nemo-ranking", choices=["zscore", "attribution"], default="zscore",
+    parser.add_argument("--nemo-ranking", choices=list(RANKINGS), default="zscore",
                         help="NeMo's candidate order (default: the paper's activation z-scores)")
     parser.add_argument("--threshold", type=float, default=None, help="embedding mitigation threshold (calibrated)")
     parser.add_argument("--target", type=float, default=None, help="embedding mitigation target (calibrated)")

@@ -31,7 +31,7 @@ import folder_paths
 import torch
 
 from ..core.errors import DejaGuardError
-from ..core.nemo import LocalizeSettings, localize, nemo_statistics
+from ..core.nemo import RANKINGS, LocalizeSettings, localize, nemo_statistics
 from ..core.neuron_mask import NeuronMask, check_modules
 from .comfy_denoiser import ComfyDenoiser
 from .model_check import check_supported, comfy_fingerprint, diffusers_names, unpatched_unet_weights
@@ -156,13 +156,15 @@ class DejaGuardLocalizeNeurons:
                                "'value+ffn' = the feed-forward (GEGLU) hidden units of the same blocks too, for "
                                "memorization stored in the feed-forward layers (costs seeds noise predictions per "
                                "statistics prompt once, and one per seed for the prompt)."}),
-                "ranking": (["zscore", "attribution"], {
+                "ranking": (list(RANKINGS), {
                     "default": "zscore",
                     "tooltip": "Which neurons are tried first: 'zscore' = NeMo's (how unusual each neuron's "
                                "activation is for this prompt); 'attribution' = how much switching each one off "
                                "would lower the first-step magnitude, from a gradient (a backward pass over the "
                                "seeds) taken again after each pick with the picked neurons off: finds feed-forward "
-                               "carriers that z-scores rank low."}),
+                               "carriers that z-scores rank low; 'both' = each search, keeping the smaller mask "
+                               "(z-scores find memorization carried by several neurons at once, which attribution "
+                               "misses; costs the two searches)."}),
                 "verify_rounds": ("INT", {
                     "default": 0, "min": 0, "max": 8,
                     "tooltip": "Check the mask on as many unseen seeds as 'seeds'; where it fails there, search again "

@@ -625,7 +625,7 @@ def test_gate_attributions_are_the_gradient_of_the_first_step_magnitude(testbed)
     their gates are 0 and the gradient is taken there."""
     from dejaguard.core.nemo import RANKINGS, gate_attributions
 
-    assert set(RANKINGS) == {"zscore", "attribution"}
+    assert set(RANKINGS) == {"zscore", "attribution", "both"}
     with pytest.raises(DejaGuardError, match="ranking"):
         LocalizeSettings(ranking="gradient")
     layers = nemo_layers(testbed, space="value+ffn")

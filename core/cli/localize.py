@@ -28,10 +28,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sp.add_argument("--space", choices=["value", "value+ffn"], default="value",
                     help="neurons searched: the cross-attention value neurons (the paper's, default) or value+ffn, "
                     "the feed-forward (GEGLU) hidden units of the same blocks too")
-    sp.add_argument("--ranking", choices=["zscore", "attribution"], default="zscore",
-                    help="candidate order: activation z-scores (the paper's, default) or attribution, the "
+    sp.add_argument("--ranking", choices=["zscore", "attribution", "both"], default="zscore",
+                    help="candidate order: activation z-scores (the paper's, default), attribution, the "
                     "first-order effect of switching each neuron off on the first-step magnitude (one backward pass "
-                    "per pick, taken again with the picked neurons off)")
+                    "per pick, taken again with the picked neurons off), or both: each search, keeping the smaller "
+                    "mask (the two searches' cost)")
     sp.add_argument("--verify-rounds", type=int, default=0,
                     help="check the mask on --seeds unseen seeds; if it fails there, search again with them too "
                     "(at most this many rounds; default 0: no check)")

@@ -44,7 +44,13 @@ Why: on the previously shipped planted variant (run C2 of the model card) z-scor
 158th of 1,600, and the large candidate sets that reach it switch off other FFN units that raise the score again;
 attribution ranks it first (README measures both rankings on the variant shipped now). Why again after each round:
 the score is not monotone in the set; for C2's rings prompt that unit ranks last with every neuron on and first once
-its two top value neurons are off.
+its two top value neurons are off. ``"both"`` (not in the paper) runs the selection and refinement once per ranking
+and keeps the smaller mask (NeMo's aim is the smallest set that stops the memorization). Why: each ranking has a
+blind spot the other covers. Where several neurons each carry an image alone (redundant memorization, planted runs
+F6 and F7 of the model card), switching one off changes little, so attribution ranks the carriers low and ends on
+other neurons under which the generations still copy; their activations stand out, so z-scores rank them first. A
+value neuron whose activation is ordinary for the prompt (the image stored in what reads it) z-scores miss, and
+attribution finds. Cost: the two searches, which share one memo of scored sets.
 
 Two schedules compute the stages; both score each distinct candidate set once (memoized). ``"reference"``
 is the straightforward one: one candidate set per UNet call (its ``S`` seeds, conditional and

@@ -45,7 +45,8 @@ VALUE_LAYER, FFN_LAYER = "attn2.to_v", "ff.net.0.proj"
 NEMO_SPACES = {"value": (VALUE_LAYER,), "value+ffn": (VALUE_LAYER, FFN_LAYER)}
 RANKINGS = {"zscore": "activation z-scores against non-memorized prompts (NeMo)",
             "attribution": "first-order effect of switching the neuron off on the first-step magnitude "
-                           "(gate_attributions)"}
+                           "(gate_attributions)",
+            "both": "each of the two searches, keeping the smaller mask"}
 
 
 def is_ffn_layer(name: str) -> bool:

@@ -10,7 +10,9 @@
    the threshold. Fast schedule: a galloping search for the first passing ``j``
    (:func:`~core.nemo.search.first_true`), ``batch`` probes per call. With the attribution ranking
    (:func:`attribution_selection`, not in the paper): greedy re-attribution, the neurons whose switching off
-   lowers the magnitude most *given the ones already off* join one round at a time until the set passes.
+   lowers the magnitude most *given the ones already off* join one round at a time until the set passes. With
+   ``ranking="both"`` stages 2 and 3 run once per ranking on the same search (its memo shared) and the smaller
+   refined mask is kept (:func:`_search_by_ranking`).
 3. Refinement. :func:`refine_layers`: in model order, re-enable all candidates of a layer; keep them
    enabled if the score stays below the threshold (fast schedule: *exact* prefix speculation, one call
    evaluates "re-enable layers 1..i" for every ``i``; the first failing prefix is the first layer the
@@ -72,7 +74,7 @@ class LocalizeSettings:
     score: str = "ssim"  # memorization score: "ssim" (NeMo) or "magnitude" (see SCORES)
     blocks: str = "down_mid"  # search space (NEMO_BLOCKS): the paper's down and mid blocks, or "all"
     space: str = "value"  # NEMO_SPACES: the paper's value neurons, or "value+ffn" (the FFN hidden units too)
-    ranking: str = "zscore"  # RANKINGS: the paper's activation z-scores, or "attribution" (gate gradients)
+    ranking: str = "zscore"  # RANKINGS: the paper's activation z-scores, "attribution" (gate gradients) or "both"
     generation_steps: int = GENERATION_STEPS  # score "generation": steps of its short generations
     verify_rounds: int = 0  # > 0: check each mask on `seeds` unseen seeds; a failing set joins the search (max rounds)
     # fast schedule: score a candidate on two seeds first and the others only if it passes there (max-type scores:
@@ -271,6 +273,37 @@ def _initial_set(search: CandidateSearch, candidates: NestedCandidates | None, c
     return candidates(j), candidates, {"initial_step": j, "initial_z_threshold": candidates.threshold(j)}
 
 
+@dataclass
+class RankedSearch:
+    """One ranking's stages 2-3 for one prompt: the neurons kept off, their score, what ``mask.info`` records."""
+
+    ranking: str
+    kept: NeuronSet
+    score: float
+    info: dict[str, Any]
+
+
+def _search_by_ranking(search: CandidateSearch, ranking: str, candidates: NestedCandidates | None, ctx: ScoreContext,
+                       layers: dict[str, torch.nn.Module], progress: Progress | None) -> RankedSearch | None:
+    """Stages 2 and 3 by one ranking (``candidates`` for the z-score, None for attribution); None if no set passes."""
+    mark = search.evaluations
+    found = _initial_set(search, candidates, ctx, layers, progress)
+    if found is None:
+        return None
+    current, order, selected = found
+    info: dict[str, Any] = dict(selected, initial_candidates=len(current),
+                                evaluations_initial=search.evaluations - mark)
+    mark = search.evaluations
+    current = refine_layers(search, current, list(layers), progress)
+    info.update(after_layer_refinement=len(current), evaluations_layer=search.evaluations - mark)
+    mark = search.evaluations
+    kept, score_after, fell_back = refine_by_neuron(search, current, order.ascending(current), progress)
+    if fell_back:
+        info["refinement_fallback"] = True
+    info.update(score_after=score_after, evaluations_neuron=search.evaluations - mark)
+    return RankedSearch(ranking, kept, score_after, info)
+
+
 def _statistics_layers(denoiser: Denoiser, stats: ActivationStats,
                        settings: LocalizeSettings) -> dict[str, torch.nn.Module]:
     """The search space, after checking that ``stats`` calibrate this model, score and space."""
@@ -330,8 +363,9 @@ def localize(
                                       settings.max_batch, settings.score, settings.generation_steps)
 
         searched = context(range(settings.seeds))
+        rankings = ("zscore", "attribution") if settings.ranking == "both" else (settings.ranking,)
         candidates = None
-        if settings.ranking == "zscore":
+        if "zscore" in rankings:
             candidates = NestedCandidates(prompt_zscores(denoiser, cond, stats, layers), settings.z_start,
                                           settings.z_step)
         search = CandidateSearch(searched, tau, early_stop=fast and settings.early_stop,
@@ -343,22 +377,20 @@ def localize(
         for round_index in range(max(1, settings.verify_rounds)):
             if score_before < tau:
                 break
-            found = _initial_set(search, candidates, searched, layers, progress)
-            if found is None:
+            results = [r for r in (_search_by_ranking(search, name, candidates if name == "zscore" else None,
+                                                      searched, layers, progress) for name in rankings) if r]
+            if not results:
                 raise DejaGuardError(
                     f"switching off all {space_size(layers)} neurons of the {len(layers)} {settings.blocks} "
                     f"layers of the {settings.space!r} search space leaves the memorization score above the threshold "
                     f"{tau:.3f}: this prompt's memorization is not localized in these neurons")
-            current, ranking, selected = found
-            info.update(selected, initial_candidates=len(current), evaluations_initial=search.evaluations - 1)
-            mark = search.evaluations
-            current = refine_layers(search, current, list(layers), progress)
-            info.update(after_layer_refinement=len(current), evaluations_layer=search.evaluations - mark)
-            mark = search.evaluations
-            kept, score_after, fell_back = refine_by_neuron(search, current, ranking.ascending(current), progress)
-            if fell_back:
-                info["refinement_fallback"] = True
-            info.update(score_after=score_after, evaluations_neuron=search.evaluations - mark)
+            # NeMo looks for the smallest set that stops the memorization: of two searches, the smaller result
+            best = min(results, key=lambda r: (len(r.kept), r.score))
+            kept = best.kept
+            info.update(best.info)
+            if len(rankings) > 1:
+                info.update(chosen_ranking=best.ranking, rankings={r.ranking: {**r.info, "neurons": len(r.kept)}
+                                                                   for r in results})
             if settings.verify_rounds == 0:
                 break
             held_seeds = range((round_index + 1) * settings.seeds, (round_index + 2) * settings.seeds)
