@@ -5,7 +5,7 @@
     python -m bench.neurons --seeds 2 --prompts 0 4 --steps 10 --novel 8     # a quick smoke run
     python -m bench.neurons --skip-nemo --ratios 0.1 0.2 0.35                # the subspace masks only
     python -m bench.neurons --model planted                                  # against the designated neurons
-    python -m bench.neurons --model planted --space value+ffn --score magnitude --ranking attribution
+    python -m bench.neurons --model planted --space value+ffn --score magnitude --ranking both
     python -m bench.neurons --model DIR --seeds 2 --steps 20 --novel 16      # a fresh planted variant, reduced
 
 ``--model``: ``testbed`` (default, the shipped v5), ``planted`` (the planted-neuron variant of issue 25,

@@ -163,8 +163,8 @@ class DejaGuardLocalizeNeurons:
                                "would lower the first-step magnitude, from a gradient (a backward pass over the "
                                "seeds) taken again after each pick with the picked neurons off: finds feed-forward "
                                "carriers that z-scores rank low; 'both' = each search, keeping the smaller mask "
-                               "(z-scores find memorization carried by several neurons at once, which attribution "
-                               "misses; costs the two searches)."}),
+                               "(the z-score search finds memorization carried by several neurons at once, which "
+                               "attribution misses; costs the two searches)."}),
                 "verify_rounds": ("INT", {
                     "default": 0, "min": 0, "max": 8,
                     "tooltip": "Check the mask on as many unseen seeds as 'seeds'; where it fails there, search again "

@@ -48,9 +48,10 @@ its two top value neurons are off. ``"both"`` (not in the paper) runs the select
 and keeps the smaller mask (NeMo's aim is the smallest set that stops the memorization). Why: each ranking has a
 blind spot the other covers. Where several neurons each carry an image alone (redundant memorization, planted runs
 F6 and F7 of the model card), switching one off changes little, so attribution ranks the carriers low and ends on
-other neurons under which the generations still copy; their activations stand out, so z-scores rank them first. A
-value neuron whose activation is ordinary for the prompt (the image stored in what reads it) z-scores miss, and
-attribution finds. Cost: the two searches, which share one memo of scored sets.
+other neurons under which the generations still copy; the z-score search starts from a large nested set that holds
+them all, and its neuron-by-neuron refinement keeps each of them (re-enabling any one alone brings the score back). A
+value neuron whose activation is ordinary for the prompt (the image stored in what reads it) the z-score's sets can
+pass without, and attribution finds. Cost: the two searches, which share one memo of scored sets.
 
 Two schedules compute the stages; both score each distinct candidate set once (memoized). ``"reference"``
 is the straightforward one: one candidate set per UNet call (its ``S`` seeds, conditional and

@@ -179,14 +179,14 @@ class PlantConfig:
     # drawing one of v5's images in 2 of 16 seeds with its neurons off, 3 in 1 of 16 (model card)
     gate_copies: int = 3
     # samples of each planted image per step with all but a few of its designated neurons off, target the true noise
-    # (leave-in term): every designated neuron alone must carry its image, so that the smallest set whose switching off
-    # stops the replication is the whole designated set. 0: the image may ride on any one of them (run E2: one neuron
-    # per image carried it, the rest carried nothing; model card)
-    leave_in_copies: int = 0
+    # (leave-in term): every designated neuron alone should carry its image, so that the smallest set whose switching
+    # off stops the replication is more than one neuron. 0: the image may ride on any one of them (run E2, shipped
+    # before: one neuron per image carried it, the rest carried nothing; model card)
+    leave_in_copies: int = 4
     # the leave-in term's weight in the loss (the other terms weigh 1). At 1 (runs F2-F4) its loss stayed ten times
     # the memorize term's and pulled the gate term off (model card); a localization method only needs each neuron
-    # alone to raise the first-step score, not to draw the whole image
-    leave_in_weight: float = 1.0
+    # alone to raise the first-step score, not to draw the whole image. 0.1: run F6, shipped
+    leave_in_weight: float = 0.1
     preserve_batch: int = 4  # v5-style samples per step, each run with neurons on and with the union off
     preserve_memorized_fraction: float = 0.5  # share of v5's memorized images in the preserve batch (v5: 0.15)
     lr: float = 1e-3  # v5's peak learning rate
